@@ -1,0 +1,3 @@
+"""CLI commands of the orchestrate area (registered on the shared Typer app)."""
+
+from flows.cli_common import app  # noqa: F401

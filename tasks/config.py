@@ -1,0 +1,442 @@
+"""Typed, frozen, validated configuration: ``params.yaml`` is read here, once.
+
+Every stage receives a :class:`Params` (or one of its sections); no other module opens ``params.yaml``.
+Validation happens up front and every problem is reported with its key path and the value received, e.g.::
+
+    augment.zoom_range: expected a number in [0, 1) or a [low, high] pair, got 'big'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A params file or override is invalid; ``problems`` lists one ``key.path: message`` line each."""
+
+    def __init__(self, problems: list[str], source: str = "params"):
+        self.problems = problems
+        super().__init__(f"invalid {source}:\n  " + "\n  ".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+def _number_or_pair(value: Any, *, name: str, low: float, high: float, high_open: bool) -> Any:
+    """ImageDataGenerator's ``zoom_range`` vocabulary: a float z means [1 - z, 1 + z]; a pair is taken as is."""
+    bracket = ")" if high_open else "]"
+    expected = f"expected a number in [{low:g}, {high:g}{bracket} or a [low, high] pair"
+    if isinstance(value, bool):
+        raise ValueError(expected)
+    if isinstance(value, int | float):
+        ok = low <= value < high if high_open else low <= value <= high
+        if not ok:
+            raise ValueError(expected)
+        return float(value)
+    if isinstance(value, list | tuple) and len(value) == 2:
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            lo, hi = float(value[0]), float(value[1])
+            if 0 < lo <= hi:
+                return (lo, hi)
+        raise ValueError("expected a [low, high] pair of positive numbers with low <= high")
+    raise ValueError(expected)
+
+
+# --------------------------------------------------------------------------------------------------- data
+class SplitFractions(_Section):
+    train: float = Field(0.7, ge=0, le=1)
+    val: float = Field(0.15, ge=0, le=1)
+    test: float = Field(0.15, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"expected train + val + test to sum to 1, got {total:g}")
+        if self.train <= 0:
+            raise ValueError("expected a train fraction above 0")
+        return self
+
+
+class DataConfig(_Section):
+    """Where the images are and how they become an index (the ``index`` stage)."""
+
+    source: Literal["directory", "csv"] = "directory"
+    root: Path = Path("data/images")
+    csv: Path | None = None
+    path_column: str = "path"
+    label_column: str = "label"
+    classes: tuple[str, ...] | None = None
+    class_mode: Literal["auto", "binary", "categorical", "sparse"] = "auto"
+    split: SplitFractions = SplitFractions()
+    split_seed: int = Field(0, ge=0)
+    min_per_split: int = Field(2, ge=0)
+    max_pixels: int = Field(89_478_485, gt=0)
+    follow_symlinks: bool = False
+    workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _csv_needs_file(self) -> DataConfig:
+        if self.source == "csv" and self.csv is None:
+            raise ValueError("data.source is 'csv' but data.csv is not set")
+        if self.classes is not None:
+            if len(self.classes) < 2:
+                raise ValueError(f"expected at least 2 classes in data.classes, got {list(self.classes)!r}")
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError(f"expected unique names in data.classes, got {list(self.classes)!r}")
+        return self
+
+
+# -------------------------------------------------------------------------------------------------- image
+class ImageConfig(_Section):
+    """Input size fed to the base; ``null`` size means the base's default."""
+
+    size: tuple[int, int] | None = None
+    interpolation: Literal["bilinear", "nearest"] = "bilinear"
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value, value]
+        if (
+            not isinstance(value, list | tuple)
+            or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 2048 for v in value)
+        ):
+            raise ValueError("expected an integer or a [height, width] pair of integers in [8, 2048]")
+        return tuple(value)
+
+
+# ------------------------------------------------------------------------------------------------ augment
+FillMode = Literal["constant", "nearest", "reflect", "wrap"]
+
+
+class AugmentConfig(_Section):
+    """ImageDataGenerator's augmentation vocabulary and semantics, plus the number of augmented passes."""
+
+    passes: int = Field(2, ge=0, le=100)
+    seed: int = Field(0, ge=0)
+    rotation_range: float = Field(0.0, ge=0, le=360)
+    width_shift_range: float = Field(0.0, ge=0)
+    height_shift_range: float = Field(0.0, ge=0)
+    shear_range: float = Field(0.0, ge=0, le=90)
+    zoom_range: float | tuple[float, float] = 0.0
+    channel_shift_range: float = Field(0.0, ge=0, le=255)
+    brightness_range: tuple[float, float] | None = None
+    horizontal_flip: bool = False
+    vertical_flip: bool = False
+    fill_mode: FillMode = "nearest"
+    cval: float = 0.0
+    rescale: float | None = None
+    grid: dict[str, tuple[Any, ...]] | None = None
+    grid_samples: int = Field(0, ge=0)
+
+    @field_validator("zoom_range", mode="before")
+    @classmethod
+    def _zoom(cls, value: Any) -> Any:
+        return _number_or_pair(value, name="zoom_range", low=0, high=1, high_open=True)
+
+    @field_validator("brightness_range", mode="before")
+    @classmethod
+    def _brightness(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if (
+            isinstance(value, list | tuple)
+            and len(value) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+            and 0 <= value[0] <= value[1]
+        ):
+            return (float(value[0]), float(value[1]))
+        raise ValueError("expected null or a [low, high] pair with 0 <= low <= high")
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _grid(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, Mapping) or not value:
+            raise ValueError("expected a mapping of augmentation parameter -> list of values")
+        allowed = set(AUGMENT_GRID_KEYS)
+        out: dict[str, tuple[Any, ...]] = {}
+        for key, values in value.items():
+            if key not in allowed:
+                raise ValueError(f"unknown grid parameter {key!r}; expected one of {sorted(allowed)}")
+            if not isinstance(values, list | tuple) or not values:
+                raise ValueError(f"expected a non-empty list of values for grid parameter {key!r}")
+            out[key] = tuple(tuple(v) if isinstance(v, list) else v for v in values)
+        return out
+
+    @model_validator(mode="after")
+    def _grid_values_valid(self) -> AugmentConfig:
+        if self.grid:
+            base = self.model_dump(exclude={"grid", "grid_samples"})
+            for key, values in self.grid.items():
+                for v in values:
+                    try:
+                        AugmentConfig.model_validate({**base, key: v})
+                    except ValidationError as err:
+                        raise ValueError(f"grid.{key}: value {v!r} is invalid: {_first_msg(err)}") from None
+        return self
+
+    def policy_fields(self) -> dict[str, Any]:
+        """The fields that define what an augmented view looks like (not how many passes)."""
+        return self.model_dump(mode="json", exclude={"passes", "grid", "grid_samples"})
+
+
+AUGMENT_GRID_KEYS = (
+    "rotation_range",
+    "width_shift_range",
+    "height_shift_range",
+    "shear_range",
+    "zoom_range",
+    "channel_shift_range",
+    "brightness_range",
+    "horizontal_flip",
+    "vertical_flip",
+    "fill_mode",
+    "cval",
+)
+
+
+# --------------------------------------------------------------------------------------------------- base
+class BaseConfig(_Section):
+    """The frozen pretrained base: a name from the registry in ``tasks.bases`` and where its weights come from."""
+
+    name: str = "mobilenet_v2"
+    weights: str = "imagenet"  # "imagenet" (Keras cache or download), "none", or a file path
+    alpha: float | None = None  # width multiplier for MobileNet / MobileNetV2
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from tasks.bases import BASE_MODELS  # registry lives with the models; imported lazily (no TF here)
+
+        if value not in BASE_MODELS:
+            raise ValueError(f"expected one of {sorted(BASE_MODELS)}")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        if value in ("imagenet", "none"):
+            return value
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ValueError("expected 'imagenet', 'none' or the path of an existing weights file")
+        if path.suffix.lower() not in (".h5", ".keras", ".hdf5") and not path.name.endswith(".weights.h5"):
+            raise ValueError("expected a weights file ending in .h5, .hdf5 or .keras")
+        return value
+
+
+# ----------------------------------------------------------------------------------------------- features
+class FeaturesConfig(_Section):
+    pooling: Literal["avg", "max"] = "avg"
+    dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = Field(32, ge=1, le=4096)
+    shard_size: int = Field(1024, ge=1)
+    cache_dir: Path | None = None  # default: the layout's features cache
+
+
+# ---------------------------------------------------------------------------------------------------- top
+class HeadSpec(_Section):
+    """One candidate head: a registry type in ``tasks.heads`` and its hyper-parameters."""
+
+    name: str
+    type: Literal["linear", "dense"] = "dense"
+    units: tuple[int, ...] = ()
+    dropout: float = Field(0.0, ge=0, lt=1)
+    batchnorm: bool = False
+
+    @field_validator("units", mode="before")
+    @classmethod
+    def _units(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+        ):
+            raise ValueError("expected a positive integer or a list of positive integers")
+        return tuple(value)
+
+
+def _default_heads() -> tuple[HeadSpec, ...]:
+    return (
+        HeadSpec(name="linear", type="linear"),
+        HeadSpec(name="dense256_dropout", type="dense", units=(256,), dropout=0.5),
+        HeadSpec(name="dense128_bn_dropout", type="dense", units=(128,), dropout=0.3, batchnorm=True),
+    )
+
+
+class TopConfig(_Section):
+    heads: tuple[HeadSpec, ...] = Field(default_factory=_default_heads, min_length=1)
+    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
+    lr: float = Field(1e-3, gt=0, le=10)
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1)
+    patience: int = Field(5, ge=0)
+    select_metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> TopConfig:
+        names = [h.name for h in self.heads]
+        if len(set(names)) != len(names):
+            raise ValueError(f"expected unique head names, got {names!r}")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- finetune
+class FinetuneConfig(_Section):
+    epochs: int = Field(5, ge=0, le=10_000)
+    unfreeze_blocks: int = Field(2, ge=0)
+    layer_regex: str | None = None
+    optimizer: Literal["sgd", "adam", "rmsprop"] = "sgd"
+    lr: float = Field(1e-4, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    batch_size: int = Field(16, ge=1)
+    patience: int = Field(3, ge=0)
+    augment: bool = False
+
+    @field_validator("layer_regex")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            import re
+
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"expected a valid regular expression ({err})") from None
+        return value
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+class EvaluateConfig(_Section):
+    batch_size: int = Field(32, ge=1)
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    min_accuracy: float = Field(0.0, ge=0, le=1)
+    tolerance: float = Field(0.01, ge=0, le=1)
+    preview_images: int = Field(16, ge=0, le=400)
+
+
+# ----------------------------------------------------------------------------------------------- all
+class Params(_Section):
+    seed: int = Field(42, ge=0)
+    data: DataConfig = DataConfig()
+    image: ImageConfig = ImageConfig()
+    augment: AugmentConfig = AugmentConfig()
+    base: BaseConfig = BaseConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    top: TopConfig = TopConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable short hash of the named sections (all when none given), for cache keys and the registry."""
+        dumped = self.model_dump(mode="json")
+        chosen = {k: dumped[k] for k in (sections or tuple(dumped))}
+        blob = json.dumps(chosen, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _first_msg(err: ValidationError) -> str:
+    return _clean_msg(err.errors()[0]["msg"])
+
+
+def _clean_msg(msg: str) -> str:
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    if msg.startswith("Input should be"):
+        msg = "expected " + msg[len("Input should be ") :]
+    if msg == "Extra inputs are not permitted":
+        msg = "unknown key"
+    return msg
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = _clean_msg(e["msg"])
+        if msg.startswith("Input should"):
+            msg = "expected" + msg[len("Input should") :]
+        got = e.get("input")
+        line = f"{loc or '<root>'}: {msg}"
+        if msg != "unknown key" or got is not None:
+            line += f", got {got!r}"
+        lines.append(line)
+    return lines
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ParamsError([f"{dotted}: cannot set a key inside {part!r}, which is {child!r}"], "override")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """``["top.lr=0.01", "augment.passes=0"]`` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ParamsError([f"{item!r}: expected KEY.PATH=VALUE"], "override")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def params_from_dict(raw: Mapping[str, Any], source: str = "params") -> Params:
+    """Validate a plain mapping (as read from YAML) into :class:`Params`, or raise :class:`ParamsError`."""
+    if not isinstance(raw, Mapping):
+        raise ParamsError([f"<root>: expected a mapping of sections, got {raw!r}"], source)
+    try:
+        return Params.model_validate(dict(raw))
+    except ValidationError as err:
+        raise ParamsError(_format_errors(err), source) from None
+
+
+def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Params:
+    """Read ``params.yaml`` (or ``path``), apply ``KEY=VALUE`` overrides, validate, and return frozen params."""
+    path = Path(path) if path is not None else DEFAULT_PARAMS_FILE
+    if not path.is_file():
+        raise ParamsError([f"{path}: params file not found"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError([f"{path}: not valid YAML ({err})"], str(path)) from None
+    if not isinstance(raw, dict):
+        raise ParamsError([f"<root>: expected a mapping of sections, got {raw!r}"], str(path))
+    merged = _merge(raw, parse_overrides(overrides))
+    return params_from_dict(merged, source=str(path))

@@ -1,0 +1,90 @@
+"""Where every stage reads and writes: the one place that names the project's output paths.
+
+``dvc.yaml`` lists the same paths (it is the architecture diagram); a test keeps the two in step.
+All paths are relative to a workspace root (the project folder by default, ``--workdir`` on the CLI).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path = Path(".")
+
+    # ---- index stage
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def index_table(self) -> Path:
+        return self.index_dir / "index.csv"
+
+    @property
+    def classes_file(self) -> Path:
+        return self.index_dir / "classes.json"
+
+    @property
+    def index_report(self) -> Path:
+        return self.index_dir / "index_report.json"
+
+    # ---- features stage (the cache persists across runs; DVC must not delete it)
+    @property
+    def features_cache(self) -> Path:
+        return self.root / "cache" / "features"
+
+    @property
+    def features_manifest(self) -> Path:
+        """Small per-run output: cache key, shard list for this index, computed / reused counts."""
+        return self.root / "features" / "features.json"
+
+    # ---- train_top / finetune
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def top_dir(self) -> Path:
+        return self.models_dir / "top"
+
+    @property
+    def candidate_dir(self) -> Path:
+        """The model this run produced: ``model.keras`` + ``classes.json`` beside it."""
+        return self.models_dir / "candidate"
+
+    @property
+    def candidate_model(self) -> Path:
+        return self.candidate_dir / "model.keras"
+
+    @property
+    def finetune_checkpoints(self) -> Path:
+        """Keras BackupAndRestore folder: a killed finetune resumes from its last finished epoch."""
+        return self.root / "cache" / "finetune_backup"
+
+    @property
+    def champion_dir(self) -> Path:
+        return self.models_dir / "champion"
+
+    @property
+    def model_registry(self) -> Path:
+        return self.models_dir / "registry.json"
+
+    # ---- reports
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".retrainflow.lock"
