@@ -53,3 +53,12 @@ def show_params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
 
     loaded = load_or_exit(params, set_)
     typer.echo(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False))
+
+
+@app.callback()
+def main() -> None:
+    """Reproducible, scheduled transfer learning for image classification.
+
+    Stages: index -> features -> train-top -> finetune -> evaluate (-> promote). Each reads params.yaml
+    (``--params``), accepts ``--set key.path=value`` overrides, and writes under ``--workdir``.
+    """
