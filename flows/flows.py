@@ -1,0 +1,249 @@
+"""Prefect flows: one small flow per stage (what ``dvc repro`` runs) and the ``retrain`` flow that chains them.
+
+Tasks are thin wrappers around the stages' plain ``run_<stage>(params, layout)`` functions (imported lazily:
+TensorFlow is only paid for when a stage runs); they exchange a ``Params``, a ``Layout`` and small JSON-able
+manifests, never arrays. Flows only wire: load params, hold the workspace lock, call tasks, publish artifacts,
+and keep DVC in step (``dvc commit`` of the stages that ran) so a following ``dvc repro`` is a no-op.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run as runtime_flow_run
+
+from flows import artifacts, dvc_ops
+from tasks.config import DEFAULT_PARAMS_FILE, Params, load_params
+from tasks.layout import Layout
+from tasks.locking import workspace_lock
+
+STAGES: tuple[str, ...] = ("index", "features", "train_top", "finetune", "evaluate")
+
+
+# --------------------------------------------------------------------------------- the stages, lazily
+def _run_index(params: Params, layout: Layout) -> Any:
+    from tasks.index import run_index
+
+    return run_index(params, layout)
+
+
+def _run_features(params: Params, layout: Layout) -> Any:
+    from tasks.features import run_features
+
+    progress_id = artifacts.start_progress("feature-extraction", "Feature extraction: images through the base")
+    kwargs: dict[str, Any] = {}
+    if "progress" in inspect.signature(run_features).parameters:  # optional hook: (done, total) -> None
+        kwargs["progress"] = lambda done, total: artifacts.update_progress(progress_id, done / max(total, 1))
+    manifest = run_features(params, layout, **kwargs)
+    artifacts.update_progress(progress_id, 1.0)
+    return manifest
+
+
+def _run_train_top(params: Params, layout: Layout) -> Any:
+    from tasks.train_top import run_train_top
+
+    return run_train_top(params, layout)
+
+
+def _run_finetune(params: Params, layout: Layout) -> Any:
+    from tasks.finetune import run_finetune
+
+    return run_finetune(params, layout)
+
+
+def _run_evaluate(params: Params, layout: Layout) -> Any:
+    from tasks.evaluate import run_evaluate
+
+    manifest = run_evaluate(params, layout)
+    from tasks.model_registry import read_evaluate_metrics
+
+    artifacts.publish_metrics_table(read_evaluate_metrics(layout))
+    artifacts.publish_report_links(layout)
+    return manifest
+
+
+STAGE_RUNNERS: dict[str, Callable[[Params, Layout], Any]] = {
+    "index": _run_index,
+    "features": _run_features,
+    "train_top": _run_train_top,
+    "finetune": _run_finetune,
+    "evaluate": _run_evaluate,
+}
+# Retries where I/O can fail transiently (reading many files); training is deterministic: a failure repeats.
+STAGE_RETRIES: dict[str, int] = {"index": 1, "features": 1, "train_top": 0, "finetune": 0, "evaluate": 1}
+
+
+def _make_stage_task(name: str):
+    runner = STAGE_RUNNERS[name]
+
+    def stage(params: Params, layout: Layout) -> dict[str, Any]:
+        logger = get_run_logger()
+        logger.info("stage %s: workspace %s", name, layout.root)
+        manifest = artifacts.manifest_dict(runner(params, layout))
+        logger.info("stage %s done: %s", name, {k: v for k, v in manifest.items() if not isinstance(v, dict | list)})
+        return manifest
+
+    stage.__name__ = f"{name}_stage"
+    stage.__doc__ = f"Run the {name} stage (``run_{name}``) and return its manifest as a dict."
+    return task(
+        stage,
+        name=name,
+        tags=["retrainflow", f"stage:{name}"],
+        retries=STAGE_RETRIES[name],
+        retry_delay_seconds=5,
+        cache_policy=NO_CACHE,
+        persist_result=False,
+    )
+
+
+STAGE_TASKS = {name: _make_stage_task(name) for name in STAGES}
+
+
+@task(name="promote", tags=["retrainflow", "stage:promote"], retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def promote_task(params: Params, layout: Layout, extra: dict[str, Any]) -> dict[str, Any]:
+    """Gate the candidate against the champion and record it in the registry."""
+    from tasks.model_registry import run_promote
+
+    manifest = run_promote(params, layout, flow_run_id=_flow_run_id(), extra=extra).to_json()
+    get_run_logger().info("promotion: %s", manifest["reason"])
+    return manifest
+
+
+@task(name="dvc-pull", tags=["retrainflow", "dvc"], retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def dvc_pull_task(root: Path) -> None:
+    """Pull the data version named by ``data.dvc`` (and cached outputs) from the DVC remote."""
+    dvc_ops.pull(root)
+
+
+@task(name="dvc-push", tags=["retrainflow", "dvc"], retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def dvc_push_task(root: Path) -> None:
+    """Push the data and pipeline outputs to the DVC remote."""
+    dvc_ops.push(root)
+
+
+@task(name="dvc-commit", tags=["retrainflow", "dvc"], retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def dvc_commit_task(root: Path, targets: list[str]) -> list[str]:
+    """``dvc commit -f`` the stages a flow ran, so ``dvc status`` is clean and ``dvc repro`` a no-op."""
+    dvc_ops.commit(root, *targets)
+    return targets
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _flow_run_id() -> str | None:
+    run_id = runtime_flow_run.get_id()
+    return str(run_id) if run_id else None
+
+
+def _load(params_file: str | Path, overrides: list[str] | None) -> Params:
+    return load_params(Path(params_file), overrides or ())
+
+
+def dvc_commit_allowed(layout: Layout, params_file: str | Path, overrides: list[str] | None) -> str | None:
+    """None when the run's outputs may be committed to DVC, else why not (a sentence for the log).
+
+    DVC records params from ``params.yaml`` beside ``dvc.yaml``; a run with another file or with overrides
+    produced outputs that ``params.yaml`` does not describe, so committing them would lie in ``dvc.lock``.
+    """
+    root = layout.root
+    if not dvc_ops.is_dvc_repo(root):
+        return f"{root.resolve()} is not a DVC project (no .dvc/ or dvc.yaml)"
+    if overrides:
+        return f"the run used overrides {overrides!r} that params.yaml does not record"
+    if Path(params_file).resolve() != (root / DEFAULT_PARAMS_FILE).resolve():
+        return f"the run read {params_file}, not {root / DEFAULT_PARAMS_FILE}"
+    return None
+
+
+def _dvc_targets(layout: Layout, stages: list[str]) -> list[str]:
+    targets = ["data.dvc"] if (layout.root / "data.dvc").is_file() else []
+    return targets + stages
+
+
+# ------------------------------------------------------------------------------------------ per-stage flows
+def _make_stage_flow(name: str):
+    stage_task = STAGE_TASKS[name]
+
+    def stage_flow(
+        params_file: str = str(DEFAULT_PARAMS_FILE), overrides: list[str] | None = None, workdir: str = "."
+    ) -> dict[str, Any]:
+        layout = Layout(Path(workdir))
+        params = _load(params_file, overrides)
+        with workspace_lock(layout, command=f"retrainflow stage {name} (flow run {_flow_run_id()})"):
+            return stage_task(params, layout)
+
+    stage_flow.__name__ = f"{name}_flow"
+    stage_flow.__doc__ = f"Run the {name} stage inside Prefect (what `dvc repro` calls as `retrainflow stage {name}`)."
+    return flow(stage_flow, name=f"stage-{name.replace('_', '-')}", log_prints=True, validate_parameters=False)
+
+
+STAGE_FLOWS = {name: _make_stage_flow(name) for name in STAGES}
+
+
+# --------------------------------------------------------------------------------------------- retrain
+@flow(name="retrain", log_prints=True, validate_parameters=False)
+def retrain(
+    params_file: str = str(DEFAULT_PARAMS_FILE),
+    overrides: list[str] | None = None,
+    force: bool = False,
+    workdir: str = ".",
+) -> dict[str, Any]:
+    """index -> features -> train_top -> finetune -> evaluate -> promote, under the workspace lock.
+
+    Skips (after the cheap index stage) when neither the data nor the params changed since the champion, unless
+    ``force``. Pulls the data first and pushes outputs last when a DVC remote is configured; ``dvc commit``s
+    the stages it ran so ``dvc status`` is clean afterwards.
+    """
+    from tasks.model_registry import data_version, git_commit, index_content_hash, read_registry, unchanged_reason
+
+    logger = get_run_logger()
+    layout = Layout(Path(workdir))
+    params = _load(params_file, overrides)
+    summary: dict[str, Any] = {"flow_run_id": _flow_run_id(), "stages": {}, "params_hash": params.section_hash()}
+    with workspace_lock(layout, command=f"retrainflow run (flow run {summary['flow_run_id']})"):
+        root = layout.root
+        dvc_repo = dvc_ops.is_dvc_repo(root)
+        remote = dvc_repo and bool(dvc_ops.remotes(root))
+        if remote:
+            logger.info("DVC remote configured: pulling the data version")
+            dvc_pull_task(root)
+        no_commit = dvc_commit_allowed(layout, params_file, overrides)
+        if no_commit:
+            logger.warning("not committing to DVC: %s", no_commit)
+        ran: list[str] = []
+
+        summary["stages"]["index"] = STAGE_TASKS["index"](params, layout)
+        ran.append("index")
+        if no_commit is None:  # record the data version in data.dvc before naming it in the registry
+            dvc_commit_task(root, _dvc_targets(layout, ["index"]))
+        summary["index_hash"] = index_content_hash(layout)
+        summary["data_version"] = data_version(layout)
+        summary["git_commit"] = git_commit(root)
+        reason = None if force else unchanged_reason(read_registry(layout), summary["index_hash"], params.section_hash())
+        if reason:
+            logger.info(reason)
+            summary.update(status="skipped", reason=reason)
+            artifacts.publish_summary(summary, layout)
+            return summary
+
+        for name in STAGES[1:]:
+            summary["stages"][name] = STAGE_TASKS[name](params, layout)
+            ran.append(name)
+        summary["promote"] = promote_task(
+            params, layout, {"stages": {k: v for k, v in summary["stages"].items() if k != "evaluate"}}
+        )
+        if no_commit is None:
+            dvc_commit_task(root, _dvc_targets(layout, ran))
+        if remote:
+            dvc_push_task(root)
+        summary.update(status="promoted" if summary["promote"]["promoted"] else "not promoted")
+        summary["reason"] = summary["promote"]["reason"]
+        summary["ran"] = ran
+        summary["dvc_committed"] = no_commit is None
+        artifacts.publish_summary(summary, layout)
+        logger.info("retrain finished: %s", summary["reason"])
+        return summary

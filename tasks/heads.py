@@ -1,0 +1,145 @@
+"""Classification heads (the ``HEADS`` registry) and the small model parts a saved model needs.
+
+A head maps pooled base features ``[N, D]`` to class probabilities: one sigmoid unit for ``binary``,
+``num_classes`` softmax units for ``categorical`` / ``sparse``. Heads are built from a
+:class:`tasks.config.HeadSpec`; the registry is an explicit dict from ``HeadSpec.type`` to a builder.
+
+This module also holds :class:`BasePreprocess`, the registered (safe-mode loadable, no ``Lambda``) layer that puts a
+base's input preprocessing inside the full model, so a saved model takes raw RGB pixels (0-255). Defining it needs
+Keras, so this module imports Keras at import time: only model code imports it (the CLI imports it lazily).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+
+from tasks.config import HeadSpec
+
+CLASS_MODES = ("binary", "categorical", "sparse")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """The output layer and loss that match a class mode."""
+
+    units: int
+    activation: str
+    loss: str
+
+
+def output_spec(class_mode: str, num_classes: int) -> OutputSpec:
+    """Output units / activation / loss for ``class_mode`` (``binary`` needs exactly 2 classes)."""
+    if class_mode not in CLASS_MODES:
+        raise ValueError(f"class_mode: expected one of {CLASS_MODES}, got {class_mode!r}")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
+    if class_mode == "binary":
+        if num_classes != 2:
+            raise ValueError(f"class_mode 'binary' needs exactly 2 classes, got num_classes={num_classes!r}")
+        return OutputSpec(1, "sigmoid", "binary_crossentropy")
+    loss = "categorical_crossentropy" if class_mode == "categorical" else "sparse_categorical_crossentropy"
+    return OutputSpec(num_classes, "softmax", loss)
+
+
+def _hidden_layers(spec: HeadSpec) -> list[Any]:
+    """Dense blocks: Dense -> (BatchNorm) -> ReLU -> (Dropout), one per entry of ``spec.units``."""
+    layers: list[Any] = []
+    for i, units in enumerate(spec.units):
+        layers.append(keras.layers.Dense(units, use_bias=not spec.batchnorm, name=f"dense_{i}"))
+        if spec.batchnorm:
+            layers.append(keras.layers.BatchNormalization(name=f"batchnorm_{i}"))
+        layers.append(keras.layers.ReLU(name=f"relu_{i}"))
+        if spec.dropout > 0:
+            layers.append(keras.layers.Dropout(spec.dropout, name=f"dropout_{i}"))
+    return layers
+
+
+def _build_linear(spec: HeadSpec) -> list[Any]:
+    """``linear``: (optional dropout on the features) straight into the output layer."""
+    if spec.units or spec.batchnorm:
+        raise ValueError(
+            f"head {spec.name!r}: type 'linear' takes no units or batchnorm, got units={list(spec.units)!r}, "
+            f"batchnorm={spec.batchnorm!r}"
+        )
+    return [keras.layers.Dropout(spec.dropout, name="dropout_in")] if spec.dropout > 0 else []
+
+
+def _build_dense(spec: HeadSpec) -> list[Any]:
+    """``dense``: one or more Dense(units) + ReLU blocks, each with optional batchnorm and dropout."""
+    if not spec.units:
+        raise ValueError(f"head {spec.name!r}: type 'dense' needs at least one entry in units, got []")
+    return _hidden_layers(spec)
+
+
+HEADS: dict[str, Callable[[HeadSpec], list[Any]]] = {
+    "linear": _build_linear,
+    "dense": _build_dense,
+}
+
+
+def build_head(spec: HeadSpec, input_dim: int, class_mode: str, num_classes: int) -> keras.Model:
+    """A ``keras.Sequential`` head named ``head`` from ``spec``: ``[N, input_dim]`` features -> probabilities.
+
+    Call :func:`keras.utils.set_random_seed` first for reproducible initial weights.
+    """
+    if spec.type not in HEADS:
+        raise ValueError(f"head {spec.name!r}: unknown type {spec.type!r}; expected one of {sorted(HEADS)}")
+    if not isinstance(input_dim, int) or input_dim < 1:
+        raise ValueError(f"input_dim: expected a positive integer, got {input_dim!r}")
+    out = output_spec(class_mode, num_classes)
+    layers = [keras.Input((input_dim,), name="features"), *HEADS[spec.type](spec)]
+    layers.append(keras.layers.Dense(out.units, activation=out.activation, name="predictions"))
+    return keras.Sequential(layers, name="head")
+
+
+# ------------------------------------------------------------------------------ preprocessing inside the model
+@keras.saving.register_keras_serializable(package="retrainflow", name="BasePreprocess")
+class BasePreprocess(keras.layers.Layer):
+    """Raw RGB pixels (0-255, float) -> what the named base expects, via ``tasks.bases.BASE_MODELS[...].preprocess``.
+
+    A registered Layer subclass (not a ``Lambda``), so a saved model loads with ``safe_mode=True`` once this
+    module is imported.
+    """
+
+    def __init__(self, base_name: str, **kwargs: Any):
+        from tasks.bases import BASE_MODELS
+
+        if base_name not in BASE_MODELS:
+            raise ValueError(f"base_name: expected one of {sorted(BASE_MODELS)}, got {base_name!r}")
+        super().__init__(**kwargs)
+        self.base_name = base_name
+
+    def call(self, inputs: Any) -> Any:
+        from tasks.bases import BASE_MODELS
+
+        return BASE_MODELS[self.base_name].preprocess(keras.ops.cast(inputs, "float32"))
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "base_name": self.base_name}
+
+
+def freeze_batchnorm(model: keras.Model) -> int:
+    """Set ``trainable = False`` on every BatchNormalization layer inside ``model`` (nested too); return how many."""
+    count = 0
+    for layer in iter_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+            count += 1
+    return count
+
+
+def iter_layers(model: Any) -> list[Any]:
+    """Every leaf-or-nested layer of ``model``, depth first (nested models are listed and descended into)."""
+    out: list[Any] = []
+    for layer in getattr(model, "layers", []):
+        out.append(layer)
+        if getattr(layer, "layers", None):
+            out.extend(iter_layers(layer))
+    return out

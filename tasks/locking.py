@@ -1,0 +1,119 @@
+"""One writer at a time: an exclusive ``fcntl`` lock on ``layout.lock_file``.
+
+Both ``retrainflow run`` (the retrain flow) and every ``retrainflow stage NAME`` (what ``dvc repro`` runs) take
+it, so a pipeline run and a ``dvc repro`` never write the workspace (or DVC's state) at the same time. The lock
+is released by the kernel when the holder exits, even when it is killed; the file keeps the holder's PID and
+command so the second run can say who holds it.
+
+Within one process the lock is re-entrant (a flow that holds it may call code that asks for it again), and a
+child process can inherit it through ``RETRAINFLOW_LOCK_HOLDER`` (set while held): ``retrainflow stage`` run by a
+``dvc repro`` that the holder itself started does not deadlock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tasks.layout import Layout
+
+LOCK_ENV = "RETRAINFLOW_LOCK_HOLDER"
+
+_held: dict[str, int] = {}  # resolved lock path -> re-entry depth, for this process
+_held_guard = threading.Lock()
+
+
+class LockHeldError(RuntimeError):
+    """Another process holds the workspace lock; the message names its PID and command."""
+
+    def __init__(self, path: Path, holder: dict[str, object]):
+        self.path = path
+        self.holder = holder
+        pid = holder.get("pid", "?")
+        what = holder.get("command") or "another retrainflow run"
+        since = holder.get("since", "?")
+        super().__init__(
+            f"another retrainflow run holds the workspace lock {path} (pid {pid}, since {since}: {what}); "
+            f"wait for it to finish, or stop it (kill {pid}) and start again"
+        )
+
+
+def read_holder(path: Path) -> dict[str, object]:
+    """What the lock file says about its holder (may be stale when nobody holds the lock)."""
+    try:
+        raw = json.loads(path.read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+@contextmanager
+def workspace_lock(layout: Layout, *, wait: float = 0.0, command: str | None = None) -> Iterator[Path]:
+    """Hold the workspace lock for the ``with`` body; raise :class:`LockHeldError` if it stays busy.
+
+    ``wait`` is how many seconds to retry before giving up (0: fail at once).
+    """
+    if not isinstance(wait, int | float) or wait < 0:
+        raise ValueError(f"expected wait >= 0 seconds, got {wait!r}")
+    path = layout.lock_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    with _held_guard:
+        if _held.get(key):
+            _held[key] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield path
+        finally:
+            with _held_guard:
+                _held[key] -= 1
+        return
+    if os.environ.get(LOCK_ENV) == key:  # our parent holds it and started us (e.g. its own dvc repro)
+        yield path
+        return
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockHeldError(path, read_holder(path)) from None
+                time.sleep(0.2)
+        info = {
+            "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        with _held_guard:
+            _held[key] = 1
+        previous_env = os.environ.get(LOCK_ENV)
+        os.environ[LOCK_ENV] = key
+        try:
+            yield path
+        finally:
+            if previous_env is None:
+                os.environ.pop(LOCK_ENV, None)
+            else:
+                os.environ[LOCK_ENV] = previous_env
+            with _held_guard:
+                _held.pop(key, None)
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

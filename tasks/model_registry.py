@@ -1,0 +1,347 @@
+"""Model registry and promotion gate: every candidate is recorded; the champion changes only through the gate.
+
+The registry is one JSON file (``layout.model_registry``)::
+
+    {"version": 1, "champion": "<candidate id or null>", "candidates": [{...}, ...]}
+
+Each candidate records the data version (the ``data.dvc`` hash, or the index content hash without DVC), the
+params hash (``Params.section_hash()``), the git commit, the test metrics, whether it was promoted and why.
+The gate (:func:`gate`) is a pure function; :func:`run_promote` applies it to the candidate the pipeline just
+produced, copies a promoted model to ``layout.champion_dir`` and appends the record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.config import EvaluateConfig, Params
+from tasks.layout import Layout
+
+REGISTRY_VERSION = 1
+
+
+class RegistryError(ValueError):
+    """The registry file or the candidate's metrics are missing or malformed."""
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The gate's verdict and a sentence saying why."""
+
+    promote: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One registry record: a model the pipeline produced, promoted or not."""
+
+    id: str
+    created_at: str
+    data_version: str
+    index_hash: str
+    params_hash: str
+    git_commit: str | None
+    metric: str
+    score: float
+    metrics: dict[str, Any]
+    promoted: bool
+    reason: str
+    previous_champion: str | None = None
+    model_path: str | None = None
+    flow_run_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Registry:
+    champion: str | None
+    candidates: tuple[Candidate, ...]
+
+    def champion_entry(self) -> Candidate | None:
+        """The current champion's record, or None when nothing was ever promoted."""
+        for cand in reversed(self.candidates):
+            if cand.id == self.champion:
+                return cand
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": REGISTRY_VERSION,
+            "champion": self.champion,
+            "candidates": [asdict(c) for c in self.candidates],
+        }
+
+
+@dataclass(frozen=True)
+class PromoteManifest:
+    """What :func:`run_promote` decided (JSON-able)."""
+
+    candidate_id: str
+    promoted: bool
+    reason: str
+    metric: str
+    score: float
+    champion_score: float | None
+    champion: str | None
+    registry: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------- the gate
+def gate(score: float, champion_score: float | None, cfg: EvaluateConfig) -> GateDecision:
+    """Promote iff ``score >= cfg.min_accuracy`` and ``score >= champion_score - cfg.tolerance``.
+
+    ``score`` is the candidate's test value of ``cfg.metric``; ``champion_score`` is None when there is no
+    champion yet. Pure: no I/O.
+    """
+    if not isinstance(score, int | float) or isinstance(score, bool) or score != score:
+        raise RegistryError(f"expected a numeric candidate score, got {score!r}")
+    if champion_score is not None and (
+        not isinstance(champion_score, int | float) or isinstance(champion_score, bool)
+    ):
+        raise RegistryError(f"expected a numeric champion score or None, got {champion_score!r}")
+    name = cfg.metric
+    if score < cfg.min_accuracy:
+        return GateDecision(
+            False, f"rejected: test {name} {score:.4f} is below evaluate.min_accuracy {cfg.min_accuracy:.4f}"
+        )
+    if champion_score is None:
+        return GateDecision(
+            True,
+            f"promoted: no champion yet and test {name} {score:.4f} >= min_accuracy {cfg.min_accuracy:.4f}",
+        )
+    floor = champion_score - cfg.tolerance
+    if score < floor:
+        return GateDecision(
+            False,
+            f"rejected: test {name} {score:.4f} < champion {champion_score:.4f} - tolerance "
+            f"{cfg.tolerance:.4f} = {floor:.4f}",
+        )
+    return GateDecision(
+        True,
+        f"promoted: test {name} {score:.4f} >= champion {champion_score:.4f} - tolerance {cfg.tolerance:.4f}"
+        f" and >= min_accuracy {cfg.min_accuracy:.4f}",
+    )
+
+
+def unchanged_reason(registry: Registry, index_hash: str, params_hash: str) -> str | None:
+    """A sentence when neither the data nor the params changed since the champion; None when a retrain is due."""
+    champ = registry.champion_entry()
+    if champ is None:
+        return None
+    if champ.index_hash == index_hash and champ.params_hash == params_hash:
+        return f"skipped: data (index {index_hash}) and params ({params_hash}) unchanged since champion {champ.id}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- registry I/O
+def read_registry(layout: Layout) -> Registry:
+    """The registry at ``layout.model_registry`` (an empty one when the file does not exist)."""
+    path = layout.model_registry
+    if not path.exists():
+        return Registry(champion=None, candidates=())
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise RegistryError(f"{path}: not a readable registry ({err})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("candidates"), list):
+        raise RegistryError(f"{path}: expected an object with a 'candidates' list, got {str(raw)[:200]!r}")
+    fields = set(Candidate.__dataclass_fields__)
+    cands = []
+    for item in raw["candidates"]:
+        if not isinstance(item, dict) or "id" not in item:
+            raise RegistryError(f"{path}: expected candidate objects with an 'id', got {item!r}")
+        cands.append(Candidate(**{k: v for k, v in item.items() if k in fields}))
+    return Registry(champion=raw.get("champion"), candidates=tuple(cands))
+
+
+def write_registry(layout: Layout, registry: Registry) -> Path:
+    """Write the registry atomically (temp file + rename)."""
+    path = layout.model_registry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".registry.", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(registry.to_json(), fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def record(layout: Layout, candidate: Candidate) -> Registry:
+    """Append ``candidate``; it becomes the champion when it was promoted."""
+    reg = read_registry(layout)
+    if any(c.id == candidate.id for c in reg.candidates):
+        raise RegistryError(f"candidate id {candidate.id!r} is already in {layout.model_registry}")
+    new = Registry(
+        champion=candidate.id if candidate.promoted else reg.champion,
+        candidates=(*reg.candidates, candidate),
+    )
+    write_registry(layout, new)
+    return new
+
+
+# ------------------------------------------------------------------------------------------ identity facts
+def data_dvc_hash(dvc_file: Path) -> str | None:
+    """The md5 recorded in a ``.dvc`` file (``outs[0].md5``), or None when absent/unreadable."""
+    if not dvc_file.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(dvc_file.read_text()) or {}
+        md5 = raw["outs"][0]["md5"]
+    except (yaml.YAMLError, KeyError, IndexError, TypeError):
+        return None
+    return str(md5) if md5 else None
+
+
+def index_content_hash(layout: Layout) -> str:
+    """sha256 (16 hex) over the index's ``path,label,split,sha256`` rows: the data identity without DVC."""
+    import pandas as pd  # light enough, but only needed here
+
+    table = layout.index_table
+    if not table.is_file():
+        raise RegistryError(f"{table}: index table not found; run the index stage first")
+    frame = pd.read_csv(table, usecols=["path", "label", "split", "sha256"], dtype=str)
+    frame = frame.sort_values("path", kind="stable")
+    blob = frame.to_csv(index=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def data_version(layout: Layout) -> str:
+    """``data.dvc`` md5 when the workspace has one beside it, else ``index:<index content hash>``."""
+    md5 = data_dvc_hash(layout.root / "data.dvc")
+    return md5 if md5 else f"index:{index_content_hash(layout)}"
+
+
+def git_commit(root: Path) -> str | None:
+    """``git rev-parse HEAD`` in ``root`` (with ``+dirty`` when tracked files changed), None outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head
+
+
+# ---------------------------------------------------------------------------------------------- promotion
+def candidate_score(metrics: dict[str, Any], metric: str) -> float:
+    """The test value of ``metric`` in the evaluate metrics: flat ``test_<metric>`` (what the evaluate stage
+    writes), else nested ``test.<metric>``, else top-level ``<metric>``."""
+    flat = metrics.get(f"test_{metric}")
+    if isinstance(flat, int | float) and not isinstance(flat, bool):
+        return float(flat)
+    for holder in (metrics.get("test"), metrics):
+        if isinstance(holder, dict) and isinstance(holder.get(metric), int | float):
+            return float(holder[metric])
+    raise RegistryError(f"no numeric test {metric!r} in the evaluate metrics; keys: {sorted(metrics)}")
+
+
+def read_evaluate_metrics(layout: Layout) -> dict[str, Any]:
+    """``metrics/evaluate.json`` as written by the evaluate stage."""
+    path = layout.metrics_dir / "evaluate.json"
+    if not path.is_file():
+        raise RegistryError(f"{path}: not found; run the evaluate stage first")
+    raw = json.loads(path.read_text())
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{path}: expected a JSON object, got {raw!r}")
+    return raw
+
+
+def _copy_model(src_dir: Path, dst_dir: Path) -> None:
+    """Replace ``dst_dir`` with a copy of ``src_dir`` (via a sibling temp folder, then rename)."""
+    if not (src_dir / "model.keras").is_file():
+        raise RegistryError(f"{src_dir / 'model.keras'}: candidate model not found; run finetune first")
+    tmp = dst_dir.with_name(dst_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src_dir, tmp)
+    old = dst_dir.with_name(dst_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dst_dir.exists():
+        dst_dir.rename(old)
+    tmp.rename(dst_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def new_candidate_id(now: datetime, params_hash: str) -> str:
+    """``20261122T031500Z-<params hash[:6]>``: sortable and readable."""
+    return f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{params_hash[:6]}"
+
+
+def run_promote(
+    params: Params,
+    layout: Layout,
+    *,
+    metrics: dict[str, Any] | None = None,
+    flow_run_id: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> PromoteManifest:
+    """Gate the candidate in ``layout.candidate_dir`` against the champion; record it; copy it when promoted."""
+    metrics = metrics if metrics is not None else read_evaluate_metrics(layout)
+    cfg = params.evaluate
+    score = candidate_score(metrics, cfg.metric)
+    reg = read_registry(layout)
+    champ = reg.champion_entry()
+    champ_score = None
+    if champ is not None:
+        champ_score = (
+            champ.score if champ.metric == cfg.metric else candidate_score(champ.metrics, cfg.metric)
+        )
+    decision = gate(score, champ_score, cfg)
+    params_hash = params.section_hash()
+    now = datetime.now(UTC)
+    cand = Candidate(
+        id=new_candidate_id(now, params_hash),
+        created_at=now.isoformat(timespec="seconds"),
+        data_version=data_version(layout),
+        index_hash=index_content_hash(layout),
+        params_hash=params_hash,
+        git_commit=git_commit(layout.root),
+        metric=cfg.metric,
+        score=score,
+        metrics=metrics,
+        promoted=decision.promote,
+        reason=decision.reason,
+        previous_champion=reg.champion,
+        model_path=str(layout.champion_dir / "model.keras") if decision.promote else None,
+        flow_run_id=flow_run_id,
+        extra=dict(extra or {}),
+    )
+    if decision.promote:
+        _copy_model(layout.candidate_dir, layout.champion_dir)
+        (layout.champion_dir / "champion.json").write_text(json.dumps(asdict(cand), indent=2) + "\n")
+    new = record(layout, cand)
+    return PromoteManifest(
+        candidate_id=cand.id,
+        promoted=decision.promote,
+        reason=decision.reason,
+        metric=cfg.metric,
+        score=score,
+        champion_score=champ_score,
+        champion=new.champion,
+        registry=str(layout.model_registry),
+    )

@@ -1,0 +1,294 @@
+"""The ``train_top`` stage: train every candidate head on cached features and keep the best one.
+
+Training uses every cached training view (clean + augmented passes); validation uses the clean val view.
+Each head in ``params.top.heads`` is trained with the optimizer / lr / epochs / batch size of ``params.top`` and
+early stopping on val loss (best weights restored); the best head by ``top.select_metric`` is saved to
+``layout.top_dir`` (``head.keras`` + ``head.json``). Outputs: ``metrics/top.json``, ``reports/top_comparison.md``,
+``plots/top_history.csv``. Seeded by ``params.seed``: two runs on the same features give the same heads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.config import HeadSpec, Params, TopConfig
+from tasks.layout import Layout
+
+HEAD_FILE = "head.keras"
+HEAD_INFO_FILE = "head.json"
+TOP_METRICS_FILE = "top.json"
+TOP_REPORT_FILE = "top_comparison.md"
+TOP_HISTORY_FILE = "top_history.csv"
+HISTORY_COLUMNS = ("head", "epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+
+
+@dataclass(frozen=True)
+class HeadResult:
+    """How one candidate head did: its metrics at the restored (best val loss) epoch."""
+
+    name: str
+    type: str
+    val_loss: float
+    val_accuracy: float
+    train_loss: float
+    train_accuracy: float
+    epochs: int  # epochs run (early stopping may stop before top.epochs)
+    best_epoch: int  # 1-based epoch whose weights were kept
+    seconds: float
+    params: int
+    history: dict[str, list[float]] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class TopManifest:
+    """What ``run_train_top`` returns (JSON-able)."""
+
+    best_head: str
+    select_metric: str
+    val_loss: float
+    val_accuracy: float
+    head_file: str
+    feature_dim: int
+    train_samples: int
+    val_samples: int
+    heads: list[dict[str, Any]]
+
+
+def make_optimizer(name: str, lr: float, momentum: float = 0.0) -> Any:
+    """A fresh Keras optimizer from an explicit table (``adam``, ``sgd``, ``rmsprop``)."""
+    import keras
+
+    table = {
+        "adam": lambda: keras.optimizers.Adam(learning_rate=lr),
+        "sgd": lambda: keras.optimizers.SGD(learning_rate=lr, momentum=momentum),
+        "rmsprop": lambda: keras.optimizers.RMSprop(learning_rate=lr, momentum=momentum),
+    }
+    if name not in table:
+        raise ValueError(f"optimizer: expected one of {sorted(table)}, got {name!r}")
+    if not lr > 0:
+        raise ValueError(f"lr: expected a positive number, got {lr!r}")
+    return table[name]()
+
+
+def train_head(
+    spec: HeadSpec,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    class_mode: str,
+    num_classes: int,
+    cfg: TopConfig,
+    seed: int,
+) -> tuple[Any, HeadResult]:
+    """Train one head on ``(features, encoded labels)`` pairs; return the model (best weights) and its result."""
+    import keras
+
+    from tasks.heads import build_head, output_spec
+
+    x, y = train
+    vx, vy = val
+    if len(x) == 0 or len(vx) == 0:
+        raise ValueError(f"train_top needs training and val samples, got {len(x)} train and {len(vx)} val")
+    keras.utils.set_random_seed(seed)
+    model = build_head(spec, int(x.shape[1]), class_mode, num_classes)
+    model.compile(
+        optimizer=make_optimizer(cfg.optimizer, cfg.lr),
+        loss=output_spec(class_mode, num_classes).loss,
+        metrics=["accuracy"],
+    )
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=cfg.patience, restore_best_weights=True, verbose=0
+    )
+    start = time.perf_counter()
+    history = model.fit(
+        x,
+        y,
+        validation_data=(vx, vy),
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        callbacks=[stop],
+        verbose=0,
+    )
+    seconds = time.perf_counter() - start
+    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    best = int(np.argmin(hist["val_loss"]))
+    result = HeadResult(
+        name=spec.name,
+        type=spec.type,
+        val_loss=hist["val_loss"][best],
+        val_accuracy=hist["val_accuracy"][best],
+        train_loss=hist["loss"][best],
+        train_accuracy=hist["accuracy"][best],
+        epochs=len(hist["val_loss"]),
+        best_epoch=best + 1,
+        seconds=round(seconds, 3),
+        params=int(model.count_params()),
+        history=hist,
+    )
+    return model, result
+
+
+def select_best(results: list[HeadResult], metric: str) -> HeadResult:
+    """The best head by ``val_loss`` (lowest) or ``val_accuracy`` (highest; ties broken by val loss)."""
+    if not results:
+        raise ValueError("select_best: got no head results")
+    if metric == "val_loss":
+        return min(results, key=lambda r: (r.val_loss, -r.val_accuracy))
+    if metric == "val_accuracy":
+        return max(results, key=lambda r: (r.val_accuracy, -r.val_loss))
+    raise ValueError(f"select_metric: expected 'val_loss' or 'val_accuracy', got {metric!r}")
+
+
+def train_heads(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    class_mode: str,
+    num_classes: int,
+    cfg: TopConfig,
+    seed: int,
+) -> tuple[Any, HeadResult, list[HeadResult]]:
+    """Train every head of ``cfg.heads`` (same seed each); return (best model, best result, all results)."""
+    models: dict[str, Any] = {}
+    results: list[HeadResult] = []
+    for spec in cfg.heads:
+        model, result = train_head(spec, train, val, class_mode, num_classes, cfg, seed)
+        models[spec.name] = model
+        results.append(result)
+    best = select_best(results, cfg.select_metric)
+    return models[best.name], best, results
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def comparison_markdown(results: list[HeadResult], best: HeadResult, cfg: TopConfig) -> str:
+    """A readable table of the candidate heads."""
+    lines = [
+        "# Top model comparison",
+        "",
+        f"Optimizer {cfg.optimizer}, lr {cfg.lr:g}, up to {cfg.epochs} epochs, batch {cfg.batch_size}, "
+        f"early stopping on val loss (patience {cfg.patience}). Selected by `{cfg.select_metric}`: "
+        f"**{best.name}**.",
+        "",
+        "| head | type | params | val loss | val accuracy | train loss | train accuracy | epochs | best epoch | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        mark = " (best)" if r.name == best.name else ""
+        lines.append(
+            f"| {r.name}{mark} | {r.type} | {r.params} | {r.val_loss:.4f} | {r.val_accuracy:.4f} | "
+            f"{r.train_loss:.4f} | {r.train_accuracy:.4f} | {r.epochs} | {r.best_epoch} | {r.seconds:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_history_csv(path: Path, results: list[HeadResult]) -> None:
+    """``head,epoch,loss,accuracy,val_loss,val_accuracy`` rows (epochs 1-based) for ``dvc plots``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(HISTORY_COLUMNS)
+        for r in results:
+            for i in range(r.epochs):
+                writer.writerow([r.name, i + 1, *(f"{r.history[k][i]:.6g}" for k in HISTORY_COLUMNS[2:])])
+
+
+def head_summary(r: HeadResult) -> dict[str, Any]:
+    """The JSON-able part of a result (without the per-epoch history)."""
+    return {k: v for k, v in asdict(r).items() if k != "history"}
+
+
+def save_head(model: Any, spec: HeadSpec, directory: Path, info: dict[str, Any]) -> Path:
+    """Write ``head.keras`` and ``head.json`` (spec, class info, feature dim, base) into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / HEAD_FILE
+    model.save(path)
+    (directory / HEAD_INFO_FILE).write_text(
+        json.dumps({"spec": spec.model_dump(mode="json"), **info}, indent=2) + "\n"
+    )
+    return path
+
+
+def read_head_info(layout: Layout) -> dict[str, Any]:
+    """The ``head.json`` written by :func:`run_train_top` (raises if train_top has not run)."""
+    path = layout.top_dir / HEAD_INFO_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained head at {path}: run `retrainflow train-top` first")
+    return json.loads(path.read_text())
+
+
+def load_head(layout: Layout) -> Any:
+    """The best head saved by :func:`run_train_top` (safe mode)."""
+    import keras
+
+    path = layout.top_dir / HEAD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained head at {path}: run `retrainflow train-top` first")
+    return keras.saving.load_model(path, safe_mode=True, compile=False)
+
+
+def run_train_top(params: Params, layout: Layout) -> TopManifest:
+    """Train the candidate heads on the cached features and write the best head, metrics and reports."""
+    from tasks.features import read_features
+    from tasks.index import read_classes
+    from tasks.pipeline import encode_labels
+
+    classes = read_classes(layout)
+    train_set = read_features(params, layout, "train", views="all")
+    val_set = read_features(params, layout, "val", views="clean")
+
+    def encoded(fs: Any) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(fs.x, dtype=np.float32)
+        return x, encode_labels(np.asarray(fs.class_ids), classes.class_mode, classes.num_classes)
+
+    train, val = encoded(train_set), encoded(val_set)
+    cfg = params.top
+    model, best, results = train_heads(train, val, classes.class_mode, classes.num_classes, cfg, params.seed)
+    spec = next(h for h in cfg.heads if h.name == best.name)
+    feature_dim = int(train[0].shape[1])
+    head_path = save_head(
+        model,
+        spec,
+        layout.top_dir,
+        {
+            "classes": list(classes.names),
+            "class_mode": classes.class_mode,
+            "feature_dim": feature_dim,
+            "base": params.base.model_dump(mode="json"),
+            "pooling": params.features.pooling,
+            "val_loss": best.val_loss,
+            "val_accuracy": best.val_accuracy,
+        },
+    )
+    manifest = TopManifest(
+        best_head=best.name,
+        select_metric=cfg.select_metric,
+        val_loss=best.val_loss,
+        val_accuracy=best.val_accuracy,
+        head_file=head_path.as_posix(),
+        feature_dim=feature_dim,
+        train_samples=len(train[0]),
+        val_samples=len(val[0]),
+        heads=[head_summary(r) for r in results],
+    )
+    layout.metrics_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        "best_head": best.name,
+        "val_loss": best.val_loss,
+        "val_accuracy": best.val_accuracy,
+        "train_samples": manifest.train_samples,
+        "val_samples": manifest.val_samples,
+        "heads": {
+            r.name: {k: v for k, v in head_summary(r).items() if k not in ("name", "type")} for r in results
+        },
+    }
+    (layout.metrics_dir / TOP_METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    layout.reports_dir.mkdir(parents=True, exist_ok=True)
+    (layout.reports_dir / TOP_REPORT_FILE).write_text(comparison_markdown(results, best, cfg))
+    write_history_csv(layout.plots_dir / TOP_HISTORY_FILE, results)
+    return manifest

@@ -1,0 +1,115 @@
+"""Evaluation metrics (numpy, checked against hand-computed values) and the evaluate stage's outputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tasks.evaluate import compute_metrics, confusion_matrix, probability_matrix, roc_auc
+
+
+def test_confusion_matrix_rows_are_actual_columns_predicted():
+    m = confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2]), 3)
+    assert m.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+def test_confusion_matrix_rejects_out_of_range_ids():
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        confusion_matrix(np.array([0, 3]), np.array([0, 1]), 3)
+
+
+def test_roc_auc_matches_pairwise_definition_with_ties():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 60).astype(float)  # many ties
+    labels = rng.random(60) < 0.4
+    pos, neg = scores[labels], scores[~labels]
+    pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
+    assert roc_auc(scores, labels) == pytest.approx(pairwise)
+    assert roc_auc(np.array([0.1, 0.9]), np.array([False, True])) == 1.0
+    assert roc_auc(np.array([0.1, 0.9]), np.array([True, True])) is None
+
+
+def test_binary_sigmoid_column_becomes_two_probabilities():
+    p = probability_matrix(np.array([[0.2], [0.9]]), 2)
+    np.testing.assert_allclose(p, [[0.8, 0.2], [0.1, 0.9]])
+    with pytest.raises(ValueError, match="expected 3 columns"):
+        probability_matrix(np.ones((2, 2)), 3)
+
+
+def test_compute_metrics_multiclass_by_hand():
+    names = ("a", "b", "c")
+    probs = np.array(
+        [
+            [0.7, 0.2, 0.1],  # a -> a
+            [0.3, 0.6, 0.1],  # a -> b
+            [0.1, 0.8, 0.1],  # b -> b
+            [0.1, 0.1, 0.8],  # c -> c
+            [0.5, 0.2, 0.3],  # c -> a
+        ]
+    )
+    actual = np.array([0, 0, 1, 2, 2])
+    m = compute_metrics(probs, actual, names)
+    assert m.count == 5
+    assert m.accuracy == pytest.approx(3 / 5)
+    assert m.confusion == ((1, 1, 0), (0, 1, 0), (1, 0, 1))
+    a, b, c = m.per_class
+    assert (a.precision, a.recall, a.support) == (pytest.approx(0.5), pytest.approx(0.5), 2)
+    assert (b.precision, b.recall) == (pytest.approx(0.5), pytest.approx(1.0))
+    assert (c.precision, c.recall) == (pytest.approx(1.0), pytest.approx(0.5))
+    assert b.f1 == pytest.approx(2 / 3) and c.f1 == pytest.approx(2 / 3)
+    assert m.macro_f1 == pytest.approx((0.5 + 2 / 3 + 2 / 3) / 3)
+    expected_loss = -np.mean(np.log([0.7, 0.3, 0.8, 0.8, 0.3]))
+    assert m.loss == pytest.approx(expected_loss)
+    assert m.roc_auc is None
+    flat = m.flat("test")
+    assert flat["test_accuracy"] == pytest.approx(0.6) and flat["test_f1_b"] == pytest.approx(2 / 3)
+    assert all(isinstance(v, int | float) for v in flat.values())
+
+
+def test_compute_metrics_binary_has_auc_and_keras_matching_loss():
+    import keras
+
+    p = np.array([0.1, 0.4, 0.35, 0.8, 0.95])
+    y = np.array([0, 0, 1, 1, 1])
+    m = compute_metrics(p[:, None], y, ("neg", "pos"))
+    assert m.roc_auc == pytest.approx(5 / 6)
+    keras_loss = float(
+        keras.losses.binary_crossentropy(y[:, None].astype("float32"), p[:, None]).numpy().mean()
+    )
+    assert m.loss == pytest.approx(keras_loss, rel=1e-4)
+    assert m.accuracy == pytest.approx(0.8)
+
+
+def test_compute_metrics_empty_split_is_nan_not_crash():
+    m = compute_metrics(np.zeros((0, 2)), np.zeros(0, dtype=int), ("a", "b"))
+    assert m.count == 0 and math.isnan(m.accuracy)
+
+
+def test_report_pngs_are_written(tmp_path):
+    from PIL import Image
+
+    from tasks.reports import plot_confusion, plot_prediction_grid, plot_training_curves
+
+    top = [
+        {"head": "h", "epoch": str(e), "loss": "1", "accuracy": "0.5", "val_loss": "1", "val_accuracy": "0.5"}
+        for e in (1, 2)
+    ]
+    ft = [{"epoch": "1", "loss": "0.5", "accuracy": "0.8", "val_loss": "0.6", "val_accuracy": "0.7"}]
+    outs = [
+        plot_training_curves(top, "h", ft, tmp_path / "curves.png"),
+        plot_confusion([[3, 1], [0, 4]], ("a", "b"), tmp_path / "confusion.png"),
+        plot_prediction_grid(
+            [np.zeros((8, 8, 3), np.uint8)] * 3,
+            ["a", "b", "a"],
+            ["a", "a", "a"],
+            [0.9, 0.6, 0.7],
+            tmp_path / "grid.png",
+        ),
+    ]
+    for out in outs:
+        with Image.open(out) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    with pytest.raises(ValueError, match=r"\(2, 2\)"):
+        plot_confusion([[1]], ("a", "b"), tmp_path / "bad.png")

@@ -1,0 +1,76 @@
+"""The workspace lock: one writer at a time, and a clear message naming the holder's PID."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.layout import Layout
+from tasks.locking import LockHeldError, workspace_lock
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from tasks.layout import Layout
+from tasks.locking import workspace_lock
+with workspace_lock(Layout(Path(sys.argv[1])), command="retrainflow run (test holder)"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_second_process_gets_clear_message_then_lock_frees(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeldError) as info:
+            with workspace_lock(layout):
+                pass
+        msg = str(info.value)
+        assert f"pid {proc.pid}" in msg and "test holder" in msg and str(layout.lock_file) in msg
+    finally:
+        proc.kill()
+        proc.wait()
+    # the kernel released it when the holder died: we can take it now
+    with workspace_lock(layout, wait=5) as path:
+        assert path == layout.lock_file
+
+
+def test_reentrant_in_one_process_and_released_after(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    with workspace_lock(layout):
+        with workspace_lock(layout):
+            pass
+        code = (
+            "import sys; from pathlib import Path; from tasks.layout import Layout;"
+            "from tasks.locking import workspace_lock, LockHeldError\n"
+            "try:\n  with workspace_lock(Layout(Path(sys.argv[1]))): print('got')\n"
+            "except LockHeldError as e: print('busy', e)\n"
+        )
+        env_child = subprocess.run(  # a child inherits the lock (the flow's own dvc repro)
+            [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
+        )
+        assert env_child.stdout.startswith("got")
+        import os
+
+        env = {k: v for k, v in os.environ.items() if k != "RETRAINFLOW_LOCK_HOLDER"}
+        stranger = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True, env=env
+        )
+        assert stranger.stdout.startswith("busy") and f"pid {os.getpid()}" in stranger.stdout
+    assert layout.lock_file.read_text() == ""  # released: the holder record is cleared
+
+
+def test_wait_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="-1"):
+        with workspace_lock(Layout(tmp_path), wait=-1):
+            pass

@@ -1,0 +1,130 @@
+"""The promotion gate (pure) and the registry it writes: a better model is promoted, a worse one rejected."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks.config import EvaluateConfig, params_from_dict
+from tasks.layout import Layout
+from tasks.model_registry import (
+    RegistryError,
+    candidate_score,
+    data_dvc_hash,
+    gate,
+    read_registry,
+    run_promote,
+    unchanged_reason,
+)
+
+
+def test_gate_first_model_needs_min_accuracy() -> None:
+    cfg = EvaluateConfig(min_accuracy=0.6, tolerance=0.01)
+    ok = gate(0.7, None, cfg)
+    assert ok.promote and "no champion yet" in ok.reason
+    low = gate(0.5, None, cfg)
+    assert not low.promote and "min_accuracy" in low.reason and "0.5000" in low.reason
+
+
+def test_gate_against_champion_with_tolerance() -> None:
+    cfg = EvaluateConfig(min_accuracy=0.0, tolerance=0.02)
+    assert gate(0.90, 0.80, cfg).promote
+    assert gate(0.79, 0.80, cfg).promote  # within the tolerance
+    worse = gate(0.70, 0.80, cfg)
+    assert not worse.promote and "champion 0.8000" in worse.reason and "0.7800" in worse.reason
+
+
+def test_gate_rejects_non_numeric_scores() -> None:
+    with pytest.raises(RegistryError, match="'high'"):
+        gate("high", None, EvaluateConfig())  # type: ignore[arg-type]
+    with pytest.raises(RegistryError, match="nan"):
+        gate(float("nan"), None, EvaluateConfig())
+
+
+def test_candidate_score_reads_test_section_or_top_level() -> None:
+    assert candidate_score({"test_accuracy": 0.75, "val_accuracy": 0.9}, "accuracy") == 0.75
+    assert candidate_score({"test": {"accuracy": 0.8}}, "accuracy") == 0.8
+    assert candidate_score({"macro_f1": 0.5}, "macro_f1") == 0.5
+    with pytest.raises(RegistryError, match="macro_f1"):
+        candidate_score({"test": {"accuracy": 0.8}}, "macro_f1")
+
+
+def _workspace(root: Path, score: float, rows: int = 4) -> Layout:
+    """A hand-made workspace: an index table, a candidate model file and evaluate metrics."""
+    layout = Layout(root)
+    layout.index_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(
+        {
+            "path": [f"a/{i}.png" for i in range(rows)],
+            "label": ["a"] * rows,
+            "split": ["train"] * rows,
+            "sha256": [f"{i:064d}" for i in range(rows)],
+        }
+    ).to_csv(layout.index_table, index=False)
+    layout.candidate_dir.mkdir(parents=True, exist_ok=True)
+    (layout.candidate_dir / "model.keras").write_text(f"model with score {score}")
+    (layout.candidate_dir / "classes.json").write_text("{}")
+    layout.metrics_dir.mkdir(parents=True, exist_ok=True)
+    (layout.metrics_dir / "evaluate.json").write_text(json.dumps({"test_accuracy": score}))
+    return layout
+
+
+def test_promote_better_then_reject_worse(tmp_path: Path) -> None:
+    params = params_from_dict(
+        {"evaluate": {"min_accuracy": 0.5, "tolerance": 0.05}, "base": {"weights": "none"}}
+    )
+    layout = _workspace(tmp_path, 0.80)
+    first = run_promote(params, layout)
+    assert first.promoted and first.champion == first.candidate_id
+    assert (layout.champion_dir / "model.keras").read_text() == "model with score 0.8"
+
+    _workspace(tmp_path, 0.90)
+    better = run_promote(params, layout)
+    assert better.promoted and better.champion_score == pytest.approx(0.80)
+    assert (layout.champion_dir / "model.keras").read_text() == "model with score 0.9"
+
+    _workspace(tmp_path, 0.70)
+    worse = run_promote(params, layout)
+    assert not worse.promoted and "rejected" in worse.reason
+    assert (layout.champion_dir / "model.keras").read_text() == "model with score 0.9"  # unchanged
+
+    reg = read_registry(layout)
+    assert [c.promoted for c in reg.candidates] == [True, True, False]
+    assert reg.champion == better.candidate_id
+    last = reg.candidates[-1]
+    assert last.previous_champion == better.candidate_id and last.params_hash == params.section_hash()
+    assert last.score == pytest.approx(0.70) and last.data_version.startswith("index:")
+    on_disk = json.loads(layout.model_registry.read_text())
+    assert on_disk["champion"] == better.candidate_id and len(on_disk["candidates"]) == 3
+    champ_record = json.loads((layout.champion_dir / "champion.json").read_text())
+    assert champ_record["id"] == better.candidate_id
+
+
+def test_unchanged_since_champion_detects_data_and_params(tmp_path: Path) -> None:
+    params = params_from_dict({"base": {"weights": "none"}})
+    layout = _workspace(tmp_path, 0.8)
+    run_promote(params, layout)
+    reg = read_registry(layout)
+    champ = reg.champion_entry()
+    assert champ is not None
+    assert unchanged_reason(reg, champ.index_hash, params.section_hash()) is not None
+    other = params_from_dict({"base": {"weights": "none"}, "top": {"lr": 0.5}})
+    assert unchanged_reason(reg, champ.index_hash, other.section_hash()) is None
+    _workspace(tmp_path, 0.8, rows=5)  # one more image
+    from tasks.model_registry import index_content_hash
+
+    assert unchanged_reason(reg, index_content_hash(layout), params.section_hash()) is None
+
+
+def test_data_dvc_hash_and_bad_registry(tmp_path: Path) -> None:
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: abc123.dir\n  path: data\n")
+    assert data_dvc_hash(tmp_path / "data.dvc") == "abc123.dir"
+    assert data_dvc_hash(tmp_path / "missing.dvc") is None
+    layout = Layout(tmp_path)
+    layout.models_dir.mkdir()
+    layout.model_registry.write_text("[1, 2]")
+    with pytest.raises(RegistryError, match="candidates"):
+        read_registry(layout)

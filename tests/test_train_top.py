@@ -1,0 +1,103 @@
+"""Training heads on (synthetic) features: learning, early stopping, selection, reproducibility, outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.config import HeadSpec, TopConfig
+from tasks.train_top import (
+    HeadResult,
+    comparison_markdown,
+    select_best,
+    train_heads,
+    write_history_csv,
+)
+
+
+def separable(n: int, dim: int = 12, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian blobs around well-separated class centres."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(0, 3, (classes, dim))
+    ids = rng.integers(0, classes, n)
+    return (centres[ids] + rng.normal(0, 1, (n, dim))).astype("float32"), ids
+
+
+def one_hot(ids: np.ndarray, classes: int) -> np.ndarray:
+    return np.eye(classes, dtype="float32")[ids]
+
+
+HEADS3 = (
+    HeadSpec(name="linear", type="linear"),
+    HeadSpec(name="dense", type="dense", units=(16,), dropout=0.3),
+    HeadSpec(name="dense_bn", type="dense", units=(8,), dropout=0.2, batchnorm=True),
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, ids = separable(240)
+    vx, vids = separable(60, seed=1)
+    return (x, one_hot(ids, 3)), (vx, one_hot(vids, 3))
+
+
+def test_heads_learn_separable_features_and_best_is_kept(data):
+    train, val = data
+    cfg = TopConfig(heads=HEADS3, epochs=15, batch_size=32, lr=0.01, patience=3)
+    model, best, results = train_heads(train, val, "categorical", 3, cfg, seed=1)
+    assert [r.name for r in results] == ["linear", "dense", "dense_bn"]
+    assert all(r.val_accuracy >= 0.9 for r in results), [(r.name, r.val_accuracy) for r in results]
+    assert best.val_loss == min(r.val_loss for r in results)
+    # the returned model carries the restored (best epoch) weights
+    import keras
+
+    model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+    loss, _ = model.evaluate(*val, verbose=0)
+    assert loss == pytest.approx(best.val_loss, rel=1e-4)
+    for r in results:
+        assert 1 <= r.best_epoch <= r.epochs <= 15
+        assert len(r.history["val_loss"]) == r.epochs
+    keras.backend.clear_session()
+
+
+def test_early_stopping_stops_before_max_epochs():
+    x, ids = separable(120, seed=3)
+    vx, vids = separable(40, seed=4)
+    cfg = TopConfig(heads=(HeadSpec(name="big", type="dense", units=(64,)),), epochs=300, lr=0.05, patience=2)
+    _, best, _ = train_heads((x, one_hot(ids, 3)), (vx, one_hot(vids, 3)), "categorical", 3, cfg, seed=0)
+    assert best.epochs < 300
+    assert best.epochs - best.best_epoch <= 2
+
+
+def test_training_is_reproducible_with_the_seed():
+    x, ids = separable(100, classes=2, seed=5)
+    vx, vids = separable(30, classes=2, seed=6)
+    y, vy = ids.astype("float32")[:, None], vids.astype("float32")[:, None]
+    cfg = TopConfig(heads=(HEADS3[1],), epochs=4, batch_size=16)
+    runs = [train_heads((x, y), (vx, vy), "binary", 2, cfg, seed=7)[1] for _ in range(2)]
+    assert runs[0].history == runs[1].history
+    other = train_heads((x, y), (vx, vy), "binary", 2, cfg, seed=8)[1]
+    assert other.history != runs[0].history
+
+
+def _result(name, loss, acc):
+    hist = {"loss": [1.0], "accuracy": [0.5], "val_loss": [loss], "val_accuracy": [acc]}
+    return HeadResult(name, "dense", loss, acc, 1.0, 0.5, 1, 1, 0.1, 10, hist)
+
+
+def test_select_best_by_metric():
+    results = [_result("a", 0.30, 0.90), _result("b", 0.20, 0.88), _result("c", 0.25, 0.90)]
+    assert select_best(results, "val_loss").name == "b"
+    assert select_best(results, "val_accuracy").name == "c"  # tie on accuracy: lower loss wins
+    with pytest.raises(ValueError, match="'f1'"):
+        select_best(results, "f1")
+
+
+def test_report_and_history_csv(tmp_path):
+    results = [_result("a", 0.3, 0.9), _result("b", 0.2, 0.8)]
+    md = comparison_markdown(results, results[1], TopConfig())
+    assert "| b (best) |" in md and "| a |" in md
+    write_history_csv(tmp_path / "h.csv", results)
+    lines = (tmp_path / "h.csv").read_text().splitlines()
+    assert lines[0] == "head,epoch,loss,accuracy,val_loss,val_accuracy"
+    assert lines[1].startswith("a,1,1,0.5,0.3,0.9")
