@@ -51,8 +51,12 @@ def index_counts_markdown(layout: Layout) -> str:
     splits = [s for s in ("train", "val", "test") if s in counts.columns]
     lines = ["| class | " + " | ".join(splits) + " | total |", "|---|" + "---|" * (len(splits) + 1)]
     for label, row in counts.iterrows():
-        lines.append(f"| {label} | " + " | ".join(str(int(row[s])) for s in splits) + f" | {int(row.sum())} |")
-    lines.append("| **all** | " + " | ".join(str(int(counts[s].sum())) for s in splits) + f" | {len(frame)} |")
+        lines.append(
+            f"| {label} | " + " | ".join(str(int(row[s])) for s in splits) + f" | {int(row.sum())} |"
+        )
+    lines.append(
+        "| **all** | " + " | ".join(str(int(counts[s].sum())) for s in splits) + f" | {len(frame)} |"
+    )
     return "\n".join(lines)
 
 

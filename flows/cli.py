@@ -2,6 +2,7 @@
 
 from flows import (  # noqa: F401  (imported for their command registrations)
     cli_augment,
+    cli_doctor,
     cli_features,
     cli_index,
     cli_model,

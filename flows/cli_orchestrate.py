@@ -1,3 +1,190 @@
-"""CLI commands of the orchestrate area (registered on the shared Typer app)."""
+"""CLI commands of the orchestrate area: run, stage, serve, dashboard, promote, registry."""
 
-from flows.cli_common import app  # noqa: F401
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flows.cli_common import ParamsOpt, SetOpt, WorkdirOpt, app, console, layout_for, load_or_exit
+from tasks.locking import LockHeldError, workspace_lock
+
+STAGE_NAMES = ("index", "features", "train_top", "finetune", "evaluate")
+EXIT_LOCKED = 3
+
+
+def _stage_name(name: str) -> str:
+    """``train-top`` and ``train_top`` both name the train_top stage."""
+    normal = name.strip().replace("-", "_")
+    if normal not in STAGE_NAMES:
+        console.print(f"[bold red]error:[/] unknown stage {name!r}; expected one of {', '.join(STAGE_NAMES)}")
+        raise typer.Exit(2)
+    return normal
+
+
+def _locked_exit(err: LockHeldError) -> typer.Exit:
+    console.print(f"[bold red]busy:[/] {err}", highlight=False)
+    return typer.Exit(EXIT_LOCKED)
+
+
+@app.command("run")
+def run_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("."),
+    force: Annotated[
+        bool, typer.Option("--force", help="Retrain even if data and params are unchanged.")
+    ] = False,
+) -> None:
+    """Run the whole pipeline as the Prefect `retrain` flow (index -> ... -> evaluate -> promote)."""
+    load_or_exit(params, set_)  # validate before paying for a Prefect API
+    layout = layout_for(workdir)
+    from flows.flows import retrain
+
+    try:
+        with workspace_lock(layout, command="retrainflow run"):
+            summary = retrain(
+                params_file=str(params), overrides=list(set_ or []), force=force, workdir=str(workdir)
+            )
+    except LockHeldError as err:
+        raise _locked_exit(err) from None
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "stages"}, indent=2, default=str))
+
+
+@app.command("stage")
+def stage_cmd(
+    name: Annotated[str, typer.Argument(help="index | features | train_top | finetune | evaluate")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("."),
+) -> None:
+    """Run one stage inside its Prefect flow (the command each `dvc.yaml` stage runs)."""
+    stage = _stage_name(name)
+    load_or_exit(params, set_)
+    layout = layout_for(workdir)
+    from flows.flows import STAGE_FLOWS
+
+    try:
+        with workspace_lock(layout, command=f"retrainflow stage {stage}"):
+            manifest = STAGE_FLOWS[stage](
+                params_file=str(params), overrides=list(set_ or []), workdir=str(workdir)
+            )
+    except LockHeldError as err:
+        raise _locked_exit(err) from None
+    typer.echo(json.dumps(manifest, indent=2, default=str))
+
+
+@app.command("serve")
+def serve_cmd(
+    cron: Annotated[str, typer.Option("--cron", help="Cron schedule, e.g. '0 3 * * *' (03:00 every day).")],
+    name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "scheduled-retrain",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("."),
+    force: Annotated[
+        bool, typer.Option("--force", help="Retrain on every run, even when unchanged.")
+    ] = False,
+) -> None:
+    """Serve the retrain flow as a Prefect deployment on a cron schedule (runs until Ctrl-C)."""
+    from flows.deploy import serve_retrain, validate_cron
+
+    load_or_exit(params, set_)
+    try:
+        validate_cron(cron)
+    except ValueError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    serve_retrain(
+        cron, name=name, params_file=params, overrides=list(set_ or []), workdir=workdir, force=force
+    )
+
+
+@app.command("dashboard")
+def dashboard_cmd(
+    port: Annotated[int, typer.Option("--port", help="Port of the Prefect server.")] = 4200,
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+) -> None:
+    """Start the Prefect server (API + dashboard) and print its URL; runs until Ctrl-C."""
+    if not 0 < port < 65536:
+        console.print(f"[bold red]error:[/] expected a port in 1..65535, got {port}")
+        raise typer.Exit(2)
+    url = f"http://{host}:{port}"
+    typer.echo(f"Prefect dashboard: {url}")
+    typer.echo(f"Point runs at it:  export PREFECT_API_URL={url}/api")
+    prefect = Path(sys.executable).with_name("prefect")
+    cmd = [
+        str(prefect) if prefect.exists() else "prefect",
+        "server",
+        "start",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    try:
+        raise typer.Exit(subprocess.call(cmd, env=env))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@app.command("promote")
+def promote_cmd(
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, workdir: WorkdirOpt = Path(".")
+) -> None:
+    """Gate the current candidate (metrics/evaluate.json) against the champion and record it in the registry."""
+    from tasks.model_registry import RegistryError, run_promote
+
+    loaded = load_or_exit(params, set_)
+    layout = layout_for(workdir)
+    try:
+        with workspace_lock(layout, command="retrainflow promote"):
+            manifest = run_promote(loaded, layout)
+    except LockHeldError as err:
+        raise _locked_exit(err) from None
+    except RegistryError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(manifest.to_json(), indent=2))
+
+
+@app.command("registry")
+def registry_cmd(
+    workdir: WorkdirOpt = Path("."),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw registry JSON.")] = False,
+) -> None:
+    """List every candidate model: when, data version, params hash, score, promoted or not and why."""
+    from tasks.model_registry import read_registry
+
+    reg = read_registry(layout_for(workdir))
+    if as_json:
+        typer.echo(json.dumps(reg.to_json(), indent=2))
+        return
+    if not reg.candidates:
+        typer.echo("registry is empty: no candidate recorded yet")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"model registry (champion: {reg.champion})")
+    for col in ("id", "data version", "params", "git", "score", "promoted", "reason"):
+        table.add_column(col, overflow="fold")
+    for c in reg.candidates:
+        mark = "[green]yes[/]" if c.promoted else "no"
+        if c.id == reg.champion:
+            mark += " (champion)"
+        table.add_row(
+            c.id,
+            c.data_version[:20],
+            c.params_hash,
+            (c.git_commit or "-")[:12],
+            f"{c.metric} {c.score:.4f}",
+            mark,
+            c.reason,
+        )
+    Console().print(table)

@@ -33,7 +33,9 @@ def dvc(root: Path, *args: str, check: bool = True, timeout: float = DVC_TIMEOUT
     cmd = [sys.executable, "-m", "dvc", *args]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
-        raise DvcError(f"`dvc {' '.join(args)}` failed in {root} (exit {proc.returncode}):\n{proc.stderr or proc.stdout}")
+        raise DvcError(
+            f"`dvc {' '.join(args)}` failed in {root} (exit {proc.returncode}):\n{proc.stderr or proc.stdout}"
+        )
     return DvcResult(tuple(args), proc.stdout, proc.stderr)
 
 

@@ -35,7 +35,9 @@ def _run_index(params: Params, layout: Layout) -> Any:
 def _run_features(params: Params, layout: Layout) -> Any:
     from tasks.features import run_features
 
-    progress_id = artifacts.start_progress("feature-extraction", "Feature extraction: images through the base")
+    progress_id = artifacts.start_progress(
+        "feature-extraction", "Feature extraction: images through the base"
+    )
     kwargs: dict[str, Any] = {}
     if "progress" in inspect.signature(run_features).parameters:  # optional hook: (done, total) -> None
         kwargs["progress"] = lambda done, total: artifacts.update_progress(progress_id, done / max(total, 1))
@@ -85,7 +87,9 @@ def _make_stage_task(name: str):
         logger = get_run_logger()
         logger.info("stage %s: workspace %s", name, layout.root)
         manifest = artifacts.manifest_dict(runner(params, layout))
-        logger.info("stage %s done: %s", name, {k: v for k, v in manifest.items() if not isinstance(v, dict | list)})
+        logger.info(
+            "stage %s done: %s", name, {k: v for k, v in manifest.items() if not isinstance(v, dict | list)}
+        )
         return manifest
 
     stage.__name__ = f"{name}_stage"
@@ -104,7 +108,13 @@ def _make_stage_task(name: str):
 STAGE_TASKS = {name: _make_stage_task(name) for name in STAGES}
 
 
-@task(name="promote", tags=["retrainflow", "stage:promote"], retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(
+    name="promote",
+    tags=["retrainflow", "stage:promote"],
+    retries=1,
+    retry_delay_seconds=2,
+    cache_policy=NO_CACHE,
+)
 def promote_task(params: Params, layout: Layout, extra: dict[str, Any]) -> dict[str, Any]:
     """Gate the candidate against the champion and record it in the registry."""
     from tasks.model_registry import run_promote
@@ -177,8 +187,12 @@ def _make_stage_flow(name: str):
             return stage_task(params, layout)
 
     stage_flow.__name__ = f"{name}_flow"
-    stage_flow.__doc__ = f"Run the {name} stage inside Prefect (what `dvc repro` calls as `retrainflow stage {name}`)."
-    return flow(stage_flow, name=f"stage-{name.replace('_', '-')}", log_prints=True, validate_parameters=False)
+    stage_flow.__doc__ = (
+        f"Run the {name} stage inside Prefect (what `dvc repro` calls as `retrainflow stage {name}`)."
+    )
+    return flow(
+        stage_flow, name=f"stage-{name.replace('_', '-')}", log_prints=True, validate_parameters=False
+    )
 
 
 STAGE_FLOWS = {name: _make_stage_flow(name) for name in STAGES}
@@ -198,12 +212,22 @@ def retrain(
     ``force``. Pulls the data first and pushes outputs last when a DVC remote is configured; ``dvc commit``s
     the stages it ran so ``dvc status`` is clean afterwards.
     """
-    from tasks.model_registry import data_version, git_commit, index_content_hash, read_registry, unchanged_reason
+    from tasks.model_registry import (
+        data_version,
+        git_commit,
+        index_content_hash,
+        read_registry,
+        unchanged_reason,
+    )
 
     logger = get_run_logger()
     layout = Layout(Path(workdir))
     params = _load(params_file, overrides)
-    summary: dict[str, Any] = {"flow_run_id": _flow_run_id(), "stages": {}, "params_hash": params.section_hash()}
+    summary: dict[str, Any] = {
+        "flow_run_id": _flow_run_id(),
+        "stages": {},
+        "params_hash": params.section_hash(),
+    }
     with workspace_lock(layout, command=f"retrainflow run (flow run {summary['flow_run_id']})"):
         root = layout.root
         dvc_repo = dvc_ops.is_dvc_repo(root)
@@ -223,7 +247,11 @@ def retrain(
         summary["index_hash"] = index_content_hash(layout)
         summary["data_version"] = data_version(layout)
         summary["git_commit"] = git_commit(root)
-        reason = None if force else unchanged_reason(read_registry(layout), summary["index_hash"], params.section_hash())
+        reason = (
+            None
+            if force
+            else unchanged_reason(read_registry(layout), summary["index_hash"], params.section_hash())
+        )
         if reason:
             logger.info(reason)
             summary.update(status="skipped", reason=reason)

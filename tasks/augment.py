@@ -41,6 +41,7 @@ CLEAN_VIEW = "clean"
 FILL_MODES = ("constant", "nearest", "reflect", "wrap")
 INTERPOLATIONS = ("bilinear", "nearest")
 # Fixed slots of the per-image uniform draw: adding a parameter never changes the others' values.
+_EDGE_EPS = 1e-3
 _SLOTS = ("theta", "tx", "ty", "shear", "zx", "zy", "flip_h", "flip_v", "channel", "brightness")
 
 
@@ -285,6 +286,14 @@ def transform_matrix(parameters: dict[str, Any], image_size: tuple[int, int]) ->
     return offset @ rotation @ shift @ shear_m @ zoom @ reset @ flips
 
 
+def _snap(coord: Any) -> Any:
+    """Coordinates within float32 round-off of a whole pixel become that pixel (edges are decided exactly)."""
+    import tensorflow as tf
+
+    whole = tf.round(coord)
+    return tf.where(tf.abs(coord - whole) < _EDGE_EPS, whole, coord)
+
+
 def _fold(coord: Any, size: int, fill_mode: str) -> Any:
     """scipy.ndimage's boundary rule for one target axis (constant is handled by a mask)."""
     import tensorflow as tf
@@ -296,7 +305,9 @@ def _fold(coord: Any, size: int, fill_mode: str) -> Any:
         y = tf.where(y > size, period - y, y)
         return tf.clip_by_value(y - 0.5, 0.0, last)
     if fill_mode == "wrap" and size > 1:  # scipy's 'wrap': period size - 1 (first and last samples overlap)
-        return tf.math.floormod(coord, last)
+        below = coord + last * (tf.floor(-coord / last) + 1.0)  # as scipy: -last maps to last, not 0
+        above = coord - last * tf.floor(coord / last)
+        return tf.clip_by_value(tf.where(coord < 0.0, below, tf.where(coord > last, above, coord)), 0.0, last)
     return tf.clip_by_value(coord, 0.0, last)  # nearest (and constant, masked by the caller)
 
 
@@ -340,6 +351,8 @@ def warp(
         m = tf.cast(matrix, tf.float32)
         xt = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
         yt = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
+        if fill_mode in ("constant", "wrap"):  # float32 round-off: a 90 degree rotation lands at -1e-7, not 0
+            xt, yt = _snap(xt), _snap(yt)
         if fill_mode == "constant":
             valid = (xt >= 0.0) & (xt <= out_w - 1.0) & (yt >= 0.0) & (yt <= out_h - 1.0)
         xt = _fold(xt, out_w, fill_mode)

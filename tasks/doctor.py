@@ -1,0 +1,200 @@
+"""``retrainflow doctor``: check the environment before a (3 a.m., unattended) run and say what to fix.
+
+Each check is a small function returning a :class:`Check`; a ``fail`` blocks a run, a ``warn`` does not.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+from tasks.config import Params, ParamsError, load_params
+from tasks.layout import Layout
+
+Status = Literal["ok", "warn", "fail"]
+MIN_FREE_BYTES = 2 * 1024**3
+MIN_PYTHON: tuple[int, int] = (3, 11)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+
+def check_python() -> Check:
+    version = ".".join(map(str, sys.version_info[:3]))
+    if sys.version_info[:2] < MIN_PYTHON:
+        return Check(
+            "python", "fail", f"Python {version}", "use Python 3.11 or newer (make setup picks python3.11)"
+        )
+    return Check("python", "ok", f"Python {version}")
+
+
+def pinned_requirements(distribution: str = "retrainflow") -> dict[str, str]:
+    """The ``name==version`` runtime pins of the installed project whose environment marker applies here."""
+    from packaging.requirements import Requirement
+
+    pins: dict[str, str] = {}
+    for raw in metadata.requires(distribution) or []:
+        req = Requirement(raw)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        specs = list(req.specifier)
+        if len(specs) == 1 and specs[0].operator == "==":
+            pins[req.name] = specs[0].version
+    return pins
+
+
+def check_pins() -> Check:
+    try:
+        pins = pinned_requirements()
+    except metadata.PackageNotFoundError:
+        return Check("pins", "fail", "retrainflow is not installed", "run `make setup`")
+    wrong = []
+    for name, wanted in sorted(pins.items()):
+        try:
+            have = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            wrong.append(f"{name} missing (want {wanted})")
+            continue
+        if have != wanted:
+            wrong.append(f"{name} {have} (want {wanted})")
+    if wrong:
+        return Check(
+            "pins", "fail", "; ".join(wrong), "reinstall with `make setup` (rm .venv/.installed first)"
+        )
+    return Check("pins", "ok", f"{len(pins)} pinned packages match")
+
+
+def check_params(params_file: Path, overrides: tuple[str, ...]) -> tuple[Check, Params | None]:
+    try:
+        params = load_params(params_file, overrides)
+    except ParamsError as err:
+        return Check("params", "fail", "; ".join(err.problems), f"fix {params_file}"), None
+    return Check("params", "ok", f"{params_file} is valid"), params
+
+
+def check_data(params: Params) -> Check:
+    root = params.data.root
+    if not root.is_dir():
+        return Check(
+            "data",
+            "fail",
+            f"data.root {str(root)!r} is not a folder",
+            "set data.root or run `make demo-data`",
+        )
+    if params.data.source == "csv" and (params.data.csv is None or not params.data.csv.is_file()):
+        return Check("data", "fail", f"data.csv {str(params.data.csv)!r} not found", "set data.csv")
+    return Check("data", "ok", f"data.root {root}")
+
+
+def keras_cache_dir() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def check_weights(params: Params) -> Check:
+    weights = params.base.weights
+    if weights == "none":
+        return Check(
+            "weights", "warn", "base.weights is none: random initialisation", "use imagenet for real runs"
+        )
+    if weights != "imagenet":
+        return Check("weights", "ok", f"weights file {weights}")
+    cache = keras_cache_dir()
+    files = sorted(p.name for p in cache.glob("*.h5")) if cache.is_dir() else []
+    expected = _expected_weights_file(params)
+    if expected is not None:
+        if (cache / expected).is_file():
+            return Check("weights", "ok", f"{expected} in {cache}")
+        return Check(
+            "weights",
+            "warn",
+            f"{expected} not in {cache}: Keras will try to download it (fails offline)",
+            f"copy it into {cache} (KERAS_HOME), or set base.weights to the file's path",
+        )
+    return Check("weights", "ok" if files else "warn", f"{len(files)} weight files in {cache}")
+
+
+def _expected_weights_file(params: Params) -> str | None:
+    """The file name Keras looks for, when the base registry can tell it."""
+    try:
+        from tasks import bases
+
+        finder: Callable[..., str] | None = bases.__dict__.get("expected_weights_file")
+        if finder is None:
+            return None
+        return finder(params.base, params.image.size)
+    except Exception:  # the check must never crash the doctor
+        return None
+
+
+def check_dvc(root: Path) -> Check:
+    if shutil.which("dvc") is None and not (Path(sys.prefix) / "bin" / "dvc").exists():
+        return Check("dvc", "fail", "dvc executable not found", "run `make setup`")
+    if not (root / ".dvc").is_dir():
+        return Check(
+            "dvc", "warn", f"{root.resolve()} is not a DVC repository", "run `dvc init` (make demo does)"
+        )
+    return Check("dvc", "ok", "DVC initialised")
+
+
+def check_prefect_api(timeout: float = 3.0) -> Check:
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        try:
+            from prefect.settings import PREFECT_API_URL
+
+            url = PREFECT_API_URL.value()
+        except Exception:
+            url = None
+    if not url:
+        return Check(
+            "prefect",
+            "warn",
+            "no PREFECT_API_URL: each run starts a temporary local API (7–12 s) and is not kept",
+            "run `make dashboard` and export the PREFECT_API_URL it prints",
+        )
+    if not url.startswith(("http://", "https://")):
+        return Check(
+            "prefect", "fail", f"PREFECT_API_URL is not an http(s) URL: {url!r}", "fix PREFECT_API_URL"
+        )
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
+            ok = resp.status == 200
+    except OSError as err:
+        return Check("prefect", "fail", f"{url} unreachable ({err})", "start it with `make dashboard`")
+    return Check("prefect", "ok" if ok else "fail", f"{url} healthy" if ok else f"{url} unhealthy")
+
+
+def check_disk(root: Path, min_free: int = MIN_FREE_BYTES) -> Check:
+    free = shutil.disk_usage(root if root.exists() else Path(".")).free
+    gib = free / 1024**3
+    if free < min_free:
+        return Check(
+            "disk", "fail", f"{gib:.1f} GiB free under {root}", f"free at least {min_free / 1024**3:.0f} GiB"
+        )
+    return Check("disk", "ok", f"{gib:.1f} GiB free")
+
+
+def run_checks(params_file: Path, overrides: tuple[str, ...], layout: Layout) -> list[Check]:
+    checks = [check_python(), check_pins()]
+    params_check, params = check_params(params_file, overrides)
+    checks.append(params_check)
+    if params is not None:
+        checks += [check_data(params), check_weights(params)]
+    checks += [check_dvc(layout.root), check_prefect_api(), check_disk(layout.root)]
+    return checks
+
+
+def blocking(checks: list[Check]) -> bool:
+    return any(c.status == "fail" for c in checks)
