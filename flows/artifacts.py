@@ -135,6 +135,23 @@ def update_progress(artifact_id: UUID | None, fraction: float) -> None:
     update_progress_artifact(artifact_id=artifact_id, progress=round(100.0 * max(0.0, min(1.0, fraction)), 1))
 
 
+class ProgressReporter:
+    """A ``(done, total)`` callback that moves a progress artifact in steps of at least ``step`` (0–1)."""
+
+    def __init__(self, artifact_id: UUID | None, step: float = 0.02):
+        if not 0 < step <= 1:
+            raise ValueError(f"expected a step in (0, 1], got {step!r}")
+        self.artifact_id = artifact_id
+        self.step = step
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        fraction = done / total if total > 0 else 1.0
+        if fraction >= 1.0 or fraction - self.last >= self.step:
+            self.last = fraction
+            update_progress(self.artifact_id, fraction)
+
+
 def publish_metrics_table(metrics: Mapping[str, Any]) -> None:
     """Table artifact ``per-class-metrics``: precision / recall / F1 per class on the test split."""
     from prefect.artifacts import create_table_artifact

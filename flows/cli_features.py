@@ -1,3 +1,136 @@
-"""CLI commands of the features area (registered on the shared Typer app)."""
+"""CLI commands of the features area: ``retrainflow features`` and ``retrainflow cache list|prune``."""
 
-from flows.cli_common import app  # noqa: F401
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flows.cli_common import ParamsOpt, SetOpt, WorkdirOpt, app, console, layout_for, load_or_exit
+
+EXIT_FAILED = 1
+EXIT_LOCKED = 3
+EXIT_WEIGHTS = 4
+
+cache_app = typer.Typer(
+    help="Inspect and prune the feature cache (one folder per cache key).", no_args_is_help=True
+)
+app.add_typer(cache_app, name="cache")
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+@app.command("features")
+def features_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("."),
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the stage manifest (features/features.json) on stdout.")
+    ] = False,
+) -> None:
+    """Compute the features of every view the index needs; only (image, view) pairs not cached go through the base.
+
+    Train images get the clean view plus augment.passes augmented views, val and test the clean view. Writes
+    the cache (cache/features/<key>/ or features.cache_dir) and features/features.json; prints
+    "computed N, reused M". Needs `retrainflow index` first.
+    """
+    loaded = load_or_exit(params, set_)
+    layout = layout_for(workdir)
+    from tasks.bases import WeightsUnavailableError
+    from tasks.features import run_features
+    from tasks.locking import LockHeldError, workspace_lock
+
+    try:
+        with workspace_lock(layout, command="retrainflow features"):
+            manifest = run_features(loaded, layout, show_progress=not no_progress)
+    except LockHeldError as err:
+        console.print(f"busy: {err}", highlight=False, markup=False)
+        raise typer.Exit(EXIT_LOCKED) from None
+    except WeightsUnavailableError as err:
+        console.print(f"error: {err}", highlight=False, markup=False)
+        raise typer.Exit(EXIT_WEIGHTS) from None
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"error: {err}", highlight=False, markup=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    if as_json:
+        typer.echo(json.dumps(manifest.to_json(), indent=2))
+    else:
+        typer.echo(manifest.summary())
+
+
+def _current_key(params_file: Path, overrides: list[str] | None, workdir: Path) -> tuple[str, Path]:
+    """(cache key of the current params, cache root): fingerprints the weights, builds nothing for files."""
+    from tasks.bases import WeightsUnavailableError, weights_fingerprint
+    from tasks.features import cache_root, image_size_for, key_spec_for
+
+    loaded = load_or_exit(params_file, overrides)
+    layout = layout_for(workdir)
+    try:
+        sha = weights_fingerprint(loaded.base, image_size_for(loaded))
+    except WeightsUnavailableError as err:
+        console.print(f"error: {err}", highlight=False, markup=False)
+        raise typer.Exit(EXIT_WEIGHTS) from None
+    return key_spec_for(loaded, sha).key, cache_root(loaded, layout)
+
+
+@cache_app.command("list")
+def cache_list(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("."),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the cache keys with their rows and size; `*` marks the key the current params use."""
+    from tasks.feature_cache import list_keys
+
+    current, root = _current_key(params, set_, workdir)
+    keys = list_keys(root)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                [{**info.__dict__, "current": info.key == current} for info in keys], indent=2, default=str
+            )
+        )
+        return
+    if not keys:
+        typer.echo(f"no feature cache under {root}")
+        return
+    typer.echo(f"feature cache: {root}")
+    for info in keys:
+        spec = info.spec
+        what = f"{spec.get('base')} alpha={spec.get('alpha')} size={spec.get('image_size')} {spec.get('pooling')}"
+        mark = "*" if info.key == current else " "
+        typer.echo(
+            f"{mark} {info.key:<34} {info.rows:>8} rows {info.shards:>5} shards {_human(info.bytes):>10}  {what}"
+        )
+    total = sum(info.bytes for info in keys)
+    typer.echo(f"{len(keys)} keys, {_human(total)}; * = used by the current params")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("."),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+) -> None:
+    """Remove every cache key the current params do not use (try `--dry-run` first)."""
+    from tasks.feature_cache import prune_keys
+
+    current, root = _current_key(params, set_, workdir)
+    doomed = prune_keys(root, {current}, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for info in doomed:
+        typer.echo(f"{verb} {info.key} ({info.rows} rows, {_human(info.bytes)})")
+    typer.echo(f"{verb} {len(doomed)} keys, {_human(sum(i.bytes for i in doomed))}; kept {current}")

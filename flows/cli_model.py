@@ -1,3 +1,214 @@
-"""CLI commands of the model area (registered on the shared Typer app)."""
+"""CLI commands of the model area: ``train-top``, ``finetune``, ``evaluate``, ``predict``, ``export``.
 
-from flows.cli_common import app  # noqa: F401
+Stage commands run the plain ``run_<stage>(params, layout)`` under the workspace lock (as ``retrainflow index``
+does); ``retrainflow run`` chains them inside Prefect flows. TensorFlow is imported only inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from flows.cli_common import ParamsOpt, SetOpt, WorkdirOpt, app, console, layout_for, load_or_exit
+from tasks.config import Params
+from tasks.layout import Layout
+
+EXIT_FAILED = 1
+EXIT_LOCKED = 3
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the stage manifest as JSON on stdout.")]
+
+
+def _manifest_dict(manifest: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(manifest), default=str))
+
+
+def _run_stage(
+    command: str,
+    runner: Callable[[Params, Layout], Any],
+    params_file: Path,
+    overrides: list[str] | None,
+    workdir: Path,
+    as_json: bool,
+    summary: Callable[[Any], str],
+) -> None:
+    """Load params, hold the workspace lock, run the stage; missing inputs and bad values exit 1 with the reason."""
+    from rich.markup import escape
+
+    from tasks.locking import LockHeldError, workspace_lock
+
+    loaded = load_or_exit(params_file, overrides)
+    layout = layout_for(workdir)
+    try:
+        with workspace_lock(layout, command=f"retrainflow {command}"):
+            manifest = runner(loaded, layout)
+    except LockHeldError as err:
+        console.print(f"[bold red]busy:[/] {err}", highlight=False)
+        raise typer.Exit(EXIT_LOCKED) from None
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    if as_json:
+        typer.echo(json.dumps(_manifest_dict(manifest), indent=2))
+    else:
+        console.print(summary(manifest), highlight=False)
+
+
+@app.command("train-top")
+def train_top_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("."),
+    as_json: JsonOpt = False,
+) -> None:
+    """Train every head in top.heads on the cached features; keep the best by top.select_metric.
+
+    Writes models/top/ (head.keras, head.json), metrics/top.json, reports/top_comparison.md and
+    plots/top_history.csv. Needs `retrainflow index` and `retrainflow features` first.
+    """
+    from tasks.train_top import run_train_top
+
+    _run_stage(
+        "train-top",
+        run_train_top,
+        params,
+        set_,
+        workdir,
+        as_json,
+        lambda m: (
+            f"best head {m.best_head}: val loss {m.val_loss:.4f}, val accuracy {m.val_accuracy:.4f} "
+            f"({len(m.heads)} heads compared; see reports/top_comparison.md)"
+        ),
+    )
+
+
+@app.command("finetune")
+def finetune_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("."),
+    as_json: JsonOpt = False,
+) -> None:
+    """Build the full model (raw pixels in) from the best head and fine-tune the base's last blocks.
+
+    finetune.epochs 0 skips training (the top-only model is the result). A killed run resumes from its last finished
+    epoch when started again. Writes models/candidate/model.keras + classes.json, metrics/finetune.json and
+    plots/finetune_history.csv.
+    """
+    from tasks.finetune import run_finetune
+
+    def summary(m: Any) -> str:
+        if m.skipped:
+            return f"finetune skipped (finetune.epochs 0): wrote the top-only model to {m.model_file}"
+        resumed = f", resumed after epoch {m.resumed_from_epoch}" if m.resumed_from_epoch else ""
+        return (
+            f"fine-tuned {len(m.trainable_layers)} base layers for {m.epochs_run} epochs{resumed}: val loss "
+            f"{m.top_only_val_loss:.4f} -> {m.val_loss:.4f} (best epoch {m.best_epoch}); wrote {m.model_file}"
+        )
+
+    _run_stage("finetune", run_finetune, params, set_, workdir, as_json, summary)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("."),
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate the candidate and the top-only model on the test and val splits.
+
+    Writes metrics/evaluate.json (flat, for `dvc metrics show`), plots/confusion.csv (for `dvc plots show`),
+    reports/evaluation.json, reports/model_comparison.md and PNGs (training curves, confusion matrix, predictions).
+    """
+    from tasks.evaluate import run_evaluate
+
+    _run_stage(
+        "evaluate",
+        run_evaluate,
+        params,
+        set_,
+        workdir,
+        as_json,
+        lambda m: (
+            f"test accuracy {m.test_accuracy:.4f} (top-only {m.top_only_test_accuracy:.4f}), macro F1 "
+            f"{m.test_macro_f1:.4f} on {m.test_images} images; reports in {Path(m.reports[0]).parent}"
+        ),
+    )
+
+
+@app.command("predict")
+def predict_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model", "-m", help="A .keras model with classes.json beside it [default: the candidate]."
+        ),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="Output format: csv or json.")] = "csv",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the predictions here instead of stdout.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 32,
+    workdir: WorkdirOpt = Path("."),
+) -> None:
+    """Predict the class of image files and folders; a file that cannot be decoded gets a row with an error."""
+    from tasks.predict import OUTPUT_FORMATS, format_predictions, predict_paths
+
+    if fmt not in OUTPUT_FORMATS:
+        console.print(f"[bold red]error:[/] --format: expected one of {OUTPUT_FORMATS}, got {fmt!r}")
+        raise typer.Exit(2)
+    model_file = model if model is not None else layout_for(workdir).candidate_model
+    from tasks.heads import read_bundle_classes
+
+    try:
+        names, _ = read_bundle_classes(model_file)
+        predictions = predict_paths(model_file, [str(p) for p in paths], batch_size=batch_size)
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    text = format_predictions(predictions, names, fmt)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+    else:
+        typer.echo(text, nl=False)
+    errors = sum(1 for p in predictions if p.error)
+    console.print(f"{len(predictions)} files, {errors} with errors", highlight=False)
+
+
+@app.command("export")
+def export_cmd(
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model", "-m", help="A .keras model with classes.json beside it [default: the candidate]."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="SavedModel folder to create [default: models/export/<model name>]."
+        ),
+    ] = None,
+    workdir: WorkdirOpt = Path("."),
+) -> None:
+    """Export a .keras model as a TF SavedModel for serving (signature `serve`: float32 [B, H, W, 3], 0-255)."""
+    from tasks.predict import export_saved_model
+
+    layout = layout_for(workdir)
+    model_file = model if model is not None else layout.candidate_model
+    target = output if output is not None else layout.models_dir / "export" / model_file.parent.name
+    try:
+        written = export_saved_model(model_file, target)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    console.print(f"exported {model_file} to {written}", highlight=False)

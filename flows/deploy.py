@@ -15,8 +15,8 @@ DEFAULT_DEPLOYMENT = "scheduled-retrain"
 
 def validate_cron(cron: str) -> str:
     """Check a five-field cron expression with Prefect's own ``CronSchedule``; return it stripped."""
-    from pydantic import ValidationError
     from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
 
     text = cron.strip() if isinstance(cron, str) else cron
     if not isinstance(text, str) or len(text.split()) != 5:

@@ -9,7 +9,9 @@ and keep DVC in step (``dvc commit`` of the stages that ran) so a following ``dv
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ def _run_features(params: Params, layout: Layout) -> Any:
     )
     kwargs: dict[str, Any] = {}
     if "progress" in inspect.signature(run_features).parameters:  # optional hook: (done, total) -> None
-        kwargs["progress"] = lambda done, total: artifacts.update_progress(progress_id, done / max(total, 1))
+        kwargs["progress"] = artifacts.ProgressReporter(progress_id)
     manifest = run_features(params, layout, **kwargs)
     artifacts.update_progress(progress_id, 1.0)
     return manifest
@@ -153,6 +155,24 @@ def _load(params_file: str | Path, overrides: list[str] | None) -> Params:
     return load_params(Path(params_file), overrides or ())
 
 
+@contextmanager
+def in_workspace(workdir: str | Path) -> Iterator[Layout]:
+    """Run the body with the workspace as the current directory (as DVC runs stage commands).
+
+    Stage code resolves relative params paths (``data.root``, ``features.cache_dir``) against the current
+    directory, so a flow for ``--workdir X`` works from X. Yields the workspace ``Layout`` (absolute root).
+    """
+    root = Path(workdir).resolve()
+    if not root.is_dir():
+        raise NotADirectoryError(f"workdir: expected an existing folder, got {str(workdir)!r}")
+    previous = Path.cwd()
+    os.chdir(root)
+    try:
+        yield Layout(root)
+    finally:
+        os.chdir(previous)
+
+
 def dvc_commit_allowed(layout: Layout, params_file: str | Path, overrides: list[str] | None) -> str | None:
     """None when the run's outputs may be committed to DVC, else why not (a sentence for the log).
 
@@ -181,10 +201,11 @@ def _make_stage_flow(name: str):
     def stage_flow(
         params_file: str = str(DEFAULT_PARAMS_FILE), overrides: list[str] | None = None, workdir: str = "."
     ) -> dict[str, Any]:
-        layout = Layout(Path(workdir))
-        params = _load(params_file, overrides)
-        with workspace_lock(layout, command=f"retrainflow stage {name} (flow run {_flow_run_id()})"):
-            return stage_task(params, layout)
+        params_path = Path(params_file).resolve()
+        params = _load(params_path, overrides)
+        with in_workspace(workdir) as layout:
+            with workspace_lock(layout, command=f"retrainflow stage {name} (flow run {_flow_run_id()})"):
+                return stage_task(params, layout)
 
     stage_flow.__name__ = f"{name}_flow"
     stage_flow.__doc__ = (
@@ -221,21 +242,24 @@ def retrain(
     )
 
     logger = get_run_logger()
-    layout = Layout(Path(workdir))
-    params = _load(params_file, overrides)
+    params_path = Path(params_file).resolve()
+    params = _load(params_path, overrides)
     summary: dict[str, Any] = {
         "flow_run_id": _flow_run_id(),
         "stages": {},
         "params_hash": params.section_hash(),
     }
-    with workspace_lock(layout, command=f"retrainflow run (flow run {summary['flow_run_id']})"):
+    with (
+        in_workspace(workdir) as layout,
+        workspace_lock(layout, command=f"retrainflow run (flow run {summary['flow_run_id']})"),
+    ):
         root = layout.root
         dvc_repo = dvc_ops.is_dvc_repo(root)
         remote = dvc_repo and bool(dvc_ops.remotes(root))
         if remote:
             logger.info("DVC remote configured: pulling the data version")
             dvc_pull_task(root)
-        no_commit = dvc_commit_allowed(layout, params_file, overrides)
+        no_commit = dvc_commit_allowed(layout, params_path, overrides)
         if no_commit:
             logger.warning("not committing to DVC: %s", no_commit)
         ran: list[str] = []

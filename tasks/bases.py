@@ -158,7 +158,9 @@ class BaseSpec:
     """What the pipeline needs to know about one keras.applications architecture."""
 
     name: str
-    constructor: Callable[..., Any]  # keras.applications.<Model>(include_top=..., weights=..., input_shape=...)
+    constructor: Callable[
+        ..., Any
+    ]  # keras.applications.<Model>(include_top=..., weights=..., input_shape=...)
     preprocess: Callable[[Any], Any]  # float32 RGB 0-255 in, the base's input range out (numpy or tensor)
     preprocess_mode: str  # Keras' preprocessing mode: part of the feature cache key
     default_size: tuple[int, int]
@@ -178,7 +180,9 @@ class BaseSpec:
         if alpha is None:
             return self.default_alpha
         if float(alpha) not in self.alphas:
-            raise ValueError(f"base.alpha: expected one of {list(self.alphas)} for {self.name}, got {alpha!r}")
+            raise ValueError(
+                f"base.alpha: expected one of {list(self.alphas)} for {self.name}, got {alpha!r}"
+            )
         return float(alpha)
 
     def feature_dim_for(self, alpha: float | None) -> int:
@@ -199,7 +203,11 @@ _MOBILENET_V2_BLOCKS = ("Conv1", "expanded_conv", *(f"block_{i}" for i in range(
 _MOBILENET_BLOCKS = ("conv1", *(f"conv_dw_{i}" for i in range(1, 14)))
 _EFFICIENTNET_B0_BLOCKS = (
     "stem",
-    *(f"block{stage}{sub}" for stage, n in ((1, 1), (2, 2), (3, 2), (4, 3), (5, 3), (6, 4), (7, 1)) for sub in "abcd"[:n]),
+    *(
+        f"block{stage}{sub}"
+        for stage, n in ((1, 1), (2, 2), (3, 2), (4, 3), (5, 3), (6, 4), (7, 1))
+        for sub in "abcd"[:n]
+    ),
     "top",
 )
 _RESNET50_BLOCKS = (
@@ -244,9 +252,18 @@ BASE_MODELS: dict[str, BaseSpec] = {
         _file_efficientnet_b0,
     ),
     "resnet50": BaseSpec(
-        "resnet50", _resnet50, _preprocess_resnet50, "caffe", (224, 224), 2048, _RESNET50_BLOCKS, _file_resnet50
+        "resnet50",
+        _resnet50,
+        _preprocess_resnet50,
+        "caffe",
+        (224, 224),
+        2048,
+        _RESNET50_BLOCKS,
+        _file_resnet50,
     ),
-    "vgg16": BaseSpec("vgg16", _vgg16, _preprocess_vgg16, "caffe", (224, 224), 512, _VGG16_BLOCKS, _file_vgg16),
+    "vgg16": BaseSpec(
+        "vgg16", _vgg16, _preprocess_vgg16, "caffe", (224, 224), 512, _VGG16_BLOCKS, _file_vgg16
+    ),
 }
 
 
@@ -261,7 +278,9 @@ def resolve_image_size(size: tuple[int, int] | None, spec: BaseSpec) -> tuple[in
     """``image.size`` or, when null, the base's default size; validated against the base's minimum."""
     out = tuple(size) if size is not None else spec.default_size
     if len(out) != 2 or min(out) < spec.min_size:
-        raise ValueError(f"image.size: {spec.name} needs at least {spec.min_size}x{spec.min_size} pixels, got {size!r}")
+        raise ValueError(
+            f"image.size: {spec.name} needs at least {spec.min_size}x{spec.min_size} pixels, got {size!r}"
+        )
     return (int(out[0]), int(out[1]))
 
 
@@ -374,7 +393,9 @@ def load_base(cfg: BaseConfig, image_size: tuple[int, int]) -> LoadedBase:
         import warnings
 
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "weights for input shape (224, 224) will be loaded"
+            warnings.simplefilter(
+                "ignore", UserWarning
+            )  # "weights for input shape (224, 224) will be loaded"
             model = spec.constructor(weights=str(path), **kwargs)
         digest = _sha256_file(path)
     model.trainable = False

@@ -149,3 +149,209 @@ def compute_metrics(predictions: np.ndarray, class_ids: np.ndarray, names: tuple
         per_class=tuple(per_class),
         confusion=tuple(tuple(int(v) for v in row) for row in matrix),
     )
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+EVALUATE_METRICS_FILE = "evaluate.json"
+CONFUSION_FILE = "confusion.csv"
+DETAILS_FILE = "evaluation.json"
+COMPARISON_FILE = "model_comparison.md"
+CURVES_PNG = "training_curves.png"
+CONFUSION_PNG = "confusion_matrix.png"
+PREDICTIONS_PNG = "predictions.png"
+MODEL_LABELS = {"candidate": "fine-tuned (candidate)", "top_only": "top-only"}
+
+
+@dataclass
+class Preview:
+    """Up to ``limit`` mistakes and ``limit`` correct predictions, kept while streaming the test split."""
+
+    limit: int
+    wrong: list[tuple[int, np.ndarray, int, int, float]]
+    right: list[tuple[int, np.ndarray, int, int, float]]
+
+    def offer(self, position: int, image: np.ndarray, actual: int, predicted: int, confidence: float) -> None:
+        bucket = self.wrong if actual != predicted else self.right
+        if len(bucket) < self.limit:
+            bucket.append((position, np.clip(image, 0, 255).astype(np.uint8), actual, predicted, confidence))
+
+    def chosen(self) -> list[tuple[int, np.ndarray, int, int, float]]:
+        """Mistakes first (up to half the grid, more if there are too few correct ones), in split order."""
+        n_wrong = min(len(self.wrong), max(self.limit // 2, self.limit - len(self.right)))
+        picked = self.wrong[:n_wrong] + self.right[: self.limit - n_wrong]
+        return sorted(picked, key=lambda item: item[0])
+
+
+@dataclass(frozen=True)
+class EvaluateManifest:
+    """What ``run_evaluate`` returns (JSON-able)."""
+
+    metric: str
+    score: float
+    test_accuracy: float
+    test_macro_f1: float
+    top_only_test_accuracy: float
+    val_accuracy: float | None
+    test_images: int
+    val_images: int
+    reports: list[str]
+    seconds: float
+
+
+def predict_split(
+    models: dict[str, Any], dataset: Any, class_ids: np.ndarray, preview: Preview | None
+) -> dict[str, np.ndarray]:
+    """Every model's outputs over one pass of ``dataset`` (image batches); feeds ``preview`` with the first model's."""
+    outputs: dict[str, list[np.ndarray]] = {name: [] for name in models}
+    position = 0
+    first = next(iter(models))
+    for batch in dataset:
+        for name, model in models.items():
+            outputs[name].append(np.asarray(model.predict_on_batch(batch)))
+        if preview is not None:
+            probs = probability_matrix(outputs[first][-1], max(2, outputs[first][-1].shape[-1]))
+            images = np.asarray(batch)
+            for i in range(images.shape[0]):
+                pred = int(probs[i].argmax())
+                preview.offer(
+                    position + i, images[i], int(class_ids[position + i]), pred, float(probs[i, pred])
+                )
+        position += int(np.asarray(batch).shape[0])
+    return {name: np.concatenate(chunks) if chunks else np.zeros((0, 1)) for name, chunks in outputs.items()}
+
+
+def comparison_markdown(results: dict[str, dict[str, SplitMetrics]]) -> str:
+    """One table: the top-only model against the fine-tuned candidate, on test (and val)."""
+    lines = [
+        "# Top-only vs fine-tuned",
+        "",
+        "| model | test accuracy | test loss | test macro F1 | test ROC AUC | val accuracy | val loss |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+    for name in ("top_only", "candidate"):
+        test, val = results[name]["test"], results[name].get("val")
+        lines.append(
+            f"| {MODEL_LABELS[name]} | {cell(test.accuracy)} | {cell(test.loss)} | {cell(test.macro_f1)} | "
+            f"{cell(test.roc_auc)} | {cell(val.accuracy if val else None)} | {cell(val.loss if val else None)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_confusion_csv(
+    path: Path, actual: np.ndarray, predicted: np.ndarray, names: tuple[str, ...]
+) -> None:
+    """``actual,predicted`` class-name rows, one per test image (``dvc plots`` draws the confusion matrix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["actual,predicted"] + [f"{names[a]},{names[p]}" for a, p in zip(actual, predicted, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_evaluate(params: Params, layout: Layout) -> EvaluateManifest:
+    """Evaluate the candidate and the top-only model on test (and val); write metrics, plots data and reports."""
+    from tasks.finetune import data_root, load_top_model, split_rows
+    from tasks.heads import load_bundle
+    from tasks.index import read_classes, read_index
+    from tasks.pipeline import view_dataset
+    from tasks.reports import plot_confusion, plot_prediction_grid, plot_training_curves, read_history_csv
+    from tasks.train_top import TOP_HISTORY_FILE, read_head_info
+
+    start = time.perf_counter()
+    cfg = params.evaluate
+    classes = read_classes(layout)
+    names = tuple(classes.names)
+    candidate = load_bundle(layout.candidate_model)
+    if candidate.names != names:
+        raise ValueError(
+            f"the candidate model's classes {list(candidate.names)!r} differ from the index's {list(names)!r}"
+        )
+    top_only, _, _ = load_top_model(params, layout)
+    models = {"candidate": candidate.model, "top_only": top_only}
+    index = read_index(layout)
+    root = data_root(params)
+    preview = Preview(cfg.preview_images, [], [])
+    results: dict[str, dict[str, SplitMetrics]] = {name: {} for name in models}
+    test_predictions = np.zeros((0, len(names)))
+    counts: dict[str, int] = {}
+    for split in ("test", "val"):
+        rows = split_rows(index, split)
+        counts[split] = len(rows)
+        if len(rows) == 0:
+            if split == "test":
+                raise ValueError("evaluate needs test images, got 0 rows in the test split of the index")
+            continue
+        ids = rows["class_id"].to_numpy()
+        dataset = view_dataset(
+            rows,
+            root,
+            image_size=candidate.image_size,
+            batch_size=cfg.batch_size,
+            interpolation=params.image.interpolation,
+        )
+        outputs = predict_split(models, dataset, ids, preview if split == "test" else None)
+        for name, out in outputs.items():
+            results[name][split] = compute_metrics(out, ids, names)
+        if split == "test":
+            test_predictions = probability_matrix(outputs["candidate"], len(names))
+            test_ids = ids
+
+    flat: dict[str, Any] = {"metric": cfg.metric}
+    for split, metrics in results["candidate"].items():
+        flat.update(metrics.flat(split))
+    for split, metrics in results["top_only"].items():
+        for key in ("loss", "accuracy", "macro_f1", "roc_auc"):
+            value = getattr(metrics, key)
+            if value is not None:
+                flat[f"top_only_{split}_{key}"] = value
+    score = float(getattr(results["candidate"]["test"], cfg.metric))
+    flat["score"] = score
+    layout.metrics_dir.mkdir(parents=True, exist_ok=True)
+    (layout.metrics_dir / EVALUATE_METRICS_FILE).write_text(json.dumps(flat, indent=2) + "\n")
+    write_confusion_csv(layout.plots_dir / CONFUSION_FILE, test_ids, test_predictions.argmax(axis=1), names)
+
+    reports = layout.reports_dir
+    reports.mkdir(parents=True, exist_ok=True)
+    details = {name: {split: asdict(m) for split, m in splits.items()} for name, splits in results.items()}
+    (reports / DETAILS_FILE).write_text(json.dumps({"classes": list(names), **details}, indent=2) + "\n")
+    (reports / COMPARISON_FILE).write_text(comparison_markdown(results))
+    from tasks.finetune import FINETUNE_HISTORY_FILE
+
+    written = [
+        plot_training_curves(
+            read_history_csv(layout.plots_dir / TOP_HISTORY_FILE),
+            read_head_info(layout)["spec"]["name"],
+            read_history_csv(layout.plots_dir / FINETUNE_HISTORY_FILE),
+            reports / CURVES_PNG,
+        ),
+        plot_confusion(
+            results["candidate"]["test"].confusion, names, reports / CONFUSION_PNG, "Test confusion matrix"
+        ),
+    ]
+    chosen = preview.chosen()
+    if chosen:
+        written.append(
+            plot_prediction_grid(
+                [c[1] for c in chosen],
+                [names[c[2]] for c in chosen],
+                [names[c[3]] for c in chosen],
+                [c[4] for c in chosen],
+                reports / PREDICTIONS_PNG,
+            )
+        )
+    test = results["candidate"]["test"]
+    val = results["candidate"].get("val")
+    return EvaluateManifest(
+        metric=cfg.metric,
+        score=score,
+        test_accuracy=test.accuracy,
+        test_macro_f1=test.macro_f1,
+        top_only_test_accuracy=results["top_only"]["test"].accuracy,
+        val_accuracy=val.accuracy if val else None,
+        test_images=counts["test"],
+        val_images=counts.get("val", 0),
+        reports=[p.as_posix() for p in written] + [(reports / COMPARISON_FILE).as_posix()],
+        seconds=round(time.perf_counter() - start, 3),
+    )

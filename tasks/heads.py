@@ -11,8 +11,10 @@ Keras, so this module imports Keras at import time: only model code imports it (
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -143,3 +145,67 @@ def iter_layers(model: Any) -> list[Any]:
         if getattr(layer, "layers", None):
             out.extend(iter_layers(layer))
     return out
+
+
+# ------------------------------------------------------------------------------------- the saved model bundle
+MODEL_CLASSES_FILE = "classes.json"
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A saved classifier: the ``.keras`` model (raw RGB in) and the class order / mode of its outputs."""
+
+    model: Any
+    names: tuple[str, ...]
+    class_mode: str
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` the model takes."""
+        shape = self.model.input_shape
+        return int(shape[1]), int(shape[2])
+
+
+def save_bundle(model: Any, path: Path, names: tuple[str, ...], class_mode: str) -> Path:
+    """Save ``model`` to ``path`` (``.keras``) and ``classes.json`` (names in output order, class mode) beside it."""
+    if path.suffix != ".keras":
+        raise ValueError(f"model path: expected a .keras file, got {str(path)!r}")
+    output_spec(class_mode, len(names))  # validates the pair
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.keras")
+    model.save(tmp)
+    tmp.replace(path)
+    classes = {"names": list(names), "class_mode": class_mode, "num_classes": len(names)}  # index's format
+    (path.parent / MODEL_CLASSES_FILE).write_text(json.dumps(classes, indent=2) + "\n")
+    return path
+
+
+def read_bundle_classes(path: Path) -> tuple[tuple[str, ...], str]:
+    """``(names, class_mode)`` from the ``classes.json`` beside the model file ``path``."""
+    file = Path(path).parent / MODEL_CLASSES_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: the classes file beside the model is missing")
+    raw = json.loads(file.read_text())
+    names = raw.get("names") if isinstance(raw, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) < 2:
+        raise ValueError(
+            f"{file}: expected {{'names': [at least 2 strings], 'class_mode': ...}}, got {raw!r}"
+        )
+    class_mode = raw.get("class_mode", "binary" if len(names) == 2 else "categorical")
+    output_spec(class_mode, len(names))
+    return tuple(names), class_mode
+
+
+def load_bundle(path: Path) -> ModelBundle:
+    """Load a saved model with Keras' safe mode (no arbitrary code) plus its classes file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    names, class_mode = read_bundle_classes(path)
+    model = keras.saving.load_model(path, safe_mode=True, compile=False)
+    out_units = int(model.output_shape[-1])
+    if out_units != output_spec(class_mode, len(names)).units:
+        raise ValueError(
+            f"{path}: the model has {out_units} outputs but classes.json lists {len(names)} classes ({class_mode})"
+        )
+    return ModelBundle(model, names, class_mode)

@@ -24,7 +24,6 @@ import numbers
 import re
 import warnings
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +44,12 @@ _BMP_MODES = ("RGB", "RGBA", "L")  # what TF's BMP decoder returns correctly (24
 
 
 class ImageRejected(ValueError):
-    """A file that must not reach training; ``reason`` is one short human-readable line."""
+    """A file that must not reach training: ``reason`` is one human-readable line, ``kind`` a short category
+    (``empty``, ``not_image``, ``unsupported``, ``too_large``, ``undecodable``) for summaries."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, kind: str = "invalid"):
         self.reason = reason
+        self.kind = kind
         super().__init__(reason)
 
 
@@ -174,7 +175,7 @@ def read_header(contents: bytes, max_pixels: int) -> tuple[str, int, int, int, s
     if max_pixels <= 0:
         raise ValueError(f"read_header: expected max_pixels > 0, got {max_pixels!r}")
     if not contents:
-        raise ImageRejected("empty file (0 bytes)")
+        raise ImageRejected("empty file (0 bytes)", "empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -184,41 +185,49 @@ def read_header(contents: bytes, max_pixels: int) -> tuple[str, int, int, int, s
         declared = f"{found.group(1)} pixels" if found else "too many pixels"
         raise ImageRejected(
             f"declared size of {declared} exceeds data.max_pixels={max_pixels} or Pillow's limit"
-            " (decompression-bomb guard)"
+            " (decompression-bomb guard)",
+            "too_large",
         ) from None
     except UnidentifiedImageError:
         if _looks_like_text(contents):
-            raise ImageRejected("text or HTML, not an image") from None
-        raise ImageRejected("not a recognised image format") from None
+            raise ImageRejected("text or HTML, not an image", "not_image") from None
+        raise ImageRejected("not a recognised image format", "not_image") from None
     except Exception as err:  # Pillow raises many types on broken headers
-        raise ImageRejected(f"unreadable image header ({type(err).__name__}: {err})") from None
+        raise ImageRejected(f"unreadable image header ({type(err).__name__}: {err})", "not_image") from None
     with image:
         fmt = image.format or "unknown"
         if fmt not in ACCEPTED_FORMATS:
-            raise ImageRejected(f"unsupported format {fmt} (accepted: JPEG, PNG, BMP, GIF, WEBP)")
+            raise ImageRejected(
+                f"unsupported format {fmt} (accepted: JPEG, PNG, BMP, GIF, WEBP)", "unsupported"
+            )
         width, height = image.size
         frames = int(getattr(image, "n_frames", 1) or 1)
         pixels = width * height
         if width < 1 or height < 1:
-            raise ImageRejected(f"invalid declared size {width}x{height}")
+            raise ImageRejected(f"invalid declared size {width}x{height}", "not_image")
         if pixels > max_pixels:
             raise ImageRejected(
                 f"declared size {width}x{height} = {pixels} pixels exceeds data.max_pixels={max_pixels}"
-                " (decompression-bomb guard)"
+                " (decompression-bomb guard)",
+                "too_large",
             )
         if fmt == "GIF" and frames > 1 and pixels * frames > max_pixels:
             raise ImageRejected(
                 f"animated GIF of {frames} frames x {width}x{height} exceeds data.max_pixels={max_pixels}"
-                " (the decoder reads every frame)"
+                " (the decoder reads every frame)",
+                "too_large",
             )
         if fmt == "WEBP" and frames > 1:
-            raise ImageRejected("animated WebP: TensorFlow's WebP decoder cannot read animations")
+            raise ImageRejected(
+                "animated WebP: TensorFlow's WebP decoder cannot read animations", "unsupported"
+            )
         if fmt == "BMP":
             compression = image.info.get("compression", 0)
             if image.mode not in _BMP_MODES or compression not in (0, 3):
                 raise ImageRejected(
                     f"BMP mode {image.mode} compression {compression}: TensorFlow's BMP decoder only reads "
-                    "uncompressed 24/32-bit colour and 8-bit grey BMPs"
+                    "uncompressed 24/32-bit colour and 8-bit grey BMPs",
+                    "unsupported",
                 )
         return ACCEPTED_FORMATS[fmt], width, height, exif_orientation(image), image.mode
 
@@ -237,33 +246,23 @@ def _short_tf_error(err: Exception) -> str:
     return re.sub(r"\s*\[\[.*$|\s*\[Op:[^\]]*\]\s*$", "", text).strip()[:200]
 
 
-@lru_cache(maxsize=1)
-def _decoded_shape_fn() -> Any:
-    """One compiled graph: decode with ``decode_rgb`` and return only the shape (no pixel copy back)."""
-    import tensorflow as tf
+def decoded_shape(contents: bytes) -> tuple[int, int]:
+    """(height, width) as stored, from a real ``decode_rgb(contents)`` (eager: one op dispatch, no retracing).
 
-    @tf.function(
-        input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32)],
-        reduce_retracing=True,
-    )
-    def shape_of(contents: Any, orientation: Any) -> Any:
-        return tf.shape(decode_rgb(contents, orientation))
-
-    return shape_of
-
-
-def decoded_shape(contents: bytes, orientation: int = 1) -> tuple[int, int]:
-    """(height, width) of ``decode_rgb(contents, orientation)``; :class:`ImageRejected` when TF cannot decode."""
+    Orientation is not applied here: it is a rotation/flip that cannot fail, and its effect on the size is known.
+    Raises :class:`ImageRejected` when TensorFlow cannot decode the bytes.
+    """
     import tensorflow as tf
 
     try:
-        shape = _decoded_shape_fn()(tf.constant(contents), tf.constant(orientation, tf.int32))
-    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.DataLossError) as err:
+        height, width, _ = decode_rgb(contents).shape
+    except (
+        tf.errors.OpError
+    ) as err:  # InvalidArgument, DataLoss, ResourceExhausted...: never fatal for the run
         raise ImageRejected(
-            f"TensorFlow cannot decode it (corrupt or truncated?): {_short_tf_error(err)}"
+            f"TensorFlow cannot decode it (corrupt or truncated?): {_short_tf_error(err)}", "undecodable"
         ) from None
-    height, width, _ = (int(v) for v in shape.numpy())
-    return height, width
+    return int(height), int(width)
 
 
 def inspect_image(contents: bytes, max_pixels: int) -> ImageInfo:
@@ -272,13 +271,14 @@ def inspect_image(contents: bytes, max_pixels: int) -> ImageInfo:
     Raises :class:`ImageRejected` with a one-line reason for anything that must not reach training.
     """
     fmt, width, height, orientation, mode = read_header(contents, max_pixels)
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
-    got_h, got_w = decoded_shape(contents, orientation)
+    got_h, got_w = decoded_shape(contents)
     if (got_w, got_h) != (width, height):
         raise ImageRejected(
-            f"decoded size {got_w}x{got_h} differs from the header's {width}x{height} (corrupt file?)"
+            f"decoded size {got_w}x{got_h} differs from the header's {width}x{height} (corrupt file?)",
+            "undecodable",
         )
+    if orientation in (5, 6, 7, 8):  # transposing orientations: the upright image is height x width
+        width, height = height, width
     return ImageInfo(format=fmt, width=width, height=height, orientation=orientation, mode=mode)
 
 

@@ -186,3 +186,24 @@ def test_load_rgb_reads_orientation_from_the_file(tmp_path):
 def test_max_pixels_must_be_positive():
     with pytest.raises(ValueError, match="got 0"):
         read_header(b"abc", 0)
+
+
+def test_one_bit_bmp_pillow_opens_but_tf_cannot_decode_is_rejected_by_its_header():
+    from imagegen import noisy_array
+
+    data = encode(Image.fromarray(noisy_array()).convert("1"), "BMP")
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.load() is not None  # Pillow reads it ...
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.decode_image(data, channels=3, expand_animations=False)  # ... TensorFlow cannot
+    with pytest.raises(ImageRejected, match="BMP mode 1") as info:
+        inspect_image(data, max_pixels=BIG)
+    assert info.value.kind == "unsupported"
+
+
+def test_truncated_jpeg_header_fine_but_real_decode_fails():
+    data = bad_image_files()["truncated.jpg"]
+    assert read_header(data, BIG)[:3] == ("JPEG", 64, 48)  # the header alone would let it through
+    with pytest.raises(ImageRejected) as info:
+        inspect_image(data, BIG)
+    assert info.value.kind == "undecodable"

@@ -1,0 +1,395 @@
+"""The content-addressed feature store: one folder per cache key, sharded ``.npy`` arrays plus a manifest.
+
+Layout under the cache root (``layout.features_cache`` or ``features.cache_dir``)::
+
+    <key>/key.json                       what the key stands for (base, alpha, weights sha256, size, ...)
+    <key>/manifest.json                  committed shards, in commit order (the ONLY list readers trust)
+    <key>/shards/<shard>.x.npy           features [rows, dim] in features.dtype
+    <key>/shards/<shard>.ids.npy         structured [rows]: sha256 (S64), view (U), label (U)
+    <key>/.lock                          serialises manifest updates between concurrent writers
+
+Every file is written atomically (temp file in the same folder, fsync, rename, fsync of the folder). A shard is
+committed by adding it to the manifest after both of its files are in place, so a run killed at any moment leaves
+at worst orphan files that no reader sees (they are removed later). Arrays are read with ``allow_pickle=False``.
+No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CACHE_FORMAT = 1
+KEY_FILE = "key.json"
+MANIFEST_FILE = "manifest.json"
+SHARDS_DIR = "shards"
+LOCK_FILE = ".lock"
+TMP_PREFIX = ".tmp-"
+
+Pair = tuple[str, str]  # (image sha256, view id)
+
+
+# --------------------------------------------------------------------------------------------------- key
+@dataclass(frozen=True)
+class KeySpec:
+    """Everything that changes a feature vector for a given (image, view): the cache key's components."""
+
+    base: str
+    alpha: float | None
+    weights_sha256: str
+    image_size: tuple[int, int]
+    preprocessing: str  # the base's preprocess mode and the resize interpolation
+    pooling: str
+    dtype: str
+    feature_dim: int
+    format: int = CACHE_FORMAT
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["image_size"] = list(self.image_size)
+        return out
+
+    @property
+    def key(self) -> str:
+        return cache_key(self)
+
+
+def cache_key(spec: KeySpec) -> str:
+    """``<base>-<16 hex>``: a hash of every component of ``spec`` (stable across runs and machines)."""
+    blob = json.dumps(spec.as_json(), sort_keys=True, separators=(",", ":")).encode()
+    return f"{spec.base}-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+# ------------------------------------------------------------------------------------------ atomic files
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.parent / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` (no pickle) through a temp file + fsync + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        with tmp.open("wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / LOCK_FILE).open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _writer_pid(name: str) -> int | None:
+    """PID encoded in a shard or temp file name (``<time>-<pid>-<rand>...`` / ``.tmp-<pid>-...``)."""
+    stem = name[len(TMP_PREFIX) :] if name.startswith(TMP_PREFIX) else name
+    parts = stem.split("-")
+    idx = 0 if name.startswith(TMP_PREFIX) else 1
+    try:
+        return int(parts[idx])
+    except (IndexError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ store
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    rows: int
+
+
+@dataclass
+class FeatureCache:
+    """One cache key's folder: look up stored (sha256, view) pairs, append shards, read feature rows."""
+
+    folder: Path
+    spec: KeySpec
+    _locations: dict[Pair, tuple[int, int]] | None = field(default=None, repr=False)
+    _shards: list[ShardInfo] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def open(cls, root: Path, spec: KeySpec, *, create: bool = True) -> FeatureCache:
+        """The folder of ``spec``'s key under ``root``; created (with ``key.json``) when missing."""
+        folder = Path(root) / spec.key
+        key_file = folder / KEY_FILE
+        if not key_file.is_file():
+            if not create:
+                raise FileNotFoundError(f"no features cached for key {spec.key} under {root}")
+            atomic_write_json(key_file, spec.as_json())
+        else:
+            stored = json.loads(key_file.read_text())
+            if stored != spec.as_json():
+                raise ValueError(f"{key_file} does not describe key {spec.key}: {stored!r}")
+        cache = cls(folder, spec)
+        if create:
+            cache.remove_orphans()
+        return cache
+
+    # ---- manifest
+    @property
+    def shards_dir(self) -> Path:
+        return self.folder / SHARDS_DIR
+
+    def read_manifest(self) -> list[ShardInfo]:
+        path = self.folder / MANIFEST_FILE
+        if not path.is_file():
+            return []
+        data = json.loads(path.read_text())
+        return [ShardInfo(s["name"], int(s["rows"])) for s in data.get("shards", [])]
+
+    def _commit(self, shard: ShardInfo) -> None:
+        with _locked(self.folder):
+            shards = self.read_manifest()
+            shards.append(shard)
+            atomic_write_json(
+                self.folder / MANIFEST_FILE,
+                {"format": CACHE_FORMAT, "key": self.spec.key, "shards": [asdict(s) for s in shards]},
+            )
+        if self._locations is not None:
+            ids = self._read_ids(shard.name)
+            index = len(self._shards)
+            self._shards.append(shard)
+            for row, (sha, view) in enumerate(zip(ids["sha256"], ids["view"], strict=True)):
+                self._locations.setdefault((sha.decode(), str(view)), (index, row))
+
+    def remove_orphans(self) -> list[Path]:
+        """Delete temp files and uncommitted shard files left by writers that are no longer running."""
+        removed: list[Path] = []
+        with _locked(self.folder):
+            committed = {s.name for s in self.read_manifest()}
+            for folder in (self.folder, self.shards_dir):
+                if not folder.is_dir():
+                    continue
+                for path in folder.iterdir():
+                    name = path.name
+                    if name.startswith(TMP_PREFIX):
+                        shard = None
+                    elif folder == self.shards_dir:
+                        shard = name.split(".", 1)[0]
+                        if shard in committed:
+                            continue
+                    else:
+                        continue
+                    pid = _writer_pid(name if shard is None else shard)
+                    if pid is None or pid == os.getpid() or not _pid_alive(pid):
+                        path.unlink(missing_ok=True)
+                        removed.append(path)
+        return removed
+
+    # ---- lookup
+    def _read_ids(self, shard: str) -> np.ndarray:
+        return np.load(self.shards_dir / f"{shard}.ids.npy", allow_pickle=False)
+
+    def locations(self) -> dict[Pair, tuple[int, int]]:
+        """(sha256, view) -> (shard index, row) for every committed row (first occurrence wins)."""
+        if self._locations is None:
+            self._shards = self.read_manifest()
+            locations: dict[Pair, tuple[int, int]] = {}
+            for index, shard in enumerate(self._shards):
+                ids = self._read_ids(shard.name)
+                if len(ids) != shard.rows:
+                    raise ValueError(
+                        f"shard {shard.name} of {self.spec.key}: {len(ids)} ids, manifest says {shard.rows}"
+                    )
+                for row, (sha, view) in enumerate(zip(ids["sha256"], ids["view"], strict=True)):
+                    locations.setdefault((sha.decode(), str(view)), (index, row))
+            self._locations = locations
+        return self._locations
+
+    def missing(self, pairs: Iterable[Pair]) -> list[Pair]:
+        have = self.locations()
+        return [p for p in pairs if p not in have]
+
+    # ---- read
+    def read(self, pairs: Sequence[Pair]) -> np.ndarray:
+        """Features of ``pairs`` as float32 ``[len(pairs), dim]``; KeyError lists what is not cached."""
+        have = self.locations()
+        absent = [p for p in pairs if p not in have]
+        if absent:
+            raise KeyError(
+                f"{len(absent)} of {len(pairs)} (sha256, view) pairs are not in feature cache {self.spec.key} "
+                f"(first: {absent[:3]}); run `retrainflow features` first"
+            )
+        out = np.empty((len(pairs), self.spec.feature_dim), dtype=np.float32)
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for i, pair in enumerate(pairs):
+            shard, row = have[pair]
+            by_shard.setdefault(shard, []).append((i, row))
+        for shard, items in by_shard.items():
+            info = self._shards[shard]
+            x = np.load(self.shards_dir / f"{info.name}.x.npy", mmap_mode="r", allow_pickle=False)
+            if x.shape != (info.rows, self.spec.feature_dim):
+                raise ValueError(
+                    f"shard {info.name}: shape {x.shape}, expected {(info.rows, self.spec.feature_dim)}"
+                )
+            dest = np.fromiter((i for i, _ in items), dtype=np.int64, count=len(items))
+            rows = np.fromiter((r for _, r in items), dtype=np.int64, count=len(items))
+            out[dest] = x[rows]
+            del x
+        return out
+
+    # ---- write
+    def write_shard(
+        self, shas: Sequence[str], views: Sequence[str], labels: Sequence[str], x: np.ndarray
+    ) -> ShardInfo:
+        """Store one shard (both files atomically) and commit it to the manifest."""
+        n = len(shas)
+        if (
+            not (len(views) == len(labels) == n == len(x))
+            or x.ndim != 2
+            or x.shape[1] != self.spec.feature_dim
+        ):
+            raise ValueError(
+                f"write_shard: {n} ids, {len(views)} views, {len(labels)} labels, features {x.shape}"
+            )
+        ids = np.empty(
+            n,
+            dtype=[
+                ("sha256", "S64"),
+                ("view", f"U{max((len(v) for v in views), default=1)}"),
+                ("label", f"U{max((len(s) for s in labels), default=1)}"),
+            ],
+        )
+        ids["sha256"] = [s.encode() for s in shas]
+        ids["view"] = list(views)
+        ids["label"] = list(labels)
+        name = f"{time.time_ns():x}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        atomic_save_npy(self.shards_dir / f"{name}.x.npy", np.ascontiguousarray(x, dtype=self.spec.dtype))
+        atomic_save_npy(self.shards_dir / f"{name}.ids.npy", ids)
+        info = ShardInfo(name, n)
+        self._commit(info)
+        return info
+
+
+class ShardWriter:
+    """Buffers computed rows and writes a shard every ``shard_size`` rows: memory stays bounded."""
+
+    def __init__(self, cache: FeatureCache, shard_size: int):
+        if shard_size < 1:
+            raise ValueError(f"features.shard_size: expected >= 1, got {shard_size!r}")
+        self.cache = cache
+        self.shard_size = shard_size
+        self.written = 0
+        self.shards = 0
+        self._ids: list[tuple[str, str, str]] = []
+        self._x: list[np.ndarray] = []
+        self._buffered = 0
+
+    def add(self, ids: Sequence[tuple[str, str, str]], x: np.ndarray) -> None:
+        """Append rows ((sha256, view, label), features); flushes whole shards as they fill."""
+        if len(ids) != len(x):
+            raise ValueError(f"ShardWriter.add: {len(ids)} ids for {len(x)} feature rows")
+        self._ids.extend(ids)
+        self._x.append(np.asarray(x, dtype=self.cache.spec.dtype))
+        self._buffered += len(x)
+        while self._buffered >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def close(self) -> None:
+        if self._buffered:
+            self._flush(self._buffered)
+
+    def _flush(self, n: int) -> None:
+        x = np.concatenate(self._x) if len(self._x) > 1 else self._x[0]
+        ids, self._ids = self._ids[:n], self._ids[n:]
+        rest = x[n:]
+        self._x = [rest] if len(rest) else []
+        self._buffered = len(rest)
+        self.cache.write_shard([i[0] for i in ids], [i[1] for i in ids], [i[2] for i in ids], x[:n])
+        self.written += n
+        self.shards += 1
+
+
+# --------------------------------------------------------------------------------------------- admin
+@dataclass(frozen=True)
+class KeyInfo:
+    key: str
+    spec: dict[str, Any]
+    shards: int
+    rows: int
+    bytes: int
+
+
+def list_keys(root: Path) -> list[KeyInfo]:
+    """Every cache key under ``root`` with its shard and row counts and its size on disk."""
+    root = Path(root)
+    out: list[KeyInfo] = []
+    if not root.is_dir():
+        return out
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        key_file = folder / KEY_FILE
+        spec = json.loads(key_file.read_text()) if key_file.is_file() else {}
+        manifest = folder / MANIFEST_FILE
+        shards = json.loads(manifest.read_text()).get("shards", []) if manifest.is_file() else []
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        out.append(KeyInfo(folder.name, spec, len(shards), sum(int(s["rows"]) for s in shards), size))
+    return out
+
+
+def prune_keys(root: Path, keep: set[str], *, dry_run: bool) -> list[KeyInfo]:
+    """Remove (or with ``dry_run`` only list) every key folder under ``root`` not in ``keep``."""
+    doomed = [info for info in list_keys(root) if info.key not in keep]
+    if not dry_run:
+        for info in doomed:
+            shutil.rmtree(Path(root) / info.key)
+    return doomed

@@ -1,0 +1,423 @@
+"""The ``features`` stage: pooled base features of every view, computed once per (image, view) and cached.
+
+For the train split, the clean view plus ``augment.passes`` augmented views per image; for val and test, the
+clean view. Images come only from ``tasks.pipeline.view_dataset`` (decoded, augmented, resized, the base's
+preprocessing applied, prefetched, so decoding overlaps with inference). The base runs with ``training=False``.
+
+Content-addressed and incremental: the cache key (``tasks.feature_cache.cache_key``) covers the base, its alpha,
+the sha256 of the weights actually loaded, the input size, the preprocessing (the base's mode and the resize
+interpolation), the pooling and the stored dtype; a row is addressed by (image sha256, view id), the view id
+carrying the augmentation policy hash and the pass. The stage looks up which pairs exist and computes only the
+missing ones, streaming them to shards (memory bounded), and reports "computed N, reused M".
+
+``read_features`` gives the next stage float32 features of the rows of the current index.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from tasks.bases import get_spec, load_base, resolve_image_size, weights_fingerprint
+from tasks.config import Params
+from tasks.feature_cache import FeatureCache, KeySpec, Pair, ShardWriter, atomic_write_json
+from tasks.layout import Layout
+
+SPLITS = ("train", "val", "test")
+CLEAN = "clean"
+INDEX_COLUMNS = ("path", "label", "class_id", "split", "sha256")
+ProgressFn = Callable[[int, int], None]  # (pairs done, pairs to compute)
+
+
+# ------------------------------------------------------------------------------------------- values
+@dataclass(frozen=True)
+class FeaturesManifest:
+    """This run's summary (``layout.features_manifest``): the key, what each split uses, computed / reused."""
+
+    cache_key: str
+    cache_dir: str
+    key_spec: dict[str, Any]
+    views: dict[str, list[str]]  # split -> view ids
+    rows: dict[str, int]  # split -> index rows
+    pairs: int  # distinct (sha256, view) pairs this index needs
+    computed: int
+    reused: int
+    images_computed: int  # distinct images that went through the base this run
+    seconds: float
+    images_per_second: float | None  # computed views per second of extraction (None when nothing computed)
+    content_hash: str  # hash of the key and of the (sha256, view, class id) rows: changes iff the features do
+    batch_size: int = 32
+    shards_written: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return f"computed {self.computed}, reused {self.reused}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FeaturesManifest:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Features of one split of the current index: ``x`` float32 [N, D] with the row identities beside it."""
+
+    x: np.ndarray
+    class_ids: np.ndarray
+    sha256: np.ndarray
+    view_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def cache_root(params: Params, layout: Layout) -> Path:
+    """``features.cache_dir`` when set (relative paths resolve against the workspace), else the layout's."""
+    cfg_dir = params.features.cache_dir
+    if cfg_dir is None:
+        return layout.features_cache
+    return cfg_dir if cfg_dir.is_absolute() else layout.root / cfg_dir
+
+
+def data_root(params: Params) -> Path:
+    """The image folder the index paths are relative to: ``data.root`` as the index stage reads it."""
+    return Path(params.data.root)
+
+
+def image_size_for(params: Params) -> tuple[int, int]:
+    return resolve_image_size(params.image.size, get_spec(params.base.name))
+
+
+def key_spec_for(params: Params, weights_sha256: str) -> KeySpec:
+    """The cache key components for ``params`` and the fingerprint of the weights they load."""
+    spec = get_spec(params.base.name)
+    alpha = spec.resolve_alpha(params.base.alpha)
+    return KeySpec(
+        base=spec.name,
+        alpha=alpha,
+        weights_sha256=weights_sha256,
+        image_size=image_size_for(params),
+        preprocessing=f"{spec.preprocess_mode}/{params.image.interpolation}",
+        pooling=params.features.pooling,
+        dtype=params.features.dtype,
+        feature_dim=spec.feature_dim_for(alpha),
+    )
+
+
+def _policy(params: Params) -> Any:
+    if params.augment.passes == 0:
+        return None
+    from tasks.augment import policy_from_config
+
+    return policy_from_config(params.augment)
+
+
+def split_views(params: Params, split: str, views: str = "all") -> list[tuple[str, Any, int]]:
+    """(view id, policy or None, pass number) for ``split``: train gets the augmented passes with ``views="all"``."""
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+    if views not in ("all", "clean"):
+        raise ValueError(f"views: expected 'all' or 'clean', got {views!r}")
+    out: list[tuple[str, Any, int]] = [(CLEAN, None, 0)]
+    policy = _policy(params)
+    if split == "train" and views == "all" and policy is not None:
+        from tasks.augment import view_id
+
+        out += [(view_id(policy, p), policy, p) for p in range(params.augment.passes)]
+    return out
+
+
+def _check_index(index: Any) -> Any:
+    missing = [c for c in INDEX_COLUMNS if c not in index.columns]
+    if missing:
+        raise ValueError(f"index: missing columns {missing}, got columns {list(index.columns)}")
+    bad = sorted(set(index["split"]) - set(SPLITS))
+    if bad:
+        raise ValueError(f"index: unknown split values {bad}, expected {list(SPLITS)}")
+    return index
+
+
+def _load_index(layout: Layout, index: Any | None) -> Any:
+    if index is not None:
+        return _check_index(index)
+    from tasks.index import read_index
+
+    return _check_index(read_index(layout))
+
+
+def _view_dataset(rows: Any, root: Path, **kwargs: Any) -> Any:
+    """The one image source: ``tasks.pipeline.view_dataset`` (a seam tests may replace)."""
+    from tasks.pipeline import view_dataset
+
+    return view_dataset(rows, root, **kwargs)
+
+
+def _content_hash(key: str, needed: dict[str, list[tuple[str, str, int]]]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(key.encode())
+    for split in SPLITS:
+        for sha, view, class_id in needed.get(split, []):
+            digest.update(f"{split}|{sha}|{view}|{class_id}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _pool_fn(model: Any, pooling: str, image_size: tuple[int, int]) -> Callable[[Any], Any]:
+    """A compiled ``batch -> pooled features`` function; the base runs in inference mode."""
+    import tensorflow as tf
+
+    reduce = tf.reduce_mean if pooling == "avg" else tf.reduce_max
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *image_size, 3], tf.float32)])
+    def infer(batch: Any) -> Any:
+        return reduce(model(batch, training=False), axis=[1, 2])
+
+    return infer
+
+
+# ------------------------------------------------------------------------------------------- the stage
+def run_features(
+    params: Params,
+    layout: Layout,
+    *,
+    index: Any | None = None,
+    progress: ProgressFn | None = None,
+    show_progress: bool = True,
+) -> FeaturesManifest:
+    """Compute the missing features of the current index into the cache and write this run's manifest.
+
+    ``index`` replaces ``tasks.index.read_index(layout)`` (a DataFrame in the index's columns); ``progress`` is
+    called with (done, total) after every batch (e.g. a Prefect progress artifact).
+    """
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    table = _load_index(layout, index)
+    image_size = image_size_for(params)
+
+    loaded = None
+    if params.base.weights == "none":
+        loaded = load_base(params.base, image_size)
+        weights_sha = loaded.weights_sha256
+    else:
+        weights_sha = weights_fingerprint(params.base, image_size)
+    spec = key_spec_for(params, weights_sha)
+    cache = FeatureCache.open(cache_root(params, layout), spec)
+
+    # Every (sha256, view) this index needs, in a deterministic order, with one representative row per image.
+    needed: dict[str, list[tuple[str, str, int]]] = {}
+    views_by_split: dict[str, list[str]] = {}
+    plans: dict[str, tuple[Any, int]] = {}
+    wanted: dict[str, dict[str, int]] = {}  # view -> sha256 -> row position in table
+    pos_of = {sha: i for i, sha in reversed(list(enumerate(table["sha256"])))}
+    for split in SPLITS:
+        sub = table[table["split"] == split]
+        views = split_views(params, split, "all")
+        views_by_split[split] = [v for v, _, _ in views]
+        needed[split] = [
+            (sha, v, int(c))
+            for v, _, _ in views
+            for sha, c in zip(sub["sha256"], sub["class_id"], strict=True)
+        ]
+        for view, policy, pass_number in views:
+            plans[view] = (policy, pass_number)
+            bucket = wanted.setdefault(view, {})
+            for sha in sub["sha256"]:
+                bucket.setdefault(sha, pos_of[sha])
+    all_pairs: list[Pair] = [(sha, view) for view, shas in wanted.items() for sha in shas]
+    missing = set(cache.missing(all_pairs))
+    reused = len(all_pairs) - len(missing)
+
+    todo: list[tuple[str, list[int]]] = []  # (view, table positions of the images to compute)
+    for view, shas in wanted.items():
+        positions = sorted(pos for sha, pos in shas.items() if (sha, view) in missing)
+        if positions:
+            todo.append((view, positions))
+    n_todo = sum(len(p) for _, p in todo)
+
+    stats: dict[str, Any] = {"shards_written": 0}
+    compute_seconds = 0.0
+    if n_todo:
+        if loaded is None:
+            loaded = load_base(params.base, image_size)
+        t0 = time.perf_counter()
+        stats = _extract(
+            params, layout, table, todo, plans, loaded, cache, image_size, console, progress, show_progress
+        )
+        compute_seconds = time.perf_counter() - t0
+
+    seconds = time.perf_counter() - start
+    manifest = FeaturesManifest(
+        cache_key=spec.key,
+        cache_dir=str(cache_root(params, layout)),
+        key_spec=spec.as_json(),
+        views=views_by_split,
+        rows={split: int((table["split"] == split).sum()) for split in SPLITS},
+        pairs=len(all_pairs),
+        computed=n_todo,
+        reused=reused,
+        images_computed=len({table["sha256"].iloc[p] for _, ps in todo for p in ps}),
+        seconds=round(seconds, 3),
+        images_per_second=round(n_todo / compute_seconds, 2) if n_todo and compute_seconds > 0 else None,
+        content_hash=_content_hash(spec.key, needed),
+        batch_size=params.features.batch_size,
+        shards_written=int(stats.pop("shards_written")),
+        extra=stats,
+    )
+    atomic_write_json(layout.features_manifest, manifest.to_json())
+    console.print(
+        f"features {spec.key}: {manifest.summary()} ({manifest.pairs} views of {len(table)} images)",
+        markup=False,
+        highlight=False,
+    )
+    return manifest
+
+
+def _extract(
+    params: Params,
+    layout: Layout,
+    table: Any,
+    todo: list[tuple[str, list[int]]],
+    plans: dict[str, tuple[Any, int]],
+    loaded: Any,
+    cache: FeatureCache,
+    image_size: tuple[int, int],
+    console: Any,
+    progress: ProgressFn | None,
+    show_progress: bool,
+) -> dict[str, Any]:
+    """Stream the missing views through the base into shards; one tf.data pipeline across all views.
+
+    Returns timing figures: the first batch (pipeline fill + tracing), the time the loop waited for input after
+    it (the base starving), the steady images/s, and the number of shards written.
+    """
+    import tensorflow as tf
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    batch_size = params.features.batch_size
+    root = data_root(params)
+    datasets = []
+    ids: list[tuple[str, str, str]] = []
+    for view, positions in todo:
+        policy, pass_number = plans[view]
+        rows = table.iloc[positions].reset_index(drop=True)
+        datasets.append(
+            _view_dataset(
+                rows,
+                root,
+                image_size=image_size,
+                batch_size=batch_size,
+                policy=policy,
+                pass_number=pass_number,
+                preprocess=loaded.spec.preprocess,
+                interpolation=params.image.interpolation,
+            )
+        )
+        ids += [(sha, view, str(label)) for sha, label in zip(rows["sha256"], rows["label"], strict=True)]
+    dataset = datasets[0]
+    for more in datasets[1:]:
+        dataset = dataset.concatenate(more)
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
+
+    infer = _pool_fn(loaded.model, params.features.pooling, image_size)
+    writer = ShardWriter(cache, params.features.shard_size)
+    total = len(ids)
+    done = 0
+    columns = (
+        TextColumn("[bold]features"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    stats = {"first_batch_seconds": 0.0, "input_wait_seconds": 0.0}
+    with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
+        task = bar.add_task("extract", total=total, rate="- img/s")
+        t0 = time.perf_counter()
+        batches = iter(dataset)
+        first_done = 0
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            if done:  # after the first batch (pipeline fill + trace), time blocked on input = starvation
+                stats["input_wait_seconds"] += time.perf_counter() - waited
+            feats = infer(batch).numpy()
+            n = len(feats)
+            if done + n > total:
+                raise RuntimeError(f"the input pipeline yielded more than the {total} views requested")
+            writer.add(ids[done : done + n], feats)
+            if not done:
+                stats["first_batch_seconds"] = time.perf_counter() - t0
+                first_done = n
+            done += n
+            elapsed = time.perf_counter() - t0
+            bar.update(task, completed=done, rate=f"{done / elapsed:.1f} img/s" if elapsed > 0 else "- img/s")
+            if progress is not None:
+                progress(done, total)
+    writer.close()
+    if done != total:
+        raise RuntimeError(f"the input pipeline yielded {done} views, expected {total}")
+    steady = time.perf_counter() - t0 - stats["first_batch_seconds"]
+    stats["steady_images_per_second"] = (
+        (done - first_done) / steady if done > first_done and steady > 0 else None
+    )
+    stats["shards_written"] = writer.shards
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}
+
+
+# ------------------------------------------------------------------------------------------- reading
+def read_manifest(layout: Layout) -> FeaturesManifest:
+    path = layout.features_manifest
+    if not path.is_file():
+        raise FileNotFoundError(f"no features manifest at {path}: run `retrainflow features` first")
+    return FeaturesManifest.from_json(json.loads(path.read_text()))
+
+
+def read_features(
+    params: Params,
+    layout: Layout,
+    split: str,
+    views: Literal["all", "clean"] = "all",
+    *,
+    index: Any | None = None,
+) -> FeatureSet:
+    """Float32 features of ``split``'s rows of the current index, view by view (clean first) in index order.
+
+    The cache key comes from the last ``features`` run (its weights fingerprint) and must match ``params``:
+    features computed for another base, size, pooling or dtype raise a ValueError that says to rerun features.
+    """
+    view_plan = split_views(params, split, views)
+    manifest = read_manifest(layout)
+    spec = key_spec_for(params, manifest.key_spec["weights_sha256"])
+    if spec.key != manifest.cache_key:
+        raise ValueError(
+            f"features were computed for cache key {manifest.cache_key}, but the current params give {spec.key} "
+            "(base, size, pooling or dtype changed): run `retrainflow features` first"
+        )
+    table = _load_index(layout, index)
+    sub = table[table["split"] == split]
+    shas = [str(s) for s in sub["sha256"]]
+    pairs = [(sha, view) for view, _, _ in view_plan for sha in shas]
+    cache = FeatureCache.open(cache_root(params, layout), spec, create=False)
+    x = cache.read(pairs)
+    n_views = len(view_plan)
+    return FeatureSet(
+        x=x,
+        class_ids=np.tile(np.asarray(sub["class_id"], dtype=np.int64), n_views),
+        sha256=np.asarray([p[0] for p in pairs]),
+        view_ids=np.asarray([p[1] for p in pairs]),
+    )

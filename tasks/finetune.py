@@ -1,0 +1,411 @@
+"""The ``finetune`` stage: the full model (raw pixels in) and partial unfreezing at a low learning rate.
+
+Full model: raw RGB pixels (float 0-255) -> :class:`tasks.heads.BasePreprocess` (the base's preprocessing, inside
+the model) -> the base, called with ``training=False`` (BatchNorm in inference mode) -> global pooling -> the head
+chosen by ``train_top`` with its trained weights.
+
+Fine-tuning unfreezes the last ``finetune.unfreeze_blocks`` blocks of the base (registry block names), or the layers
+whose name matches ``finetune.layer_regex`` when it is set (it replaces ``unfreeze_blocks``); every BatchNormalization
+layer stays frozen (head included). It trains on the original training images (augmented only with
+``finetune.augment``), validates each epoch, and keeps the best weights by val loss, where "epoch 0" is the
+top-only model itself: fine-tuning can never leave a model worse on val than the one it started from.
+
+A killed run resumes from its last finished epoch: ``keras.callbacks.BackupAndRestore`` (weights, optimizer, epoch)
+plus this module's early-stopping state (best val loss, its weights, patience counter) and the epoch log live under
+``layout.finetune_checkpoints`` and are removed on success. ``finetune.epochs: 0`` skips training: the top-only
+model (same full-model form) is the result.
+
+Outputs: ``layout.candidate_model`` + ``classes.json`` beside it, ``metrics/finetune.json``,
+``plots/finetune_history.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.config import FinetuneConfig, Params
+from tasks.layout import Layout
+
+FINETUNE_METRICS_FILE = "finetune.json"
+FINETUNE_HISTORY_FILE = "finetune_history.csv"
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+POOLING_LAYERS = {"avg": "GlobalAveragePooling2D", "max": "GlobalMaxPooling2D"}
+
+
+@dataclass(frozen=True)
+class FinetuneManifest:
+    """What ``run_finetune`` returns (JSON-able)."""
+
+    model_file: str
+    skipped: bool
+    epochs_run: int  # epochs trained in total (across a resume)
+    best_epoch: int  # 0: the top-only weights were kept
+    resumed_from_epoch: int  # 0 for a fresh run
+    top_only_val_loss: float | None
+    top_only_val_accuracy: float | None
+    val_loss: float | None
+    val_accuracy: float | None
+    trainable_layers: list[str]
+    trainable_params: int
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------ model building
+def image_size_for(params: Params) -> tuple[int, int]:
+    """The input size: ``image.size``, else the base's default (the features stage's rule)."""
+    from tasks.features import image_size_for as features_image_size
+
+    return features_image_size(params)
+
+
+def build_full_model(base: Any, base_name: str, head: Any, image_size: tuple[int, int], pooling: str) -> Any:
+    """Raw RGB ``[B, H, W, 3]`` (0-255) -> preprocessing -> ``base(training=False)`` -> pooling -> ``head``."""
+    import keras
+
+    from tasks.heads import BasePreprocess
+
+    if pooling not in POOLING_LAYERS:
+        raise ValueError(f"pooling: expected one of {sorted(POOLING_LAYERS)}, got {pooling!r}")
+    pool_layers = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
+    inputs = keras.Input((*image_size, 3), name="image")
+    x = BasePreprocess(base_name, name="preprocess")(inputs)
+    x = base(x, training=False)
+    x = pool_layers[pooling](name="pool")(x)
+    outputs = head(x)
+    return keras.Model(inputs, outputs, name="retrainflow_classifier")
+
+
+def layers_to_unfreeze(base: Any, spec: Any, cfg: FinetuneConfig) -> set[str]:
+    """Names of the base layers to train: those of the last ``cfg.unfreeze_blocks`` named blocks (registry block
+    names, :func:`tasks.bases.block_layer_names`), or those matching ``cfg.layer_regex`` when it is set.
+
+    Raises when the regex matches no layer of the base.
+    """
+    from tasks.bases import block_layer_names
+
+    if cfg.layer_regex is not None:
+        pattern = re.compile(cfg.layer_regex)
+        chosen = {layer.name for layer in base.layers if pattern.search(layer.name)}
+        if not chosen:
+            raise ValueError(f"finetune.layer_regex: {cfg.layer_regex!r} matches no layer of the base")
+        return chosen
+    return set(block_layer_names(base, spec, cfg.unfreeze_blocks))
+
+
+def set_trainable(model: Any, base: Any, spec: Any, cfg: FinetuneConfig) -> list[str]:
+    """Unfreeze the chosen base layers (and the head), freeze everything else and every BatchNorm.
+
+    Returns the names of the base layers left trainable that have weights.
+    """
+    import keras
+
+    from tasks.heads import freeze_batchnorm
+
+    chosen = layers_to_unfreeze(base, spec, cfg)
+    model.trainable = True  # Keras 3 sets this recursively; then each base layer is set explicitly
+    for layer in base.layers:
+        layer.trainable = layer.name in chosen and not isinstance(layer, keras.layers.BatchNormalization)
+    freeze_batchnorm(model)
+    return [layer.name for layer in base.layers if layer.trainable and layer.weights]
+
+
+# -------------------------------------------------------------------------------------------- resumability
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def _save_weights_atomic(model: Any, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    with tmp.open("wb") as fh:
+        np.savez(fh, *model.get_weights())
+    tmp.replace(path)
+
+
+def _load_weights(model: Any, path: Path) -> None:
+    with np.load(path) as data:
+        model.set_weights([data[f"arr_{i}"] for i in range(len(data.files))])
+
+
+def resumable_early_stopping(state_dir: Path, patience: int) -> Any:
+    """Early stopping on val loss that restores the best weights and survives a kill.
+
+    State (best val loss, best epoch, patience counter) and the best weights are files in ``state_dir``, written
+    after every epoch; a new ``fit`` continues from them. :func:`start_state` seeds them with "epoch 0".
+    """
+    import keras
+
+    class ResumableEarlyStopping(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.state: dict[str, Any] = {}
+
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            self.state = json.loads((state_dir / "state.json").read_text())
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            val_loss = float((logs or {})["val_loss"])
+            if val_loss < self.state["best_val_loss"]:
+                _save_weights_atomic(self.model, state_dir / "best.npz")
+                self.state.update(
+                    best_val_loss=val_loss,
+                    best_val_accuracy=float((logs or {}).get("val_accuracy", float("nan"))),
+                    best_epoch=epoch + 1,
+                    wait=0,
+                )
+            else:
+                self.state["wait"] += 1
+            self.state["epochs_done"] = epoch + 1
+            _write_json_atomic(state_dir / "state.json", self.state)
+            if self.state["wait"] >= patience:
+                self.model.stop_training = True
+
+        def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+            _load_weights(self.model, state_dir / "best.npz")
+
+    return ResumableEarlyStopping()
+
+
+def start_state(model: Any, state_dir: Path, val_loss: float, val_accuracy: float) -> None:
+    """Seed the early-stopping state with the starting (top-only) model as epoch 0."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    _save_weights_atomic(model, state_dir / "best.npz")
+    state = {
+        "best_val_loss": val_loss,
+        "best_val_accuracy": val_accuracy,
+        "best_epoch": 0,
+        "wait": 0,
+        "epochs_done": 0,
+        "top_only_val_loss": val_loss,
+        "top_only_val_accuracy": val_accuracy,
+    }
+    _write_json_atomic(state_dir / "state.json", state)
+
+
+def read_epoch_log(path: Path) -> list[dict[str, str]]:
+    """The CSVLogger rows, one per epoch (a re-run epoch after a resume keeps its last row), epochs 1-based."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("epoch") not in (None, "", "epoch")]
+    by_epoch = {int(r["epoch"]): r for r in rows}
+    return [{**by_epoch[e], "epoch": str(e + 1)} for e in sorted(by_epoch)]
+
+
+def write_history_csv(path: Path, rows: list[dict[str, str]]) -> None:
+    """``epoch,loss,accuracy,val_loss,val_accuracy`` (header only when fine-tuning was skipped)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(HISTORY_COLUMNS)
+        for r in rows:
+            writer.writerow([r.get(c, "") for c in HISTORY_COLUMNS])
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+def data_root(params: Params) -> Path:
+    """The image folder the index paths are relative to (the index and features stages' rule)."""
+    from tasks.features import data_root as features_data_root
+
+    return features_data_root(params)
+
+
+def labelled_view(
+    rows: Any,
+    root: Path,
+    image_size: tuple[int, int],
+    batch_size: int,
+    labels: np.ndarray,
+    interpolation: str,
+) -> Any:
+    """The clean view of ``rows`` (raw 0-255 pixels) zipped with their encoded labels, batched."""
+    import tensorflow as tf
+
+    from tasks.pipeline import view_dataset
+
+    images = view_dataset(
+        rows, root, image_size=image_size, batch_size=batch_size, interpolation=interpolation
+    )
+    return tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(labels).batch(batch_size)))
+
+
+def split_rows(index: Any, split: str) -> Any:
+    """The index rows of one split, in index order."""
+    return index[index["split"] == split].reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+def load_top_model(params: Params, layout: Layout) -> tuple[Any, Any, Any]:
+    """The top-only full model (base + trained head), the base model, and the base's registry spec."""
+    from tasks.bases import load_base
+    from tasks.train_top import load_head, read_head_info
+
+    info = read_head_info(layout)
+    if info.get("base", {}).get("name") != params.base.name:
+        raise ValueError(
+            f"the trained head was made for base {info.get('base', {}).get('name')!r}, params say "
+            f"{params.base.name!r}: run train-top again"
+        )
+    size = image_size_for(params)
+    loaded = load_base(params.base, size)
+    head = load_head(layout)
+    model = build_full_model(loaded.model, params.base.name, head, size, params.features.pooling)
+    return model, loaded.model, loaded.spec
+
+
+def compile_for_finetune(model: Any, cfg: FinetuneConfig, class_mode: str, num_classes: int) -> None:
+    """Compile with the low-learning-rate optimizer of ``finetune`` and the loss of the class mode."""
+    from tasks.heads import output_spec
+    from tasks.train_top import make_optimizer
+
+    model.compile(
+        optimizer=make_optimizer(cfg.optimizer, cfg.lr, cfg.momentum),
+        loss=output_spec(class_mode, num_classes).loss,
+        metrics=["accuracy"],
+    )
+
+
+def finetune_model(
+    model: Any,
+    base: Any,
+    spec: Any,
+    train: tuple[Any, int],
+    val: Any,
+    cfg: FinetuneConfig,
+    class_mode: str,
+    num_classes: int,
+    work_dir: Path,
+    seed: int,
+) -> dict[str, Any]:
+    """Unfreeze, compile and fit ``model`` in place (resuming from ``work_dir`` if a killed run left state there).
+
+    ``train`` is ``(repeating dataset, steps per epoch)``, ``val`` a finite labelled dataset. Returns a summary;
+    the model ends with the best weights (possibly the starting ones, "epoch 0").
+    """
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    trainable = set_trainable(model, base, spec, cfg)
+    compile_for_finetune(model, cfg, class_mode, num_classes)
+    state_dir, backup_dir, log_file = work_dir / "state", work_dir / "backup", work_dir / "epochs.csv"
+    resumed = (state_dir / "state.json").is_file()
+    if not resumed:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        val_loss, val_accuracy = model.evaluate(val, verbose=0)
+        start_state(model, state_dir, float(val_loss), float(val_accuracy))
+    dataset, steps = train
+    history = model.fit(
+        dataset,
+        steps_per_epoch=steps,
+        epochs=cfg.epochs,
+        validation_data=val,
+        callbacks=[
+            keras.callbacks.CSVLogger(str(log_file), append=True),
+            resumable_early_stopping(state_dir, cfg.patience),
+            keras.callbacks.BackupAndRestore(str(backup_dir)),
+        ],
+        verbose=0,
+    )
+    state = json.loads((state_dir / "state.json").read_text())
+    resumed_from = 0
+    if resumed:  # the first epoch this fit ran, i.e. how many epochs the killed run had finished
+        resumed_from = int(history.epoch[0]) if history.epoch else int(state["epochs_done"])
+    return {
+        "trainable_layers": trainable,
+        "trainable_params": int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
+        "resumed_from_epoch": resumed_from,
+        "state": state,
+        "history": read_epoch_log(log_file),
+    }
+
+
+def run_finetune(params: Params, layout: Layout) -> FinetuneManifest:
+    """Build the full model from the trained head, fine-tune it (unless ``finetune.epochs`` is 0) and save it."""
+    from tasks.heads import save_bundle
+    from tasks.index import read_classes, read_index
+
+    start = time.perf_counter()
+    cfg = params.finetune
+    classes = read_classes(layout)
+    model, base, spec = load_top_model(params, layout)
+    work_dir = layout.finetune_checkpoints
+    history: list[dict[str, str]] = []
+    if cfg.epochs == 0:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        summary: dict[str, Any] = {
+            "trainable_layers": [],
+            "trainable_params": 0,
+            "resumed_from_epoch": 0,
+            "state": {"best_epoch": 0, "epochs_done": 0},
+        }
+    else:
+        from tasks.augment import policy_from_config
+        from tasks.pipeline import encode_labels, training_dataset
+
+        index = read_index(layout)
+        root = data_root(params)
+        size = image_size_for(params)
+        train_rows, val_rows = split_rows(index, "train"), split_rows(index, "val")
+        if len(train_rows) == 0 or len(val_rows) == 0:
+            raise ValueError(
+                f"finetune needs train and val images, got {len(train_rows)} and {len(val_rows)}"
+            )
+        train = training_dataset(
+            train_rows,
+            root,
+            image_size=size,
+            batch_size=cfg.batch_size,
+            class_mode=classes.class_mode,
+            num_classes=classes.num_classes,
+            seed=params.seed,
+            policy=policy_from_config(params.augment) if cfg.augment else None,
+            interpolation=params.image.interpolation,
+        )
+        val_labels = encode_labels(val_rows["class_id"].to_numpy(), classes.class_mode, classes.num_classes)
+        val = labelled_view(val_rows, root, size, cfg.batch_size, val_labels, params.image.interpolation)
+        summary = finetune_model(
+            model,
+            base,
+            spec,
+            train,
+            val,
+            cfg,
+            classes.class_mode,
+            classes.num_classes,
+            work_dir,
+            params.seed,
+        )
+        history = summary["history"]
+    save_bundle(model, layout.candidate_model, tuple(classes.names), classes.class_mode)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    state = summary["state"]
+    manifest = FinetuneManifest(
+        model_file=layout.candidate_model.as_posix(),
+        skipped=cfg.epochs == 0,
+        epochs_run=int(state["epochs_done"]),
+        best_epoch=int(state["best_epoch"]),
+        resumed_from_epoch=int(summary["resumed_from_epoch"]),
+        top_only_val_loss=state.get("top_only_val_loss"),
+        top_only_val_accuracy=state.get("top_only_val_accuracy"),
+        val_loss=state.get("best_val_loss"),
+        val_accuracy=state.get("best_val_accuracy"),
+        trainable_layers=list(summary["trainable_layers"]),
+        trainable_params=int(summary["trainable_params"]),
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    layout.metrics_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {k: v for k, v in asdict(manifest).items() if k not in ("trainable_layers", "model_file")}
+    metrics["trainable_layers"] = len(manifest.trainable_layers)
+    (layout.metrics_dir / FINETUNE_METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_history_csv(layout.plots_dir / FINETUNE_HISTORY_FILE, history)
+    return manifest

@@ -1,0 +1,714 @@
+"""The ``index`` stage: a pile of image files -> a trustworthy table, a classes file and a report.
+
+``flow_from_directory`` / ``flow_from_dataframe`` without their silent failures: every file is really decoded with
+the decoder training uses (:func:`tasks.images.decode_rgb`), in parallel threads; bad files become rejects with a
+reason; exact duplicates collapse, cross-label duplicates are excluded as conflicts; an image's split depends only
+on its content hash and the split seed, so adding images never moves an existing one.
+
+Outputs (paths from :class:`tasks.layout.Layout`, written atomically): ``index.csv`` (columns :data:`COLUMNS`, paths
+POSIX and relative to ``data.root``, sorted by path), ``classes.json`` and ``index_report.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pandas as pd
+
+from tasks.config import DataConfig, Params, SplitFractions
+from tasks.images import ImageInfo, ImageRejected, inspect_image
+from tasks.layout import Layout
+
+COLUMNS = (
+    "path",
+    "label",
+    "class_id",
+    "split",
+    "sha256",
+    "width",
+    "height",
+    "bytes",
+    "orientation",
+    "format",
+)
+SPLITS = ("train", "val", "test")
+# OS junk: skipped and reported, never validated (hidden names starting with "." are skipped too).
+JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r", "__macosx", "$recycle.bin"})
+PROGRESS_MIN_FILES = 200  # show a progress bar from this many files on
+
+
+class DatasetError(ValueError):
+    """The dataset as a whole cannot be indexed (no images, one class, an empty class, bad CSV columns...)."""
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """Class order (ids are positions in ``names``) and class mode, as written to ``classes.json``."""
+
+    names: tuple[str, ...]
+    class_mode: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"names": list(self.names), "class_mode": self.class_mode, "num_classes": self.num_classes}
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    """What ``run_index`` wrote and the headline counts (JSON-able)."""
+
+    index_table: str
+    classes_file: str
+    report_file: str
+    images: int
+    classes: tuple[str, ...]
+    class_mode: str
+    splits: dict[str, int]
+    rejects: int
+    skipped: int
+    duplicates: int
+    conflicts: int
+    warnings: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One file to validate: ``rel`` is its POSIX path relative to the data root, ``label`` its class name."""
+
+    rel: str
+    full: Path
+    label: str
+
+
+@dataclass
+class IndexResult:
+    """The in-memory result of :func:`build_index`: the table, the classes and the report (JSON-able)."""
+
+    table: pd.DataFrame
+    classes: ClassInfo
+    report: dict[str, Any]
+
+
+@dataclass
+class _Findings:
+    """What scanning and validating found besides good images."""
+
+    rejects: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    duplicate_rows: list[dict[str, Any]] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+
+    def reject(self, path: str, kind: str, reason: str) -> None:
+        self.rejects.append({"path": path, "kind": kind, "reason": reason})
+
+    def skip(self, path: str, reason: str) -> None:
+        self.skipped.append({"path": path, "reason": reason})
+
+
+# ------------------------------------------------------------------------------------------------- splits
+def assign_split(sha256: str, fractions: SplitFractions, split_seed: int) -> str:
+    """``train``/``val``/``test`` as a function of the content hash and the split seed only (stable)."""
+    if not isinstance(sha256, str) or len(sha256) != 64:
+        raise ValueError(f"assign_split: expected a 64-hex-digit sha256, got {sha256!r}")
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+        raise ValueError(f"assign_split: expected a non-negative integer split_seed, got {split_seed!r}")
+    digest = hashlib.sha256(f"{split_seed}:{sha256.lower()}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < fractions.train:
+        return "train"
+    if u < fractions.train + fractions.val:
+        return "val"
+    return "test"
+
+
+# ------------------------------------------------------------------------------------------------ sources
+def _is_junk(name: str) -> str | None:
+    """Why a directory entry is skipped (hidden or OS junk), or None."""
+    if name.startswith("."):
+        return "hidden file or folder"
+    if name.lower() in JUNK_NAMES:
+        return "OS junk file"
+    return None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or path.is_relative_to(root)
+
+
+def _rel_posix(path: Path, root: Path) -> str:
+    return PurePosixPath(*path.relative_to(root).parts).as_posix()
+
+
+def _utf8_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def scan_directory(root: Path, cfg: DataConfig, findings: _Findings) -> tuple[list[Candidate], list[str]]:
+    """Files under ``root/<class>/...`` (nested folders count for their class folder) and the class folders.
+
+    Hidden files and OS junk are skipped; symlinks are followed only when ``cfg.follow_symlinks`` and only while
+    they stay inside ``root``; a folder reached twice (symlink loop) is visited once.
+    """
+    if not root.is_dir():
+        raise DatasetError(f"data.root: expected a folder with one subfolder per class, got {str(root)!r}")
+    real_root = root.resolve()
+    candidates: list[Candidate] = []
+    class_folders: list[str] = []
+    visited: set[tuple[int, int]] = set()
+
+    def follow(entry_path: Path, rel: str) -> Path | None:
+        """The real target of a symlink if it may be followed, else None (and the reason is recorded)."""
+        if not cfg.follow_symlinks:
+            findings.reject(rel, "symlink", "symlink not followed (data.follow_symlinks is false)")
+            return None
+        target = entry_path.resolve()
+        if not target.exists():
+            findings.reject(rel, "symlink", "broken symlink (its target does not exist)")
+            return None
+        if not _inside(target, real_root):
+            findings.reject(rel, "outside_root", "symlink leading outside the data root")
+            return None
+        return target
+
+    def walk(folder: Path, label: str) -> bool:
+        """Collect the files under ``folder`` for ``label``; False when the folder was not walked."""
+        try:
+            st = folder.stat()
+        except OSError as err:
+            findings.reject(_rel_posix(folder, root), "unreadable", f"cannot read folder: {err.strerror}")
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in visited:
+            findings.skip(
+                _rel_posix(folder, root), "folder already visited (symlink loop or a second link to it)"
+            )
+            return False
+        visited.add(key)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            findings.reject(_rel_posix(folder, root), "unreadable", f"cannot list folder: {err.strerror}")
+            return False
+        for entry in entries:
+            path = Path(entry.path)
+            rel = _rel_posix(path, root)
+            if not _utf8_ok(entry.name):
+                findings.reject(
+                    rel.encode("utf-8", "replace").decode(), "bad_name", "file name is not valid UTF-8"
+                )
+                continue
+            junk = _is_junk(entry.name)
+            if junk:
+                findings.skip(rel, junk)
+                continue
+            real = path
+            if entry.is_symlink():
+                target = follow(path, rel)
+                if target is None:
+                    continue
+                real = target
+            try:
+                mode = real.stat().st_mode
+            except OSError as err:
+                findings.reject(rel, "unreadable", f"cannot stat: {err.strerror}")
+                continue
+            if stat.S_ISDIR(mode):  # walked under the name it was found by (stat() sees through symlinks)
+                if walk(path, label or entry.name) and not label:
+                    class_folders.append(entry.name)
+            elif stat.S_ISREG(mode):
+                if label:
+                    candidates.append(Candidate(rel, path, label))
+                else:
+                    findings.skip(rel, "file at the top level, not inside a class folder")
+            else:
+                findings.skip(rel, "not a regular file")
+        return True
+
+    walk(root, "")
+    return candidates, class_folders
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    try:
+        if pd.isna(value):
+            return ""
+    except (TypeError, ValueError):
+        pass
+    return str(value).strip()
+
+
+def scan_table(frame: pd.DataFrame, root: Path, cfg: DataConfig, findings: _Findings) -> list[Candidate]:
+    """Rows of a CSV/DataFrame -> candidates. Paths resolve against ``root`` and may not leave it."""
+    missing = [c for c in (cfg.path_column, cfg.label_column) if c not in frame.columns]
+    if missing:
+        raise DatasetError(
+            f"CSV/DataFrame is missing column(s) {missing} (data.path_column={cfg.path_column!r}, "
+            f"data.label_column={cfg.label_column!r}); columns present: {[str(c) for c in frame.columns]}"
+        )
+    if not root.is_dir():
+        raise DatasetError(f"data.root: expected the folder the CSV paths are relative to, got {str(root)!r}")
+    root_abs = Path(os.path.abspath(root))
+    real_root = root.resolve()
+    labels_by_path: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    fulls: dict[str, Path] = {}
+    for row_number, (raw_path, raw_label) in enumerate(
+        zip(frame[cfg.path_column], frame[cfg.label_column], strict=True), start=2
+    ):
+        path_text, label = _cell(raw_path), _cell(raw_label)
+        where = path_text or f"<row {row_number}>"
+        if not path_text:
+            findings.reject(where, "blank_path", f"row {row_number}: blank path")
+            continue
+        if not label:
+            findings.reject(where, "blank_label", f"row {row_number}: blank label")
+            continue
+        given = Path(path_text)
+        lexical = Path(os.path.normpath(given if given.is_absolute() else root_abs / given))
+        if not _inside(lexical, root_abs):
+            findings.reject(path_text, "outside_root", f"path leaves the data root ({str(root)!r})")
+            continue
+        rel = _rel_posix(lexical, root_abs)
+        if not lexical.exists() and not lexical.is_symlink():
+            findings.reject(rel, "not_found", "file not found")
+            continue
+        real = lexical.resolve()
+        if not _inside(real, real_root):
+            findings.reject(rel, "outside_root", "symlink leading outside the data root")
+            continue
+        if real.relative_to(real_root) != lexical.relative_to(root_abs) and not cfg.follow_symlinks:
+            findings.reject(rel, "symlink", "path goes through a symlink (data.follow_symlinks is false)")
+            continue
+        if not real.exists():
+            findings.reject(rel, "not_found", "broken symlink (its target does not exist)")
+            continue
+        if not real.is_file():
+            findings.reject(rel, "not_file", "not a regular file")
+            continue
+        labels_by_path[rel].append((row_number, label))
+        fulls[rel] = real
+    candidates = []
+    for rel, rows in labels_by_path.items():
+        labels = sorted({label for _, label in rows})
+        if len(labels) > 1:
+            findings.conflicts.append(
+                {"kind": "path", "path": rel, "labels": labels, "rows": [n for n, _ in rows]}
+            )
+            continue
+        if len(rows) > 1:
+            findings.duplicate_rows.append({"path": rel, "label": labels[0], "rows": [n for n, _ in rows]})
+        candidates.append(Candidate(rel, fulls[rel], labels[0]))
+    return candidates
+
+
+def read_csv_source(csv_path: Path) -> pd.DataFrame:
+    """The CSV as strings (blank cells stay blank), or :class:`DatasetError`."""
+    if not csv_path.is_file():
+        raise DatasetError(f"data.csv: file not found, got {str(csv_path)!r}")
+    try:
+        return pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DatasetError(f"data.csv: cannot parse {str(csv_path)!r}: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------- validation
+@dataclass(frozen=True)
+class _Checked:
+    candidate: Candidate
+    sha256: str = ""
+    size: int = 0
+    info: ImageInfo | None = None
+    kind: str = ""
+    reason: str = ""
+
+
+def check_file(candidate: Candidate, max_pixels: int) -> _Checked:
+    """Read, hash and really decode one file; never raises for a bad file (the reason is returned)."""
+    try:
+        contents = candidate.full.read_bytes()
+    except OSError as err:
+        return _Checked(candidate, kind="unreadable", reason=f"cannot read: {err.strerror or err}")
+    digest = hashlib.sha256(contents).hexdigest()
+    try:
+        info = inspect_image(contents, max_pixels)
+    except ImageRejected as err:
+        return _Checked(candidate, digest, len(contents), kind=err.kind, reason=err.reason)
+    except Exception as err:  # an unforeseen failure on one file must not stop the whole run
+        return _Checked(candidate, digest, len(contents), kind="error", reason=f"{type(err).__name__}: {err}")
+    return _Checked(candidate, digest, len(contents), info)
+
+
+def validate_all(
+    candidates: list[Candidate],
+    max_pixels: int,
+    workers: int,
+    on_done: Callable[[int], None] | None = None,
+) -> list[_Checked]:
+    """:func:`check_file` on every candidate in ``workers`` threads (TF and hashlib release the GIL)."""
+    if workers < 1:
+        raise ValueError(f"validate_all: expected workers >= 1, got {workers!r}")
+    results: list[_Checked] = []
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="index") as pool:
+        futures = [pool.submit(check_file, c, max_pixels) for c in candidates]
+        for future in as_completed(futures):
+            results.append(future.result())
+            if on_done is not None:
+                on_done(1)
+    return sorted(results, key=lambda r: r.candidate.rel)
+
+
+def _workers(cfg: DataConfig) -> int:
+    return cfg.workers if cfg.workers > 0 else max(1, os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------------------------------- the index
+def _dedupe(good: list[_Checked], findings: _Findings) -> tuple[list[_Checked], list[dict[str, Any]]]:
+    """Collapse same-bytes-same-label copies (keep the first path), exclude same-bytes-other-label copies."""
+    by_hash: dict[str, list[_Checked]] = defaultdict(list)
+    for item in good:
+        by_hash[item.sha256].append(item)
+    kept: list[_Checked] = []
+    duplicates: list[dict[str, Any]] = []
+    for digest, items in by_hash.items():
+        items = sorted(items, key=lambda r: r.candidate.rel)
+        labels = sorted({r.candidate.label for r in items})
+        if len(labels) > 1:
+            findings.conflicts.append(
+                {
+                    "kind": "content",
+                    "sha256": digest,
+                    "paths": {r.candidate.rel: r.candidate.label for r in items},
+                    "labels": labels,
+                }
+            )
+            continue
+        kept.append(items[0])
+        if len(items) > 1:
+            duplicates.append(
+                {
+                    "sha256": digest,
+                    "label": labels[0],
+                    "kept": items[0].candidate.rel,
+                    "dropped": [r.candidate.rel for r in items[1:]],
+                }
+            )
+    return sorted(kept, key=lambda r: r.candidate.rel), duplicates
+
+
+def _class_names(found_labels: Iterable[str], cfg: DataConfig) -> tuple[str, ...]:
+    return tuple(cfg.classes) if cfg.classes is not None else tuple(sorted(set(found_labels)))
+
+
+def _class_mode(cfg: DataConfig, num_classes: int) -> str:
+    if cfg.class_mode == "auto":
+        return "binary" if num_classes == 2 else "categorical"
+    if cfg.class_mode == "binary" and num_classes != 2:
+        raise DatasetError(f"data.class_mode: 'binary' needs exactly 2 classes, got {num_classes}")
+    return cfg.class_mode
+
+
+def _split_warnings(counts: dict[str, dict[str, int]], cfg: DataConfig) -> list[str]:
+    warnings = []
+    fractions = {"train": cfg.split.train, "val": cfg.split.val, "test": cfg.split.test}
+    for name, per_split in counts.items():
+        for split in SPLITS:
+            if fractions[split] > 0 and per_split[split] < cfg.min_per_split:
+                warnings.append(
+                    f"class {name!r} has {per_split[split]} image(s) in {split} "
+                    f"(fewer than data.min_per_split={cfg.min_per_split})"
+                )
+    return warnings
+
+
+def build_index(
+    source: Path | pd.DataFrame,
+    cfg: DataConfig,
+    *,
+    on_total: Callable[[int], None] | None = None,
+    on_done: Callable[[int], None] | None = None,
+) -> IndexResult:
+    """Scan ``source`` (a class-folder directory, a CSV file, or a DataFrame whose paths are relative to
+    ``cfg.root``), validate every file, and return the table, classes and report. Raises :class:`DatasetError`
+    when the dataset as a whole is unusable. ``on_total``/``on_done`` feed a progress bar.
+    """
+    findings = _Findings()
+    folders: list[str] = []
+    if isinstance(source, pd.DataFrame):
+        kind, root = "dataframe", Path(cfg.root)
+        candidates = scan_table(source, root, cfg, findings)
+    elif isinstance(source, Path | str) and Path(source).is_file():
+        kind, root = "csv", Path(cfg.root)
+        candidates = scan_table(read_csv_source(Path(source)), root, cfg, findings)
+    elif isinstance(source, Path | str):
+        kind, root = "directory", Path(source)
+        candidates, folders = scan_directory(root, cfg, findings)
+    else:
+        raise TypeError(f"build_index: expected a Path or a pandas DataFrame, got {type(source).__name__}")
+
+    if cfg.classes is not None:  # a label outside the explicit list is a reject, never silently dropped
+        allowed = set(cfg.classes)
+        for c in candidates:
+            if c.label not in allowed:
+                findings.reject(c.rel, "unknown_label", f"label {c.label!r} is not in data.classes")
+        candidates = [c for c in candidates if c.label in allowed]
+
+    if on_total is not None:
+        on_total(len(candidates))
+    checked = validate_all(candidates, cfg.max_pixels, _workers(cfg), on_done)
+    for item in checked:
+        if item.info is None:
+            findings.reject(item.candidate.rel, item.kind, item.reason)
+    kept, duplicates = _dedupe([r for r in checked if r.info is not None], findings)
+
+    names = _class_names([c.label for c in candidates] + folders, cfg)
+    if not kept:
+        by_kind = ", ".join(
+            f"{k}: {n}" for k, n in sorted(Counter(r["kind"] for r in findings.rejects).items())
+        )
+        raise DatasetError(
+            f"no valid images found in {str(source) if kind != 'dataframe' else 'the DataFrame'} "
+            f"({len(findings.rejects)} rejected{' - ' + by_kind if by_kind else ''}; "
+            f"{len(findings.skipped)} skipped)"
+        )
+    per_class = Counter(r.candidate.label for r in kept)
+    if len(names) < 2:
+        raise DatasetError(f"only one class found ({list(names)}); a classifier needs at least 2")
+    empty = [n for n in names if per_class[n] == 0]
+    if empty:
+        raise DatasetError(f"class(es) with no valid image: {empty} (each class needs at least one)")
+    class_ids = {name: i for i, name in enumerate(names)}
+    mode = _class_mode(cfg, len(names))
+
+    rows = []
+    for r in kept:
+        assert r.info is not None
+        rows.append(
+            {
+                "path": r.candidate.rel,
+                "label": r.candidate.label,
+                "class_id": class_ids[r.candidate.label],
+                "split": assign_split(r.sha256, cfg.split, cfg.split_seed),
+                "sha256": r.sha256,
+                "width": r.info.width,
+                "height": r.info.height,
+                "bytes": r.size,
+                "orientation": r.info.orientation,
+                "format": r.info.format,
+            }
+        )
+    table = (
+        pd.DataFrame(rows, columns=list(COLUMNS)).sort_values("path", kind="stable").reset_index(drop=True)
+    )
+
+    counts = {n: {s: 0 for s in SPLITS} for n in names}
+    for label, split in zip(table["label"], table["split"], strict=True):
+        counts[label][split] += 1
+    for n in names:
+        counts[n]["total"] = sum(counts[n][s] for s in SPLITS)
+    warnings = _split_warnings(counts, cfg)
+    classes = ClassInfo(names, mode)
+    report = {
+        "source": kind,
+        "data_root": str(cfg.root) if kind != "directory" else str(source),
+        "images": len(table),
+        "files_checked": len(checked),
+        "classes": list(names),
+        "class_mode": mode,
+        "counts": counts,
+        "splits": {s: int((table["split"] == s).sum()) for s in SPLITS},
+        "rejects": sorted(findings.rejects, key=lambda r: r["path"]),
+        "rejects_by_kind": dict(sorted(Counter(r["kind"] for r in findings.rejects).items())),
+        "skipped": sorted(findings.skipped, key=lambda r: r["path"]),
+        "duplicates": sorted(duplicates, key=lambda d: d["kept"]),
+        "duplicate_rows": findings.duplicate_rows,
+        "conflicts": findings.conflicts,
+        "warnings": warnings,
+        "split_rule": {"fractions": cfg.split.model_dump(), "split_seed": cfg.split_seed},
+    }
+    return IndexResult(table, classes, report)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace`` (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_index(result: IndexResult, layout: Layout) -> None:
+    """Write ``index.csv``, ``classes.json`` and ``index_report.json`` atomically."""
+    atomic_write_text(layout.index_table, result.table.to_csv(index=False, lineterminator="\n"))
+    atomic_write_text(layout.classes_file, json.dumps(result.classes.to_dict(), indent=2) + "\n")
+    atomic_write_text(layout.index_report, json.dumps(result.report, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_index(layout: Layout) -> pd.DataFrame:
+    """The index table written by the index stage (paths stay strings; ids and sizes are ints)."""
+    path = layout.index_table
+    if not path.is_file():
+        raise FileNotFoundError(f"index table not found at {path}; run `retrainflow index` first")
+    dtypes = {"path": str, "label": str, "split": str, "sha256": str, "format": str}
+    table = pd.read_csv(path, dtype=dtypes, keep_default_na=False)
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; re-run `retrainflow index`")
+    for column in ("class_id", "width", "height", "bytes", "orientation"):
+        table[column] = table[column].astype("int64")
+    return table
+
+
+def read_classes(layout: Layout) -> ClassInfo:
+    """Class order and class mode from ``classes.json`` (the only reader of that file)."""
+    path = layout.classes_file
+    if not path.is_file():
+        raise FileNotFoundError(f"classes file not found at {path}; run `retrainflow index` first")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    names = raw.get("names") if isinstance(raw, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) < 2:
+        raise ValueError(f"{path}: expected 'names' to be a list of at least 2 class names, got {names!r}")
+    return ClassInfo(tuple(names), str(raw.get("class_mode", "categorical")))
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def print_summary(result: IndexResult, console: Any) -> None:
+    """A readable summary: counts per class per split, rejects by kind, duplicates, conflicts, warnings."""
+    from rich.table import Table
+
+    report = result.report
+    table = Table(
+        title=f"index: {report['images']} images, {len(report['classes'])} classes ({report['class_mode']})"
+    )
+    table.add_column("class")
+    for split in (*SPLITS, "total"):
+        table.add_column(split, justify="right")
+    for name in report["classes"]:
+        c = report["counts"][name]
+        table.add_row(name, *(str(c[s]) for s in (*SPLITS, "total")))
+    table.add_row("[bold]all[/]", *(str(report["splits"][s]) for s in SPLITS), f"[bold]{report['images']}[/]")
+    console.print(table)
+    rejects = report["rejects"]
+    if rejects:
+        by_kind = ", ".join(f"{k}: {n}" for k, n in report["rejects_by_kind"].items())
+        console.print(f"[yellow]rejected {len(rejects)} file(s)[/] ({by_kind})", highlight=False)
+        for r in rejects[:10]:
+            console.print(f"  {r['path']}: {r['reason']}", highlight=False, markup=False)
+        if len(rejects) > 10:
+            console.print(f"  ... and {len(rejects) - 10} more (see index_report.json)")
+    if report["skipped"]:
+        console.print(f"skipped {len(report['skipped'])} hidden/junk/stray file(s)")
+    if report["duplicates"]:
+        dropped = sum(len(d["dropped"]) for d in report["duplicates"])
+        console.print(f"duplicates: {len(report['duplicates'])} group(s), {dropped} extra copy(ies) dropped")
+    if report["duplicate_rows"]:
+        console.print(f"duplicate CSV rows: {len(report['duplicate_rows'])} path(s) listed more than once")
+    if report["conflicts"]:
+        console.print(
+            f"[red]label conflicts: {len(report['conflicts'])}[/] (same file under different labels; "
+            "every copy excluded)"
+        )
+        for c in report["conflicts"][:10]:
+            where = c.get("paths") or {c["path"]: "/".join(c["labels"])}
+            console.print("  " + ", ".join(f"{p} [{lab}]" for p, lab in where.items()), markup=False)
+    for w in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def _source_for(cfg: DataConfig, dataframe: pd.DataFrame | None) -> Path | pd.DataFrame:
+    if dataframe is not None:
+        return dataframe
+    if cfg.source == "csv":
+        assert cfg.csv is not None  # enforced by DataConfig
+        if not Path(cfg.csv).is_file():
+            raise DatasetError(f"data.csv: file not found, got {str(cfg.csv)!r}")
+        return Path(cfg.csv)
+    return Path(cfg.root)
+
+
+def run_index(
+    params: Params,
+    layout: Layout,
+    dataframe: pd.DataFrame | None = None,
+    *,
+    console: Any = None,
+) -> IndexManifest:
+    """The index stage: scan + validate (progress bar on long scans), write the three outputs, print a summary.
+
+    ``dataframe`` (paths relative to ``params.data.root``) replaces the configured source. ``console``: a rich
+    console for the progress bar and summary (default: stderr).
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = console if console is not None else Console(stderr=True)
+    cfg = params.data
+    source = _source_for(cfg, dataframe)
+    progress = Progress(
+        TextColumn("validating images"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    task_id = progress.add_task("validate", total=None)
+    shown: list[bool] = []
+
+    def on_total(n: int) -> None:
+        progress.update(task_id, total=n)
+        if n >= PROGRESS_MIN_FILES:  # a bar only where the scan is long enough to need one
+            progress.start()
+            shown.append(True)
+
+    try:
+        result = build_index(source, cfg, on_total=on_total, on_done=lambda n: progress.advance(task_id, n))
+    finally:
+        if shown:
+            progress.stop()
+    write_index(result, layout)
+    print_summary(result, console)
+    report = result.report
+    return IndexManifest(
+        index_table=str(layout.index_table),
+        classes_file=str(layout.classes_file),
+        report_file=str(layout.index_report),
+        images=report["images"],
+        classes=result.classes.names,
+        class_mode=result.classes.class_mode,
+        splits=report["splits"],
+        rejects=len(report["rejects"]),
+        skipped=len(report["skipped"]),
+        duplicates=sum(len(d["dropped"]) for d in report["duplicates"]),
+        conflicts=len(report["conflicts"]),
+        warnings=len(report["warnings"]),
+    )

@@ -1,0 +1,322 @@
+"""The streaming tf.data input pipeline, built from index rows; it never holds the dataset in memory.
+
+read bytes -> ``tasks.images.decode_rgb`` (JPEG DCT-reduced when the source is much bigger than the target) ->
+one resampling per image that applies the augmentation AND the resize (``tasks.augment.render_view``, OpenCV in
+a ``tf.numpy_function``, parallel map with AUTOTUNE) -> batch -> ``rescale`` and the base's preprocessing on the
+batch -> prefetch.
+
+* :func:`view_dataset`: ordered and deterministic (feature extraction, evaluation, predict). A view is a pure
+  function of (sha256, pass, policy incl. its seed): independent of batch size, order and worker count.
+* :func:`training_dataset`: repeats forever; every epoch is a fresh permutation (stateless, from ``seed`` and the
+  epoch number) in which every sample appears exactly once, the final partial batch kept; augmented views use
+  the epoch number as the pass, so epoch e sees view pass e of every image.
+* :func:`encode_labels`: binary (float32 [N]), categorical (float32 one-hot [N, C]), sparse (int32 [N]).
+
+TensorFlow and OpenCV are imported lazily.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.augment import INTERPOLATIONS, AugmentPolicy, render_view
+
+CLASS_MODES = ("binary", "categorical", "sparse")
+JPEG_RATIOS = (8, 4, 2, 1)
+_REQUIRED = ("path", "sha256")
+
+
+# ------------------------------------------------------------------------------------------------ labels
+def encode_labels(class_ids: Any, class_mode: str, num_classes: int) -> np.ndarray:
+    """Class ids -> the labels Keras expects for ``class_mode`` (as ImageDataGenerator's class modes)."""
+    if class_mode not in CLASS_MODES:
+        raise ValueError(f"encode_labels: expected class_mode in {CLASS_MODES}, got {class_mode!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer) or num_classes < 1:
+        raise ValueError(f"encode_labels: expected num_classes >= 1, got {num_classes!r}")
+    if class_mode == "binary" and num_classes != 2:
+        raise ValueError(f"encode_labels: class_mode 'binary' needs num_classes == 2, got {num_classes!r}")
+    ids = np.asarray(class_ids)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(f"encode_labels: expected a 1-D array of integer class ids, got {ids!r}")
+    ids = ids.astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+        raise ValueError(
+            f"encode_labels: expected class ids in [0, {num_classes}), got values from {ids.min()} to {ids.max()}"
+        )
+    if class_mode == "binary":
+        return ids.astype(np.float32)
+    if class_mode == "sparse":
+        return ids.astype(np.int32)
+    out = np.zeros((ids.size, int(num_classes)), dtype=np.float32)
+    out[np.arange(ids.size), ids] = 1.0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ sources
+def jpeg_ratio(width: int, height: int, image_size: tuple[int, int]) -> int:
+    """The largest JPEG DCT reduction (8, 4, 2, 1) whose decoded image still covers ``image_size`` (h, w)."""
+    out_h, out_w = image_size
+    for ratio in JPEG_RATIOS:
+        if width // ratio >= out_w and height // ratio >= out_h:
+            return ratio
+    return 1
+
+
+def _check_size(image_size: Any) -> tuple[int, int]:
+    if (
+        not isinstance(image_size, tuple | list)
+        or len(image_size) != 2
+        or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v > 0 for v in image_size)
+    ):
+        raise ValueError(
+            f"expected image_size as a (height, width) pair of positive integers, got {image_size!r}"
+        )
+    return int(image_size[0]), int(image_size[1])
+
+
+def _check_positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"expected {name} >= 1, got {value!r}")
+    return int(value)
+
+
+def _source_columns(rows: Any, data_root: Path, image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Per-row inputs of the map function, as numpy columns (small: paths and a few integers per image)."""
+    missing = [c for c in _REQUIRED if c not in getattr(rows, "columns", ())]
+    if missing:
+        raise ValueError(f"expected index rows with columns {list(_REQUIRED)}; missing {missing}")
+    n = len(rows)
+    root = Path(data_root)
+    paths = np.asarray([str(root / p) for p in rows["path"]], dtype=object)
+    width = rows["width"].to_numpy(np.int64) if "width" in rows else np.zeros(n, np.int64)
+    height = rows["height"].to_numpy(np.int64) if "height" in rows else np.zeros(n, np.int64)
+    orientation = rows["orientation"].to_numpy(np.int32) if "orientation" in rows else np.ones(n, np.int32)
+    is_jpeg = (
+        np.asarray([str(f).upper() == "JPEG" for f in rows["format"]])
+        if "format" in rows
+        else np.ones(n, bool)
+    )
+    ratio = np.asarray(
+        [
+            jpeg_ratio(int(w), int(h), image_size) if j else 1
+            for w, h, j in zip(width, height, is_jpeg, strict=True)
+        ],
+        dtype=np.int32,
+    )
+    return {
+        "path": paths,
+        "sha256": np.asarray([str(s) for s in rows["sha256"]], dtype=object),
+        "height": height,
+        "width": width,
+        "orientation": orientation,
+        "ratio": ratio,
+    }
+
+
+def _render_fn(
+    policy: AugmentPolicy | None, image_size: tuple[int, int], interpolation: str
+) -> Callable[..., np.ndarray]:
+    """The numpy side of the map: one view of one decoded image (see ``tasks.augment.render_view``)."""
+
+    def render(
+        image: np.ndarray, sha256: bytes, pass_number: Any, height: Any, width: Any, ratio: Any
+    ) -> np.ndarray:
+        dec_h, dec_w = image.shape[:2]
+        full_h, full_w, r = int(height), int(width), int(ratio)
+        if r > 1 and (dec_h, dec_w) == (math.ceil(full_h / r), math.ceil(full_w / r)):
+            source, used = (full_h, full_w), r  # DCT-reduced decode: geometry from the full-resolution size
+        else:
+            source, used = (
+                None,
+                1,
+            )  # not reduced (not a JPEG, or sizes unknown): the decoded size is the source
+        sha = sha256.decode() if isinstance(sha256, bytes) else str(sha256)
+        return render_view(
+            np.ascontiguousarray(image),
+            sha,
+            int(pass_number),
+            policy,
+            image_size=image_size,
+            source_size=source,
+            ratio=used,
+            interpolation=interpolation,
+        )
+
+    return render
+
+
+def _load_fn(
+    policy: AugmentPolicy | None, image_size: tuple[int, int], interpolation: str
+) -> Callable[..., Any]:
+    """The graph side of the map: read, decode (the one decoder), then the numpy resampling."""
+    import tensorflow as tf
+
+    from tasks.images import decode_rgb
+
+    render = _render_fn(policy, image_size, interpolation)
+
+    def load(
+        path: Any, sha256: Any, height: Any, width: Any, orientation: Any, ratio: Any, pass_number: Any
+    ) -> Any:
+        image = decode_rgb(tf.io.read_file(path), orientation, ratio)
+        out = tf.numpy_function(
+            render, [image, sha256, pass_number, height, width, ratio], tf.float32, stateful=False
+        )
+        return tf.ensure_shape(out, [image_size[0], image_size[1], 3])
+
+    return load
+
+
+def _finish_fn(rescale: float | None, preprocess: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:
+    """Batch-level standardisation: ``rescale`` (ImageDataGenerator's), then the base's preprocessing."""
+    if rescale is None and preprocess is None:
+        return None
+
+    def finish(images: Any) -> Any:
+        if rescale is not None:
+            images = images * float(rescale)
+        if preprocess is not None:
+            images = preprocess(images)
+        return images
+
+    return finish
+
+
+def _check_common(
+    rows: Any,
+    image_size: Any,
+    batch_size: Any,
+    policy: Any,
+    preprocess: Any,
+    rescale: Any,
+    interpolation: Any,
+) -> tuple[tuple[int, int], int]:
+    size = _check_size(image_size)
+    batch = _check_positive("batch_size", batch_size)
+    if policy is not None and not isinstance(policy, AugmentPolicy):
+        raise TypeError(
+            f"expected policy to be an AugmentPolicy or None, got {type(policy).__name__}: {policy!r}"
+        )
+    if preprocess is not None and not callable(preprocess):
+        raise TypeError(f"expected preprocess to be callable or None, got {preprocess!r}")
+    if rescale is not None and (isinstance(rescale, bool) or not isinstance(rescale, int | float)):
+        raise ValueError(f"expected rescale to be a number or None, got {rescale!r}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"expected interpolation in {INTERPOLATIONS}, got {interpolation!r}")
+    return size, batch
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+def view_dataset(
+    rows: Any,
+    data_root: str | Path,
+    *,
+    image_size: tuple[int, int],
+    batch_size: int,
+    policy: AugmentPolicy | None = None,
+    pass_number: int = 0,
+    preprocess: Callable[[Any], Any] | None = None,
+    rescale: float | None = None,
+    interpolation: str = "bilinear",
+) -> Any:
+    """Float32 image batches ``[B, H, W, 3]`` of ``rows`` in row order: the clean view (``policy=None``) or view
+    ``pass_number`` of ``policy``. Values are 0-255 unless ``rescale`` / ``preprocess`` are given."""
+    import tensorflow as tf
+
+    size, batch = _check_common(rows, image_size, batch_size, policy, preprocess, rescale, interpolation)
+    if isinstance(pass_number, bool) or not isinstance(pass_number, int | np.integer) or pass_number < 0:
+        raise ValueError(f"view_dataset: expected pass_number >= 0, got {pass_number!r}")
+    cols = _source_columns(rows, Path(data_root), size)
+    load = _load_fn(policy, size, interpolation)
+    passes = np.full(len(cols["path"]), int(pass_number), np.int64)
+    source = tf.data.Dataset.from_tensor_slices(
+        (
+            cols["path"].astype(str),
+            cols["sha256"].astype(str),
+            cols["height"],
+            cols["width"],
+            cols["orientation"],
+            cols["ratio"],
+            passes,
+        )
+    )
+    ds = source.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch)
+    finish = _finish_fn(rescale, preprocess)
+    if finish is not None:
+        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def training_dataset(
+    rows: Any,
+    data_root: str | Path,
+    *,
+    image_size: tuple[int, int],
+    batch_size: int,
+    class_mode: str,
+    num_classes: int,
+    seed: int,
+    policy: AugmentPolicy | None = None,
+    preprocess: Callable[[Any], Any] | None = None,
+    rescale: float | None = None,
+    interpolation: str = "bilinear",
+) -> tuple[Any, int]:
+    """A repeating ``(images, labels)`` dataset and its steps per epoch (``ceil(len(rows) / batch_size)``).
+
+    Epoch e is the permutation ``argsort(stateless_uniform(seed=[seed, e]))`` of the rows, cut into batches (the
+    last one partial), so no sample is dropped or seen twice within an epoch and the order changes every epoch.
+    With a policy, epoch e uses view pass e of every image.
+    """
+    import tensorflow as tf
+
+    size, batch = _check_common(rows, image_size, batch_size, policy, preprocess, rescale, interpolation)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise ValueError(f"training_dataset: expected an integer seed, got {seed!r}")
+    n = len(rows)
+    if n == 0:
+        raise ValueError("training_dataset: expected at least one row, got an empty table")
+    if "class_id" not in rows:
+        raise ValueError("training_dataset: expected index rows with a 'class_id' column")
+    labels = encode_labels(rows["class_id"].to_numpy(), class_mode, num_classes)
+    cols = _source_columns(rows, Path(data_root), size)
+    load = _load_fn(policy, size, interpolation)
+    table = {
+        "path": tf.constant(cols["path"].astype(str)),
+        "sha256": tf.constant(cols["sha256"].astype(str)),
+        "height": tf.constant(cols["height"]),
+        "width": tf.constant(cols["width"]),
+        "orientation": tf.constant(cols["orientation"]),
+        "ratio": tf.constant(cols["ratio"]),
+        "label": tf.constant(labels),
+    }
+    seed64 = tf.constant(int(seed) & 0x7FFFFFFF, tf.int64)
+
+    def one(index: Any, epoch: Any) -> Any:
+        image = load(
+            table["path"][index],
+            table["sha256"][index],
+            table["height"][index],
+            table["width"][index],
+            table["orientation"][index],
+            table["ratio"][index],
+            epoch,
+        )
+        return image, table["label"][index]
+
+    def epoch_dataset(epoch: Any) -> Any:
+        order = tf.argsort(tf.random.stateless_uniform([n], seed=tf.stack([seed64, epoch])))
+        indices = tf.data.Dataset.from_tensor_slices(order)
+        epochs = tf.data.Dataset.from_tensors(epoch).repeat(n)
+        pairs = tf.data.Dataset.zip((indices, epochs))
+        return pairs.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch)
+
+    ds = tf.data.Dataset.counter(dtype=tf.int64).flat_map(epoch_dataset)
+    finish = _finish_fn(rescale, preprocess)
+    if finish is not None:
+        ds = ds.map(lambda x, y: (finish(x), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE), math.ceil(n / batch)

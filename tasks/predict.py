@@ -1,0 +1,211 @@
+"""Predict with a saved model (``retrainflow predict``) and export it as a TF SavedModel (``retrainflow export``).
+
+The model is one ``.keras`` file with ``classes.json`` beside it, loaded with Keras' safe mode. Files and folders
+(recursively, hidden files skipped) are checked with the index stage's checks (:func:`tasks.images.inspect_image`)
+and fed in batches through the same input pipeline as evaluation (:func:`tasks.pipeline.view_dataset`, the one
+decoder :func:`tasks.images.decode_rgb`); a file that cannot be read or decoded gets a row with an ``error``
+instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_MAX_PIXELS = 89_478_485  # the same decompression-bomb guard as data.max_pixels' default
+OUTPUT_FORMATS = ("csv", "json")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One input file: the predicted label and confidence with all class probabilities, or an error."""
+
+    path: str
+    label: str | None = None
+    confidence: float | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Checked:
+    path: Path
+    sha256: str
+    orientation: int
+    width: int
+    height: int
+    format: str
+
+
+def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders as their files (recursive, sorted, hidden files and folders skipped).
+
+    A path that does not exist is kept: it becomes an error row.
+    """
+    if not paths:
+        raise ValueError("predict: expected at least one file or folder, got none")
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                rel = child.relative_to(path).parts
+                if child.is_file() and not any(part.startswith(".") for part in rel):
+                    out.append(child)
+        else:
+            out.append(path)
+    return out
+
+
+def check_file(path: Path, max_pixels: int) -> _Checked:
+    """Read and check one file as the index stage does; raises ``OSError`` / ``ValueError`` with a reason."""
+    from tasks.images import inspect_image
+
+    contents = path.read_bytes()
+    info = inspect_image(contents, max_pixels)
+    return _Checked(
+        path=path.resolve(),
+        sha256=hashlib.sha256(contents).hexdigest(),
+        orientation=info.orientation,
+        width=info.width,
+        height=info.height,
+        format=info.format,
+    )
+
+
+def _rows(checked: Sequence[_Checked]) -> Any:
+    """An index-shaped table for ``view_dataset``: absolute paths written relative to the filesystem root."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "path": [c.path.relative_to(c.path.anchor).as_posix() for c in checked],
+            "label": ["" for _ in checked],
+            "class_id": [0 for _ in checked],
+            "split": ["test" for _ in checked],
+            "sha256": [c.sha256 for c in checked],
+            "width": [c.width for c in checked],
+            "height": [c.height for c in checked],
+            "bytes": [c.path.stat().st_size for c in checked],
+            "orientation": [c.orientation for c in checked],
+            "format": [c.format for c in checked],
+        }
+    )
+
+
+def _predict_checked(
+    model: Any, checked: Sequence[_Checked], image_size: tuple[int, int], batch_size: int
+) -> np.ndarray:
+    from tasks.pipeline import view_dataset
+
+    anchor = Path(checked[0].path.anchor)
+    dataset = view_dataset(_rows(checked), anchor, image_size=image_size, batch_size=batch_size)
+    outputs = [np.asarray(model.predict_on_batch(batch)) for batch in dataset]
+    return np.concatenate(outputs) if outputs else np.zeros((0, 1))
+
+
+def _to_prediction(path: Path, output: np.ndarray, names: tuple[str, ...]) -> Prediction:
+    from tasks.evaluate import probability_matrix
+
+    probs = probability_matrix(output[None, :], len(names))[0]
+    best = int(probs.argmax())
+    return Prediction(
+        path=str(path),
+        label=names[best],
+        confidence=float(probs[best]),
+        probabilities={name: float(p) for name, p in zip(names, probs, strict=True)},
+    )
+
+
+def _short_error(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{type(err).__name__}: {text}"[:300]
+
+
+def predict_files(
+    model: Any,
+    names: tuple[str, ...],
+    files: Iterable[Path],
+    *,
+    batch_size: int = 32,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[Prediction]:
+    """One :class:`Prediction` per file, in order; unreadable or undecodable files get an ``error``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    files = list(files)
+    image_size = (int(model.input_shape[1]), int(model.input_shape[2]))
+    results: dict[int, Prediction] = {}
+    good: list[tuple[int, _Checked]] = []
+    for i, path in enumerate(files):
+        try:
+            good.append((i, check_file(path, max_pixels)))
+        except Exception as err:  # a bad file is reported in its row, never fatal
+            results[i] = Prediction(path=str(path), error=_short_error(err))
+    for start in range(0, len(good), batch_size):
+        chunk = good[start : start + batch_size]
+        try:
+            outputs = _predict_checked(model, [c for _, c in chunk], image_size, batch_size)
+            pairs = list(zip(chunk, outputs, strict=True))
+        except Exception:  # one file broke the batch: retry one by one so only that file gets an error
+            pairs = []
+            for item in chunk:
+                try:
+                    pairs.append((item, _predict_checked(model, [item[1]], image_size, 1)[0]))
+                except Exception as err:
+                    results[item[0]] = Prediction(path=str(files[item[0]]), error=_short_error(err))
+        for (i, _), output in pairs:
+            results[i] = _to_prediction(files[i], output, names)
+    return [results[i] for i in range(len(files))]
+
+
+def predict_paths(model_file: Path, paths: Sequence[str | Path], *, batch_size: int = 32) -> list[Prediction]:
+    """Load ``model_file`` (safe mode, classes beside it) and predict every file under ``paths``."""
+    from tasks.heads import load_bundle
+
+    bundle = load_bundle(Path(model_file))
+    return predict_files(bundle.model, bundle.names, expand_paths(paths), batch_size=batch_size)
+
+
+def format_predictions(predictions: Sequence[Prediction], names: Sequence[str], fmt: str) -> str:
+    """CSV (``path,label,confidence,p_<class>...,error``) or JSON (a list of objects)."""
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"format: expected one of {OUTPUT_FORMATS}, got {fmt!r}")
+    if fmt == "json":
+        return json.dumps([p.__dict__ for p in predictions], indent=2) + "\n"
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "label", "confidence", *(f"p_{n}" for n in names), "error"])
+    for p in predictions:
+        probs = [f"{p.probabilities[n]:.6f}" if n in p.probabilities else "" for n in names]
+        conf = f"{p.confidence:.6f}" if p.confidence is not None else ""
+        writer.writerow([p.path, p.label or "", conf, *probs, p.error or ""])
+    return buf.getvalue()
+
+
+def export_saved_model(model_file: Path, output_dir: Path) -> Path:
+    """Export the ``.keras`` model as a TF SavedModel (``serve`` endpoint: float32 ``[B, H, W, 3]`` 0-255 in)."""
+    from tasks.heads import load_bundle
+
+    bundle = load_bundle(Path(model_file))
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"export: {output_dir} exists and is not empty; choose another --output")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    bundle.model.export(str(output_dir), format="tf_saved_model", verbose=False)
+    (output_dir / "classes.json").write_text(
+        json.dumps(
+            {"names": list(bundle.names), "class_mode": bundle.class_mode, "num_classes": len(bundle.names)},
+            indent=2,
+        )
+        + "\n"
+    )
+    return output_dir

@@ -1,0 +1,316 @@
+"""Augmentation engine: each transform against a hand-computed reference and against the legacy
+ImageDataGenerator on tiny images; parameter draws; policies, hashes, view ids and grids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.augment import (
+    CLEAN_VIEW,
+    FILL_MODES,
+    AugmentPolicy,
+    ViewParameters,
+    draw_parameters,
+    expand_grid,
+    photometric,
+    policy_from_config,
+    render_view,
+    transform_matrix,
+    view_id,
+    view_uniforms,
+    warp,
+)
+from tasks.config import AugmentConfig, ParamsError, params_from_dict
+
+N = 5  # tiny square images: centre pixel 2
+
+
+def ramp(n: int = N) -> np.ndarray:
+    """[n, n, 3] float32, value 10 * row + col in every channel (so each pixel says where it came from)."""
+    rows, cols = np.mgrid[0:n, 0:n]
+    return np.repeat((10.0 * rows + cols)[..., None], 3, axis=2).astype(np.float32)
+
+
+def apply(
+    params: ViewParameters, image: np.ndarray, fill_mode: str = "nearest", cval: float = 0.0
+) -> np.ndarray:
+    size = image.shape[:2]
+    return warp(image, transform_matrix(params, size), image_size=size, fill_mode=fill_mode, cval=cval)[
+        ..., 0
+    ]
+
+
+# --------------------------------------------------------------------------------- hand-computed references
+def test_rotation_90_degrees_is_rot90():
+    image = ramp()
+    out = apply(ViewParameters(theta=90.0), image)
+    np.testing.assert_allclose(out, np.rot90(image[..., 0], k=1), atol=1e-3)
+    out = apply(ViewParameters(theta=-90.0), image)
+    np.testing.assert_allclose(out, np.rot90(image[..., 0], k=-1), atol=1e-3)
+
+
+def test_pure_shift_moves_content_by_whole_pixels():
+    image = ramp()
+    out = apply(ViewParameters(tx=2.0), image)  # output x samples input x + 2
+    np.testing.assert_array_equal(out[:, :3], image[:, 2:, 0])
+    out = apply(ViewParameters(ty=-1.0), image)  # output y samples input y - 1
+    np.testing.assert_array_equal(out[1:], image[:-1, :, 0])
+
+
+def test_shear_keeps_the_centre_row_and_slides_the_others():
+    image = ramp(7)
+    angle = 30.0  # sin = 0.5: one row away from the centre slides by half a pixel
+    out = apply(ViewParameters(shear=angle), image)
+    c = 3
+    cos = np.cos(np.radians(angle))
+    # x_in = x - sin(s) (y - c), y_in = c + cos(s) (y - c): the centre row is the identity
+    np.testing.assert_allclose(out[c], image[c, :, 0], atol=1e-3)
+    # row c + 2: x_in = x - 1 (whole pixel), y_in = c + 2 cos(s) -> bilinear between rows 4 and 5
+    y_in = c + 2 * cos
+    frac = y_in - np.floor(y_in)
+    expected = (1 - frac) * (10 * np.floor(y_in) + np.arange(-1, 6)) + frac * (
+        10 * np.ceil(y_in) + np.arange(-1, 6)
+    )
+    np.testing.assert_allclose(out[c + 2, 1:], expected[1:], atol=1e-2)
+
+
+def test_zoom_in_and_out_about_the_centre():
+    image = ramp()
+    zin = apply(ViewParameters(zx=0.5, zy=0.5), image)  # input = centre + 0.5 (output - centre)
+    assert zin[2, 2] == pytest.approx(22.0)
+    assert zin[2, 0] == pytest.approx(21.0)  # x_in = 1
+    assert zin[2, 1] == pytest.approx(21.5)  # x_in = 1.5: halfway between cols 1 and 2
+    assert zin[0, 2] == pytest.approx(12.0)  # y_in = 1
+    zout = apply(ViewParameters(zx=2.0, zy=1.0), image, fill_mode="nearest")  # x_in = 2 + 2 (x - 2)
+    np.testing.assert_allclose(zout[3], [30, 30, 32, 34, 34], atol=1e-3)  # -2 and 6 clamp to 0 and 4
+
+
+def test_flips_mirror_the_output():
+    image = ramp()
+    np.testing.assert_allclose(apply(ViewParameters(flip_h=True), image), image[:, ::-1, 0], atol=1e-4)
+    np.testing.assert_allclose(apply(ViewParameters(flip_v=True), image), image[::-1, :, 0], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("fill_mode", "expected"),
+    [
+        ("constant", [9, 9, 0, 1, 2]),
+        ("nearest", [0, 0, 0, 1, 2]),
+        ("reflect", [1, 0, 0, 1, 2]),  # half-sample symmetric: b a | a b c
+        ("wrap", [2, 3, 0, 1, 2]),  # scipy's wrap (ImageDataGenerator): period size - 1
+    ],
+)
+def test_fill_modes_differ_at_the_border_like_image_data_generator(fill_mode, expected):
+    image = ramp()
+    out = apply(ViewParameters(tx=-2.0), image, fill_mode=fill_mode, cval=9.0)
+    np.testing.assert_allclose(out[0], expected, atol=1e-4)
+
+
+# -------------------------------------------------------------------------- against the legacy generator
+LEGACY_CASES = [
+    {"theta": 90},
+    {"tx": 2},
+    {"ty": -3},
+    {"shear": 17},
+    {"zx": 0.5, "zy": 0.7},
+    {"zx": 1.4, "zy": 1.2},
+    {"theta": 33, "tx": 1.3, "ty": -0.7, "shear": 8, "zx": 0.9, "zy": 1.1},
+    {"tx": 1.5, "flip_horizontal": True, "flip_vertical": True},
+]
+
+
+@pytest.mark.parametrize("fill_mode", FILL_MODES)
+def test_matches_legacy_apply_transform_on_square_images(fill_mode):
+    """ImageDataGenerator.apply_transform (scipy) is the reference; on square images the semantics agree."""
+    legacy = pytest.importorskip("tensorflow.keras.preprocessing.image")
+    pytest.importorskip("scipy")
+    generator = legacy.ImageDataGenerator(fill_mode=fill_mode, cval=7.0)
+    image = np.random.default_rng(0).uniform(0, 255, (9, 9, 3)).astype(np.float32)
+    for case in LEGACY_CASES:
+        reference = generator.apply_transform(image, case)
+        geometry = {k: v for k, v in case.items() if not k.startswith("flip")}
+        params = ViewParameters(
+            **geometry, flip_h=case.get("flip_horizontal", False), flip_v=case.get("flip_vertical", False)
+        )
+        ours = warp(image, transform_matrix(params, (9, 9)), image_size=(9, 9), fill_mode=fill_mode, cval=7.0)
+        np.testing.assert_allclose(ours, reference, atol=0.05, err_msg=f"{fill_mode} {case}")
+
+
+def test_photometric_matches_legacy_channel_shift_and_brightness():
+    image = np.random.default_rng(1).uniform(20, 200, (6, 6, 3)).astype(np.float32)
+    shifted = photometric(image, ViewParameters(channel=30.0))
+    np.testing.assert_allclose(shifted, np.clip(image + 30, image.min(), image.max()), atol=1e-4)
+    assert shifted.max() == pytest.approx(image.max())  # clipped to the image's own range
+    bright = photometric(image, ViewParameters(brightness=1.5))
+    np.testing.assert_allclose(bright, np.clip(image * 1.5, 0, 255), atol=1e-3)
+    assert bright.dtype == np.float32
+
+
+def test_resize_is_folded_into_the_same_resampling():
+    """A horizontal ramp resized from 40 to 10 columns keeps its (half-pixel-centred) values."""
+    source = np.repeat(np.repeat(np.arange(40, dtype=np.float32)[None, :, None], 20, 0), 3, 2)
+    clean = warp(source, None, image_size=(5, 10))
+    np.testing.assert_allclose(clean[0, :, 0], 4 * np.arange(10) + 1.5, atol=0.05)
+    # the same geometry at full and at DCT-reduced resolution (the reduced image is the 2x2 block average)
+    reduced = source.reshape(20, 20, 2, 3).mean(axis=2)[::2]
+    half = warp(reduced, None, image_size=(5, 10), source_size=(20, 40), ratio=2)
+    np.testing.assert_allclose(half, clean, atol=0.05)
+    # augmentation + resize in one step: a horizontal flip of the resized ramp
+    flipped = warp(source, transform_matrix(ViewParameters(flip_h=True), (5, 10)), image_size=(5, 10))
+    np.testing.assert_allclose(flipped[0, :, 0], clean[0, ::-1, 0], atol=0.05)
+
+
+# ------------------------------------------------------------------------------------------------ draws
+def test_draw_parameters_follow_image_data_generator_ranges():
+    policy = AugmentPolicy(
+        rotation_range=15,
+        width_shift_range=0.1,
+        height_shift_range=3,  # pixels when >= 1
+        shear_range=10,
+        zoom_range=(0.8, 1.2),
+        horizontal_flip=True,
+        channel_shift_range=20,
+        brightness_range=(0.5, 1.5),
+    )
+    lowest = draw_parameters(policy, (0.0,) * 10, (40, 60))
+    highest = draw_parameters(policy, (1.0 - 1e-9,) * 10, (40, 60))
+    assert lowest.theta == pytest.approx(-15) and highest.theta == pytest.approx(15)
+    assert lowest.tx == pytest.approx(-6) and highest.tx == pytest.approx(6)  # 0.1 of the width 60
+    assert lowest.ty == pytest.approx(-3) and highest.ty == pytest.approx(3)  # 3 pixels
+    assert (
+        lowest.shear == pytest.approx(-10)
+        and highest.zx == pytest.approx(1.2)
+        and lowest.zy == pytest.approx(0.8)
+    )
+    assert lowest.flip_h and not highest.flip_h and not lowest.flip_v  # vertical flip disabled
+    assert lowest.channel == pytest.approx(-20) and highest.brightness == pytest.approx(1.5)
+    none = draw_parameters(AugmentPolicy(), (0.3,) * 10, (40, 60))
+    assert none == ViewParameters()
+
+
+def test_zoom_factors_are_independent():
+    policy = AugmentPolicy(zoom_range=(0.5, 1.5))
+    draws = [draw_parameters(policy, view_uniforms(f"{i:064x}", 0, 0), (8, 8)) for i in range(200)]
+    zx = np.array([d.zx for d in draws])
+    zy = np.array([d.zy for d in draws])
+    assert zx.min() >= 0.5 and zx.max() <= 1.5
+    assert abs(np.corrcoef(zx, zy)[0, 1]) < 0.3 and not np.allclose(zx, zy)
+
+
+def test_view_uniforms_are_a_pure_function_of_sha_seed_and_pass():
+    a = view_uniforms("ab" * 32, 0, 1)
+    assert a == view_uniforms("ab" * 32, 0, 1)
+    assert len(a) == 10 and all(0 <= u < 1 for u in a)
+    assert a != view_uniforms("ab" * 32, 1, 1)
+    assert a != view_uniforms("ab" * 32, 0, 2)
+    assert a != view_uniforms("cd" * 32, 0, 1)
+
+
+def test_render_view_is_deterministic_and_clean_without_policy():
+    image = (ramp(8) * 3).astype(np.uint8)
+    policy = AugmentPolicy(rotation_range=40, zoom_range=(0.7, 1.3), horizontal_flip=True, fill_mode="wrap")
+    one = render_view(image, "aa" * 32, 3, policy, image_size=(6, 6))
+    np.testing.assert_array_equal(one, render_view(image, "aa" * 32, 3, policy, image_size=(6, 6)))
+    assert not np.array_equal(one, render_view(image, "aa" * 32, 4, policy, image_size=(6, 6)))
+    clean = render_view(image, "aa" * 32, 0, None, image_size=(6, 6))
+    np.testing.assert_array_equal(clean, render_view(image, "aa" * 32, 9, AugmentPolicy(), image_size=(6, 6)))
+    assert one.dtype == np.float32 and one.shape == (6, 6, 3)
+
+
+# --------------------------------------------------------------------------------------- policies, hashes
+def test_policy_from_config_uses_image_data_generator_vocabulary():
+    policy = policy_from_config(AugmentConfig(zoom_range=0.2, rotation_range=15, seed=3, fill_mode="reflect"))
+    assert policy.zoom_range == pytest.approx((0.8, 1.2))
+    assert policy.rotation_range == 15 and policy.seed == 3 and policy.fill_mode == "reflect"
+    assert policy_from_config(AugmentConfig(zoom_range=[0.5, 1.0])).zoom_range == (0.5, 1.0)
+    with pytest.raises(TypeError, match="AugmentConfig"):
+        policy_from_config({"zoom_range": 0.2})
+
+
+def test_short_hash_is_stable_and_covers_every_visual_field_and_the_seed():
+    policy = policy_from_config(AugmentConfig())
+    # a literal: the hash must not change across runs, machines or Python versions
+    assert policy.short_hash == "ab2f600ddebf"
+    assert len(policy.short_hash) == 12
+    assert policy_from_config(AugmentConfig(), name="other").short_hash == policy.short_hash
+    variants = {
+        "seed": 1,
+        "rotation_range": 1,
+        "width_shift_range": 0.1,
+        "height_shift_range": 0.1,
+        "shear_range": 1,
+        "zoom_range": 0.1,
+        "channel_shift_range": 1,
+        "brightness_range": [0.9, 1.1],
+        "horizontal_flip": True,
+        "vertical_flip": True,
+        "fill_mode": "wrap",
+        "cval": 3,
+        "rescale": 0.5,
+    }
+    hashes = {policy_from_config(AugmentConfig(**{k: v})).short_hash for k, v in variants.items()}
+    assert len(hashes) == len(variants) and policy.short_hash not in hashes
+    assert (
+        policy_from_config(AugmentConfig(passes=7)).short_hash == policy.short_hash
+    )  # passes: how many, not how
+
+
+def test_view_id():
+    policy = AugmentPolicy(rotation_range=5)
+    assert view_id(None, 0) == CLEAN_VIEW == "clean"
+    assert view_id(policy, 2) == f"{policy.short_hash}:2"
+    with pytest.raises(ValueError, match="-1"):
+        view_id(policy, -1)
+    with pytest.raises(TypeError, match="AugmentPolicy"):
+        view_id("policy", 0)
+
+
+def test_policy_validates_its_fields():
+    with pytest.raises(ValueError, match="'mirror'"):
+        AugmentPolicy(fill_mode="mirror")
+    with pytest.raises(ValueError, match="zoom_range"):
+        AugmentPolicy(zoom_range=(1.2, 0.8))
+
+
+# ------------------------------------------------------------------------------------------------ grids
+GRID = {
+    "rotation_range": [0, 15],
+    "zoom_range": [0.1, [0.9, 1.3]],
+    "fill_mode": ["nearest", "reflect", "wrap"],
+}
+
+
+def test_grid_expands_into_named_policies_in_product_order():
+    cfg = AugmentConfig(grid=GRID, shear_range=5)
+    policies = expand_grid(cfg, seed=0)
+    assert len(policies) == 12
+    assert policies[0].name == "rotation_range=0,zoom_range=0.1,fill_mode=nearest"
+    assert policies[-1].name == "rotation_range=15,zoom_range=[0.9,1.3],fill_mode=wrap"
+    assert policies[-1].zoom_range == (0.9, 1.3) and policies[0].zoom_range == pytest.approx((0.9, 1.1))
+    assert all(p.shear_range == 5 for p in policies)  # the non-grid values come from the config
+    assert len({p.short_hash for p in policies}) == 12
+
+
+def test_grid_sampling_is_reproducible_and_a_subset():
+    cfg = AugmentConfig(grid=GRID, grid_samples=4)
+    full = [p.name for p in expand_grid(AugmentConfig(grid=GRID), seed=0)]
+    first = [p.name for p in expand_grid(cfg, seed=7)]
+    assert first == [p.name for p in expand_grid(cfg, seed=7)]
+    assert len(first) == 4 and set(first) <= set(full)
+    assert first == [n for n in full if n in first]  # kept in product order
+    others = {tuple(p.name for p in expand_grid(cfg, seed=s)) for s in range(8)}
+    assert len(others) > 1  # the seed matters
+    assert len(expand_grid(AugmentConfig(grid=GRID, grid_samples=50), seed=0)) == 12  # k >= product: all
+
+
+def test_no_grid_is_the_single_configured_policy():
+    cfg = AugmentConfig(rotation_range=12)
+    assert expand_grid(cfg, seed=0) == [policy_from_config(cfg)]
+    with pytest.raises(ValueError, match="'x'"):
+        expand_grid(cfg, seed="x")
+
+
+def test_grid_values_are_validated_up_front():
+    with pytest.raises(ParamsError, match="fill_mode"):
+        params_from_dict({"augment": {"grid": {"fill_mode": ["nearest", "mirror"]}}})

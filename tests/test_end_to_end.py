@@ -1,0 +1,165 @@
+"""A tiny end-to-end run on generated colour images: index -> features -> top -> finetune -> evaluate -> predict."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from imagegen import CLASS_COLOURS, coloured_image, make_class_folders
+
+from tasks.config import params_from_dict
+from tasks.layout import Layout
+
+CLASSES = ["red", "green", "blue"]
+
+
+def calibrated_random_weights(path, images):
+    """A random-init MobileNet 0.25 (32 px) whose BatchNorm statistics are measured on ``images``.
+
+    With ``weights: none`` the frozen base's BatchNorm layers keep their initial statistics (mean 0, variance 1), so
+    activations shrink block after block and the pooled features come out near 1e-17 (zero in float16): nothing
+    to learn from. Setting each BatchNorm's moving statistics from one batch (a data-dependent init) keeps the base
+    random and tiny but makes its features informative, like a pretrained base's, at no download.
+    """
+    import keras
+
+    from tasks.bases import load_base
+    from tasks.config import BaseConfig
+
+    loaded = load_base(BaseConfig(name="mobilenet", weights="none", alpha=0.25), (32, 32))
+    model = loaded.model
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    model.trainable = True
+    for layer in norms:
+        layer.momentum = 0.0  # moving statistics := this batch's statistics
+    model(loaded.spec.preprocess(images), training=True)
+    model.save_weights(path)
+    return path
+
+
+def tiny_params(data_root, weights="none", **finetune):
+    return params_from_dict(
+        {
+            "seed": 1,
+            "data": {"root": str(data_root), "split": {"train": 0.6, "val": 0.2, "test": 0.2}},
+            "image": {"size": 32},
+            "augment": {"passes": 1, "horizontal_flip": True, "rotation_range": 10},
+            "base": {"name": "mobilenet", "weights": str(weights), "alpha": 0.25},
+            "features": {"batch_size": 16},
+            "top": {
+                "heads": [
+                    {"name": "linear", "type": "linear"},
+                    {"name": "dense16", "type": "dense", "units": 16, "dropout": 0.2},
+                ],
+                "epochs": 40,
+                "lr": 0.01,
+                "batch_size": 16,
+                "patience": 6,
+            },
+            "finetune": {"epochs": 2, "unfreeze_blocks": 1, "batch_size": 8, "lr": 0.001, **finetune},
+            "evaluate": {"batch_size": 16, "preview_images": 8},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """The whole pipeline once on 3 colour classes x 20 images (32 px, random-init MobileNet 0.25)."""
+    from tasks.evaluate import run_evaluate
+    from tasks.features import run_features
+    from tasks.finetune import run_finetune
+    from tasks.index import run_index
+    from tasks.train_top import run_train_top
+
+    root = tmp_path_factory.mktemp("e2e")
+    data = make_class_folders(root / "images", CLASSES, per_class=20, size=40)
+    calibration = np.stack(
+        [
+            np.asarray(coloured_image(colour, 32, seed=1000 + i))
+            for i, colour in enumerate(CLASS_COLOURS.values())
+        ]
+        * 4
+    ).astype("float32")
+    weights = calibrated_random_weights(root / "base.weights.h5", calibration)
+    layout = Layout(root / "work")
+    params = tiny_params(data, weights)
+    run_index(params, layout)
+    run_features(params, layout, show_progress=False)
+    top = run_train_top(params, layout)
+    ft = run_finetune(params, layout)
+    ev = run_evaluate(params, layout)
+    return params, layout, data, top, ft, ev
+
+
+@pytest.mark.slow
+def test_pipeline_learns_colours_well_above_chance(workspace):
+    params, layout, _, top, ft, ev = workspace
+    assert top.val_accuracy >= 0.8
+    assert ev.test_images >= 6
+    assert ev.test_accuracy >= 0.8 and ev.top_only_test_accuracy >= 0.8  # chance is 1/3
+    metrics = json.loads((layout.metrics_dir / "evaluate.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(ev.test_accuracy)
+    assert {"test_loss", "test_macro_f1", "val_accuracy", "top_only_test_accuracy", "test_f1_red"} <= set(
+        metrics
+    )
+    assert all(isinstance(v, int | float | str) for v in metrics.values())  # flat, for dvc metrics
+    # fine-tuning keeps the best val loss, where epoch 0 is the top-only model: never worse on val
+    assert ft.val_loss <= ft.top_only_val_loss + 1e-6
+    assert not ft.skipped and ft.epochs_run >= 1 and ft.trainable_layers
+    assert not layout.finetune_checkpoints.exists()  # cleaned up on success
+
+
+@pytest.mark.slow
+def test_stage_outputs_exist(workspace):
+    _, layout, *_ = workspace
+    for path in (
+        layout.top_dir / "head.keras",
+        layout.metrics_dir / "top.json",
+        layout.reports_dir / "top_comparison.md",
+        layout.plots_dir / "top_history.csv",
+        layout.candidate_model,
+        layout.candidate_dir / "classes.json",
+        layout.metrics_dir / "finetune.json",
+        layout.plots_dir / "finetune_history.csv",
+        layout.plots_dir / "confusion.csv",
+        layout.reports_dir / "model_comparison.md",
+        layout.reports_dir / "training_curves.png",
+        layout.reports_dir / "confusion_matrix.png",
+        layout.reports_dir / "predictions.png",
+    ):
+        assert path.is_file(), path
+    top = json.loads((layout.metrics_dir / "top.json").read_text())
+    assert set(top["heads"]) == {"linear", "dense16"}
+    confusion = (layout.plots_dir / "confusion.csv").read_text().splitlines()
+    assert confusion[0] == "actual,predicted" and all(r.split(",")[0] in CLASSES for r in confusion[1:])
+    comparison = (layout.reports_dir / "model_comparison.md").read_text()
+    assert "top-only" in comparison and "fine-tuned" in comparison
+
+
+@pytest.mark.slow
+def test_predict_on_the_data_folder(workspace):
+    from tasks.predict import predict_paths
+
+    _, layout, data, *_ = workspace
+    preds = predict_paths(layout.candidate_model, [data])
+    assert len(preds) == 60 and not any(p.error for p in preds)
+    right = sum(p.label == p.path.split("/")[-2] for p in preds)
+    assert right / len(preds) >= 0.8
+
+
+@pytest.mark.slow
+def test_finetune_epochs_zero_gives_the_top_only_model(workspace):
+    from tasks.finetune import load_top_model, run_finetune
+    from tasks.heads import load_bundle
+
+    params, layout, *_ = workspace
+    skip = tiny_params(params.data.root, params.base.weights, epochs=0)
+    manifest = run_finetune(skip, layout)
+    assert manifest.skipped and manifest.epochs_run == 0
+    bundle = load_bundle(layout.candidate_model)
+    top_only, _, _ = load_top_model(skip, layout)
+    x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(bundle.model.predict(x, verbose=0), top_only.predict(x, verbose=0), atol=1e-5)
+    rows = (layout.plots_dir / "finetune_history.csv").read_text().splitlines()
+    assert rows == ["epoch,loss,accuracy,val_loss,val_accuracy"]

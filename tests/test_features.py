@@ -1,0 +1,359 @@
+"""The features stage: incremental hit/miss accounting, reading back, kill-and-resume, exactness, real weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from imagegen import CLASS_COLOURS, coloured_image, make_class_folders
+
+from tasks.config import Params, params_from_dict
+from tasks.layout import Layout
+
+TESTS = Path(__file__).resolve().parent
+CLASSES = ("blue", "red")
+SPLIT_CYCLE = ("train", "train", "train", "val", "test")  # about 3 train : 1 val : 1 test
+TINY = {
+    "image": {"size": 32},
+    "base": {"name": "mobilenet", "alpha": 0.25, "weights": "none"},
+    # float32: a random-init base's pooled features are ~1e-17, which float16 would store as zeros
+    "features": {"batch_size": 8, "shard_size": 8, "dtype": "float32"},
+    "augment": {"passes": 2, "rotation_range": 10, "horizontal_flip": True, "fill_mode": "reflect"},
+}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def tiny_params(root: Path, **sections: dict[str, Any]) -> Params:
+    raw: dict[str, Any] = {k: dict(v) for k, v in TINY.items()}
+    raw["data"] = {"root": str(root)}
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return params_from_dict(raw)
+
+
+def hand_index(root: Path) -> pd.DataFrame:
+    """An index table in the documented columns for every PNG under ``root`` (split chosen by sha256)."""
+    rows = []
+    for path in sorted(root.rglob("*.png")):
+        label = path.parent.name
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        rows.append(
+            {
+                "path": path.relative_to(root).as_posix(),
+                "label": label,
+                "class_id": CLASSES.index(label),
+                "split": SPLIT_CYCLE[int(sha[:8], 16) % len(SPLIT_CYCLE)],  # a function of the content
+                "sha256": sha,
+                "width": 40,
+                "height": 40,
+                "bytes": path.stat().st_size,
+                "orientation": 1,
+                "format": "PNG",
+            }
+        )
+    return pd.DataFrame(rows).sort_values("path").reset_index(drop=True)
+
+
+def view_source(rows: Any, root: Path, **kwargs: Any) -> Any:
+    """The stage's image source, ``tasks.pipeline.view_dataset``."""
+    from tasks.pipeline import view_dataset
+
+    return view_dataset(rows, root, **kwargs)
+
+
+class Recorder:
+    """Wraps the image source and records which (view, sha256) the stage asked it for."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def __call__(self, rows: Any, root: Path, **kwargs: Any) -> Any:
+        from tasks.augment import view_id
+
+        self.calls.append((view_id(kwargs.get("policy"), kwargs.get("pass_number", 0)), list(rows["sha256"])))
+        return view_source(rows, root, **kwargs)
+
+    def asked(self) -> set[tuple[str, str]]:
+        return {(view, sha) for view, shas in self.calls for sha in shas}
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    import tasks.features
+
+    rec = Recorder()
+    monkeypatch.setattr(tasks.features, "_view_dataset", rec)
+    return rec
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> tuple[Path, Layout]:
+    root = make_class_folders(tmp_path / "images", CLASSES, per_class=10, size=40)
+    return root, Layout(tmp_path / "ws")
+
+
+def counts(index: pd.DataFrame, passes: int) -> dict[str, int]:
+    n = index["split"].value_counts().to_dict()
+    return {"train": n.get("train", 0), "val": n.get("val", 0), "test": n.get("test", 0), "passes": passes}
+
+
+# ------------------------------------------------------------------------------------------------ tests
+@pytest.mark.slow
+def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.CaptureFixture):
+    from tasks.features import run_features
+
+    root, layout = workspace
+    index = hand_index(root)
+    c = counts(index, 2)
+    params = tiny_params(root)
+    total = c["train"] * 3 + c["val"] + c["test"]
+
+    # 1. first run computes every view: clean + 2 augmented per train image, clean for val/test
+    first = run_features(params, layout, index=index, show_progress=False)
+    assert (first.computed, first.reused, first.pairs) == (total, 0, total)
+    assert json.loads(layout.features_manifest.read_text())["computed"] == total
+    assert f"computed {total}, reused 0" in capsys.readouterr().err
+    assert first.views["train"][0] == "clean" and len(first.views["train"]) == 3
+    assert first.views["val"] == ["clean"]
+
+    # 2. a second run computes nothing and asks the input pipeline for nothing
+    recorder.calls.clear()
+    second = run_features(params, layout, index=index, show_progress=False)
+    assert (second.computed, second.reused) == (0, total)
+    assert recorder.calls == [] and second.content_hash == first.content_hash
+    assert f"computed 0, reused {total}" in capsys.readouterr().err
+
+    # 3. +10% images (2 of 20): only their views are computed
+    new_files = []
+    for i, name in enumerate(CLASSES):
+        coloured_image(CLASS_COLOURS[name], 40, seed=9_000 + i).save(root / name / f"{name}_new.png")
+        new_files.append(f"{name}/{name}_new.png")
+    grown = hand_index(root)
+    new = grown[grown["path"].isin(new_files)]
+    assert len(new) == 2 and set(grown["sha256"]) > set(index["sha256"])
+    new_views = sum(3 if s == "train" else 1 for s in new["split"])
+    recorder.calls.clear()
+    third = run_features(params, layout, index=grown, show_progress=False)
+    assert (third.computed, third.reused) == (new_views, total)
+    assert {sha for _, sha in recorder.asked()} == set(new["sha256"])
+
+    # 4. top / finetune / evaluate params do not touch the features
+    other = tiny_params(
+        root, top={"lr": 0.5, "epochs": 3}, finetune={"unfreeze_blocks": 5}, evaluate={"batch_size": 4}
+    )
+    fourth = run_features(other, layout, index=grown, show_progress=False)
+    assert (fourth.computed, fourth.cache_key) == (0, first.cache_key)
+
+    # 5. another augmentation recomputes exactly the augmented views, never the clean ones
+    c = counts(grown, 2)
+    all_views = c["train"] * 3 + c["val"] + c["test"]
+    recorder.calls.clear()
+    aug = tiny_params(root, augment={"rotation_range": 20})
+    fifth = run_features(aug, layout, index=grown, show_progress=False)
+    assert (fifth.computed, fifth.reused) == (c["train"] * 2, all_views - c["train"] * 2)
+    assert all(view != "clean" for view, _ in recorder.asked())
+    assert fifth.cache_key == first.cache_key
+
+    # 6. another base (here the width multiplier) recomputes everything under a new key
+    base = tiny_params(root, augment={"rotation_range": 20}, base={"alpha": 0.5})
+    sixth = run_features(base, layout, index=grown, show_progress=False)
+    assert (sixth.computed, sixth.reused) == (all_views, 0) and sixth.cache_key != first.cache_key
+
+    # 7. the same index with no augmented passes needs only clean views: all cached
+    clean_only = tiny_params(root, augment={"passes": 0})
+    seventh = run_features(clean_only, layout, index=grown, show_progress=False)
+    assert (seventh.computed, seventh.reused) == (0, len(grown))
+
+
+def test_read_features_shapes_order_and_guard(workspace, recorder: Recorder):
+    from tasks.features import read_features, run_features
+
+    root, layout = workspace
+    index = hand_index(root)
+    params = tiny_params(root)
+    run_features(params, layout, index=index, show_progress=False)
+    n_train = int((index["split"] == "train").sum())
+    train = read_features(params, layout, "train", "all", index=index)
+    assert train.x.shape == (n_train * 3, 256) and train.x.dtype == np.float32
+    assert list(train.view_ids[:n_train]) == ["clean"] * n_train
+    assert len(set(train.view_ids)) == 3
+    train_rows = index[index["split"] == "train"]
+    np.testing.assert_array_equal(train.class_ids, np.tile(train_rows["class_id"].to_numpy(), 3))
+    assert list(train.sha256[:n_train]) == list(train_rows["sha256"])
+    clean = read_features(params, layout, "train", "clean", index=index)
+    np.testing.assert_array_equal(clean.x, train.x[:n_train])
+    assert np.abs(train.x).max() > 0
+    assert not np.array_equal(train.x[:n_train], train.x[n_train : 2 * n_train])  # augmented views differ
+    val = read_features(params, layout, "val", "all", index=index)  # val has only the clean view
+    assert set(val.view_ids) == {"clean"} and len(val) == int((index["split"] == "val").sum())
+
+    with pytest.raises(ValueError, match="run `retrainflow features`"):
+        read_features(tiny_params(root, features={"pooling": "max"}), layout, "val", index=index)
+    with pytest.raises(KeyError, match="run `retrainflow features`"):  # new augmentation: not computed yet
+        read_features(tiny_params(root, augment={"rotation_range": 30}), layout, "train", index=index)
+    with pytest.raises(ValueError, match="split.*'holdout'"):
+        read_features(params, layout, "holdout", index=index)
+
+
+def test_clean_view_features_equal_the_model_output(workspace, recorder: Recorder):
+    from tasks.bases import load_base
+    from tasks.features import read_features, run_features
+
+    root, layout = workspace
+    index = hand_index(root)
+    params = tiny_params(root, features={"pooling": "max"})
+    run_features(params, layout, index=index, show_progress=False)
+    got = read_features(params, layout, "test", "clean", index=index)
+
+    rows = index[index["split"] == "test"].reset_index(drop=True)
+    pixels = np.concatenate(
+        list(view_source(rows, root, image_size=(32, 32), batch_size=4).as_numpy_iterator())
+    )
+    loaded = load_base(params.base, (32, 32))
+    expected = np.asarray(loaded.model(loaded.spec.preprocess(pixels), training=False)).max(axis=(1, 2))
+    assert np.abs(expected).max() > 0
+    np.testing.assert_allclose(got.x, expected, rtol=1e-4, atol=0)
+
+
+KILL_SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import pandas as pd
+import test_features as T
+import tasks.features
+from tasks.layout import Layout
+root, ws, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+tasks.features._view_dataset = T.view_source
+params = T.tiny_params(T.Path(root), features={{"batch_size": 4, "shard_size": 4}})
+tasks.features.run_features(params, Layout(T.Path(ws)), index=T.hand_index(T.Path(root)),
+                            progress=lambda done, total: time.sleep(delay), show_progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_matches_an_uninterrupted_one(workspace, tmp_path: Path):
+    from tasks.features import cache_root, read_features, run_features
+
+    root, layout = workspace
+    index = hand_index(root)
+    params = tiny_params(root, features={"batch_size": 4, "shard_size": 4})
+    script = KILL_SCRIPT.format(tests=str(TESTS))
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(root), str(layout.root), "0.3"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=TESTS.parent,
+    )
+    manifest = None
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = list(cache_root(params, layout).glob("*/manifest.json"))
+            if found and len(json.loads(found[0].read_text())["shards"]) >= 2:
+                manifest = found[0]
+                break
+            time.sleep(0.02)
+        assert manifest is not None, (
+            f"no shard committed before the child ended: {proc.stderr.read()[-2000:]!r}"
+        )
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert not layout.features_manifest.exists()  # the kill landed mid-extraction
+    committed = sum(s["rows"] for s in json.loads(manifest.read_text())["shards"])
+
+    resumed = run_features(params, layout, index=index, show_progress=False)
+    assert resumed.reused >= committed > 0 and resumed.computed == resumed.pairs - resumed.reused
+
+    clean_ws = Layout(tmp_path / "uninterrupted")
+    run_features(params, clean_ws, index=index, show_progress=False)
+    for split in ("train", "val", "test"):
+        a = read_features(params, layout, split, index=index)
+        b = read_features(params, clean_ws, split, index=index)
+        np.testing.assert_array_equal(a.view_ids, b.view_ids)
+        assert np.abs(a.x).max() > 0
+        np.testing.assert_allclose(a.x, b.x, rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_real_mobilenet_weights_by_path(shared_dir: Path, workspace, recorder: Recorder):
+    from tasks.features import read_features, run_features
+
+    root, layout = workspace
+    index = hand_index(root)
+    weights = shared_dir / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+    params = tiny_params(root, base={"weights": str(weights)}, augment={"passes": 1})
+    first = run_features(params, layout, index=index, show_progress=False)
+    assert first.key_spec["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert first.computed == first.pairs and first.reused == 0
+    again = run_features(params, layout, index=index, show_progress=False)
+    assert (again.computed, again.reused) == (0, first.pairs)
+    random = run_features(tiny_params(root, augment={"passes": 1}), layout, index=index, show_progress=False)
+    assert random.cache_key != first.cache_key and random.computed == random.pairs
+
+    # pretrained features separate the two colour classes with a nearest-centroid rule on clean views
+    tr = read_features(params, layout, "train", "clean", index=index)
+    te = read_features(params, layout, "test", index=index)
+    centroids = np.stack([tr.x[tr.class_ids == k].mean(axis=0) for k in (0, 1)])
+    predicted = np.argmin(((te.x[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
+    assert (predicted == te.class_ids).mean() >= 0.75
+
+
+@pytest.mark.slow
+def test_cli_features_then_cache_list_and_prune(tmp_path: Path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    root = make_class_folders(tmp_path / "images", CLASSES, per_class=8, size=40)
+    raw: dict[str, Any] = {k: dict(v) for k, v in TINY.items()}
+    raw["data"] = {"root": str(root), "min_per_split": 0}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    common = ["--params", str(params_file), "--workdir", str(tmp_path / "ws")]
+    runner = CliRunner()
+
+    def run(*args: str) -> str:
+        result = runner.invoke(app, [*args, *common])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    run("index")
+    first = run("features", "--no-progress")
+    assert first.strip().startswith("computed ") and first.strip().endswith(", reused 0")
+    computed = int(first.split()[1].rstrip(","))
+    assert computed > 16  # 16 images: train ones have 3 views
+    assert run("features", "--no-progress").strip() == f"computed 0, reused {computed}"
+    other = run("features", "--no-progress", "--set", "features.pooling=max", "--json")
+    assert json.loads(other)["computed"] == computed
+
+    listing = run("cache", "list")
+    current = [line for line in listing.splitlines() if line.startswith("* ")]
+    assert len(current) == 1 and f"{computed} rows" in current[0] and "2 keys" in listing
+    current_key = current[0].split()[1]
+    keys = {entry["key"] for entry in json.loads(run("cache", "list", "--json"))}
+    assert len(keys) == 2 and current_key in keys
+    (stale,) = keys - {current_key}
+
+    dry = run("cache", "prune", "--dry-run")
+    assert f"would remove {stale}" in dry and (tmp_path / "ws" / "cache" / "features" / stale).is_dir()
+    assert f"removed {stale}" in run("cache", "prune")
+    assert not (tmp_path / "ws" / "cache" / "features" / stale).exists()
+    assert {e["key"] for e in json.loads(run("cache", "list", "--json"))} == {current_key}
+    assert run("features", "--no-progress").strip() == f"computed 0, reused {computed}"

@@ -1,0 +1,177 @@
+"""Finetune: the full model (preprocessing inside, raw pixels in), partial unfreezing, saving, kill-and-resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.config import BaseConfig, FinetuneConfig, HeadSpec
+
+TINY_BASE = BaseConfig(name="mobilenet", weights="none", alpha=0.25)
+SIZE = (32, 32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny MobileNet 0.25 base at 32 px (random init), a head with batchnorm, and the full model."""
+    from tasks.bases import load_base
+    from tasks.finetune import build_full_model
+    from tasks.heads import build_head
+
+    loaded = load_base(TINY_BASE, SIZE)
+    head = build_head(HeadSpec(name="h", type="dense", units=(8,), batchnorm=True), 256, "categorical", 3)
+    model = build_full_model(loaded.model, "mobilenet", head, SIZE, "avg")
+    return model, loaded
+
+
+def test_full_model_takes_raw_pixels_and_matches_features_plus_head(tiny):
+    model, loaded = tiny
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (4, *SIZE, 3)).astype("float32")
+    features = loaded.model(loaded.spec.preprocess(pixels), training=False).numpy().mean(axis=(1, 2))
+    head = model.get_layer("head")
+    np.testing.assert_allclose(model(pixels).numpy(), head(features).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_unfreezing_trains_exactly_the_last_blocks_and_no_batchnorm(tiny):
+    import keras
+
+    from tasks.bases import block_layer_names
+    from tasks.finetune import set_trainable
+    from tasks.heads import iter_layers
+
+    model, loaded = tiny
+    base = loaded.model
+    trainable = set_trainable(model, base, loaded.spec, FinetuneConfig(unfreeze_blocks=2))
+    expected = {
+        layer.name
+        for layer in base.layers
+        if layer.name in set(block_layer_names(base, loaded.spec, 2))
+        and layer.weights
+        and not isinstance(layer, keras.layers.BatchNormalization)
+    }
+    assert set(trainable) == expected
+    assert {n.split("_bn")[0].split("_relu")[0] for n in trainable} == {
+        "conv_dw_13",
+        "conv_pw_13",
+        "conv_dw_12",
+        "conv_pw_12",
+    }
+    for layer in iter_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            assert not layer.trainable, layer.name
+    trainable_base = {layer.name for layer in base.layers if layer.trainable and layer.weights}
+    assert trainable_base == expected
+    head_dense = [layer for layer in model.get_layer("head").layers if isinstance(layer, keras.layers.Dense)]
+    assert all(layer.trainable for layer in head_dense)
+    # the trainable variables are exactly those layers' kernels plus the head's dense weights
+    n_vars = sum(len(base.get_layer(n).trainable_weights) for n in expected) + sum(
+        len(layer.trainable_weights) for layer in head_dense
+    )
+    assert len(model.trainable_weights) == n_vars
+
+
+def test_layer_regex_alternative_and_zero_blocks(tiny):
+    from tasks.finetune import set_trainable
+
+    model, loaded = tiny
+    assert set_trainable(model, loaded.model, loaded.spec, FinetuneConfig(layer_regex=r"^conv_pw_13$")) == [
+        "conv_pw_13"
+    ]
+    assert set_trainable(model, loaded.model, loaded.spec, FinetuneConfig(unfreeze_blocks=0)) == []
+    with pytest.raises(ValueError, match="'nomatch_xyz'"):
+        set_trainable(model, loaded.model, loaded.spec, FinetuneConfig(layer_regex="nomatch_xyz"))
+
+
+def test_saved_bundle_loads_in_safe_mode_and_predicts_the_same(tiny, tmp_path):
+    from tasks.heads import load_bundle, save_bundle
+
+    model, _ = tiny
+    path = save_bundle(model, tmp_path / "m" / "model.keras", ("a", "b", "c"), "categorical")
+    assert (tmp_path / "m" / "classes.json").is_file()
+    bundle = load_bundle(path)
+    assert bundle.names == ("a", "b", "c") and bundle.image_size == SIZE
+    pixels = np.random.default_rng(1).integers(0, 256, (3, *SIZE, 3)).astype("float32")
+    np.testing.assert_allclose(
+        bundle.model.predict(pixels, verbose=0), model.predict(pixels, verbose=0), atol=1e-6
+    )
+    assert not any(type(layer).__name__ == "Lambda" for layer in bundle.model.layers)
+
+
+CHILD = r"""
+import os, signal, sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.getcwd())
+import keras
+import tensorflow as tf
+
+from tasks.bases import load_base
+from tasks.config import BaseConfig, FinetuneConfig, HeadSpec
+from tasks.finetune import build_full_model, finetune_model
+from tasks.heads import build_head
+
+work_dir, kill_after = Path(sys.argv[1]), int(sys.argv[2])
+if kill_after >= 0:  # SIGKILL this process right after the backup of epoch `kill_after` (0-based) is written
+    original = keras.callbacks.BackupAndRestore.on_epoch_end
+
+    def on_epoch_end(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    keras.callbacks.BackupAndRestore.on_epoch_end = on_epoch_end
+
+loaded = load_base(BaseConfig(name="mobilenet", weights="none", alpha=0.25), (32, 32))
+keras.utils.set_random_seed(0)
+head = build_head(HeadSpec(name="h", type="linear"), 256, "binary", 2)
+model = build_full_model(loaded.model, "mobilenet", head, (32, 32), "avg")
+rng = np.random.default_rng(0)
+y = np.array([0, 1] * 12, dtype="float32")
+x = (rng.normal(0, 30, (24, 32, 32, 3)) + np.where(y[:, None, None, None] > 0, [40, 60, 200], [200, 40, 40])).clip(0, 255)
+x = x.astype("float32")
+train = tf.data.Dataset.from_tensor_slices((x, y[:, None])).shuffle(24, seed=1).repeat().batch(8)
+val = tf.data.Dataset.from_tensor_slices((x[:8], y[:8, None])).batch(8)
+cfg = FinetuneConfig(epochs=4, unfreeze_blocks=1, patience=10, lr=0.01)
+summary = finetune_model(model, loaded.model, loaded.spec, (train, 3), val, cfg, "binary", 2, work_dir, seed=0)
+import json
+print("SUMMARY " + json.dumps({k: summary[k] for k in ("resumed_from_epoch", "history", "state")}))
+"""
+
+
+@pytest.mark.slow
+def test_killed_finetune_resumes_from_its_last_finished_epoch(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    work = tmp_path / "ft"
+
+    def child(kill_after: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", CHILD, str(work), str(kill_after)],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    killed = child(kill_after=1)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (work / "backup" / "training_metadata.json").is_file()
+    assert json.loads((work / "backup" / "training_metadata.json").read_text())["epoch"] == 2
+    assert json.loads((work / "state" / "state.json").read_text())["epochs_done"] == 2
+
+    resumed = child(kill_after=-1)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    line = next(x for x in resumed.stdout.splitlines() if x.startswith("SUMMARY "))
+    summary = json.loads(line[len("SUMMARY ") :])
+    assert summary["resumed_from_epoch"] == 2  # epochs 1 and 2 were not run again
+    assert [r["epoch"] for r in summary["history"]] == ["1", "2", "3", "4"]  # the killed run's rows are kept
+    assert summary["state"]["epochs_done"] == 4
+    assert not (work / "backup").exists()  # BackupAndRestore removes its backup on success

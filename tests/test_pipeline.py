@@ -1,0 +1,267 @@
+"""The tf.data input pipeline on tiny generated images: order, determinism, epochs, labels, value ranges."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tasks.augment import AugmentPolicy
+from tasks.pipeline import encode_labels, jpeg_ratio, training_dataset, view_dataset
+
+SIZE = (16, 16)
+POLICY = AugmentPolicy(
+    seed=5,
+    rotation_range=30,
+    width_shift_range=0.1,
+    height_shift_range=0.1,
+    shear_range=10,
+    zoom_range=(0.8, 1.2),
+    horizontal_flip=True,
+    fill_mode="reflect",
+    channel_shift_range=10,
+)
+
+
+def _write(path: Path, array: np.ndarray, fmt: str) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return {
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "width": array.shape[1],
+        "height": array.shape[0],
+    }
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
+    """10 small images (PNG and JPEG), each a distinct flat grey level with a noisy texture; index-shaped rows."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(10):
+        level = 20 + 22 * i
+        array = np.clip(level + rng.normal(0, 4, (24 + 2 * i, 30, 3)), 0, 255).astype(np.uint8)
+        fmt = "PNG" if i % 2 else "JPEG"
+        rel = f"c{i % 3}/img_{i}.{fmt.lower()}"
+        info = _write(root / rel, array, fmt)
+        records.append(
+            {"path": rel, "class_id": i % 3, "orientation": 1, "format": fmt, "level": level, **info}
+        )
+    return root, pd.DataFrame(records)
+
+
+def collect(dataset) -> np.ndarray:
+    return np.concatenate([np.asarray(batch) for batch in dataset])
+
+
+# ------------------------------------------------------------------------------------------------ labels
+def test_encode_labels_in_each_class_mode():
+    ids = np.array([0, 2, 1, 2])
+    np.testing.assert_array_equal(encode_labels(ids, "sparse", 3), [0, 2, 1, 2])
+    assert encode_labels(ids, "sparse", 3).dtype == np.int32
+    onehot = encode_labels(ids, "categorical", 3)
+    assert onehot.dtype == np.float32 and onehot.shape == (4, 3)
+    np.testing.assert_array_equal(onehot.argmax(1), ids)
+    np.testing.assert_array_equal(onehot.sum(1), 1)
+    binary = encode_labels(np.array([1, 0, 1]), "binary", 2)
+    assert binary.dtype == np.float32 and binary.tolist() == [1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("ids", "mode", "n", "match"),
+    [
+        ([0, 1], "onehot", 2, "'onehot'"),
+        ([0, 2], "binary", 3, "num_classes == 2"),
+        ([0, 3], "categorical", 3, "from 0 to 3"),
+        ([-1, 0], "sparse", 3, "from -1 to 0"),
+        ([0.5], "sparse", 3, "integer class ids"),
+    ],
+)
+def test_encode_labels_rejects_bad_input(ids, mode, n, match):
+    with pytest.raises(ValueError, match=match):
+        encode_labels(np.array(ids), mode, n)
+
+
+# ------------------------------------------------------------------------------------------------ views
+def test_view_dataset_is_ordered_float32_at_the_target_size(images):
+    root, rows = images
+    batches = list(view_dataset(rows, root, image_size=SIZE, batch_size=4))
+    assert [b.shape[0] for b in batches] == [4, 4, 2]  # final partial batch kept
+    x = collect(batches)
+    assert x.dtype == np.float32 and x.shape == (10, *SIZE, 3)
+    assert 0 <= x.min() and x.max() <= 255
+    np.testing.assert_allclose(x.mean(axis=(1, 2, 3)), rows["level"], atol=3)  # row order
+
+
+def test_views_do_not_depend_on_batch_size_or_order(images):
+    root, rows = images
+    kwargs = {"image_size": SIZE, "policy": POLICY, "pass_number": 1}
+    a = collect(view_dataset(rows, root, batch_size=3, **kwargs))
+    b = collect(view_dataset(rows, root, batch_size=10, **kwargs))
+    np.testing.assert_array_equal(a, b)
+    reversed_rows = rows.iloc[::-1].reset_index(drop=True)
+    c = collect(view_dataset(reversed_rows, root, batch_size=4, **kwargs))[::-1]
+    np.testing.assert_array_equal(a, c)
+    again = collect(view_dataset(rows, root, batch_size=3, **kwargs))
+    np.testing.assert_array_equal(a, again)
+
+
+def test_passes_and_seeds_give_different_views_and_clean_differs(images):
+    root, rows = images
+    one = collect(view_dataset(rows, root, image_size=SIZE, batch_size=5, policy=POLICY, pass_number=0))
+    two = collect(view_dataset(rows, root, image_size=SIZE, batch_size=5, policy=POLICY, pass_number=1))
+    other_seed = dataclasses.replace(POLICY, seed=6)
+    three = collect(view_dataset(rows, root, image_size=SIZE, batch_size=5, policy=other_seed, pass_number=0))
+    clean = collect(view_dataset(rows, root, image_size=SIZE, batch_size=5))
+    for other in (two, three, clean):
+        assert not np.array_equal(one, other)
+    # augmentation keeps each image's content: mean level still matches its row
+    np.testing.assert_allclose(one.mean(axis=(1, 2, 3)), rows["level"], atol=12)
+
+
+def test_rescale_and_preprocess_apply_to_every_image(images):
+    root, rows = images
+    raw = collect(view_dataset(rows, root, image_size=SIZE, batch_size=4))
+    scaled = collect(view_dataset(rows, root, image_size=SIZE, batch_size=4, rescale=1 / 255))
+    np.testing.assert_allclose(scaled, raw / 255, atol=1e-5)
+    shifted = collect(view_dataset(rows, root, image_size=SIZE, batch_size=4, preprocess=lambda x: x - 100.0))
+    np.testing.assert_allclose(shifted, raw - 100, atol=1e-4)
+
+
+# Expected ranges after each registry base's preprocessing (keras.applications preprocess_input).
+EXPECTED_RANGE = {
+    "mobilenet_v2": (-1.0, 1.0),  # tf mode
+    "mobilenet": (-1.0, 1.0),
+    "efficientnet_b0": (0.0, 255.0),  # passthrough: the model rescales itself
+    "resnet50": (-123.68, 255 - 103.939),  # caffe mode: BGR, ImageNet means subtracted
+    "vgg16": (-123.68, 255 - 103.939),
+}
+
+
+def test_value_range_after_each_bases_preprocessing(images):
+    from tasks.bases import BASE_MODELS
+
+    root, rows = images
+    rows = rows.iloc[[0, 9]].reset_index(drop=True)  # darkest and brightest
+    raw = collect(view_dataset(rows, root, image_size=SIZE, batch_size=2))
+    assert set(BASE_MODELS) <= set(EXPECTED_RANGE), "add the new base's expected range here"
+    for name, spec in BASE_MODELS.items():
+        low, high = EXPECTED_RANGE[name]
+        x = collect(view_dataset(rows, root, image_size=SIZE, batch_size=2, preprocess=spec.preprocess))
+        assert x.shape == raw.shape and x.dtype == np.float32, name
+        assert low - 1e-3 <= x.min() and x.max() <= high + 1e-3, (name, x.min(), x.max())
+        if name.startswith("mobilenet"):
+            np.testing.assert_allclose(x, raw / 127.5 - 1, atol=1e-5)
+        elif name == "efficientnet_b0":
+            np.testing.assert_allclose(x, raw, atol=1e-4)
+        else:  # caffe: channels reversed (BGR), then the ImageNet BGR means subtracted
+            np.testing.assert_allclose(x, raw[..., ::-1] - np.array([103.939, 116.779, 123.68]), atol=1e-3)
+
+
+def test_jpeg_ratio_keeps_the_target_covered():
+    assert jpeg_ratio(500, 375, (224, 224)) == 1
+    assert jpeg_ratio(1000, 750, (224, 224)) == 2
+    assert jpeg_ratio(4000, 3000, (224, 224)) == 8
+    assert jpeg_ratio(256, 192, (32, 32)) == 4
+    assert jpeg_ratio(20, 20, (32, 32)) == 1
+
+
+def test_dct_reduced_decoding_keeps_the_geometry(tmp_path):
+    """A big JPEG decoded at 1/4 scale gives the same view as the full decode (only finer detail differs)."""
+    array = np.zeros((192, 256, 3), np.uint8)
+    array[:, :96] = 230  # bright left part: the edge must stay at 96/256 of the width
+    array[120:, :, 2] = 180
+    info = _write(tmp_path / "big.jpg", array, "JPEG")
+    row = {"path": "big.jpg", "class_id": 0, "orientation": 1, **info}
+    reduced = pd.DataFrame([{**row, "format": "JPEG"}])  # ratio 4 is chosen for 32 px
+    full = pd.DataFrame([{**row, "format": "unknown"}])  # not known as JPEG: decoded at full size
+    for policy in (None, POLICY):
+        a = collect(view_dataset(reduced, tmp_path, image_size=(32, 32), batch_size=1, policy=policy))
+        b = collect(view_dataset(full, tmp_path, image_size=(32, 32), batch_size=1, policy=policy))
+        assert np.abs(a - b).mean() < 4, policy
+    clean = collect(view_dataset(reduced, tmp_path, image_size=(32, 32), batch_size=1))[0]
+    assert clean[:, :11].mean() > 200 and clean[:, 13:, 0].mean() < 30  # the edge at 12 = 32 * 96 / 256
+
+
+def test_view_dataset_validates_arguments(images):
+    root, rows = images
+    with pytest.raises(ValueError, match="image_size"):
+        view_dataset(rows, root, image_size=(0, 16), batch_size=2)
+    with pytest.raises(ValueError, match="batch_size >= 1, got 0"):
+        view_dataset(rows, root, image_size=SIZE, batch_size=0)
+    with pytest.raises(ValueError, match="pass_number >= 0, got -1"):
+        view_dataset(rows, root, image_size=SIZE, batch_size=2, pass_number=-1)
+    with pytest.raises(ValueError, match="missing \\['sha256'\\]"):
+        view_dataset(rows.drop(columns=["sha256"]), root, image_size=SIZE, batch_size=2)
+    with pytest.raises(TypeError, match="AugmentPolicy"):
+        view_dataset(rows, root, image_size=SIZE, batch_size=2, policy={"rotation_range": 3})
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_training_epochs_cover_every_sample_once_and_reshuffle(images):
+    root, rows = images
+    rows = rows.assign(class_id=np.arange(len(rows)))  # sparse labels identify the samples
+    ds, steps = training_dataset(
+        rows,
+        root,
+        image_size=SIZE,
+        batch_size=4,
+        class_mode="sparse",
+        num_classes=len(rows),
+        seed=3,
+        policy=POLICY,
+    )
+    assert steps == 3
+    batches = list(ds.take(3 * steps))
+    assert [int(x.shape[0]) for x, _ in batches] == [4, 4, 2] * 3  # final partial batch kept in every epoch
+    epochs = [
+        np.concatenate([np.asarray(y) for _, y in batches[e * steps : (e + 1) * steps]]) for e in range(3)
+    ]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(10))  # each sample exactly once
+    assert epochs[0].tolist() != epochs[1].tolist() or epochs[1].tolist() != epochs[2].tolist()
+    # labels travel with their images: image mean level matches the sample's row
+    x0 = np.concatenate([np.asarray(x) for x, _ in batches[:steps]])
+    np.testing.assert_allclose(x0.mean(axis=(1, 2, 3)), rows["level"].to_numpy()[epochs[0]], atol=12)
+    # reproducible from the seed; a different seed gives another order
+    again, _ = training_dataset(
+        rows, root, image_size=SIZE, batch_size=4, class_mode="sparse", num_classes=10, seed=3, policy=POLICY
+    )
+    first = np.concatenate([np.asarray(y) for _, y in again.take(steps)])
+    np.testing.assert_array_equal(first, epochs[0])
+    other, _ = training_dataset(
+        rows, root, image_size=SIZE, batch_size=4, class_mode="sparse", num_classes=10, seed=4, policy=POLICY
+    )
+    assert np.concatenate([np.asarray(y) for _, y in other.take(steps)]).tolist() != epochs[0].tolist()
+
+
+def test_training_labels_follow_the_class_mode(images):
+    root, rows = images
+    ds, steps = training_dataset(
+        rows, root, image_size=SIZE, batch_size=10, class_mode="categorical", num_classes=3, seed=0
+    )
+    assert steps == 1
+    x, y = next(iter(ds))
+    assert x.shape == (10, *SIZE, 3) and y.shape == (10, 3)
+    np.testing.assert_array_equal(np.asarray(y).sum(1), 1)
+    levels = np.asarray(x).mean(axis=(1, 2, 3))
+    # the one-hot class of each sample is the class of the row whose level it shows
+    by_level = {int(r.level): r.class_id for r in rows.itertuples()}
+    got = [by_level[min(by_level, key=lambda lv, m=m: abs(lv - m))] for m in levels]
+    np.testing.assert_array_equal(np.asarray(y).argmax(1), got)
+
+
+def test_training_dataset_validates_arguments(images):
+    root, rows = images
+    with pytest.raises(ValueError, match="class_mode"):
+        training_dataset(rows, root, image_size=SIZE, batch_size=2, class_mode="multi", num_classes=3, seed=0)
+    with pytest.raises(ValueError, match="empty"):
+        training_dataset(
+            rows.iloc[:0], root, image_size=SIZE, batch_size=2, class_mode="sparse", num_classes=3, seed=0
+        )

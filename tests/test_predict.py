@@ -1,0 +1,116 @@
+"""Predict on files and folders (corrupt files get an error row), CSV/JSON output, the CLI, SavedModel export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from imagegen import CLASS_COLOURS, coloured_image
+
+NAMES = ("blue", "red")
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory):
+    """A tiny saved model (MobileNet 0.25, 32 px, random base, linear head) + classes.json."""
+    import keras
+
+    from tasks.bases import load_base
+    from tasks.config import BaseConfig, HeadSpec
+    from tasks.finetune import build_full_model
+    from tasks.heads import build_head, save_bundle
+
+    loaded = load_base(BaseConfig(name="mobilenet", weights="none", alpha=0.25), (32, 32))
+    keras.utils.set_random_seed(3)
+    head = build_head(HeadSpec(name="lin", type="linear"), 256, "binary", 2)
+    model = build_full_model(loaded.model, "mobilenet", head, (32, 32), "avg")
+    return save_bundle(model, tmp_path_factory.mktemp("model") / "model.keras", NAMES, "binary")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    for i, name in enumerate(("blue", "red", "blue")):
+        coloured_image(CLASS_COLOURS[name], 40, seed=i).save(root / f"img_{i}.png")
+    coloured_image(CLASS_COLOURS["red"], 48, seed=9).save(root / "sub" / "deep.jpg", "JPEG")
+    good = (root / "img_0.png").read_bytes()
+    (root / "broken.png").write_bytes(good[: len(good) // 2])  # truncated PNG
+    (root / "notes.txt").write_text("not an image")
+    (root / ".hidden.png").write_bytes(good)  # hidden: skipped
+    return root
+
+
+def test_folder_with_corrupt_files_gives_error_rows_not_a_crash(bundle_path, folder):
+    from tasks.predict import predict_paths
+
+    preds = predict_paths(bundle_path, [folder], batch_size=2)
+    by_name = {p.path.rsplit("/", 1)[-1]: p for p in preds}
+    assert sorted(by_name) == ["broken.png", "deep.jpg", "img_0.png", "img_1.png", "img_2.png", "notes.txt"]
+    for bad in ("broken.png", "notes.txt"):
+        assert by_name[bad].error and by_name[bad].label is None
+    for good in ("img_0.png", "img_1.png", "img_2.png", "deep.jpg"):
+        p = by_name[good]
+        assert p.error is None and p.label in NAMES
+        assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert p.confidence == pytest.approx(max(p.probabilities.values()))
+
+
+def test_missing_file_is_an_error_row(bundle_path, tmp_path):
+    from tasks.predict import predict_paths
+
+    (p,) = predict_paths(bundle_path, [tmp_path / "nope.png"])
+    assert "nope.png" in p.path and "FileNotFoundError" in p.error
+
+
+def test_loaded_model_predicts_like_in_memory_one_and_batching_does_not_matter(bundle_path, folder):
+    from tasks.heads import load_bundle
+    from tasks.predict import expand_paths, predict_files
+
+    bundle = load_bundle(bundle_path)
+    files = expand_paths([folder])
+    a = predict_files(bundle.model, NAMES, files, batch_size=1)
+    b = predict_files(bundle.model, NAMES, files, batch_size=32)
+    for x, y in zip(a, b, strict=True):
+        assert x.label == y.label and x.error == y.error
+        if x.confidence is not None:
+            assert x.confidence == pytest.approx(y.confidence, abs=1e-5)
+
+
+def test_cli_predict_json_and_csv(bundle_path, folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "preds.json"
+    result = runner.invoke(
+        app, ["predict", str(folder), "--model", str(bundle_path), "--format", "json", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert len(rows) == 6 and sum(1 for r in rows if r["error"]) == 2
+    result = runner.invoke(app, ["predict", str(folder / "img_1.png"), "--model", str(bundle_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "path,label,confidence,p_blue,p_red,error"
+    assert lines[1].split(",")[1] in NAMES
+    bad = runner.invoke(app, ["predict", str(folder), "--model", str(bundle_path), "--format", "xml"])
+    assert bad.exit_code == 2
+
+
+def test_export_saved_model_serves_the_same_outputs(bundle_path, tmp_path):
+    import tensorflow as tf
+
+    from tasks.heads import load_bundle
+    from tasks.predict import export_saved_model
+
+    out = export_saved_model(bundle_path, tmp_path / "export")
+    assert json.loads((out / "classes.json").read_text())["names"] == list(NAMES)
+    served = tf.saved_model.load(str(out))
+    x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype("float32")
+    expected = load_bundle(bundle_path).model.predict(x, verbose=0)
+    np.testing.assert_allclose(served.serve(tf.constant(x)).numpy(), expected, atol=1e-5)
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_saved_model(bundle_path, out)

@@ -1,0 +1,87 @@
+"""`retrainflow serve --cron` registers the retrain deployment; its schedule reads back through the API."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prefect_api import client_env, local_server
+
+from flows.deploy import deployment_parameters, validate_cron
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def test_validate_cron_echoes_bad_values() -> None:
+    assert validate_cron(" 0 3 * * * ") == "0 3 * * *"
+    with pytest.raises(ValueError, match="'daily'"):
+        validate_cron("daily")
+    with pytest.raises(ValueError, match="'61 3 \\* \\* \\*'"):
+        validate_cron("61 3 * * *")
+
+
+def test_deployment_parameters_are_absolute(tmp_path: Path) -> None:
+    got = deployment_parameters(Path("params.yaml"), ["top.lr=0.1"], tmp_path, force=True)
+    assert Path(got["params_file"]).is_absolute() and got["workdir"] == str(tmp_path.resolve())
+    assert got["overrides"] == ["top.lr=0.1"] and got["force"] is True
+
+
+def test_serve_cli_rejects_bad_cron() -> None:
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("retrainflow")), "serve", "--cron", "every day"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "every day" in proc.stderr
+
+
+@pytest.mark.slow
+def test_serve_registers_cron_deployment(tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api = local_server()
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("retrainflow")),
+            "serve",
+            "--cron",
+            "0 3 * * *",
+            "--name",
+            "test-nightly",
+            "--workdir",
+            str(tmp_path),
+        ],
+        cwd=PROJECT,
+        env=client_env(api),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deployment = None
+    try:
+        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    deployment = client.read_deployment_by_name("retrain/test-nightly")
+                    break
+                except Exception:  # noqa: BLE001 - not registered yet
+                    time.sleep(0.5)
+    finally:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert deployment is not None, f"deployment never appeared; serve output:\n{out[-3000:]}"
+    crons = [s.schedule.cron for s in deployment.schedules]
+    assert crons == ["0 3 * * *"]
+    assert deployment.parameters["workdir"] == str(tmp_path.resolve())
+    assert deployment.entrypoint == "flows.flows.retrain"
