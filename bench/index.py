@@ -1,6 +1,7 @@
 """Index benchmark (issue 2): how fast ``build_index`` validates a real photo folder, against a same-run baseline.
 
-Baseline: just reading and hashing (sha256) every file's bytes, single-threaded: the least any index must do.
+Baselines: just reading and hashing (sha256) every file's bytes, single-threaded (the least any index must do),
+and reading + the bare TF decode of every file, single-threaded (what any index that really decodes must pay).
 Then the full index (read + sha256 + Pillow header + the REAL TensorFlow decode of every file + duplicate and split
 bookkeeping) with ``data.workers`` threads, and with 1 thread to show what the threads buy. Runs are interleaved
 (baseline, index, index-1-thread, baseline, ...) so host noise hits all alike; one warm-up pass fills the OS file
@@ -34,6 +35,17 @@ def read_and_hash(files: list[Path]) -> int:
     return total
 
 
+def read_and_decode(files: list[Path]) -> int:
+    """Read + the bare TF decode of every file, one thread: the decode cost any validating index pays."""
+    import tensorflow as tf
+
+    pixels = 0
+    for f in files:
+        image = tf.io.decode_image(f.read_bytes(), channels=3, expand_animations=False)
+        pixels += int(image.shape[0]) * int(image.shape[1])
+    return pixels
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -59,12 +71,14 @@ def main(argv: list[str] | None = None) -> None:
     cold = time.perf_counter() - start
     n = len(files)
     base, full, single = Timing("read + sha256 only (baseline, 1 thread)", n), Timing("", n), Timing("", n)
+    decode = Timing("read + bare tf decode (baseline, 1 thread)", n)
     workers = cfg.workers or os.cpu_count() or 1
     full.name = f"build_index, {workers} threads (full decode)"
     single.name = "build_index, 1 thread (full decode)"
     for _ in range(args.repeats):
         for timing, fn in (
             (base, lambda: read_and_hash(files)),
+            (decode, lambda: read_and_decode(files)),
             (full, lambda: build_index(args.dataset, cfg)),
             (single, lambda: build_index(args.dataset, cfg_one)),
         ):
@@ -77,9 +91,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{sum(f.stat().st_size for f in files) / 2**20:.0f} MiB",
         f"first run incl. TF import and graph trace: {cold:.2f}s",
         base.line(),
+        decode.line(),
         full.line(),
         single.line(),
-        f"index / baseline throughput: {ratio(full, base):.2f}x   threads speed-up: {ratio(full, single):.2f}x",
+        f"index / read+sha256: {ratio(full, base):.2f}x   index / bare decode: {ratio(full, decode):.2f}x   "
+        f"threads speed-up: {ratio(full, single):.2f}x",
         f"peak RSS: {peak_rss_mb():.0f} MiB",
     ]
     report(
@@ -90,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
             "files": n,
             "cold_seconds": cold,
             "baseline": as_dict(base),
+            "decode_baseline": as_dict(decode),
+            "ratio_index_vs_decode": ratio(full, decode),
             "index": as_dict(full),
             "index_one_thread": as_dict(single),
             "ratio_index_vs_baseline": ratio(full, base),

@@ -69,19 +69,26 @@ def features_cmd(
         typer.echo(manifest.summary())
 
 
-def _current_key(params_file: Path, overrides: list[str] | None, workdir: Path) -> tuple[str, Path]:
-    """(cache key of the current params, cache root): fingerprints the weights, builds nothing for files."""
+def _current_key(
+    params_file: Path, overrides: list[str] | None, workdir: Path, *, required: bool = True
+) -> tuple[str | None, Path]:
+    """(cache key of the current params, cache root): fingerprints the weights, builds nothing for files.
+
+    When the weights are unavailable: exit with the error, or (``required=False``) warn and give no key.
+    """
     from tasks.bases import WeightsUnavailableError, weights_fingerprint
     from tasks.features import cache_root, image_size_for, key_spec_for
 
     loaded = load_or_exit(params_file, overrides)
-    layout = layout_for(workdir)
+    root = cache_root(loaded, layout_for(workdir))
     try:
         sha = weights_fingerprint(loaded.base, image_size_for(loaded))
-    except WeightsUnavailableError as err:
-        console.print(f"error: {err}", highlight=False, markup=False)
-        raise typer.Exit(EXIT_WEIGHTS) from None
-    return key_spec_for(loaded, sha).key, cache_root(loaded, layout)
+    except (WeightsUnavailableError, FileNotFoundError, ValueError) as err:
+        console.print(f"{'error' if required else 'warning'}: {err}", highlight=False, markup=False)
+        if required:
+            raise typer.Exit(EXIT_WEIGHTS) from None
+        return None, root
+    return key_spec_for(loaded, sha).key, root
 
 
 @cache_app.command("list")
@@ -94,7 +101,7 @@ def cache_list(
     """List the cache keys with their rows and size; `*` marks the key the current params use."""
     from tasks.feature_cache import list_keys
 
-    current, root = _current_key(params, set_, workdir)
+    current, root = _current_key(params, set_, workdir, required=False)
     keys = list_keys(root)
     if as_json:
         typer.echo(
@@ -129,6 +136,7 @@ def cache_prune(
     from tasks.feature_cache import prune_keys
 
     current, root = _current_key(params, set_, workdir)
+    assert current is not None  # required=True exits otherwise
     doomed = prune_keys(root, {current}, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for info in doomed:

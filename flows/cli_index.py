@@ -105,4 +105,5 @@ def index_cmd(
             f"wrote {manifest.index_table} ({manifest.images} images), {manifest.classes_file}, "
             f"{manifest.report_file}",
             highlight=False,
+            soft_wrap=True,
         )

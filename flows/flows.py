@@ -189,6 +189,15 @@ def dvc_commit_allowed(layout: Layout, params_file: str | Path, overrides: list[
     return None
 
 
+def stale_stages(root: Path) -> list[str]:
+    """The stages ``dvc status`` says must run: the first changed stage and every stage after it."""
+    changed = dvc_ops.status(root)
+    for i, name in enumerate(STAGES):
+        if name in changed:
+            return list(STAGES[i:])
+    return []
+
+
 def _dvc_targets(layout: Layout, stages: list[str]) -> list[str]:
     targets = ["data.dvc"] if (layout.root / "data.dvc").is_file() else []
     return targets + stages
@@ -229,9 +238,11 @@ def retrain(
 ) -> dict[str, Any]:
     """index -> features -> train_top -> finetune -> evaluate -> promote, under the workspace lock.
 
-    Skips (after the cheap index stage) when neither the data nor the params changed since the champion, unless
-    ``force``. Pulls the data first and pushes outputs last when a DVC remote is configured; ``dvc commit``s
-    the stages it ran so ``dvc status`` is clean afterwards.
+    In a DVC project run with ``params.yaml`` as is, stages that ``dvc status`` reports up to date are not run
+    again (the first changed stage and all after it run); the stages that ran are ``dvc commit``ted, so
+    ``dvc status`` is clean afterwards and ``dvc repro`` a no-op. After the index, the run skips cleanly when
+    neither the data nor the params changed since the champion. ``force`` runs every stage and gates the result
+    even when nothing changed. Pulls the data first and pushes outputs last when a DVC remote is configured.
     """
     from tasks.model_registry import (
         data_version,
@@ -263,14 +274,22 @@ def retrain(
         if no_commit:
             logger.warning("not committing to DVC: %s", no_commit)
         ran: list[str] = []
+        todo = list(STAGES) if (force or no_commit) else stale_stages(root)
+        if len(todo) < len(STAGES):
+            logger.info(
+                "DVC: %s up to date; running %s", STAGES[: len(STAGES) - len(todo)], todo or "no stage"
+            )
+        summary["up_to_date"] = [s for s in STAGES if s not in todo]
 
-        summary["stages"]["index"] = STAGE_TASKS["index"](params, layout)
-        ran.append("index")
+        if "index" in todo:
+            summary["stages"]["index"] = STAGE_TASKS["index"](params, layout)
+            ran.append("index")
         if no_commit is None:  # record the data version in data.dvc before naming it in the registry
-            dvc_commit_task(root, _dvc_targets(layout, ["index"]))
+            dvc_commit_task(root, _dvc_targets(layout, ran))
         summary["index_hash"] = index_content_hash(layout)
         summary["data_version"] = data_version(layout)
         summary["git_commit"] = git_commit(root)
+        summary["ran"] = ran
         reason = (
             None
             if force
@@ -283,18 +302,18 @@ def retrain(
             return summary
 
         for name in STAGES[1:]:
-            summary["stages"][name] = STAGE_TASKS[name](params, layout)
-            ran.append(name)
+            if name in todo:
+                summary["stages"][name] = STAGE_TASKS[name](params, layout)
+                ran.append(name)
         summary["promote"] = promote_task(
             params, layout, {"stages": {k: v for k, v in summary["stages"].items() if k != "evaluate"}}
         )
-        if no_commit is None:
+        if no_commit is None and ran:
             dvc_commit_task(root, _dvc_targets(layout, ran))
         if remote:
             dvc_push_task(root)
         summary.update(status="promoted" if summary["promote"]["promoted"] else "not promoted")
         summary["reason"] = summary["promote"]["reason"]
-        summary["ran"] = ran
         summary["dvc_committed"] = no_commit is None
         artifacts.publish_summary(summary, layout)
         logger.info("retrain finished: %s", summary["reason"])

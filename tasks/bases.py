@@ -384,10 +384,18 @@ def load_base(cfg: BaseConfig, image_size: tuple[int, int]) -> LoadedBase:
     if alpha is not None:
         kwargs["alpha"] = alpha
     if path is None:
-        import keras
+        import random
 
-        keras.utils.set_random_seed(RANDOM_INIT_SEED)
-        model = spec.constructor(weights=None, **kwargs)
+        import keras
+        import numpy as np
+
+        saved = random.getstate(), np.random.get_state()
+        keras.utils.set_random_seed(RANDOM_INIT_SEED)  # Keras initialisers draw their seeds from these
+        try:
+            model = spec.constructor(weights=None, **kwargs)
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
         digest = sha256_of_arrays(model.get_weights())
     else:
         import warnings

@@ -186,6 +186,38 @@ def _pool_fn(model: Any, pooling: str, image_size: tuple[int, int]) -> Callable[
 
 
 # ------------------------------------------------------------------------------------------- the stage
+@dataclass(frozen=True)
+class _Plan:
+    needed: dict[str, list[tuple[str, str, int]]]  # split -> (sha256, view, class id) rows, view-major
+    views_by_split: dict[str, list[str]]
+    plans: dict[str, tuple[Any, int]]  # view id -> (policy or None, pass number)
+    wanted: dict[str, dict[str, int]]  # view id -> sha256 -> table position of one row with that image
+
+
+def _plan(params: Params, table: Any) -> _Plan:
+    """Every (sha256, view) the index needs, in a deterministic order, with one representative row per image."""
+    needed: dict[str, list[tuple[str, str, int]]] = {}
+    views_by_split: dict[str, list[str]] = {}
+    plans: dict[str, tuple[Any, int]] = {}
+    wanted: dict[str, dict[str, int]] = {}
+    pos_of = {sha: i for i, sha in reversed(list(enumerate(table["sha256"])))}
+    for split in SPLITS:
+        sub = table[table["split"] == split]
+        views = split_views(params, split, "all")
+        views_by_split[split] = [v for v, _, _ in views]
+        needed[split] = [
+            (sha, v, int(c))
+            for v, _, _ in views
+            for sha, c in zip(sub["sha256"], sub["class_id"], strict=True)
+        ]
+        for view, policy, pass_number in views:
+            plans[view] = (policy, pass_number)
+            bucket = wanted.setdefault(view, {})
+            for sha in sub["sha256"]:
+                bucket.setdefault(sha, pos_of[sha])
+    return _Plan(needed, views_by_split, plans, wanted)
+
+
 def run_features(
     params: Params,
     layout: Layout,
@@ -215,26 +247,8 @@ def run_features(
     spec = key_spec_for(params, weights_sha)
     cache = FeatureCache.open(cache_root(params, layout), spec)
 
-    # Every (sha256, view) this index needs, in a deterministic order, with one representative row per image.
-    needed: dict[str, list[tuple[str, str, int]]] = {}
-    views_by_split: dict[str, list[str]] = {}
-    plans: dict[str, tuple[Any, int]] = {}
-    wanted: dict[str, dict[str, int]] = {}  # view -> sha256 -> row position in table
-    pos_of = {sha: i for i, sha in reversed(list(enumerate(table["sha256"])))}
-    for split in SPLITS:
-        sub = table[table["split"] == split]
-        views = split_views(params, split, "all")
-        views_by_split[split] = [v for v, _, _ in views]
-        needed[split] = [
-            (sha, v, int(c))
-            for v, _, _ in views
-            for sha, c in zip(sub["sha256"], sub["class_id"], strict=True)
-        ]
-        for view, policy, pass_number in views:
-            plans[view] = (policy, pass_number)
-            bucket = wanted.setdefault(view, {})
-            for sha in sub["sha256"]:
-                bucket.setdefault(sha, pos_of[sha])
+    plan = _plan(params, table)
+    needed, views_by_split, plans, wanted = plan.needed, plan.views_by_split, plan.plans, plan.wanted
     all_pairs: list[Pair] = [(sha, view) for view, shas in wanted.items() for sha in shas]
     missing = set(cache.missing(all_pairs))
     reused = len(all_pairs) - len(missing)
@@ -363,6 +377,7 @@ def _extract(
             if not done:
                 stats["first_batch_seconds"] = time.perf_counter() - t0
                 first_done = n
+                _warn_underflow(feats, params.features.dtype, console)
             done += n
             elapsed = time.perf_counter() - t0
             bar.update(task, completed=done, rate=f"{done / elapsed:.1f} img/s" if elapsed > 0 else "- img/s")
@@ -377,6 +392,17 @@ def _extract(
     )
     stats["shards_written"] = writer.shards
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}
+
+
+def _warn_underflow(feats: np.ndarray, dtype: str, console: Any) -> None:
+    """A random-init base's pooled features are tiny (about 1e-17); float16 stores them as zeros. Say so."""
+    if dtype == "float16" and np.any(feats) and not np.any(feats.astype(np.float16)):
+        console.print(
+            "warning: these features underflow float16 and are stored as zeros (a random-init base, "
+            "base.weights: none?); set features.dtype: float32",
+            markup=False,
+            highlight=False,
+        )
 
 
 # ------------------------------------------------------------------------------------------- reading

@@ -176,7 +176,9 @@ def resumable_early_stopping(state_dir: Path, patience: int) -> Any:
     return ResumableEarlyStopping()
 
 
-def start_state(model: Any, state_dir: Path, val_loss: float, val_accuracy: float) -> None:
+def start_state(
+    model: Any, state_dir: Path, val_loss: float, val_accuracy: float, fingerprint: str = ""
+) -> None:
     """Seed the early-stopping state with the starting (top-only) model as epoch 0."""
     state_dir.mkdir(parents=True, exist_ok=True)
     _save_weights_atomic(model, state_dir / "best.npz")
@@ -188,6 +190,7 @@ def start_state(model: Any, state_dir: Path, val_loss: float, val_accuracy: floa
         "epochs_done": 0,
         "top_only_val_loss": val_loss,
         "top_only_val_accuracy": val_accuracy,
+        "fingerprint": fingerprint,
     }
     _write_json_atomic(state_dir / "state.json", state)
 
@@ -275,6 +278,20 @@ def compile_for_finetune(model: Any, cfg: FinetuneConfig, class_mode: str, num_c
     )
 
 
+def run_fingerprint(params: Params, layout: Layout) -> str:
+    """What a resumable run must share with the killed one: its params, the trained head and the index."""
+    import hashlib
+
+    from tasks.train_top import HEAD_FILE
+
+    digest = hashlib.sha256(
+        params.section_hash("seed", "data", "image", "augment", "base", "features", "finetune").encode()
+    )
+    for path in (layout.top_dir / HEAD_FILE, layout.index_table):
+        digest.update(path.read_bytes() if path.is_file() else b"-")
+    return digest.hexdigest()[:16]
+
+
 def finetune_model(
     model: Any,
     base: Any,
@@ -286,6 +303,7 @@ def finetune_model(
     num_classes: int,
     work_dir: Path,
     seed: int,
+    fingerprint: str = "",
 ) -> dict[str, Any]:
     """Unfreeze, compile and fit ``model`` in place (resuming from ``work_dir`` if a killed run left state there).
 
@@ -299,16 +317,19 @@ def finetune_model(
     compile_for_finetune(model, cfg, class_mode, num_classes)
     state_dir, backup_dir, log_file = work_dir / "state", work_dir / "backup", work_dir / "epochs.csv"
     resumed = (state_dir / "state.json").is_file()
+    if resumed and json.loads((state_dir / "state.json").read_text()).get("fingerprint") != fingerprint:
+        resumed = False  # state left by a run with other params, head or index: start over
     if not resumed:
         shutil.rmtree(work_dir, ignore_errors=True)
         val_loss, val_accuracy = model.evaluate(val, verbose=0)
-        start_state(model, state_dir, float(val_loss), float(val_accuracy))
+        start_state(model, state_dir, float(val_loss), float(val_accuracy), fingerprint)
     dataset, steps = train
     history = model.fit(
         dataset,
         steps_per_epoch=steps,
         epochs=cfg.epochs,
         validation_data=val,
+        shuffle=False,  # training_dataset reshuffles every epoch itself
         callbacks=[
             keras.callbacks.CSVLogger(str(log_file), append=True),
             resumable_early_stopping(state_dir, cfg.patience),
@@ -384,6 +405,7 @@ def run_finetune(params: Params, layout: Layout) -> FinetuneManifest:
             classes.num_classes,
             work_dir,
             params.seed,
+            run_fingerprint(params, layout),
         )
         history = summary["history"]
     save_bundle(model, layout.candidate_model, tuple(classes.names), classes.class_mode)

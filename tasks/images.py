@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import numbers
 import re
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -177,9 +176,9 @@ def read_header(contents: bytes, max_pixels: int) -> tuple[str, int, int, int, s
     if not contents:
         raise ImageRejected("empty file (0 bytes)", "empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(contents))
+        # (no warnings.catch_warnings here: it is not thread-safe; Pillow's DecompressionBombWarning for images
+        # above its own limit just shows once, and such images exceed the default data.max_pixels anyway)
+        image = Image.open(io.BytesIO(contents))
     except Image.DecompressionBombError as err:  # Pillow's own guard (2 x Image.MAX_IMAGE_PIXELS) fired first
         found = re.search(r"\((\d+) pixels\)", str(err))
         declared = f"{found.group(1)} pixels" if found else "too many pixels"

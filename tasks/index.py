@@ -327,7 +327,9 @@ def read_csv_source(csv_path: Path) -> pd.DataFrame:
     if not csv_path.is_file():
         raise DatasetError(f"data.csv: file not found, got {str(csv_path)!r}")
     try:
-        return pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        return pd.read_csv(
+            csv_path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig"
+        )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DatasetError(f"data.csv: cannot parse {str(csv_path)!r}: {err}") from None
 
@@ -473,6 +475,8 @@ def build_index(
                 findings.reject(c.rel, "unknown_label", f"label {c.label!r} is not in data.classes")
         candidates = [c for c in candidates if c.label in allowed]
 
+    if candidates:
+        import tensorflow  # noqa: F401  (load the decoder's library before the progress bar starts counting)
     if on_total is not None:
         on_total(len(candidates))
     checked = validate_all(candidates, cfg.max_pixels, _workers(cfg), on_done)

@@ -218,6 +218,21 @@ def test_render_view_is_deterministic_and_clean_without_policy():
     assert one.dtype == np.float32 and one.shape == (6, 6, 3)
 
 
+@pytest.mark.parametrize("fill_mode", FILL_MODES)
+def test_uint8_rendering_matches_float_rendering(fill_mode):
+    """The pipeline keeps uint8 views (4x less to batch) when nothing photometric happens: same pixels +-1."""
+    image = np.random.default_rng(2).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    policy = AugmentPolicy(
+        rotation_range=30, zoom_range=(0.7, 1.3), shear_range=10, fill_mode=fill_mode, cval=9
+    )
+    kept = render_view(image, "ef" * 32, 1, policy, image_size=(10, 12), keep_uint8=True)
+    exact = render_view(image.astype(np.float32), "ef" * 32, 1, policy, image_size=(10, 12))
+    assert kept.dtype == np.uint8 and exact.dtype == np.float32
+    assert np.abs(kept.astype(np.float32) - exact).max() <= 1.0
+    photo = AugmentPolicy(rotation_range=30, brightness_range=(0.5, 1.5))
+    assert render_view(image, "ef" * 32, 1, photo, image_size=(10, 12), keep_uint8=True).dtype == np.float32
+
+
 # --------------------------------------------------------------------------------------- policies, hashes
 def test_policy_from_config_uses_image_data_generator_vocabulary():
     policy = policy_from_config(AugmentConfig(zoom_range=0.2, rotation_range=15, seed=3, fill_mode="reflect"))
@@ -314,3 +329,44 @@ def test_no_grid_is_the_single_configured_policy():
 def test_grid_values_are_validated_up_front():
     with pytest.raises(ParamsError, match="fill_mode"):
         params_from_dict({"augment": {"grid": {"fill_mode": ["nearest", "mirror"]}}})
+
+
+# ------------------------------------------------------------------------------------------------ preview
+def test_augment_preview_writes_one_png_per_policy(tmp_path):
+    """``retrainflow augment-preview`` before any index exists: images straight from the class folders."""
+    import yaml
+    from imagegen import make_class_folders
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    make_class_folders(tmp_path / "images", ["red", "blue"], per_class=3, size=40)
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"root": str(tmp_path / "images")},
+                "image": {"size": [32, 32]},
+                "base": {"weights": "none"},
+                "augment": {"rotation_range": 20, "grid": {"fill_mode": ["reflect", "constant"]}},
+            }
+        )
+    )
+    runner = CliRunner()
+    args = ["augment-preview", "-p", str(params), "-w", str(tmp_path), "-n", "3", "-m", "2"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    pngs = sorted((tmp_path / "reports").glob("augment_preview_*.png"))
+    assert len(pngs) == 2
+    for png in pngs:
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.width > 200 and image.height > 200
+    # --out names one file: with two policies it must ask for --policy
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "one.png")])
+    assert result.exit_code == 1 and "--policy" in result.output
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "one.png"), "--policy", "fill_mode=constant"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "one.png").is_file()
+    result = runner.invoke(app, [*args, "--policy", "nope"])
+    assert result.exit_code == 1 and "'nope'" in result.output

@@ -102,6 +102,7 @@ def test_bad_params_exit_2(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.shared
 def test_index_flowers_end_to_end(shared_dir, tmp_path):
     """The real photos: 5 classes, the 4 rose/tulip byte-identical conflicts excluded (all 8 copies), the 2
     duplicate pairs inside sunflower collapsed to one copy each."""

@@ -98,12 +98,16 @@ def test_plots_have_axes_and_metrics_are_git_tracked() -> None:
     plots = {next(iter(p)): p[next(iter(p))] for p in DVC_YAML["plots"]}
     assert plots["confusion"]["template"] == "confusion"
     assert plots["confusion"]["y"] == {"plots/confusion.csv": "actual"}
+    plots_files = {"plots/top_history.csv", "plots/finetune_history.csv", "plots/confusion.csv"}
     for csv in ("plots/top_history.csv", "plots/finetune_history.csv"):
         assert plots[csv]["x"] == "epoch" and "val_accuracy" in plots[csv]["y"]
+    small = {"metrics/top.json", "metrics/finetune.json", "metrics/evaluate.json", *plots_files}
     for stage in DVC_YAML["stages"].values():
-        for kind in ("metrics", "plots"):
-            for item in stage.get(kind, []):
-                assert next(iter(item.values())) == {"cache": False}
+        for item in stage.get("outs", []) + stage.get("metrics", []):
+            if isinstance(item, dict) and next(iter(item)) in small:
+                assert next(iter(item.values())) == {"cache": False}  # small: tracked by git
+    outs = {o for stage in DVC_YAML["stages"].values() for o in _outs(stage)}
+    assert small <= outs
 
 
 # ------------------------------------------------------------------------------------------ real DVC
@@ -123,6 +127,22 @@ def _tree(folder: Path) -> dict[str, int]:
     }
 
 
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def full_tiny_params() -> dict:
+    """The project's params.yaml (DVC needs every key a stage lists) with the tiny test values on top."""
+    return _deep_merge(yaml.safe_load((PROJECT / "params.yaml").read_text()), TINY_PARAMS)
+
+
 @pytest.fixture
 def dvc_repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A git + DVC repo holding the pipeline's code, dvc.yaml, tiny params and data tracked by data.dvc."""
@@ -132,7 +152,7 @@ def dvc_repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     shutil.copytree(PROJECT / "tasks", repo / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(PROJECT / ".gitignore", repo / ".gitignore")
-    (repo / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(full_tiny_params(), sort_keys=False))
     make_class_folders(repo / "data" / "images", ["red", "blue"], per_class=10, size=32)
     env = client_env(local_server())
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
@@ -150,19 +170,29 @@ def dvc_repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_repro_noop_param_change_and_prefect_agree(dvc_repo: tuple[Path, dict[str, str]]) -> None:
+def test_prefect_run_then_dvc_agrees_and_param_change_reruns_only_downstream(
+    dvc_repo: tuple[Path, dict[str, str]],
+) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.flows import retrain
+    from tasks.model_registry import read_registry
+
     repo, env = dvc_repo
     dvc = [sys.executable, "-m", "dvc"]
 
-    first = _run([*dvc, "repro"], repo, env)
-    assert _ran(first) == list(STAGES)
+    # 1. the whole pipeline as a Prefect flow run; then DVC agrees: status clean, repro a no-op
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        first = retrain(params_file=str(repo / "params.yaml"), workdir=str(repo))
+    assert first["dvc_committed"] and first["ran"] == list(STAGES)
     assert json.loads((repo / "metrics" / "evaluate.json").read_text())["test_count"] > 0
-    assert _ran(_run([*dvc, "repro"], repo, env)) == []  # no-op
     assert json.loads(_run([*dvc, "status", "--json"], repo, env).strip() or "{}") == {}
+    assert _ran(_run([*dvc, "repro"], repo, env)) == []
 
-    # a top.* change: only train_top and what follows; not one feature computed
+    # 2. a top.* change through `dvc exp run`: DVC runs only train_top and what follows (stage commands in
+    #    Prefect flows); not one feature is computed
     _run(["git", "add", "-A"], repo, env)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "repro"], repo, env)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "run"], repo, env)
     features_before = (repo / "features" / "features.json").read_bytes()
     cache_before = _tree(repo / "cache" / "features")
     exp = _run([*dvc, "exp", "run", "-S", "top.lr=0.02"], repo, env)
@@ -170,18 +200,18 @@ def test_repro_noop_param_change_and_prefect_agree(dvc_repo: tuple[Path, dict[st
     assert (repo / "features" / "features.json").read_bytes() == features_before
     assert _tree(repo / "cache" / "features") == cache_before
     assert yaml.safe_load((repo / "params.yaml").read_text())["top"]["lr"] == 0.02
-
-    shown = json.loads(_run([*dvc, "plots", "show", "--json"], repo, env))
-    for plot_id in ("plots/top_history.csv", "plots/finetune_history.csv", "confusion"):
-        assert plot_id in shown and not shown[plot_id][0].get("errors"), shown.get(plot_id)
-
-    # a Prefect run of the whole pipeline, then DVC agrees: status clean and repro a no-op
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.flows import retrain
-
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
-        summary = retrain(params_file=str(repo / "params.yaml"), workdir=str(repo), force=True)
-    assert summary["dvc_committed"] and summary["ran"] == list(STAGES)
-    assert json.loads(_run([*dvc, "status", "--json"], repo, env).strip() or "{}") == {}
     assert _ran(_run([*dvc, "repro"], repo, env)) == []
+
+    # 3. dvc plots renders the training curves and the confusion matrix
+    shown = json.loads(_run([*dvc, "plots", "show", "--json"], repo, env))["data"]
+    assert set(shown) == {"plots/top_history.csv", "plots/finetune_history.csv", "confusion"}
+    for plot_id in shown:
+        assert plot_id in shown and shown[plot_id][0]["content"]["data"]["values"], plot_id
+
+    # 4. the next Prefect run finds every stage up to date in DVC: it only gates the new candidate
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        second = retrain(params_file=str(repo / "params.yaml"), workdir=str(repo))
+    assert second["ran"] == [] and second["up_to_date"] == list(STAGES)
+    reg = read_registry(Layout(repo))
+    assert [c.params_hash for c in reg.candidates] == [first["params_hash"], second["params_hash"]]
+    assert json.loads(_run([*dvc, "status", "--json"], repo, env).strip() or "{}") == {}

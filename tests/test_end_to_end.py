@@ -6,39 +6,17 @@ import json
 
 import numpy as np
 import pytest
-from imagegen import CLASS_COLOURS, coloured_image, make_class_folders
+from conftest import SHARED
+from imagegen import make_class_folders
 
 from tasks.config import params_from_dict
 from tasks.layout import Layout
 
 CLASSES = ["red", "green", "blue"]
+MOBILENET_025 = "mobilenet_2_5_224_tf_no_top.h5"
 
 
-def calibrated_random_weights(path, images):
-    """A random-init MobileNet 0.25 (32 px) whose BatchNorm statistics are measured on ``images``.
-
-    With ``weights: none`` the frozen base's BatchNorm layers keep their initial statistics (mean 0, variance 1), so
-    activations shrink block after block and the pooled features come out near 1e-17 (zero in float16): nothing
-    to learn from. Setting each BatchNorm's moving statistics from one batch (a data-dependent init) keeps the base
-    random and tiny but makes its features informative, like a pretrained base's, at no download.
-    """
-    import keras
-
-    from tasks.bases import load_base
-    from tasks.config import BaseConfig
-
-    loaded = load_base(BaseConfig(name="mobilenet", weights="none", alpha=0.25), (32, 32))
-    model = loaded.model
-    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    model.trainable = True
-    for layer in norms:
-        layer.momentum = 0.0  # moving statistics := this batch's statistics
-    model(loaded.spec.preprocess(images), training=True)
-    model.save_weights(path)
-    return path
-
-
-def tiny_params(data_root, weights="none", **finetune):
+def tiny_params(data_root, weights, **finetune):
     return params_from_dict(
         {
             "seed": 1,
@@ -57,7 +35,7 @@ def tiny_params(data_root, weights="none", **finetune):
                 "batch_size": 16,
                 "patience": 6,
             },
-            "finetune": {"epochs": 2, "unfreeze_blocks": 1, "batch_size": 8, "lr": 0.001, **finetune},
+            "finetune": {"epochs": 2, "unfreeze_blocks": 1, "batch_size": 8, "lr": 1e-5, **finetune},
             "evaluate": {"batch_size": 16, "preview_images": 8},
         }
     )
@@ -65,7 +43,11 @@ def tiny_params(data_root, weights="none", **finetune):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """The whole pipeline once on 3 colour classes x 20 images (32 px, random-init MobileNet 0.25)."""
+    """The whole pipeline once on 3 colour classes x 20 images (MobileNet 0.25 at 32 px).
+
+    The base is the 2 MB ImageNet MobileNet 0.25 from ../shared: a random-init base (``weights: none``) is useless
+    here, its frozen BatchNorm statistics make the pooled features vanish (about 1e-17, zero in float16).
+    """
     from tasks.evaluate import run_evaluate
     from tasks.features import run_features
     from tasks.finetune import run_finetune
@@ -73,15 +55,10 @@ def workspace(tmp_path_factory):
     from tasks.train_top import run_train_top
 
     root = tmp_path_factory.mktemp("e2e")
+    weights = SHARED / "weights" / MOBILENET_025
+    if not weights.is_file():
+        pytest.skip(f"{weights} not present (../shared)")
     data = make_class_folders(root / "images", CLASSES, per_class=20, size=40)
-    calibration = np.stack(
-        [
-            np.asarray(coloured_image(colour, 32, seed=1000 + i))
-            for i, colour in enumerate(CLASS_COLOURS.values())
-        ]
-        * 4
-    ).astype("float32")
-    weights = calibrated_random_weights(root / "base.weights.h5", calibration)
     layout = Layout(root / "work")
     params = tiny_params(data, weights)
     run_index(params, layout)
@@ -93,6 +70,7 @@ def workspace(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.shared
 def test_pipeline_learns_colours_well_above_chance(workspace):
     params, layout, _, top, ft, ev = workspace
     assert top.val_accuracy >= 0.8
@@ -111,6 +89,7 @@ def test_pipeline_learns_colours_well_above_chance(workspace):
 
 
 @pytest.mark.slow
+@pytest.mark.shared
 def test_stage_outputs_exist(workspace):
     _, layout, *_ = workspace
     for path in (
@@ -138,6 +117,7 @@ def test_stage_outputs_exist(workspace):
 
 
 @pytest.mark.slow
+@pytest.mark.shared
 def test_predict_on_the_data_folder(workspace):
     from tasks.predict import predict_paths
 
@@ -149,6 +129,7 @@ def test_predict_on_the_data_folder(workspace):
 
 
 @pytest.mark.slow
+@pytest.mark.shared
 def test_finetune_epochs_zero_gives_the_top_only_model(workspace):
     from tasks.finetune import load_top_model, run_finetune
     from tasks.heads import load_bundle

@@ -164,8 +164,8 @@ def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.Ca
     assert all(view != "clean" for view, _ in recorder.asked())
     assert fifth.cache_key == first.cache_key
 
-    # 6. another base (here the width multiplier) recomputes everything under a new key
-    base = tiny_params(root, augment={"rotation_range": 20}, base={"alpha": 0.5})
+    # 6. another base recomputes everything under a new key
+    base = tiny_params(root, augment={"rotation_range": 20}, base={"name": "mobilenet_v2", "alpha": 0.35})
     sixth = run_features(base, layout, index=grown, show_progress=False)
     assert (sixth.computed, sixth.reused) == (all_views, 0) and sixth.cache_key != first.cache_key
 
@@ -181,7 +181,11 @@ def test_read_features_shapes_order_and_guard(workspace, recorder: Recorder):
     root, layout = workspace
     index = hand_index(root)
     params = tiny_params(root)
-    run_features(params, layout, index=index, show_progress=False)
+    seen: list[tuple[int, int]] = []
+    manifest = run_features(
+        params, layout, index=index, progress=lambda *a: seen.append(a), show_progress=False
+    )
+    assert seen[-1] == (manifest.computed, manifest.computed) and seen == sorted(seen)
     n_train = int((index["split"] == "train").sum())
     train = read_features(params, layout, "train", "all", index=index)
     assert train.x.shape == (n_train * 3, 256) and train.x.dtype == np.float32
@@ -357,3 +361,20 @@ def test_cli_features_then_cache_list_and_prune(tmp_path: Path):
     assert not (tmp_path / "ws" / "cache" / "features" / stale).exists()
     assert {e["key"] for e in json.loads(run("cache", "list", "--json"))} == {current_key}
     assert run("features", "--no-progress").strip() == f"computed 0, reused {computed}"
+
+
+def test_float16_underflow_of_a_random_base_is_reported(workspace, recorder, capsys: pytest.CaptureFixture):
+    from tasks.features import read_features, run_features
+
+    root, layout = workspace
+    index = hand_index(root).iloc[:6].reset_index(drop=True)
+    params = tiny_params(root, features={"dtype": "float16", "cache_dir": "elsewhere"}, augment={"passes": 0})
+    manifest = run_features(params, layout, index=index, show_progress=False)
+    assert manifest.computed == 6 and manifest.key_spec["dtype"] == "float16"
+    assert (
+        layout.root / "elsewhere" / manifest.cache_key / "manifest.json"
+    ).is_file()  # relative to workspace
+    assert not layout.features_cache.exists()
+    assert "underflow float16" in capsys.readouterr().err
+    split = index["split"].iloc[0]
+    assert read_features(params, layout, split, index=index).x.dtype == np.float32

@@ -322,3 +322,43 @@ def test_readers_explain_a_missing_index(tmp_path):
         read_index(Layout(tmp_path))
     with pytest.raises(FileNotFoundError, match="retrainflow index"):
         read_classes(Layout(tmp_path))
+
+
+def test_non_utf8_file_name_is_rejected_not_fatal(tmp_path):
+    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
+    bad_name = os.path.join(os.fsencode(root / "red"), b"caf\xe9.png")
+    with open(bad_name, "wb") as handle:
+        handle.write((root / "red" / "red_0.png").read_bytes()[::-1])
+    layout = Layout(tmp_path / "ws")
+    manifest = run_index(Params(data=cfg(root)), layout)
+    report = json.loads(layout.index_report.read_text(encoding="utf-8"))
+    assert manifest.images == 6
+    assert [r["kind"] for r in report["rejects"]] == ["bad_name"]
+
+
+def test_csv_with_byte_order_mark(tmp_path):
+    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=2)
+    csv = tmp_path / "bom.csv"
+    lines = ["path,label"] + [f"{c}/{c}_{i}.png,{c}" for c in ("red", "blue") for i in range(2)]
+    csv.write_text("\n".join(lines) + "\n", encoding="utf-8-sig")
+    result = build_index(csv, cfg(root, source="csv", csv=csv))
+    assert len(result.table) == 4
+
+
+def test_progress_bar_and_summary_on_a_terminal(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import tasks.index
+
+    monkeypatch.setattr(tasks.index, "PROGRESS_MIN_FILES", 4)
+    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
+    (root / "red" / "bad.jpg").write_bytes(b"<html></html>")
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120)
+    run_index(Params(data=cfg(root)), Layout(tmp_path / "ws"), console=console)
+    text = out.getvalue()
+    assert "validating images" in text
+    assert "index: 6 images, 2 classes (binary)" in text
+    assert "red/bad.jpg: text or HTML, not an image" in text

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tasks.augment import AugmentPolicy
-from tasks.pipeline import encode_labels, jpeg_ratio, training_dataset, view_dataset
+from tasks.pipeline import _source_columns, encode_labels, jpeg_ratio, training_dataset, view_dataset
 
 SIZE = (16, 16)
 POLICY = AugmentPolicy(
@@ -181,6 +181,8 @@ def test_dct_reduced_decoding_keeps_the_geometry(tmp_path):
     row = {"path": "big.jpg", "class_id": 0, "orientation": 1, **info}
     reduced = pd.DataFrame([{**row, "format": "JPEG"}])  # ratio 4 is chosen for 32 px
     full = pd.DataFrame([{**row, "format": "unknown"}])  # not known as JPEG: decoded at full size
+    assert _source_columns(reduced, tmp_path, (32, 32))["ratio"].tolist() == [4]
+    assert _source_columns(full, tmp_path, (32, 32))["ratio"].tolist() == [1]
     for policy in (None, POLICY):
         a = collect(view_dataset(reduced, tmp_path, image_size=(32, 32), batch_size=1, policy=policy))
         b = collect(view_dataset(full, tmp_path, image_size=(32, 32), batch_size=1, policy=policy))

@@ -70,7 +70,7 @@ def test_loaded_model_predicts_like_in_memory_one_and_batching_does_not_matter(b
 
     bundle = load_bundle(bundle_path)
     files = expand_paths([folder])
-    a = predict_files(bundle.model, NAMES, files, batch_size=1)
+    a = predict_files(bundle.model, NAMES, files, batch_size=3)
     b = predict_files(bundle.model, NAMES, files, batch_size=32)
     for x, y in zip(a, b, strict=True):
         assert x.label == y.label and x.error == y.error
