@@ -23,6 +23,12 @@ EXIT_LOCKED = 3
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the stage manifest as JSON on stdout.")]
 
 
+def default_model(layout: Layout) -> Path:
+    """The promoted champion's model when there is one, else the candidate this workspace produced."""
+    champion = layout.champion_dir / layout.candidate_model.name
+    return champion if champion.is_file() else layout.candidate_model
+
+
 def _manifest_dict(manifest: Any) -> dict[str, Any]:
     import dataclasses
 
@@ -165,9 +171,9 @@ def predict_cmd(
     if fmt not in OUTPUT_FORMATS:
         console.print(f"[bold red]error:[/] --format: expected one of {OUTPUT_FORMATS}, got {fmt!r}")
         raise typer.Exit(2)
-    model_file = model if model is not None else layout_for(workdir).candidate_model
     from tasks.heads import read_bundle_classes
 
+    model_file = model if model is not None else default_model(layout_for(workdir))
     try:
         names, _ = read_bundle_classes(model_file)
         predictions = predict_paths(model_file, [str(p) for p in paths], batch_size=batch_size)
@@ -204,7 +210,7 @@ def export_cmd(
     from tasks.predict import export_saved_model
 
     layout = layout_for(workdir)
-    model_file = model if model is not None else layout.candidate_model
+    model_file = model if model is not None else default_model(layout)
     target = output if output is not None else layout.models_dir / "export" / model_file.parent.name
     try:
         written = export_saved_model(model_file, target)

@@ -166,6 +166,7 @@ class FeatureCache:
     spec: KeySpec
     _locations: dict[Pair, tuple[int, int]] | None = field(default=None, repr=False)
     _shards: list[ShardInfo] = field(default_factory=list, repr=False)
+    broken: list[str] = field(default_factory=list)  # committed shards that no longer read back
 
     @classmethod
     def open(cls, root: Path, spec: KeySpec, *, create: bool = True) -> FeatureCache:
@@ -241,20 +242,35 @@ class FeatureCache:
         return np.load(self.shards_dir / f"{shard}.ids.npy", allow_pickle=False)
 
     def locations(self) -> dict[Pair, tuple[int, int]]:
-        """(sha256, view) -> (shard index, row) for every committed row (first occurrence wins)."""
+        """(sha256, view) -> (shard index, row) for every committed row (first occurrence wins).
+
+        A committed shard that no longer reads back whole (deleted or damaged outside this code) is skipped and
+        listed in ``broken``: its rows count as missing, so the stage computes them again.
+        """
         if self._locations is None:
             self._shards = self.read_manifest()
+            self.broken = []
             locations: dict[Pair, tuple[int, int]] = {}
             for index, shard in enumerate(self._shards):
-                ids = self._read_ids(shard.name)
-                if len(ids) != shard.rows:
-                    raise ValueError(
-                        f"shard {shard.name} of {self.spec.key}: {len(ids)} ids, manifest says {shard.rows}"
-                    )
+                ids = self._checked_ids(shard)
+                if ids is None:
+                    self.broken.append(shard.name)
+                    continue
                 for row, (sha, view) in enumerate(zip(ids["sha256"], ids["view"], strict=True)):
                     locations.setdefault((sha.decode(), str(view)), (index, row))
             self._locations = locations
         return self._locations
+
+    def _checked_ids(self, shard: ShardInfo) -> np.ndarray | None:
+        """The shard's ids when both of its files load with the manifest's row count and feature size."""
+        try:
+            ids = self._read_ids(shard.name)
+            x = np.load(self.shards_dir / f"{shard.name}.x.npy", mmap_mode="r", allow_pickle=False)
+            ok = len(ids) == shard.rows and x.shape == (shard.rows, self.spec.feature_dim)
+            del x
+        except (OSError, ValueError, EOFError):
+            return None
+        return ids if ok else None
 
     def missing(self, pairs: Iterable[Pair]) -> list[Pair]:
         have = self.locations()

@@ -251,6 +251,12 @@ def run_features(
     needed, views_by_split, plans, wanted = plan.needed, plan.views_by_split, plan.plans, plan.wanted
     all_pairs: list[Pair] = [(sha, view) for view, shas in wanted.items() for sha in shas]
     missing = set(cache.missing(all_pairs))
+    if cache.broken:
+        console.print(
+            f"warning: {len(cache.broken)} damaged shard(s) in {cache.folder} skipped; their rows are recomputed",
+            markup=False,
+            highlight=False,
+        )
     reused = len(all_pairs) - len(missing)
 
     todo: list[tuple[str, list[int]]] = []  # (view, table positions of the images to compute)

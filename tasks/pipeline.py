@@ -128,13 +128,10 @@ def _render_fn(
     ) -> np.ndarray:
         dec_h, dec_w = image.shape[:2]
         full_h, full_w, r = int(height), int(width), int(ratio)
-        if r > 1 and (dec_h, dec_w) == (math.ceil(full_h / r), math.ceil(full_w / r)):
-            source, used = (full_h, full_w), r  # DCT-reduced decode: geometry from the full-resolution size
-        else:
-            source, used = (
-                None,
-                1,
-            )  # not reduced (not a JPEG, or sizes unknown): the decoded size is the source
+        # DCT-reduced decode: the geometry comes from the full-resolution size. Otherwise (not a JPEG, sizes
+        # unknown) the decoded image is the source.
+        reduced = r > 1 and (dec_h, dec_w) == (math.ceil(full_h / r), math.ceil(full_w / r))
+        source, used = ((full_h, full_w), r) if reduced else (None, 1)
         sha = sha256.decode() if isinstance(sha256, bytes) else str(sha256)
         return render_view(
             np.ascontiguousarray(image),

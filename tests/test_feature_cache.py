@@ -153,3 +153,15 @@ def test_list_and_prune(tmp_path: Path):
     prune_keys(tmp_path, {keep.key}, dry_run=False)
     assert [i.key for i in list_keys(tmp_path)] == [keep.key]
     assert list_keys(tmp_path / "nowhere") == []
+
+
+def test_a_damaged_committed_shard_is_skipped_so_its_rows_count_as_missing(tmp_path: Path):
+    cache = FeatureCache.open(tmp_path, SPEC)
+    good = cache.write_shard([_sha(1)], ["clean"], ["a"], np.ones((1, 4)))
+    bad = cache.write_shard([_sha(2)], ["clean"], ["a"], np.ones((1, 4)))
+    (cache.shards_dir / f"{bad.name}.x.npy").write_bytes(b"\x93NUMPY cut short")
+    reopened = FeatureCache.open(tmp_path, SPEC)
+    assert reopened.missing([(_sha(1), "clean"), (_sha(2), "clean")]) == [(_sha(2), "clean")]
+    assert reopened.broken == [bad.name] and good.name not in reopened.broken
+    reopened.write_shard([_sha(2)], ["clean"], ["a"], np.full((1, 4), 2.0))
+    np.testing.assert_array_equal(FeatureCache.open(tmp_path, SPEC).read([(_sha(2), "clean")]), [[2.0] * 4])

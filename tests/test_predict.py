@@ -114,3 +114,14 @@ def test_export_saved_model_serves_the_same_outputs(bundle_path, tmp_path):
     np.testing.assert_allclose(served.serve(tf.constant(x)).numpy(), expected, atol=1e-5)
     with pytest.raises(FileExistsError, match="not empty"):
         export_saved_model(bundle_path, out)
+
+
+def test_default_model_is_the_champion_when_promoted(tmp_path):
+    from flows.cli_model import default_model
+    from tasks.layout import Layout
+
+    layout = Layout(tmp_path)
+    assert default_model(layout) == layout.candidate_model
+    layout.champion_dir.mkdir(parents=True)
+    (layout.champion_dir / "model.keras").write_bytes(b"x")
+    assert default_model(layout) == layout.champion_dir / "model.keras"

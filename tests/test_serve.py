@@ -85,3 +85,73 @@ def test_serve_registers_cron_deployment(tmp_path: Path) -> None:
     assert crons == ["0 3 * * *"]
     assert deployment.parameters["workdir"] == str(tmp_path.resolve())
     assert deployment.entrypoint == "flows.flows.retrain"
+
+
+@pytest.mark.slow
+def test_prefect_yaml_deploys_to_a_work_pool() -> None:
+    """`prefect deploy` reads prefect.yaml: the deployment lands on the pool with its cron and parameters."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api = local_server()
+    env = {**client_env(api), "PWD": str(PROJECT)}
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    for cmd in (
+        [prefect, "work-pool", "create", "retrainflow-pool", "--type", "process", "--overwrite"],
+        [prefect, "--no-prompt", "deploy", "--name", "scheduled-retrain"],
+    ):
+        proc = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("retrain/scheduled-retrain")
+    assert deployment.work_pool_name == "retrainflow-pool"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    assert deployment.entrypoint == "flows/flows.py:retrain"
+    assert deployment.parameters == {
+        "params_file": "params.yaml",
+        "overrides": [],
+        "force": False,
+        "workdir": ".",
+    }
+    assert deployment.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(
+        PROJECT
+    )
+
+
+@pytest.mark.slow
+def test_dashboard_command_prints_url_and_serves(tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    from prefect_api import server_env
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("retrainflow")), "dashboard", "--port", str(port)],
+        cwd=PROJECT,
+        env=server_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    healthy = False
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == f"Prefect dashboard: http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not healthy and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as resp:  # noqa: S310
+                    healthy = resp.status == 200
+            except OSError:
+                time.sleep(0.5)
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert healthy
