@@ -39,6 +39,7 @@ import itertools
 import json
 import math
 import random
+import struct
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -245,7 +246,7 @@ def view_uniforms(sha256: str, policy_seed: int, pass_number: int) -> tuple[floa
     Pure Python hashing: the same on every machine, independent of batch, order and worker count.
     """
     digest = hashlib.sha512(f"{sha256}|{int(policy_seed)}|{int(pass_number)}".encode()).digest()
-    return tuple(int.from_bytes(digest[4 * i : 4 * i + 4], "little") / 2**32 for i in range(len(_SLOTS)))
+    return tuple(v / 2**32 for v in struct.unpack_from(f"<{len(_SLOTS)}I", digest))
 
 
 def draw_parameters(
@@ -284,23 +285,42 @@ def draw_parameters(
     )
 
 
+Affine = tuple[float, float, float, float, float, float]  # [[a, b, c], [d, e, f], [0, 0, 1]]
+
+
+def _compose(*affines: Affine) -> Affine:
+    """The product of 2-D affine maps, left to right, in plain floats (numpy is slower for 3x3 matrices)."""
+    a, b, c, d, e, f = affines[0]
+    for a2, b2, c2, d2, e2, f2 in affines[1:]:
+        a, b, c, d, e, f = (
+            a * a2 + b * d2,
+            a * b2 + b * e2,
+            a * c2 + b * f2 + c,
+            d * a2 + e * d2,
+            d * b2 + e * e2,
+            d * c2 + e * f2 + f,
+        )
+    return a, b, c, d, e, f
+
+
 def transform_matrix(parameters: ViewParameters, image_size: tuple[int, int]) -> np.ndarray:
     """3x3 float64 map output (x, y, 1) -> input (x, y, 1) in target pixels, as ``apply_affine_transform``:
     M = R(theta) T(tx, ty) S(shear) Z(zx, zy) about the image centre, then ImageDataGenerator's output flips."""
     height, width = image_size
     theta, shear = math.radians(parameters.theta), math.radians(parameters.shear)
-    rotation = np.array(
-        [[math.cos(theta), -math.sin(theta), 0], [math.sin(theta), math.cos(theta), 0], [0, 0, 1]]
-    )
-    shift = np.array([[1, 0, parameters.tx], [0, 1, parameters.ty], [0, 0, 1]], dtype=np.float64)
-    shear_m = np.array([[1, -math.sin(shear), 0], [0, math.cos(shear), 0], [0, 0, 1]])
-    zoom = np.diag([parameters.zx, parameters.zy, 1.0])
+    cos, sin = math.cos(theta), math.sin(theta)
     cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-    offset = np.array([[1, 0, cx], [0, 1, cy], [0, 0, 1]], dtype=np.float64)
-    reset = np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1]], dtype=np.float64)
     fx, fy = float(parameters.flip_h), float(parameters.flip_v)
-    flips = np.array([[1 - 2 * fx, 0, fx * (width - 1)], [0, 1 - 2 * fy, fy * (height - 1)], [0, 0, 1]])
-    return offset @ rotation @ shift @ shear_m @ zoom @ reset @ flips
+    a, b, c, d, e, f = _compose(
+        (1.0, 0.0, cx, 0.0, 1.0, cy),  # offset to the centre
+        (cos, -sin, 0.0, sin, cos, 0.0),  # rotation
+        (1.0, 0.0, parameters.tx, 0.0, 1.0, parameters.ty),  # shift
+        (1.0, -math.sin(shear), 0.0, 0.0, math.cos(shear), 0.0),  # shear
+        (parameters.zx, 0.0, 0.0, 0.0, parameters.zy, 0.0),  # zoom
+        (1.0, 0.0, -cx, 0.0, 1.0, -cy),  # reset from the centre
+        (1 - 2 * fx, 0.0, fx * (width - 1), 0.0, 1 - 2 * fy, fy * (height - 1)),  # output flips
+    )
+    return np.array([[a, b, c], [d, e, f], [0.0, 0.0, 1.0]])
 
 
 # ------------------------------------------------------------------------------------------- resampling

@@ -9,7 +9,6 @@ import os
 import shutil
 import sys
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -98,11 +97,10 @@ def check_data(params: Params) -> Check:
     return Check("data", "ok", f"data.root {root}")
 
 
-def keras_cache_dir() -> Path:
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
-
-
 def check_weights(params: Params) -> Check:
+    """Are the base's weights available without a download? (Offline machines must have them cached.)"""
+    from tasks.bases import get_spec, keras_cache_dir, resolve_image_size
+
     weights = params.base.weights
     if weights == "none":
         return Check(
@@ -110,32 +108,21 @@ def check_weights(params: Params) -> Check:
         )
     if weights != "imagenet":
         return Check("weights", "ok", f"weights file {weights}")
-    cache = keras_cache_dir()
-    files = sorted(p.name for p in cache.glob("*.h5")) if cache.is_dir() else []
-    expected = _expected_weights_file(params)
-    if expected is not None:
-        if (cache / expected).is_file():
-            return Check("weights", "ok", f"{expected} in {cache}")
-        return Check(
-            "weights",
-            "warn",
-            f"{expected} not in {cache}: Keras will try to download it (fails offline)",
-            f"copy it into {cache} (KERAS_HOME), or set base.weights to the file's path",
-        )
-    return Check("weights", "ok" if files else "warn", f"{len(files)} weight files in {cache}")
-
-
-def _expected_weights_file(params: Params) -> str | None:
-    """The file name Keras looks for, when the base registry can tell it."""
+    spec = get_spec(params.base.name)
     try:
-        from tasks import bases
-
-        finder: Callable[..., str] | None = bases.__dict__.get("expected_weights_file")
-        if finder is None:
-            return None
-        return finder(params.base, params.image.size)
-    except Exception:  # the check must never crash the doctor
-        return None
+        size = resolve_image_size(params.image.size, spec)
+        wanted = spec.imagenet_file(spec.resolve_alpha(params.base.alpha), size).name
+    except ValueError as err:
+        return Check("weights", "fail", str(err), "fix base / image params")
+    cache = keras_cache_dir()
+    if (cache / wanted).is_file():
+        return Check("weights", "ok", f"{wanted} in {cache}")
+    return Check(
+        "weights",
+        "warn",
+        f"{wanted} not in {cache}: Keras will try to download it (fails offline)",
+        f"copy it into {cache} (KERAS_HOME), or set base.weights to the file's path",
+    )
 
 
 def check_dvc(root: Path) -> Check:

@@ -67,3 +67,15 @@ def test_doctor_cli_exit_codes(tmp_path):
     )
     assert bad.returncode == 1
     assert "augment.zoom_range" in bad.stdout + bad.stderr
+
+
+def test_weights_check_names_the_file_keras_wants(keras_home):
+    from tasks.config import params_from_dict
+    from tasks.doctor import check_weights
+
+    params = params_from_dict({"base": {"name": "mobilenet_v2"}, "image": {"size": [224, 224]}})
+    missing = check_weights(params)
+    assert missing.status == "warn"
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5" in missing.detail
+    (keras_home / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5").write_bytes(b"x")
+    assert check_weights(params).status == "ok"
