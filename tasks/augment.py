@@ -377,11 +377,11 @@ def warp(
     sx, sy = full_w / (ratio * out_w), full_h / (ratio * out_h)
     flag = cv2.INTER_LINEAR if interpolation == "bilinear" else cv2.INTER_NEAREST
     if matrix is None or fill_mode in ("nearest", "reflect"):
-        scale = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
-        full = scale if matrix is None else scale @ matrix
+        scale: Affine = (sx, 0.0, 0.5 * sx - 0.5, 0.0, sy, 0.5 * sy - 0.5)
+        full = scale if matrix is None else _compose(scale, tuple(matrix[:2].ravel().tolist()))
         out = cv2.warpAffine(
             image,
-            full[:2],
+            np.array(full, dtype=np.float64).reshape(2, 3),
             (out_w, out_h),
             flags=flag | cv2.WARP_INVERSE_MAP,
             borderMode=cv2.BORDER_REFLECT if fill_mode == "reflect" else cv2.BORDER_REPLICATE,
