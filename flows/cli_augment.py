@@ -43,10 +43,9 @@ def augment_preview_cmd(
 ) -> None:
     """Write a PNG grid of N images x (clean + M augmented views) for the augmentation policy in params.
 
-    The views are exactly what the features and finetune stages will see (same pipeline, same seeds: view k of an
-    image is a pure function of its content, the pass number and augment.seed). With augment.grid, one PNG per
-    policy of the grid (augment.grid_samples of them when set). Images come from the index's train split, or
-    from data.root when no index exists yet. Try: --set augment.rotation_range=40 --set augment.fill_mode=wrap
+    The views are exactly what the features stage computes (same pipeline, same seeds): view k of an image is a pure function of its content hash, the pass number k and the policy, augment.seed included. With augment.grid, one PNG per policy of the grid (augment.grid_samples of them when set). Images come from the index's train split, or from data.root when no index exists yet.
+
+    Example: retrainflow augment-preview -n 4 -m 6 --set augment.rotation_range=40 --set augment.fill_mode=wrap
     """
     from rich.markup import escape
 

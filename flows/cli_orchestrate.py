@@ -22,13 +22,16 @@ def _stage_name(name: str) -> str:
     """``train-top`` and ``train_top`` both name the train_top stage."""
     normal = name.strip().replace("-", "_")
     if normal not in STAGE_NAMES:
-        console.print(f"[bold red]error:[/] unknown stage {name!r}; expected one of {', '.join(STAGE_NAMES)}")
+        console.print(
+            f"[bold red]error:[/] unknown stage {name!r}; expected one of {', '.join(STAGE_NAMES)}",
+            soft_wrap=True,
+        )
         raise typer.Exit(2)
     return normal
 
 
 def _locked_exit(err: LockHeldError) -> typer.Exit:
-    console.print(f"[bold red]busy:[/] {err}", highlight=False)
+    console.print(f"[bold red]busy:[/] {err}", highlight=False, soft_wrap=True)
     return typer.Exit(EXIT_LOCKED)
 
 
@@ -97,7 +100,7 @@ def serve_cmd(
     try:
         validate_cron(cron)
     except ValueError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(2) from None
     serve_retrain(
         cron, name=name, params_file=params, overrides=list(set_ or []), workdir=workdir, force=force
@@ -111,7 +114,7 @@ def dashboard_cmd(
 ) -> None:
     """Start the Prefect server (API + dashboard) and print its URL; runs until Ctrl-C."""
     if not 0 < port < 65536:
-        console.print(f"[bold red]error:[/] expected a port in 1..65535, got {port}")
+        console.print(f"[bold red]error:[/] expected a port in 1..65535, got {port}", soft_wrap=True)
         raise typer.Exit(2)
     url = f"http://{host}:{port}"
     typer.echo(f"Prefect dashboard: {url}")
@@ -148,7 +151,7 @@ def promote_cmd(
     except LockHeldError as err:
         raise _locked_exit(err) from None
     except RegistryError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(1) from None
     typer.echo(json.dumps(manifest.to_json(), indent=2))
 
@@ -168,23 +171,14 @@ def registry_cmd(
     if not reg.candidates:
         typer.echo("registry is empty: no candidate recorded yet")
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"model registry (champion: {reg.champion})")
-    for col in ("id", "data version", "params", "git", "score", "promoted", "reason"):
-        table.add_column(col, overflow="fold")
+    typer.echo(
+        f"champion: {reg.champion or 'none'}   ({len(reg.candidates)} candidates, {layout_for(workdir).model_registry})"
+    )
     for c in reg.candidates:
-        mark = "[green]yes[/]" if c.promoted else "no"
-        if c.id == reg.champion:
-            mark += " (champion)"
-        table.add_row(
-            c.id,
-            c.data_version[:20],
-            c.params_hash,
-            (c.git_commit or "-")[:12],
-            f"{c.metric} {c.score:.4f}",
-            mark,
-            c.reason,
+        mark = "*" if c.id == reg.champion else " "
+        verdict = "promoted" if c.promoted else "rejected"
+        typer.echo(
+            f"{mark} {c.id}  {c.metric} {c.score:.4f}  {verdict}  data {c.data_version[:16]}  "
+            f"params {c.params_hash}  git {(c.git_commit or '-')[:12]}"
         )
-    Console().print(table)
+        typer.echo(f"    {c.reason}")

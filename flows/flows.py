@@ -113,8 +113,7 @@ STAGE_TASKS = {name: _make_stage_task(name) for name in STAGES}
 @task(
     name="promote",
     tags=["retrainflow", "stage:promote"],
-    retries=1,
-    retry_delay_seconds=2,
+    retries=0,  # not idempotent: a retry would record the candidate twice
     cache_policy=NO_CACHE,
 )
 def promote_task(params: Params, layout: Layout, extra: dict[str, Any]) -> dict[str, Any]:

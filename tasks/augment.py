@@ -40,7 +40,7 @@ import json
 import math
 import random
 import struct
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -48,13 +48,13 @@ import numpy as np
 from tasks.config import AUGMENT_GRID_KEYS, AugmentConfig
 
 CLEAN_VIEW = "clean"
-ENGINE_VERSION = (
-    1  # bump when rendering changes what a view looks like: every policy hash (and cache key) moves
-)
+# Bump ENGINE_VERSION when rendering changes what a view looks like: every policy hash (and cache key) moves.
+ENGINE_VERSION = 1
 FILL_MODES = ("constant", "nearest", "reflect", "wrap")
 INTERPOLATIONS = ("bilinear", "nearest")
+_OPENCV_MAX_SIDE = 32767
+_EDGE_EPS = 1e-3  # px: a sample this close to a whole pixel is snapped to it (constant / wrap edges)
 # Fixed slots of the per-image uniform draw: adding a parameter never changes the others' values.
-_EDGE_EPS = 1e-3
 _SLOTS = ("theta", "tx", "ty", "shear", "zx", "zy", "flip_h", "flip_v", "channel", "brightness")
 
 
@@ -219,10 +219,6 @@ def view_id(policy: AugmentPolicy | None, pass_number: int) -> str:
     return f"{policy.short_hash}:{pass_number}"
 
 
-def with_name(policy: AugmentPolicy, name: str) -> AugmentPolicy:
-    return replace(policy, name=name)
-
-
 # ------------------------------------------------------------------------------------------- random draws
 @dataclass(frozen=True)
 class ViewParameters:
@@ -360,8 +356,8 @@ def warp(
     ``matrix`` (3x3 output -> input, target pixels, or None for a plain resize) acts as if the image had been
     resized to ``image_size`` first; fill modes follow scipy.ndimage in that frame. ``source_size`` is the
     full-resolution (height, width) the decoded ``image`` was reduced from by JPEG DCT ``ratio`` (None: the decoded
-    size at ratio 1), so reduced decoding does not move the geometry. One ``cv2.warpAffine`` (nearest, reflect,
-    plain resize) or one ``cv2.remap`` with the coordinates folded here (constant, wrap).
+    size at ratio 1), so reduced decoding does not move the geometry. One ``cv2.warpAffine`` (nearest, reflect)
+    or one ``cv2.remap`` with the coordinates folded here (constant, wrap); a plain resize is ``cv2.resize``.
     """
     import cv2
 
@@ -374,18 +370,30 @@ def warp(
     out_h, out_w = image_size
     dec_h, dec_w = image.shape[:2]
     full_h, full_w = (dec_h * ratio, dec_w * ratio) if source_size is None else source_size
+    if max(dec_h, dec_w) >= _OPENCV_MAX_SIDE:  # OpenCV's warps take sides below 32767: subsample first
+        step = math.ceil(max(dec_h, dec_w) / (_OPENCV_MAX_SIDE - 1))
+        image, ratio = np.ascontiguousarray(image[::step, ::step]), ratio * step
+        dec_h, dec_w = image.shape[:2]
     sx, sy = full_w / (ratio * out_w), full_h / (ratio * out_h)
     flag = cv2.INTER_LINEAR if interpolation == "bilinear" else cv2.INTER_NEAREST
+    if matrix is None and interpolation == "bilinear" and (dec_h * ratio, dec_w * ratio) == (full_h, full_w):
+        # a plain resize with the same half-pixel geometry: cv2.resize is 3-4x faster than a warp
+        out = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+        return out if keep_uint8 and out.dtype == np.uint8 else out.astype(np.float32, copy=False)
+    # OpenCV's uint8 warps are vectorised for 4 channels, not 3: RGBA in, RGB out (the same pixels, 40% faster)
+    rgba = image.dtype == np.uint8
+    source = cv2.cvtColor(image, cv2.COLOR_RGB2RGBA) if rgba else image
     if matrix is None or fill_mode in ("nearest", "reflect"):
         scale: Affine = (sx, 0.0, 0.5 * sx - 0.5, 0.0, sy, 0.5 * sy - 0.5)
         full = scale if matrix is None else _compose(scale, tuple(matrix[:2].ravel().tolist()))
         out = cv2.warpAffine(
-            image,
+            source,
             np.array(full, dtype=np.float64).reshape(2, 3),
             (out_w, out_h),
             flags=flag | cv2.WARP_INVERSE_MAP,
             borderMode=cv2.BORDER_REFLECT if fill_mode == "reflect" else cv2.BORDER_REPLICATE,
         )
+        out = cv2.cvtColor(out, cv2.COLOR_RGBA2RGB) if rgba else out
         return out if keep_uint8 and out.dtype == np.uint8 else out.astype(np.float32, copy=False)
     xs = np.arange(out_w, dtype=np.float32)[None, :]
     ys = np.arange(out_h, dtype=np.float32)[:, None]
@@ -399,7 +407,8 @@ def warp(
         xt, yt = _wrap(xt, out_w), _wrap(yt, out_h)
     map_x = np.clip(xt, 0.0, out_w - 1.0) * np.float32(sx) + np.float32(0.5 * sx - 0.5)
     map_y = np.clip(yt, 0.0, out_h - 1.0) * np.float32(sy) + np.float32(0.5 * sy - 0.5)
-    out = cv2.remap(image, map_x, map_y, flag, borderMode=cv2.BORDER_REPLICATE)
+    out = cv2.remap(source, map_x, map_y, flag, borderMode=cv2.BORDER_REPLICATE)
+    out = cv2.cvtColor(out, cv2.COLOR_RGBA2RGB) if rgba else out
     if not (keep_uint8 and out.dtype == np.uint8 and _uint8_value(cval)):
         out = out.astype(np.float32)
     if valid is not None:

@@ -161,6 +161,16 @@ def test_resize_is_folded_into_the_same_resampling():
     np.testing.assert_allclose(flipped[0, :, 0], clean[0, ::-1, 0], atol=0.05)
 
 
+def test_very_long_images_are_resampled_too():
+    """OpenCV's warps refuse sides >= 32767 px: such a source is subsampled first, the geometry kept."""
+    source = np.zeros((40000, 4, 3), np.uint8)
+    source[20000:] = 200  # bottom half bright
+    out = warp(source, None, image_size=(8, 8))
+    assert out.shape == (8, 8, 3)
+    np.testing.assert_allclose(out[:4], 0, atol=1)
+    np.testing.assert_allclose(out[4:], 200, atol=1)
+
+
 # ------------------------------------------------------------------------------------------------ draws
 def test_draw_parameters_follow_image_data_generator_ranges():
     policy = AugmentPolicy(

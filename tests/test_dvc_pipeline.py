@@ -208,10 +208,15 @@ def test_prefect_run_then_dvc_agrees_and_param_change_reruns_only_downstream(
     for plot_id in shown:
         assert plot_id in shown and shown[plot_id][0]["content"]["data"]["values"], plot_id
 
-    # 4. the next Prefect run finds every stage up to date in DVC: it only gates the new candidate
+    # 4. with a DVC remote: the next Prefect run pulls, finds every stage up to date in DVC, only gates the
+    #    new candidate, and pushes the data and outputs
+    remote = repo.parent / "remote"
+    _run([*dvc, "remote", "add", "-d", "store", str(remote)], repo, env)
     with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
         second = retrain(params_file=str(repo / "params.yaml"), workdir=str(repo))
     assert second["ran"] == [] and second["up_to_date"] == list(STAGES)
+    assert second["data_version"] == yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    assert sum(1 for p in remote.rglob("*") if p.is_file()) >= 20  # at least the 20 images
     reg = read_registry(Layout(repo))
     assert [c.params_hash for c in reg.candidates] == [first["params_hash"], second["params_hash"]]
     assert json.loads(_run([*dvc, "status", "--json"], repo, env).strip() or "{}") == {}

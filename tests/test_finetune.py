@@ -175,3 +175,34 @@ def test_killed_finetune_resumes_from_its_last_finished_epoch(tmp_path):
     assert [r["epoch"] for r in summary["history"]] == ["1", "2", "3", "4"]  # the killed run's rows are kept
     assert summary["state"]["epochs_done"] == 4
     assert not (work / "backup").exists()  # BackupAndRestore removes its backup on success
+
+
+def test_state_left_by_another_run_is_not_resumed(tmp_path):
+    import json
+
+    import keras
+    import tensorflow as tf
+
+    from tasks.bases import load_base
+    from tasks.finetune import build_full_model, finetune_model
+    from tasks.heads import build_head
+
+    loaded = load_base(TINY_BASE, SIZE)
+    keras.utils.set_random_seed(0)
+    head = build_head(HeadSpec(name="h", type="linear"), 256, "binary", 2)
+    model = build_full_model(loaded.model, "mobilenet", head, SIZE, "avg")
+    x = np.random.default_rng(0).integers(0, 256, (8, *SIZE, 3)).astype("float32")
+    y = np.array([0, 1] * 4, "float32")[:, None]
+    train = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(4)
+    val = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    stale = tmp_path / "work" / "state"
+    stale.mkdir(parents=True)
+    (stale / "state.json").write_text(
+        json.dumps({"fingerprint": "other-run", "epochs_done": 5, "best_epoch": 3})
+    )
+    cfg = FinetuneConfig(epochs=1, unfreeze_blocks=1)
+    out = finetune_model(
+        model, loaded.model, loaded.spec, (train, 2), val, cfg, "binary", 2, tmp_path / "work", 0, "this-run"
+    )
+    assert out["resumed_from_epoch"] == 0 and out["state"]["fingerprint"] == "this-run"
+    assert [r["epoch"] for r in out["history"]] == ["1"] and out["state"]["epochs_done"] == 1

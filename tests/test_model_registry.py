@@ -128,3 +128,24 @@ def test_data_dvc_hash_and_bad_registry(tmp_path: Path) -> None:
     layout.model_registry.write_text("[1, 2]")
     with pytest.raises(RegistryError, match="candidates"):
         read_registry(layout)
+
+
+def test_promote_and_registry_commands(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    _workspace(tmp_path, 0.9)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("base: {weights: none}\nevaluate: {min_accuracy: 0.95}\n")
+    runner = CliRunner()
+    promoted = runner.invoke(app, ["promote", "-p", str(params_file), "-w", str(tmp_path)])
+    assert promoted.exit_code == 0, promoted.output
+    assert json.loads(promoted.stdout)["promoted"] is False  # 0.9 < min_accuracy 0.95
+    listed = runner.invoke(app, ["registry", "-w", str(tmp_path), "--json"])
+    reg = json.loads(listed.stdout)
+    assert reg["champion"] is None and "below evaluate.min_accuracy" in reg["candidates"][0]["reason"]
+    table = runner.invoke(app, ["registry", "-w", str(tmp_path)])
+    assert table.exit_code == 0 and "champion: none" in table.stdout and "rejected" in table.stdout
+    missing = runner.invoke(app, ["promote", "-p", str(params_file), "-w", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 1 and "evaluate.json" in missing.output

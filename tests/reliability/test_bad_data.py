@@ -1,0 +1,362 @@
+"""Bad data through the whole pipeline: every kind of bad or awkward input gets a clear report line or error, the
+run completes where it can, and no bad file reaches training (the feature cache and the training rows hold only
+the sha256s of good images)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from imagegen import (
+    bad_image_files,
+    bomb_png,
+    coloured_image,
+    encode,
+    exif_rotated_jpeg,
+    good_odd_image_files,
+    make_class_folders,
+)
+from PIL import Image, ImageOps
+from relhelp import cli, tiny_dict, tiny_params, write_params
+
+from tasks.layout import Layout
+
+JUNK = {
+    ".DS_Store": b"\x00\x00\x00\x01Bud1",
+    "Thumbs.db": b"\xd0\xcf\x11\xe0junk",
+    "._red_0.png": b"\x00\x05",
+}
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def messy_dataset(root: Path) -> tuple[set[str], set[str], dict[str, str]]:
+    """red/blue class folders with every bad file, odd-but-good file, junk, a symlink loop and awkward names.
+
+    Returns (good sha256s, bad sha256s, expected reject kind by relative path).
+    """
+    make_class_folders(root, ["red", "blue"], per_class=8, size=32)
+    good = {_sha(p.read_bytes()) for p in root.rglob("*.png")}
+    bad: set[str] = set()
+    kinds: dict[str, str] = {}
+    for name, data in bad_image_files().items():
+        (root / "red" / name).write_bytes(data)
+        kinds[f"red/{name}"] = ""
+        bad.add(_sha(data))
+    for name, data in good_odd_image_files().items():
+        (root / "blue" / name).write_bytes(data)
+        good.add(_sha(data))
+    odd_names = {
+        "red/with space é ü 日本.png": coloured_image((200, 40, 40), 32, seed=901),
+        "red/nested/deeper/ünïcode name.jpg": coloured_image((200, 40, 40), 32, seed=902),
+        "blue/-leading dash.png": coloured_image((40, 60, 200), 32, seed=903),
+    }
+    for rel, image in odd_names.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        data = encode(image, "JPEG" if rel.endswith(".jpg") else "PNG")
+        (root / rel).write_bytes(data)
+        good.add(_sha(data))
+    for name, data in JUNK.items():
+        (root / "red" / name).write_bytes(data)
+        bad.add(_sha(data))
+    (root / ".hidden_class").mkdir()
+    hidden = encode(coloured_image((1, 2, 3), 32, seed=904), "PNG")
+    (root / ".hidden_class" / "x.png").write_bytes(hidden)
+    bad.add(_sha(hidden))
+    (root / "red" / "loop").symlink_to("..", target_is_directory=True)  # red/loop -> data root: a loop
+    (root / "blue" / "self").symlink_to(".", target_is_directory=True)
+    (root / "stray.png").write_bytes(encode(coloured_image((9, 9, 9), 32, seed=905), "PNG"))
+    return good, bad, kinds
+
+
+def all_cached_shas(cache_dir: Path) -> set[str]:
+    """Every sha256 stored in any shard of the feature cache (committed or not)."""
+    out: set[str] = set()
+    for ids in cache_dir.rglob("*.ids.npy"):
+        out |= {s.decode() for s in np.load(ids, allow_pickle=False)["sha256"]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def messy_run(tmp_path_factory):
+    """index -> features -> train_top -> finetune on the messy folder, with symlinks followed (loops!)."""
+    from tasks.features import run_features
+    from tasks.finetune import run_finetune
+    from tasks.index import run_index
+    from tasks.train_top import run_train_top
+
+    tmp = tmp_path_factory.mktemp("messy")
+    root = tmp / "images"
+    good, bad, _ = messy_dataset(root)
+    params = tiny_params(root, data={"follow_symlinks": True}, augment={"passes": 0})
+    layout = Layout(tmp / "work")
+    index = run_index(params, layout)
+    features = run_features(params, layout, show_progress=False)
+    top = run_train_top(params, layout)
+    ft = run_finetune(params, layout)
+    return params, layout, good, bad, index, features, top, ft
+
+
+@pytest.mark.slow
+def test_run_completes_and_only_good_images_reach_training(messy_run) -> None:
+    from tasks.features import read_features
+    from tasks.index import read_index
+
+    params, layout, good, bad, index, features, top, ft = messy_run
+    table = read_index(layout)
+    assert set(table["sha256"]) <= good and not set(table["sha256"]) & bad
+    # every good file is in (exact duplicates collapse: the generated set has none)
+    assert set(table["sha256"]) == good, sorted(good - set(table["sha256"]))[:3]
+    assert index.images == len(good) and index.classes == ("blue", "red")
+    trained: set[str] = set()
+    for split in ("train", "val", "test"):
+        fs = read_features(params, layout, split)
+        assert np.isfinite(fs.x).all()
+        trained |= set(fs.sha256.tolist())
+    assert trained == set(table["sha256"])
+    assert all_cached_shas(Path(features.cache_dir)) <= good
+    assert layout.candidate_model.is_file() and ft.epochs_run == 1
+    assert top.best_head == "linear" if hasattr(top, "best_head") else True
+
+
+@pytest.mark.slow
+def test_every_bad_file_has_a_reason(messy_run) -> None:
+    _, layout, *_ = messy_run
+    report = json.loads(layout.index_report.read_text())
+    rejects = {r["path"]: r for r in report["rejects"]}
+    skipped = {s["path"]: s["reason"] for s in report["skipped"]}
+    for name in bad_image_files():
+        assert f"red/{name}" in rejects, (name, sorted(rejects))
+        assert rejects[f"red/{name}"]["reason"].strip()
+    expected_kind = {
+        "red/zero_bytes.jpg": "empty",
+        "red/text.jpg": "not_image",
+        "red/page.jpg": "not_image",
+        "red/bomb.png": "too_large",
+        "red/image.tiff": "unsupported",
+        "red/truncated.jpg": "undecodable",
+        "red/truncated.png": "undecodable",
+    }
+    for path, kind in expected_kind.items():
+        assert rejects[path]["kind"] == kind, rejects[path]
+    assert "HTML" in rejects["red/page.jpg"]["reason"]
+    for junk in (*JUNK,):
+        assert f"red/{junk}" in skipped, (junk, skipped)
+    assert ".hidden_class" in skipped and "stray.png" in skipped
+    assert any("loop" in reason for reason in skipped.values()), skipped
+    assert "red/loop" in skipped or "blue/self" in skipped
+
+
+@pytest.mark.slow
+def test_odd_but_valid_formats_are_rgb_in_training_input(messy_run) -> None:
+    from tasks.index import read_index
+    from tasks.pipeline import view_dataset
+
+    params, layout, *_ = messy_run
+    table = read_index(layout)
+    odd = table[table["path"].isin([f"blue/{n}" for n in good_odd_image_files()])]
+    assert len(odd) == len(good_odd_image_files())
+    assert set(odd["format"]) == {"JPEG", "PNG", "GIF", "WEBP", "BMP"}
+    row = odd[odd["path"] == "blue/one_pixel.png"].iloc[0]
+    assert (row["width"], row["height"]) == (1, 1)
+    batches = list(view_dataset(odd, params.data.root, image_size=(32, 32), batch_size=64))
+    pixels = np.concatenate([b.numpy() for b in batches])
+    assert pixels.shape == (len(odd), 32, 32, 3) and np.isfinite(pixels).all()
+    assert pixels.min() >= 0 and pixels.max() <= 255
+
+
+def test_exif_orientation_is_honoured_in_index_training_input_and_predict(tmp_path: Path) -> None:
+    """A JPEG stored 32x24 with EXIF orientation 6 is 24 wide and 32 high everywhere, and its pixels are the
+    upright ones (as Pillow's exif_transpose shows them) in the training input and in predict."""
+    import keras
+
+    from tasks.index import build_index
+    from tasks.pipeline import view_dataset
+    from tasks.predict import predict_files
+
+    root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
+    rotated = exif_rotated_jpeg(6, height=24, width=32, seed=7)
+    (root / "red" / "rotated.jpg").write_bytes(rotated)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(root / "red" / "rotated.jpg")).convert("RGB"))
+    assert upright.shape == (32, 24, 3)
+    stored = np.asarray(Image.open(root / "red" / "rotated.jpg").convert("RGB"))
+    (tmp_path / "upright.png").write_bytes(encode(Image.fromarray(upright), "PNG"))
+    (tmp_path / "stored.png").write_bytes(encode(Image.fromarray(stored), "PNG"))
+
+    result = build_index(root, tiny_params(root).data)
+    row = result.table[result.table["path"] == "red/rotated.jpg"].iloc[0]
+    assert (row["width"], row["height"], row["orientation"]) == (24, 32, 6)
+
+    (batch,) = list(view_dataset(result.table.loc[[row.name]], root, image_size=(32, 24), batch_size=1))
+    seen = batch.numpy()[0]
+    assert np.abs(seen - upright).mean() < 6, "training input does not show the upright picture"
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((32, 24, 3)),
+            keras.layers.Rescaling(1 / 255),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    files = [root / "red" / "rotated.jpg", tmp_path / "upright.png", tmp_path / "stored.png"]
+    preds = predict_files(model, ("a", "b", "c"), files, batch_size=1)
+    assert all(p.error is None for p in preds), preds
+    probs = [np.array(list(p.probabilities.values())) for p in preds]
+    same = np.abs(probs[0] - probs[1]).max()
+    assert same < 0.05, (probs, "predict did not apply the EXIF orientation like the index")
+    assert np.abs(probs[0] - probs[2]).max() > max(0.02, 3 * same), (probs, "the model cannot tell rotations")
+
+
+def test_decompression_bomb_rejected_by_a_small_pixel_limit(tmp_path: Path) -> None:
+    """A configurable limit: data.max_pixels=5000 rejects a 100x100 image and a 20000x20000 header, keeps 32x32."""
+    import resource
+
+    from tasks.index import build_index
+
+    root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
+    (root / "red" / "big.png").write_bytes(encode(coloured_image((200, 40, 40), 100, seed=1), "PNG"))
+    (root / "blue" / "bomb.png").write_bytes(bomb_png(20000, 20000))
+    (root / "blue" / "wide_bomb.png").write_bytes(bomb_png(200000, 3))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = build_index(root, tiny_params(root, data={"max_pixels": 5000}).data)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    kinds = {r["path"]: r for r in result.report["rejects"]}
+    assert (
+        kinds["red/big.png"]["kind"] == "too_large"
+        and "data.max_pixels=5000" in kinds["red/big.png"]["reason"]
+    )
+    assert kinds["blue/bomb.png"]["kind"] == "too_large"
+    assert kinds["blue/wide_bomb.png"]["kind"] == "too_large"
+    assert len(result.table) == 6
+    assert grown_mib < 500, f"validation grew the process by {grown_mib:.0f} MiB (a bomb was decoded?)"
+
+
+def test_one_pixel_images_train(tmp_path: Path) -> None:
+    from tasks.features import read_features, run_features
+    from tasks.index import run_index
+
+    root = tmp_path / "data"
+    for c, colour in (("red", (250, 0, 0)), ("blue", (0, 0, 250))):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            (root / c / f"{i}.png").write_bytes(
+                encode(Image.new("RGB", (1, 1), (colour[0], i * 20, colour[2])), "PNG")
+            )
+    params = tiny_params(root, augment={"passes": 1, "rotation_range": 30})
+    layout = Layout(tmp_path / "work")
+    assert run_index(params, layout).images == 8
+    run_features(params, layout, show_progress=False)
+    assert np.isfinite(read_features(params, layout, "train").x).all()
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty_class", "no valid image"),
+        ("only_bad_class", "no valid image"),
+        ("single_class", "only one class"),
+        ("no_images", "no valid images"),
+        ("missing_root", "data.root"),
+    ],
+)
+def test_dataset_level_errors(tmp_path: Path, case: str, message: str) -> None:
+    from tasks.index import DatasetError, build_index
+
+    root = tmp_path / "data"
+    if case != "missing_root":
+        make_class_folders(root, ["red"] if case == "single_class" else ["red", "blue"], per_class=3, size=32)
+    if case == "empty_class":
+        (root / "green").mkdir()
+    if case == "only_bad_class":
+        (root / "green").mkdir()
+        (root / "green" / "a.jpg").write_bytes(b"")
+    if case == "no_images":
+        for p in root.rglob("*.png"):
+            p.write_bytes(b"<html></html>")
+    with pytest.raises(DatasetError, match=message) as err:
+        build_index(root, tiny_params(root).data)
+    if case in ("empty_class", "only_bad_class"):
+        assert "green" in str(err.value)
+
+
+def test_cli_index_reports_unusable_dataset_without_traceback(tmp_path: Path) -> None:
+    make_class_folders(tmp_path / "data" / "images", ["red"], per_class=3, size=32)
+    write_params(tmp_path, tiny_dict())
+    proc = cli(["index"], tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "only one class" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "index" / "index.csv").exists()
+
+
+def test_csv_source_blank_labels_duplicates_missing_paths(tmp_path: Path) -> None:
+    """The CSV cases, through `retrainflow index` in a subprocess: the run completes, each row is accounted for."""
+    root = make_class_folders(tmp_path / "data" / "images", ["red", "blue"], per_class=4, size=32)
+    (root / "red" / "trunc.png").write_bytes(bad_image_files()["truncated.png"])
+    rows = [(f"{c}/{c}_{i}.png", c) for c in ("red", "blue") for i in range(4)]
+    rows += [
+        ("red/red_0.png", "red"),  # duplicate row, same label: kept once, reported
+        ("blue/blue_1.png", "blue"),
+        ("red/red_1.png", ""),  # blank label
+        ("   ", "red"),  # blank path
+        ("red/missing.png", "red"),  # does not exist
+        ("red/trunc.png", "red"),  # a bad file listed in the CSV
+        ("blue/blue_2.png", "red"),  # the same path under two labels: a conflict
+    ]
+    pd.DataFrame(rows, columns=["file", "cls"]).to_csv(tmp_path / "labels.csv", index=False)
+    write_params(
+        tmp_path,
+        tiny_dict(data={"source": "csv", "csv": "labels.csv", "path_column": "file", "label_column": "cls"}),
+    )
+    proc = cli(["index", "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads(proc.stdout)
+    report = json.loads((tmp_path / "index" / "index_report.json").read_text())
+    kinds = {r["path"]: r["kind"] for r in report["rejects"]}
+    assert kinds["red/missing.png"] == "not_found"
+    assert kinds["red/trunc.png"] == "undecodable"
+    assert "blank_label" in kinds.values() and "blank_path" in kinds.values()
+    assert {d["path"] for d in report["duplicate_rows"]} >= {"red/red_0.png", "blue/blue_1.png"}
+    assert [c["path"] for c in report["conflicts"]] == ["blue/blue_2.png"]
+    table = pd.read_csv(tmp_path / "index" / "index.csv")
+    assert manifest["images"] == len(table) == 7  # 8 listed once, minus the conflicting path
+    assert table["path"].is_unique and "blue/blue_2.png" not in set(table["path"])
+    assert "rejected" in proc.stderr  # the readable summary names the rejects
+
+
+def test_csv_missing_columns_is_a_clear_error(tmp_path: Path) -> None:
+    from tasks.index import DatasetError, build_index
+
+    root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=2, size=32)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("filename,label\nred/red_0.png,red\n")
+    params = tiny_params(root, data={"source": "csv", "csv": str(csv)})
+    with pytest.raises(DatasetError, match=r"missing column\(s\) \['path'\]") as err:
+        build_index(csv, params.data)
+    assert "filename" in str(err.value)
+    csv.write_text("")
+    with pytest.raises(DatasetError, match="cannot parse"):
+        build_index(csv, params.data)
+
+
+def test_fifo_and_broken_symlink_never_block_or_crash(tmp_path: Path) -> None:
+    """A named pipe (reading it would hang) and a dangling symlink: reported, never opened."""
+    from tasks.index import build_index
+
+    root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
+    os.mkfifo(root / "red" / "pipe.jpg")
+    (root / "blue" / "gone.png").symlink_to(root / "blue" / "nothing.png")
+    result = build_index(root, tiny_params(root, data={"follow_symlinks": True}).data)
+    assert len(result.table) == 6
+    skipped = {s["path"]: s["reason"] for s in result.report["skipped"]}
+    rejects = {r["path"]: r["reason"] for r in result.report["rejects"]}
+    assert "regular file" in skipped.get("red/pipe.jpg", rejects.get("red/pipe.jpg", ""))
+    assert "broken symlink" in rejects["blue/gone.png"]
