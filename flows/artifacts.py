@@ -94,8 +94,10 @@ def summary_markdown(summary: Mapping[str, Any], layout: Layout) -> str:
         ("Top-only vs fine-tuned", layout.reports_dir / "model_comparison.md"),
     ):
         if path.is_file():
-            body = path.read_text().strip()
-            out += ["", f"## {title}", "", body[:20_000]]
+            body = "\n".join(
+                ("##" + line) if line.startswith("#") else line for line in path.read_text().splitlines()
+            )
+            out += ["", f"## {title}", "", body.strip()[:20_000]]
     pngs = report_pngs(layout)
     if pngs:
         out += ["", "## Reports", ""] + [f"- `{p}`" for p in pngs]

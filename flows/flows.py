@@ -283,10 +283,7 @@ def retrain(
         if "index" in todo:
             summary["stages"]["index"] = STAGE_TASKS["index"](params, layout)
             ran.append("index")
-        if no_commit is None:  # record the data version in data.dvc before naming it in the registry
-            dvc_commit_task(root, _dvc_targets(layout, ran))
         summary["index_hash"] = index_content_hash(layout)
-        summary["data_version"] = data_version(layout)
         summary["git_commit"] = git_commit(root)
         summary["ran"] = ran
         reason = (
@@ -294,26 +291,28 @@ def retrain(
             if force
             else unchanged_reason(read_registry(layout), summary["index_hash"], params.section_hash())
         )
+        if not reason:
+            for name in STAGES[1:]:
+                if name in todo:
+                    summary["stages"][name] = STAGE_TASKS[name](params, layout)
+                    ran.append(name)
+        if no_commit is None:  # before naming the data version: data.dvc then holds the data that ran
+            dvc_commit_task(root, _dvc_targets(layout, ran))
+        summary["data_version"] = data_version(layout)
+        summary["dvc_committed"] = no_commit is None
         if reason:
             logger.info(reason)
             summary.update(status="skipped", reason=reason)
             artifacts.publish_summary(summary, layout)
             return summary
 
-        for name in STAGES[1:]:
-            if name in todo:
-                summary["stages"][name] = STAGE_TASKS[name](params, layout)
-                ran.append(name)
         summary["promote"] = promote_task(
             params, layout, {"stages": {k: v for k, v in summary["stages"].items() if k != "evaluate"}}
         )
-        if no_commit is None and ran:
-            dvc_commit_task(root, _dvc_targets(layout, ran))
         if remote:
             dvc_push_task(root)
         summary.update(status="promoted" if summary["promote"]["promoted"] else "not promoted")
         summary["reason"] = summary["promote"]["reason"]
-        summary["dvc_committed"] = no_commit is None
         artifacts.publish_summary(summary, layout)
         logger.info("retrain finished: %s", summary["reason"])
         return summary

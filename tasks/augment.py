@@ -24,8 +24,9 @@ exactly on the image edge (within 1e-3 px) counts as inside, where scipy's float
 Resize and geometry are composed: every output pixel is mapped target -> transformed target coordinates (fill
 mode applied there, exactly as if the image had been resized first) -> source coordinates, and the source is
 sampled once (bilinear or nearest) by OpenCV: one ``warpAffine`` (nearest, reflect) or one ``remap`` (constant,
-wrap), its output already at the target size. OpenCV was measured 3-4x faster here than TensorFlow's
-``ImageProjectiveTransformV3`` or a gather-based resampler (see BENCHMARKS.md).
+wrap), its output already at the target size (the clean view: one ``cv2.resize``). uint8 images are warped as RGBA,
+which OpenCV vectorises (same pixels). OpenCV was measured about 10x faster here than TensorFlow's
+``ImageProjectiveTransformV3`` or a gather-based TF resampler (see BENCHMARKS.md).
 
 Randomness: the ten uniforms of a view come from sha512(image sha256, policy seed, pass) (:func:`view_uniforms`),
 so a view is a pure function of (pixels, sha256, pass, policy): independent of batch, order, worker count and

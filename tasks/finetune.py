@@ -163,15 +163,18 @@ def resumable_early_stopping(state_dir: Path, patience: int) -> Any:
                     best_epoch=epoch + 1,
                     wait=0,
                 )
-            else:
+            else:  # as keras.callbacks.EarlyStopping: stop after `patience` epochs without improvement
                 self.state["wait"] += 1
+                self.state["stopped"] = self.state["wait"] >= patience
             self.state["epochs_done"] = epoch + 1
             _write_json_atomic(state_dir / "state.json", self.state)
-            if self.state["wait"] >= patience:
+            if self.state.get("stopped"):
                 self.model.stop_training = True
 
         def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
             _load_weights(self.model, state_dir / "best.npz")
+            self.state["finished"] = True  # a kill from here on (while saving) resumes by loading best.npz
+            _write_json_atomic(state_dir / "state.json", self.state)
 
     return ResumableEarlyStopping()
 
@@ -323,24 +326,31 @@ def finetune_model(
         shutil.rmtree(work_dir, ignore_errors=True)
         val_loss, val_accuracy = model.evaluate(val, verbose=0)
         start_state(model, state_dir, float(val_loss), float(val_accuracy), fingerprint)
-    dataset, steps = train
-    history = model.fit(
-        dataset,
-        steps_per_epoch=steps,
-        epochs=cfg.epochs,
-        validation_data=val,
-        shuffle=False,  # training_dataset reshuffles every epoch itself
-        callbacks=[
-            keras.callbacks.CSVLogger(str(log_file), append=True),
-            resumable_early_stopping(state_dir, cfg.patience),
-            keras.callbacks.BackupAndRestore(str(backup_dir)),
-        ],
-        verbose=0,
-    )
     state = json.loads((state_dir / "state.json").read_text())
+    done = state.get("finished") or state.get("stopped") or state["epochs_done"] >= cfg.epochs
+    if resumed and done:  # killed after training ended (e.g. while saving): the best weights are on disk
+        _load_weights(model, state_dir / "best.npz")
+        epochs_ran: list[int] = []
+    else:
+        dataset, steps = train
+        history = model.fit(
+            dataset,
+            steps_per_epoch=steps,
+            epochs=cfg.epochs,
+            validation_data=val,
+            shuffle=False,  # training_dataset reshuffles every epoch itself
+            callbacks=[
+                keras.callbacks.CSVLogger(str(log_file), append=True),
+                resumable_early_stopping(state_dir, cfg.patience),
+                keras.callbacks.BackupAndRestore(str(backup_dir)),
+            ],
+            verbose=0,
+        )
+        epochs_ran = list(history.epoch)
+        state = json.loads((state_dir / "state.json").read_text())
     resumed_from = 0
     if resumed:  # the first epoch this fit ran, i.e. how many epochs the killed run had finished
-        resumed_from = int(history.epoch[0]) if history.epoch else int(state["epochs_done"])
+        resumed_from = int(epochs_ran[0]) if epochs_ran else int(state["epochs_done"])
     return {
         "trainable_layers": trainable,
         "trainable_params": int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),

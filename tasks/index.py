@@ -11,6 +11,7 @@ POSIX and relative to ``data.root``, sorted by path), ``classes.json`` and ``ind
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -45,6 +46,11 @@ SPLITS = ("train", "val", "test")
 # OS junk: skipped and reported, never validated (hidden names starting with "." are skipped too).
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r", "__macosx", "$recycle.bin"})
 PROGRESS_MIN_FILES = 200  # show a progress bar from this many files on
+# No encoded image within data.max_pixels is larger than this many bytes per pixel (16-bit RGBA PNG stored raw is
+# 8, an MPO holds two pictures) plus room for metadata (EXIF, ICC, XMP, thumbnails): a bigger file is rejected
+# before it is read, so a multi-gigabyte file named .jpg never lands in memory.
+MAX_BYTES_PER_PIXEL = 16
+MAX_METADATA_BYTES = 8 * 1024 * 1024
 
 
 class DatasetError(ValueError):
@@ -155,6 +161,18 @@ def _rel_posix(path: Path, root: Path) -> str:
     return PurePosixPath(*path.relative_to(root).parts).as_posix()
 
 
+def _resolve(path: Path) -> tuple[Path | None, str]:
+    """``path`` with every symlink resolved (a dangling one too), or None and why (a loop, a name too long...)."""
+    try:
+        return path.resolve(), ""
+    except RuntimeError:  # Python < 3.13 reports a symlink loop this way
+        return None, "symlink loop"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return None, "symlink loop"
+        return None, f"cannot resolve the path: {err.strerror or err}"
+
+
 def _utf8_ok(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -181,7 +199,10 @@ def scan_directory(root: Path, cfg: DataConfig, findings: _Findings) -> tuple[li
         if not cfg.follow_symlinks:
             findings.reject(rel, "symlink", "symlink not followed (data.follow_symlinks is false)")
             return None
-        target = entry_path.resolve()
+        target, why = _resolve(entry_path)
+        if target is None:
+            findings.reject(rel, "symlink", why)
+            return None
         if not target.exists():
             findings.reject(rel, "symlink", "broken symlink (its target does not exist)")
             return None
@@ -259,6 +280,32 @@ def _cell(value: Any) -> str:
     return str(value).strip()
 
 
+def _table_path(
+    lexical: Path, rel: str, root_abs: Path, real_root: Path, cfg: DataConfig, findings: _Findings
+) -> Path | None:
+    """The real file behind one CSV row's path, or None when the row is rejected (the reason is recorded)."""
+    if not lexical.exists() and not lexical.is_symlink():
+        findings.reject(rel, "not_found", "file not found")
+        return None
+    real, why = _resolve(lexical)
+    if real is None:
+        findings.reject(rel, "symlink", why)
+        return None
+    if not _inside(real, real_root):
+        findings.reject(rel, "outside_root", "symlink leading outside the data root")
+        return None
+    if real.relative_to(real_root) != lexical.relative_to(root_abs) and not cfg.follow_symlinks:
+        findings.reject(rel, "symlink", "path goes through a symlink (data.follow_symlinks is false)")
+        return None
+    if not real.exists():
+        findings.reject(rel, "not_found", "broken symlink (its target does not exist)")
+        return None
+    if not real.is_file():
+        findings.reject(rel, "not_file", "not a regular file")
+        return None
+    return real
+
+
 def scan_table(frame: pd.DataFrame, root: Path, cfg: DataConfig, findings: _Findings) -> list[Candidate]:
     """Rows of a CSV/DataFrame -> candidates. Paths resolve against ``root`` and may not leave it."""
     missing = [c for c in (cfg.path_column, cfg.label_column) if c not in frame.columns]
@@ -290,21 +337,12 @@ def scan_table(frame: pd.DataFrame, root: Path, cfg: DataConfig, findings: _Find
             findings.reject(path_text, "outside_root", f"path leaves the data root ({str(root)!r})")
             continue
         rel = _rel_posix(lexical, root_abs)
-        if not lexical.exists() and not lexical.is_symlink():
-            findings.reject(rel, "not_found", "file not found")
+        try:
+            real = _table_path(lexical, rel, root_abs, real_root, cfg, findings)
+        except (OSError, ValueError) as err:  # e.g. a name too long for the filesystem: this row only
+            findings.reject(rel, "bad_path", f"unusable path: {getattr(err, 'strerror', None) or err}")
             continue
-        real = lexical.resolve()
-        if not _inside(real, real_root):
-            findings.reject(rel, "outside_root", "symlink leading outside the data root")
-            continue
-        if real.relative_to(real_root) != lexical.relative_to(root_abs) and not cfg.follow_symlinks:
-            findings.reject(rel, "symlink", "path goes through a symlink (data.follow_symlinks is false)")
-            continue
-        if not real.exists():
-            findings.reject(rel, "not_found", "broken symlink (its target does not exist)")
-            continue
-        if not real.is_file():
-            findings.reject(rel, "not_file", "not a regular file")
+        if real is None:
             continue
         labels_by_path[rel].append((row_number, label))
         fulls[rel] = real
@@ -345,9 +383,27 @@ class _Checked:
     reason: str = ""
 
 
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file that can hold an image of at most ``max_pixels`` pixels (see MAX_BYTES_PER_PIXEL)."""
+    return max_pixels * MAX_BYTES_PER_PIXEL + MAX_METADATA_BYTES
+
+
 def check_file(candidate: Candidate, max_pixels: int) -> _Checked:
-    """Read, hash and really decode one file; never raises for a bad file (the reason is returned)."""
+    """Read, hash and really decode one file; never raises for a bad file (the reason is returned).
+
+    A file larger than any image within ``max_pixels`` could be is rejected from its size, without reading it.
+    """
     try:
+        size = candidate.full.stat().st_size
+        limit = max_file_bytes(max_pixels)
+        if size > limit:
+            return _Checked(
+                candidate,
+                size=size,
+                kind="too_large",
+                reason=f"file of {size} bytes is larger than an image within data.max_pixels={max_pixels} can be "
+                f"({limit} bytes); not read",
+            )
         contents = candidate.full.read_bytes()
     except OSError as err:
         return _Checked(candidate, kind="unreadable", reason=f"cannot read: {err.strerror or err}")
@@ -557,7 +613,7 @@ def build_index(
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace`` (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
@@ -569,8 +625,38 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_files(paths: Iterable[Path]) -> list[Path]:
+    """Delete the temp files :func:`atomic_write_text` left for ``paths`` when its writer was killed.
+
+    Temp names carry the writer's PID (``.<name>.<pid>.<random>.tmp``); files of a live writer are kept.
+    """
+    removed = []
+    for path in paths:
+        if not path.parent.is_dir():
+            continue
+        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+            pid_text = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+            pid = int(pid_text) if pid_text.isdigit() else None
+            if pid is None or pid == os.getpid() or not _pid_alive(pid):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
 def write_index(result: IndexResult, layout: Layout) -> None:
-    """Write ``index.csv``, ``classes.json`` and ``index_report.json`` atomically."""
+    """Write ``index.csv``, ``classes.json`` and ``index_report.json`` atomically (removing the temp files of an
+    earlier, killed writer first). :func:`read_index` checks that the table and the classes file agree."""
+    remove_stale_temp_files((layout.index_table, layout.classes_file, layout.index_report))
     atomic_write_text(layout.index_table, result.table.to_csv(index=False, lineterminator="\n"))
     atomic_write_text(layout.classes_file, json.dumps(result.classes.to_dict(), indent=2) + "\n")
     atomic_write_text(layout.index_report, json.dumps(result.report, indent=2, ensure_ascii=False) + "\n")
@@ -588,7 +674,26 @@ def read_index(layout: Layout) -> pd.DataFrame:
         raise ValueError(f"{path}: missing column(s) {missing}; re-run `retrainflow index`")
     for column in ("class_id", "width", "height", "bytes", "orientation"):
         table[column] = table[column].astype("int64")
+    if layout.classes_file.is_file():
+        _check_agrees(table, read_classes(layout), path, layout.classes_file)
     return table
+
+
+def _check_agrees(table: pd.DataFrame, classes: ClassInfo, table_path: Path, classes_path: Path) -> None:
+    """Every row's ``class_id`` names its ``label`` in ``classes.json`` (the two files are written one after the
+    other: an index run killed between them must not pair a new table with old class ids)."""
+    names = classes.names
+    ids = table["class_id"].to_numpy()
+    in_range = (ids >= 0) & (ids < len(names))
+    expected = [names[i] if ok else None for i, ok in zip(ids, in_range, strict=True)]
+    wrong = [i for i, (want, got) in enumerate(zip(expected, table["label"], strict=True)) if want != got]
+    if wrong:
+        row = table.iloc[wrong[0]]
+        raise ValueError(
+            f"{table_path} and {classes_path} disagree ({len(wrong)} row(s); e.g. {row['path']!r} has label "
+            f"{row['label']!r} and class_id {int(row['class_id'])}, classes are {list(names)}): an interrupted "
+            "index run? re-run `retrainflow index`"
+        )
 
 
 def read_classes(layout: Layout) -> ClassInfo:

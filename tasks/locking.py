@@ -5,9 +5,9 @@ it, so a pipeline run and a ``dvc repro`` never write the workspace (or DVC's st
 is released by the kernel when the holder exits, even when it is killed; the file keeps the holder's PID and
 command so the second run can say who holds it.
 
-Within one process the lock is re-entrant (a flow that holds it may call code that asks for it again), and a
-child process can inherit it through ``RETRAINFLOW_LOCK_HOLDER`` (set while held): ``retrainflow stage`` run by a
-``dvc repro`` that the holder itself started does not deadlock.
+Within one process the lock is re-entrant (the CLI takes it, then the flow it starts asks for it again). Child
+processes do not inherit it: a holder must not start ``dvc repro`` (whose stage commands would wait for it);
+the flows only run ``dvc status / commit / pull / push``, which run no stage command.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.layout import Layout
-
-LOCK_ENV = "RETRAINFLOW_LOCK_HOLDER"
 
 _held: dict[str, int] = {}  # resolved lock path -> re-entry depth, for this process
 _held_guard = threading.Lock()
@@ -78,10 +76,6 @@ def workspace_lock(layout: Layout, *, wait: float = 0.0, command: str | None = N
             with _held_guard:
                 _held[key] -= 1
         return
-    if os.environ.get(LOCK_ENV) == key:  # our parent holds it and started us (e.g. its own dvc repro)
-        yield path
-        return
-
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + wait
     try:
@@ -102,15 +96,9 @@ def workspace_lock(layout: Layout, *, wait: float = 0.0, command: str | None = N
         os.pwrite(fd, json.dumps(info).encode(), 0)
         with _held_guard:
             _held[key] = 1
-        previous_env = os.environ.get(LOCK_ENV)
-        os.environ[LOCK_ENV] = key
         try:
             yield path
         finally:
-            if previous_env is None:
-                os.environ.pop(LOCK_ENV, None)
-            else:
-                os.environ[LOCK_ENV] = previous_env
             with _held_guard:
                 _held.pop(key, None)
             os.ftruncate(fd, 0)

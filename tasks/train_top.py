@@ -204,13 +204,18 @@ def head_summary(r: HeadResult) -> dict[str, Any]:
 
 
 def save_head(model: Any, spec: HeadSpec, directory: Path, info: dict[str, Any]) -> Path:
-    """Write ``head.keras`` and ``head.json`` (spec, class info, feature dim, base) into ``directory``."""
+    """Write ``head.keras`` and ``head.json`` (spec, class info, feature dim, base) into ``directory``.
+
+    Both are written to temp names first and then renamed, so a kill never leaves a torn head behind.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / HEAD_FILE
-    model.save(path)
-    (directory / HEAD_INFO_FILE).write_text(
-        json.dumps({"spec": spec.model_dump(mode="json"), **info}, indent=2) + "\n"
-    )
+    path, info_path = directory / HEAD_FILE, directory / HEAD_INFO_FILE
+    tmp_model = path.with_name(path.stem + ".tmp.keras")
+    tmp_info = info_path.with_name(info_path.name + ".tmp")
+    tmp_info.write_text(json.dumps({"spec": spec.model_dump(mode="json"), **info}, indent=2) + "\n")
+    model.save(tmp_model)
+    tmp_model.replace(path)
+    tmp_info.replace(info_path)
     return path
 
 

@@ -156,7 +156,6 @@ def dvc_repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     make_class_folders(repo / "data" / "images", ["red", "blue"], per_class=10, size=32)
     env = client_env(local_server())
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.pop("RETRAINFLOW_LOCK_HOLDER", None)
     dvc = [sys.executable, "-m", "dvc"]
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
     _run(["git", "init", "-q"], repo, env)

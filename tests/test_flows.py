@@ -138,7 +138,7 @@ def test_stage_cli_reports_lock_holder(prefect_api: str, tmp_path: Path) -> None
     from tasks.locking import workspace_lock
 
     ws = make_workspace(tmp_path, per_class=2)
-    env = {k: v for k, v in client_env(prefect_api).items() if k != "RETRAINFLOW_LOCK_HOLDER"}
+    env = client_env(prefect_api)
     with workspace_lock(Layout(ws), command="test holder"):
         proc = subprocess.run(
             [

@@ -282,3 +282,18 @@ def test_training_dataset_validates_arguments(images):
         training_dataset(
             rows.iloc[:0], root, image_size=SIZE, batch_size=2, class_mode="sparse", num_classes=3, seed=0
         )
+
+
+def test_nearest_interpolation_only_copies_source_pixels(images):
+    root, rows = images
+    png = rows[rows["format"] == "PNG"].iloc[:1].reset_index(drop=True)
+    source = np.asarray(Image.open(root / png.loc[0, "path"]).convert("RGB")).reshape(-1, 3)
+    known = {tuple(p) for p in source.tolist()}
+    for policy in (None, AugmentPolicy(rotation_range=25, fill_mode="wrap")):
+        x = collect(
+            view_dataset(png, root, image_size=SIZE, batch_size=1, policy=policy, interpolation="nearest")
+        )
+        assert {tuple(p) for p in x.reshape(-1, 3).astype(int).tolist()} <= known
+    rotate = AugmentPolicy(rotation_range=25, fill_mode="wrap")
+    blended = collect(view_dataset(png, root, image_size=SIZE, batch_size=1, policy=rotate))
+    assert not {tuple(p) for p in blended.reshape(-1, 3).astype(int).tolist()} <= known  # bilinear blends

@@ -99,6 +99,10 @@ def uninstall() -> None:
 
 def stage_runner(stage: str) -> Callable[[Any, Any], Any]:
     """The plain stage function for ``stage`` (explicit registry, imported now, before counting)."""
+    if stage == "index":
+        from tasks.index import run_index
+
+        return run_index
     if stage == "features":
         from tasks.features import run_features
 
@@ -111,13 +115,14 @@ def stage_runner(stage: str) -> Callable[[Any, Any], Any]:
         from tasks.finetune import run_finetune
 
         return run_finetune
-    raise ValueError(f"killpoints: expected features, train_top or finetune, got {stage!r}")
+    raise ValueError(f"killpoints: expected index, features, train_top or finetune, got {stage!r}")
 
 
 def run_counted(stage: str, params: Any, layout: Any, kill_at: int = 0) -> list[str]:
     """Run ``stage`` with events counted (and a kill at ``kill_at``); the event names, in order."""
     runner = stage_runner(stage)
     import keras  # noqa: F401  (imported before counting: its import writes nothing we care about)
+    import rich.progress  # noqa: F401
 
     counter = Counter(kill_at)
     install(counter)

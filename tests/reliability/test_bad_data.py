@@ -72,6 +72,11 @@ def messy_dataset(root: Path) -> tuple[set[str], set[str], dict[str, str]]:
     bad.add(_sha(hidden))
     (root / "red" / "loop").symlink_to("..", target_is_directory=True)  # red/loop -> data root: a loop
     (root / "blue" / "self").symlink_to(".", target_is_directory=True)
+    not_utf8 = encode(coloured_image((200, 40, 40), 32, seed=906), "PNG")
+    fd = os.open(os.fsencode(str(root / "red")) + b"/latin1-\xe9t\xe9.png", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, not_utf8)
+    os.close(fd)
+    bad.add(_sha(not_utf8))
     (root / "stray.png").write_bytes(encode(coloured_image((9, 9, 9), 32, seed=905), "PNG"))
     return good, bad, kinds
 
@@ -147,6 +152,7 @@ def test_every_bad_file_has_a_reason(messy_run) -> None:
     for path, kind in expected_kind.items():
         assert rejects[path]["kind"] == kind, rejects[path]
     assert "HTML" in rejects["red/page.jpg"]["reason"]
+    assert [r["kind"] for r in rejects.values()].count("bad_name") == 1
     for junk in (*JUNK,):
         assert f"red/{junk}" in skipped, (junk, skipped)
     assert ".hidden_class" in skipped and "stray.png" in skipped
@@ -170,6 +176,20 @@ def test_odd_but_valid_formats_are_rgb_in_training_input(messy_run) -> None:
     pixels = np.concatenate([b.numpy() for b in batches])
     assert pixels.shape == (len(odd), 32, 32, 3) and np.isfinite(pixels).all()
     assert pixels.min() >= 0 and pixels.max() <= 255
+
+
+def test_odd_formats_decode_to_the_same_rgb_as_pillow() -> None:
+    """CMYK, grey, 16-bit, palette+transparency, alpha, GIF, WebP, BMP: the one decoder gives Pillow's RGB."""
+    import io
+
+    from tasks.images import decode_rgb
+
+    for name, data in good_odd_image_files().items():
+        with Image.open(io.BytesIO(data)) as image:
+            expected = np.asarray(image.convert("RGB"), dtype=np.float32)
+        got = decode_rgb(data).numpy().astype(np.float32)
+        assert got.shape == expected.shape, name
+        assert np.abs(got - expected).mean() < 2.5, name
 
 
 def test_exif_orientation_is_honoured_in_index_training_input_and_predict(tmp_path: Path) -> None:
@@ -217,7 +237,8 @@ def test_exif_orientation_is_honoured_in_index_training_input_and_predict(tmp_pa
 
 
 def test_decompression_bomb_rejected_by_a_small_pixel_limit(tmp_path: Path) -> None:
-    """A configurable limit: data.max_pixels=5000 rejects a 100x100 image and a 20000x20000 header, keeps 32x32."""
+    """A configurable limit: data.max_pixels=5000 rejects a 100x100 image, a 20000x20000 header and a 64 GiB
+    file (from its size, unread), keeps 32x32 images; memory stays small."""
     import resource
 
     from tasks.index import build_index
@@ -226,6 +247,9 @@ def test_decompression_bomb_rejected_by_a_small_pixel_limit(tmp_path: Path) -> N
     (root / "red" / "big.png").write_bytes(encode(coloured_image((200, 40, 40), 100, seed=1), "PNG"))
     (root / "blue" / "bomb.png").write_bytes(bomb_png(20000, 20000))
     (root / "blue" / "wide_bomb.png").write_bytes(bomb_png(200000, 3))
+    huge = root / "blue" / "huge.jpg"  # a 64 GiB (sparse) file: must be refused from its size, never read
+    huge.write_bytes(encode(coloured_image((40, 60, 200), 32, seed=2), "JPEG"))
+    os.truncate(huge, 64 * 2**30)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = build_index(root, tiny_params(root, data={"max_pixels": 5000}).data)
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
@@ -236,6 +260,7 @@ def test_decompression_bomb_rejected_by_a_small_pixel_limit(tmp_path: Path) -> N
     )
     assert kinds["blue/bomb.png"]["kind"] == "too_large"
     assert kinds["blue/wide_bomb.png"]["kind"] == "too_large"
+    assert kinds["blue/huge.jpg"]["kind"] == "too_large" and "not read" in kinds["blue/huge.jpg"]["reason"]
     assert len(result.table) == 6
     assert grown_mib < 500, f"validation grew the process by {grown_mib:.0f} MiB (a bomb was decoded?)"
 
@@ -360,3 +385,37 @@ def test_fifo_and_broken_symlink_never_block_or_crash(tmp_path: Path) -> None:
     rejects = {r["path"]: r["reason"] for r in result.report["rejects"]}
     assert "regular file" in skipped.get("red/pipe.jpg", rejects.get("red/pipe.jpg", ""))
     assert "broken symlink" in rejects["blue/gone.png"]
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_file_symlink_loops_and_unusable_csv_paths_never_crash_the_index(
+    tmp_path: Path, follow: bool
+) -> None:
+    """Files that are symlink loops (a -> b -> a, self -> self) and CSV paths too long for the filesystem: each is
+    one reject; the rest is indexed (these used to abort the whole index with RuntimeError / OSError)."""
+    from tasks.index import build_index
+
+    root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
+    os.symlink("b.png", root / "red" / "a.png")
+    os.symlink("a.png", root / "red" / "b.png")
+    os.symlink("self.png", root / "blue" / "self.png")
+    cfg = tiny_params(root, data={"follow_symlinks": follow}).data
+    result = build_index(root, cfg)
+    assert len(result.table) == 6
+    rejects = {r["path"]: r["reason"] for r in result.report["rejects"]}
+    assert set(rejects) == {"red/a.png", "red/b.png", "blue/self.png"}
+    if follow:
+        assert all(reason == "symlink loop" for reason in rejects.values()), rejects
+
+    rows = [(f"{c}/{c}_{i}.png", c) for c in ("red", "blue") for i in range(3)]
+    rows += [
+        ("red/a.png", "red"),
+        ("blue/self.png", "blue"),
+        ("x" * 5000 + ".png", "red"),
+        ("red/" + "y" * 300, "red"),
+    ]
+    result = build_index(pd.DataFrame(rows, columns=["path", "label"]), cfg)
+    assert len(result.table) == 6
+    kinds = sorted(r["kind"] for r in result.report["rejects"])
+    assert kinds == ["bad_path", "bad_path", "symlink", "symlink"], result.report["rejects"]
+    assert all("too long" in r["reason"] for r in result.report["rejects"] if r["kind"] == "bad_path")
