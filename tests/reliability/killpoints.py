@@ -48,6 +48,7 @@ def install(counter: Counter) -> None:
         raise RuntimeError("kill points already installed")
     _ORIGINALS.update(
         replace=os.replace,
+        rename=os.rename,
         fsync=os.fsync,
         save=np.save,
         savez=np.savez,
@@ -73,6 +74,7 @@ def install(counter: Counter) -> None:
             counter.fire("h5-open")
 
     os.replace = before("replace", os.replace)
+    os.rename = before("rename", os.rename)
     os.fsync = before("fsync", os.fsync)
     np.save = before("np.save", np.save)
     np.savez = before("np.savez", np.savez)
@@ -89,6 +91,7 @@ def uninstall() -> None:
     if not _ORIGINALS:
         return
     os.replace = _ORIGINALS["replace"]
+    os.rename = _ORIGINALS["rename"]
     os.fsync = _ORIGINALS["fsync"]
     np.save = _ORIGINALS["save"]
     np.savez = _ORIGINALS["savez"]
@@ -103,6 +106,10 @@ def stage_runner(stage: str) -> Callable[[Any, Any], Any]:
         from tasks.index import run_index
 
         return run_index
+    if stage == "promote":
+        from tasks.model_registry import run_promote
+
+        return run_promote
     if stage == "features":
         from tasks.features import run_features
 
@@ -115,7 +122,7 @@ def stage_runner(stage: str) -> Callable[[Any, Any], Any]:
         from tasks.finetune import run_finetune
 
         return run_finetune
-    raise ValueError(f"killpoints: expected index, features, train_top or finetune, got {stage!r}")
+    raise ValueError(f"killpoints: expected index, features, train_top, finetune or promote, got {stage!r}")
 
 
 def run_counted(stage: str, params: Any, layout: Any, kill_at: int = 0) -> list[str]:

@@ -13,6 +13,21 @@ from relhelp import check_cache_consistent, leftover_temp_files, tiny_dict, writ
 from tasks.layout import Layout
 
 
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """The session's Prefect server (shared with the orchestration tests), current for flows run in-process.
+
+    (Here rather than in a ``conftest.py``: a second ``conftest`` module would shadow ``tests/conftest.py`` for
+    the tests that ``from conftest import ...``.)
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect_api import local_server
+
+    url = local_server()
+    with temporary_settings({PREFECT_API_URL: url}):
+        yield url
+
+
 class FailOnce:
     """Wraps ``FeatureCache.write_shard``: the ``fail_at``-th call raises EIO once (a network disk hiccup)."""
 
