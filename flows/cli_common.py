@@ -38,7 +38,8 @@ def load_or_exit(params_file: Path, overrides: list[str] | None) -> Params:
     try:
         return load_params(params_file, overrides or ())
     except ParamsError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        console.print("[bold red]error:[/] ", end="")
+        console.print(str(err), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

@@ -60,7 +60,7 @@ def features_cmd(
     except WeightsUnavailableError as err:
         console.print(f"error: {err}", highlight=False, markup=False)
         raise typer.Exit(EXIT_WEIGHTS) from None
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # OSError: a full disk, a permission, a missing file
         console.print(f"error: {err}", highlight=False, markup=False)
         raise typer.Exit(EXIT_FAILED) from None
     if as_json:
@@ -83,7 +83,7 @@ def _current_key(
     root = cache_root(loaded, layout_for(workdir))
     try:
         sha = weights_fingerprint(loaded.base, image_size_for(loaded))
-    except (WeightsUnavailableError, FileNotFoundError, ValueError) as err:
+    except (WeightsUnavailableError, OSError, ValueError) as err:
         console.print(f"{'error' if required else 'warning'}: {err}", highlight=False, markup=False)
         if required:
             raise typer.Exit(EXIT_WEIGHTS) from None

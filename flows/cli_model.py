@@ -57,7 +57,7 @@ def _run_stage(
     except LockHeldError as err:
         console.print(f"[bold red]busy:[/] {err}", highlight=False)
         raise typer.Exit(EXIT_LOCKED) from None
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # OSError: a full disk, a permission, a missing file
         console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         raise typer.Exit(EXIT_FAILED) from None
     if as_json:
@@ -177,7 +177,7 @@ def predict_cmd(
     try:
         names, _ = read_bundle_classes(model_file)
         predictions = predict_paths(model_file, [str(p) for p in paths], batch_size=batch_size)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # OSError: a full disk, a permission, a missing file
         console.print(f"[bold red]error:[/] {err}", highlight=False)
         raise typer.Exit(EXIT_FAILED) from None
     text = format_predictions(predictions, names, fmt)

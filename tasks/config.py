@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,8 +28,31 @@ class ParamsError(ValueError):
         super().__init__(f"invalid {source}:\n  " + "\n  ".join(problems))
 
 
+def _allows_bool(annotation: Any) -> bool:
+    """Does a field's type accept a boolean (``bool`` itself, ``Any``, or a union/container holding one)?"""
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_allows_bool(arg) for arg in get_args(annotation))
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, data: Any) -> Any:
+        """YAML ``true`` must not become ``1`` for a numeric key: hand it on as text so that the field rejects it."""
+        if isinstance(data, Mapping):
+            fields = cls.model_fields
+            data = {
+                key: (
+                    str(value).lower()
+                    if isinstance(value, bool) and key in fields and not _allows_bool(fields[key].annotation)
+                    else value
+                )
+                for key, value in data.items()
+            }
+        return data
 
 
 def _number_or_pair(value: Any, *, name: str, low: float, high: float, high_open: bool) -> Any:
@@ -237,9 +260,20 @@ class BaseConfig(_Section):
         path = Path(value).expanduser()
         if not path.is_file():
             raise ValueError("expected 'imagenet', 'none' or the path of an existing weights file")
-        if path.suffix.lower() not in (".h5", ".keras", ".hdf5") and not path.name.endswith(".weights.h5"):
+        suffix = path.suffix.lower()
+        if suffix not in (".h5", ".keras", ".hdf5"):
             raise ValueError("expected a weights file ending in .h5, .hdf5 or .keras")
+        with path.open("rb") as fh:
+            head = fh.read(8)
+        magic = _ZIP_MAGIC if suffix == ".keras" else _HDF5_MAGIC
+        if not head.startswith(magic):
+            kind = "a .keras (zip) file" if suffix == ".keras" else "an HDF5 file"
+            raise ValueError(f"expected {kind} of weights, but the file's first bytes are {head!r}")
         return value
+
+
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 # ----------------------------------------------------------------------------------------------- features

@@ -66,7 +66,13 @@ class Layout:
 
     @property
     def champion_dir(self) -> Path:
+        """A symlink to ``champions/<candidate id>/``: swapped atomically when a candidate is promoted."""
         return self.models_dir / "champion"
+
+    @property
+    def champions_dir(self) -> Path:
+        """Every promoted model, immutable, one folder per candidate id."""
+        return self.models_dir / "champions"
 
     @property
     def model_registry(self) -> Path:

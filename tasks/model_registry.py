@@ -166,7 +166,20 @@ def read_registry(layout: Layout) -> Registry:
         if not isinstance(item, dict) or "id" not in item:
             raise RegistryError(f"{path}: expected candidate objects with an 'id', got {item!r}")
         cands.append(Candidate(**{k: v for k, v in item.items() if k in fields}))
-    return Registry(champion=raw.get("champion"), candidates=tuple(cands))
+    registry = Registry(champion=raw.get("champion"), candidates=tuple(cands))
+    _reconcile_champion_link(layout, registry.champion)
+    return registry
+
+
+def _reconcile_champion_link(layout: Layout, champion: str | None) -> None:
+    """Recovery on open: the registry is the commit point of a promotion. A run killed after writing it but
+    before swapping the ``models/champion`` link left the link on the previous champion: point it right."""
+    if champion is None or not (layout.champions_dir / champion / "model.keras").is_file():
+        return
+    link = layout.champion_dir
+    if link.is_symlink() and Path(os.readlink(link)).name == champion:
+        return
+    _activate_champion(layout, champion)
 
 
 def write_registry(layout: Layout, registry: Registry) -> Path:
@@ -269,22 +282,31 @@ def read_evaluate_metrics(layout: Layout) -> dict[str, Any]:
     return raw
 
 
-def _copy_model(src_dir: Path, dst_dir: Path) -> None:
-    """Replace ``dst_dir`` with a copy of ``src_dir`` (via a sibling temp folder, then rename)."""
+def _store_champion(layout: Layout, candidate: Candidate) -> Path:
+    """Copy the candidate model into its own immutable ``champions/<id>/`` (temp folder, then rename)."""
+    src_dir = layout.candidate_dir
     if not (src_dir / "model.keras").is_file():
         raise RegistryError(f"{src_dir / 'model.keras'}: candidate model not found; run finetune first")
-    tmp = dst_dir.with_name(dst_dir.name + ".tmp")
+    final = layout.champions_dir / candidate.id
+    tmp = layout.champions_dir / f".{candidate.id}.{os.getpid()}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(src_dir, tmp)
-    old = dst_dir.with_name(dst_dir.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dst_dir.exists():
-        dst_dir.rename(old)
-    tmp.rename(dst_dir)
-    if old.exists():
-        shutil.rmtree(old)
+    (tmp / "champion.json").write_text(json.dumps(asdict(candidate), indent=2) + "\n")
+    os.replace(tmp, final)
+    return final
+
+
+def _activate_champion(layout: Layout, candidate_id: str) -> None:
+    """Point ``models/champion`` at ``champions/<id>`` with one atomic rename of a fresh symlink."""
+    link = layout.champion_dir
+    tmp = link.with_name(f".champion.{os.getpid()}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(Path(layout.champions_dir.name) / candidate_id, tmp)
+    if link.is_dir() and not link.is_symlink():  # a folder from an older layout
+        shutil.rmtree(link)
+    os.replace(tmp, link)
 
 
 def new_candidate_id(now: datetime, params_hash: str) -> str:
@@ -331,10 +353,13 @@ def run_promote(
         flow_run_id=flow_run_id,
         extra=dict(extra or {}),
     )
+    # Order matters for a kill at any point: (1) the immutable copy, (2) the registry (the commit point),
+    # (3) the link swap. Before (2) the old champion stands; after it, read_registry repairs a stale link.
     if decision.promote:
-        _copy_model(layout.candidate_dir, layout.champion_dir)
-        (layout.champion_dir / "champion.json").write_text(json.dumps(asdict(cand), indent=2) + "\n")
+        _store_champion(layout, cand)
     new = record(layout, cand)
+    if decision.promote:
+        _activate_champion(layout, cand.id)
     return PromoteManifest(
         candidate_id=cand.id,
         promoted=decision.promote,

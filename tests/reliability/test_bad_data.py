@@ -419,3 +419,22 @@ def test_file_symlink_loops_and_unusable_csv_paths_never_crash_the_index(
     kinds = sorted(r["kind"] for r in result.report["rejects"])
     assert kinds == ["bad_path", "bad_path", "symlink", "symlink"], result.report["rejects"]
     assert all("too long" in r["reason"] for r in result.report["rejects"] if r["kind"] == "bad_path")
+
+
+def test_predict_gives_every_bad_file_an_error_row_and_still_predicts_the_good_ones(tmp_path: Path) -> None:
+    import keras
+
+    from tasks.predict import predict_files
+
+    for name, data in {**bad_image_files(), **good_odd_image_files()}.items():
+        (tmp_path / name).write_bytes(data)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((16, 16, 3)), keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")]
+    )
+    files = sorted(tmp_path.iterdir()) + [tmp_path / "does_not_exist.jpg"]
+    preds = predict_files(model, ("blue", "red"), files, batch_size=4)
+    errors = {Path(p.path).name for p in preds if p.error}
+    assert errors == {*bad_image_files(), "does_not_exist.jpg"}, errors
+    good = [p for p in preds if not p.error]
+    assert len(good) == len(good_odd_image_files()) and all(p.label in ("blue", "red") for p in good)

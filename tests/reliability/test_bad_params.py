@@ -43,14 +43,8 @@ WRONG: list[tuple[str, str, str]] = [
     ("top.heads", "[{name: a, units: [-3]}]", "positive"),
     ("finetune.momentum", "1.5", "1.5"),
     ("finetune.layer_regex", "'(unclosed'", "regular expression"),
-    pytest.param(
-        "finetune.epochs",
-        "true",
-        "true",
-        marks=pytest.mark.xfail(
-            strict=True, reason="config.py (lead): lax pydantic ints accept YAML booleans (epochs: true -> 1)"
-        ),
-    ),
+    ("finetune.epochs", "true", "true"),
+    ("top.lr", "false", "false"),
     ("evaluate.min_accuracy", "2", "2"),
     ("evaluate.metric", "auc", "auc"),
 ]
@@ -123,11 +117,6 @@ def test_every_problem_reported_at_once_by_every_command(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], "a command wrote outputs anyway"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flows/cli_common.py load_or_exit (lead): console.print parses the message as rich markup, "
-    "so 'expected an integer or a [height, width] pair' prints as 'a  pair'; print with markup=False",
-)
 def test_message_keeps_bracketed_expectations(workdir: Path) -> None:
     """The expected-value text is printed verbatim (``[height, width]``), not eaten as console markup."""
     result = runner.invoke(app, ["params", "--params", str(workdir / "params.yaml"), "--set", "image.size=3"])
@@ -153,11 +142,6 @@ def test_weights_path_that_is_not_a_weights_file(workdir: Path, kind: str) -> No
     assert "base.weights" in flat(result.output) and target.name in flat(result.output), result.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tasks/config.py BaseConfig._weights (lead): only the suffix is checked; a text file named .h5 "
-    "passes and `retrainflow features` dies later with an h5py OSError traceback (exit 1)",
-)
 def test_fake_h5_weights_rejected_up_front(workdir: Path) -> None:
     """A text file named ``.h5`` is not a weights file: rejected by validation (exit 2), not by an h5py traceback."""
     fake = workdir / "fake.h5"

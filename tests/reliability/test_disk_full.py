@@ -89,11 +89,6 @@ def test_enospc_during_shard_write_then_rerun(dataset, tmp_path, monkeypatch, fa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="flows/cli_features.py features_cmd (H5/H3): OSError (ENOSPC) is not caught, so the CLI dies with a "
-    "traceback instead of 'error: ... No space left on device' and a non-zero exit",
-)
 def test_cli_reports_full_disk_clearly(dataset, tmp_path, monkeypatch) -> None:
     """`retrainflow features` on a full disk: a one-line error naming the problem, non-zero exit, no traceback."""
     from flows.cli import app
