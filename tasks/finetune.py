@@ -295,6 +295,24 @@ def run_fingerprint(params: Params, layout: Layout) -> str:
     return digest.hexdigest()[:16]
 
 
+def backup_is_readable(backup_dir: Path) -> bool:
+    """Whether every file ``BackupAndRestore`` left in ``backup_dir`` is whole (an absent backup is fine)."""
+    if not backup_dir.exists():
+        return True
+    import h5py
+
+    try:
+        for path in backup_dir.rglob("*"):
+            if path.suffix == ".h5":
+                with h5py.File(path, "r") as fh:
+                    fh.visit(lambda name: None)
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def finetune_model(
     model: Any,
     base: Any,
@@ -322,6 +340,8 @@ def finetune_model(
     resumed = (state_dir / "state.json").is_file()
     if resumed and json.loads((state_dir / "state.json").read_text()).get("fingerprint") != fingerprint:
         resumed = False  # state left by a run with other params, head or index: start over
+    if resumed and not backup_is_readable(backup_dir):
+        resumed = False  # killed while Keras wrote its backup: never read a torn file, start over
     if not resumed:
         shutil.rmtree(work_dir, ignore_errors=True)
         val_loss, val_accuracy = model.evaluate(val, verbose=0)

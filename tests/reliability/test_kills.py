@@ -219,15 +219,6 @@ def test_kill_during_index_never_pairs_a_new_table_with_old_classes(tmp_path) ->
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="tasks/finetune.py finetune_model (H4): a kill while keras.callbacks.BackupAndRestore writes its first "
-    "weights file leaves a truncated .weights.h5; the next run's BackupAndRestore.on_train_begin re-raises h5py "
-    "OSError 'truncated file' (no previous backup to fall back to), so finetune can never finish until "
-    "cache/finetune_backup is deleted by hand. Fix: on OSError from the backup, drop backup/ and resume from "
-    "state/ (or start over)",
-    raises=OSError,
-)
 def test_finetune_killed_while_writing_its_backup_resumes(reference, tmp_path) -> None:
     """Kill at the moment Keras' BackupAndRestore has opened its weights file for writing (a torn backup on disk):
     the next run must not read the torn file; it finishes with a whole model."""
