@@ -77,5 +77,7 @@ def test_weights_check_names_the_file_keras_wants(keras_home):
     missing = check_weights(params)
     assert missing.status == "warn"
     assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5" in missing.detail
-    (keras_home / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5").write_bytes(b"x")
+    (keras_home / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5").write_bytes(
+        b"x"
+    )
     assert check_weights(params).status == "ok"
