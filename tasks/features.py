@@ -114,26 +114,28 @@ def key_spec_for(params: Params, weights_sha256: str) -> KeySpec:
     )
 
 
-def _policy(params: Params) -> Any:
+def _policies(params: Params) -> list[Any]:
+    """The augmentation policies of this run: the ``augment`` section, or the sampled policies of its grid."""
     if params.augment.passes == 0:
-        return None
-    from tasks.augment import policy_from_config
+        return []
+    from tasks.augment import expand_grid
 
-    return policy_from_config(params.augment)
+    return expand_grid(params.augment, params.augment.seed)
 
 
 def split_views(params: Params, split: str, views: str = "all") -> list[tuple[str, Any, int]]:
-    """(view id, policy or None, pass number) for ``split``: train gets the augmented passes with ``views="all"``."""
+    """(view id, policy or None, pass number) for ``split``: train gets ``augment.passes`` augmented passes of
+    every policy (one policy, or each sampled policy of ``augment.grid``) with ``views="all"``."""
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
     if views not in ("all", "clean"):
         raise ValueError(f"views: expected 'all' or 'clean', got {views!r}")
     out: list[tuple[str, Any, int]] = [(CLEAN, None, 0)]
-    policy = _policy(params)
-    if split == "train" and views == "all" and policy is not None:
+    if split == "train" and views == "all":
         from tasks.augment import view_id
 
-        out += [(view_id(policy, p), policy, p) for p in range(params.augment.passes)]
+        for policy in _policies(params):
+            out += [(view_id(policy, p), policy, p) for p in range(params.augment.passes)]
     return out
 
 

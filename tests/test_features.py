@@ -378,3 +378,26 @@ def test_float16_underflow_of_a_random_base_is_reported(workspace, recorder, cap
     assert "underflow float16" in capsys.readouterr().err
     split = index["split"].iloc[0]
     assert read_features(params, layout, split, index=index).x.dtype == np.float32
+
+
+def test_augment_grid_gives_every_sampled_policy_its_passes():
+    from tasks.config import params_from_dict
+    from tasks.features import split_views
+
+    params = params_from_dict(
+        {
+            "augment": {
+                "passes": 2,
+                "grid": {"rotation_range": [0, 10, 20], "fill_mode": ["nearest", "wrap"]},
+                "grid_samples": 3,
+            }
+        }
+    )
+    views = split_views(params, "train")
+    assert views[0][0] == "clean"
+    augmented = views[1:]
+    assert len(augmented) == 3 * 2
+    assert len({v for v, _, _ in augmented}) == 6  # distinct view ids: policy hash + pass
+    assert len({p.short_hash for _, p, _ in augmented}) == 3
+    assert [v for v, _, _ in split_views(params, "val")] == ["clean"]
+    assert split_views(params, "train") == views  # reproducible sampling
