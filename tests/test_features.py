@@ -225,8 +225,11 @@ def test_clean_view_features_equal_the_model_output(workspace, recorder: Recorde
     )
     loaded = load_base(params.base, (32, 32))
     expected = np.asarray(loaded.model(loaded.spec.preprocess(pixels), training=False)).max(axis=(1, 2))
-    assert np.abs(expected).max() > 0
-    np.testing.assert_allclose(got.x, expected, rtol=1e-4, atol=0)
+    scale = np.abs(expected).max()
+    assert scale > 0
+    # Batched vs one-shot inference differ by float rounding: compare relative to the features' own scale
+    # (a random-init base gives values near 1e-17, where a fixed rtol on each element is noise).
+    np.testing.assert_allclose(got.x, expected, rtol=1e-4, atol=1e-4 * scale)
 
 
 KILL_SCRIPT = """
