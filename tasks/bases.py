@@ -374,6 +374,29 @@ class LoadedBase:
     weights_file: Path | None = None
 
 
+def seeded_init(arrays: Sequence[Any], seed: int) -> list[Any]:
+    """Random weights that depend on ``seed`` and the shapes only: Glorot-uniform kernels from a private numpy
+    generator, constant arrays (BatchNorm statistics, biases) kept as Keras made them.
+
+    Keras' own initialisers take their seeds from the process-wide ``random`` module, which any other thread may
+    draw from while a model is being built; then two builds in one process differ (and so would the cache key).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for arr in arrays:
+        a = np.asarray(arr)
+        if a.ndim < 2 or np.all(a == a.flat[0]):
+            out.append(a)
+            continue
+        receptive = int(np.prod(a.shape[:-2])) if a.ndim > 2 else 1
+        fan_in, fan_out = a.shape[-2] * receptive, a.shape[-1] * receptive
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        out.append(rng.uniform(-limit, limit, a.shape).astype(a.dtype))
+    return out
+
+
 def load_base(cfg: BaseConfig, image_size: tuple[int, int]) -> LoadedBase:
     """Build the base at ``image_size`` with its weights; ``weights_sha256`` fingerprints what was loaded."""
     spec = get_spec(cfg.name)
@@ -384,18 +407,8 @@ def load_base(cfg: BaseConfig, image_size: tuple[int, int]) -> LoadedBase:
     if alpha is not None:
         kwargs["alpha"] = alpha
     if path is None:
-        import random
-
-        import keras
-        import numpy as np
-
-        saved = random.getstate(), np.random.get_state()
-        keras.utils.set_random_seed(RANDOM_INIT_SEED)  # Keras initialisers draw their seeds from these
-        try:
-            model = spec.constructor(weights=None, **kwargs)
-        finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
+        model = spec.constructor(weights=None, **kwargs)
+        model.set_weights(seeded_init(model.get_weights(), RANDOM_INIT_SEED))
         digest = sha256_of_arrays(model.get_weights())
     else:
         import warnings
