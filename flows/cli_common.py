@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +21,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+
+EXIT_FAILED = 1  # the stage could not run: unusable data, missing inputs, a full disk
+EXIT_PARAMS = 2  # invalid params or overrides
+EXIT_LOCKED = 3  # another run holds the workspace lock
 
 ParamsOpt = Annotated[
     Path, typer.Option("--params", "-p", help="Params file (YAML) to read; every stage reads its section.")
@@ -38,9 +44,41 @@ def load_or_exit(params_file: Path, overrides: list[str] | None) -> Params:
     try:
         return load_params(params_file, overrides or ())
     except ParamsError as err:
-        console.print("[bold red]error:[/] ", end="")
-        console.print(str(err), markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        print_error("error", err)
+        raise typer.Exit(EXIT_PARAMS) from None
+
+
+def print_error(label: str, err: BaseException) -> None:
+    """``label: message`` on stderr, the message verbatim (no console markup, no inserted line breaks)."""
+    console.print(f"[bold red]{label}:[/] ", end="")
+    console.print(str(err), markup=False, highlight=False, soft_wrap=True)
+
+
+Failures = Sequence[tuple[type[BaseException] | tuple[type[BaseException], ...], int]]
+
+
+@contextmanager
+def locked(layout: Layout, command: str, failures: Failures = ()) -> Iterator[None]:
+    """Hold the workspace lock for ``command``; a held lock exits with EXIT_LOCKED, and each expected failure
+    ``(exception types, exit code)`` exits with its code and a one-line reason instead of a traceback."""
+    from tasks.locking import LockHeldError, workspace_lock
+
+    try:
+        with workspace_lock(layout, command=command):
+            yield
+    except LockHeldError as err:
+        print_error("busy", err)
+        raise typer.Exit(EXIT_LOCKED) from None
+    except _flat(kinds for kinds, _ in failures) as err:
+        print_error("error", err)
+        raise typer.Exit(next(code for kinds, code in failures if isinstance(err, kinds))) from None
+
+
+def _flat(
+    kinds: Iterable[type[BaseException] | tuple[type[BaseException], ...]],
+) -> tuple[type[BaseException], ...]:
+    """``except`` takes a flat tuple of exception classes (``isinstance`` also takes nested ones)."""
+    return tuple(k for kind in kinds for k in (kind if isinstance(kind, tuple) else (kind,)))
 
 
 def layout_for(workdir: Path) -> Layout:

@@ -8,11 +8,19 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import ParamsOpt, SetOpt, WorkdirOpt, app, console, layout_for, load_or_exit
+from flows.cli_common import (
+    EXIT_FAILED,
+    ParamsOpt,
+    SetOpt,
+    WorkdirOpt,
+    app,
+    layout_for,
+    load_or_exit,
+    locked,
+    print_error,
+)
 
-EXIT_FAILED = 1
-EXIT_LOCKED = 3
-EXIT_WEIGHTS = 4
+EXIT_WEIGHTS = 4  # the base's weights are not available (offline, not cached)
 
 cache_app = typer.Typer(
     help="Inspect and prune the feature cache (one folder per cache key).", no_args_is_help=True
@@ -49,20 +57,11 @@ def features_cmd(
     layout = layout_for(workdir)
     from tasks.bases import WeightsUnavailableError
     from tasks.features import run_features
-    from tasks.locking import LockHeldError, workspace_lock
 
-    try:
-        with workspace_lock(layout, command="retrainflow features"):
-            manifest = run_features(loaded, layout, show_progress=not no_progress)
-    except LockHeldError as err:
-        console.print(f"busy: {err}", highlight=False, markup=False)
-        raise typer.Exit(EXIT_LOCKED) from None
-    except WeightsUnavailableError as err:
-        console.print(f"error: {err}", highlight=False, markup=False)
-        raise typer.Exit(EXIT_WEIGHTS) from None
-    except (OSError, ValueError) as err:  # OSError: a full disk, a permission, a missing file
-        console.print(f"error: {err}", highlight=False, markup=False)
-        raise typer.Exit(EXIT_FAILED) from None
+    # OSError: a full disk, a permission, a missing file
+    failures = [(WeightsUnavailableError, EXIT_WEIGHTS), ((OSError, ValueError), EXIT_FAILED)]
+    with locked(layout, "retrainflow features", failures):
+        manifest = run_features(loaded, layout, show_progress=not no_progress)
     if as_json:
         typer.echo(json.dumps(manifest.to_json(), indent=2))
     else:
@@ -84,7 +83,7 @@ def _current_key(
     try:
         sha = weights_fingerprint(loaded.base, image_size_for(loaded))
     except (WeightsUnavailableError, OSError, ValueError) as err:
-        console.print(f"{'error' if required else 'warning'}: {err}", highlight=False, markup=False)
+        print_error("error" if required else "warning", err)
         if required:
             raise typer.Exit(EXIT_WEIGHTS) from None
         return None, root

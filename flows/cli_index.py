@@ -8,10 +8,17 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import ParamsOpt, SetOpt, WorkdirOpt, app, console, layout_for, load_or_exit
-
-EXIT_DATASET = 1
-EXIT_LOCKED = 3
+from flows.cli_common import (
+    EXIT_FAILED,
+    ParamsOpt,
+    SetOpt,
+    WorkdirOpt,
+    app,
+    console,
+    layout_for,
+    load_or_exit,
+    locked,
+)
 
 
 def _quoted(value: object) -> str:
@@ -82,22 +89,12 @@ def index_cmd(
 
     Exit codes: 1 when the dataset as a whole is unusable (no images, one class, an empty class, missing CSV columns), 2 on invalid params, 3 when another run holds the workspace.
     """
-    from rich.markup import escape
-
     from tasks.index import DatasetError, run_index
-    from tasks.locking import LockHeldError, workspace_lock
 
     loaded = load_or_exit(params, [*(set_ or []), *index_overrides(root, csv, classes, workers)])
     layout = layout_for(workdir)
-    try:
-        with workspace_lock(layout, command="retrainflow index"):
-            manifest = run_index(loaded, layout, console=console)
-    except DatasetError as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_DATASET) from None
-    except LockHeldError as err:
-        console.print(f"[bold red]busy:[/] {err}", highlight=False)
-        raise typer.Exit(EXIT_LOCKED) from None
+    with locked(layout, "retrainflow index", [(DatasetError, EXIT_FAILED)]):
+        manifest = run_index(loaded, layout, console=console)
     if as_json:
         typer.echo(json.dumps(manifest.to_dict(), indent=2))
     else:

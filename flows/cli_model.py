@@ -13,12 +13,21 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.cli_common import ParamsOpt, SetOpt, WorkdirOpt, app, console, layout_for, load_or_exit
+from flows.cli_common import (
+    EXIT_FAILED,
+    EXIT_PARAMS,
+    ParamsOpt,
+    SetOpt,
+    WorkdirOpt,
+    app,
+    console,
+    layout_for,
+    load_or_exit,
+    locked,
+    print_error,
+)
 from tasks.config import Params
 from tasks.layout import Layout
-
-EXIT_FAILED = 1
-EXIT_LOCKED = 3
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the stage manifest as JSON on stdout.")]
 
@@ -45,21 +54,11 @@ def _run_stage(
     summary: Callable[[Any], str],
 ) -> None:
     """Load params, hold the workspace lock, run the stage; missing inputs and bad values exit 1 with the reason."""
-    from rich.markup import escape
-
-    from tasks.locking import LockHeldError, workspace_lock
-
     loaded = load_or_exit(params_file, overrides)
     layout = layout_for(workdir)
-    try:
-        with workspace_lock(layout, command=f"retrainflow {command}"):
-            manifest = runner(loaded, layout)
-    except LockHeldError as err:
-        console.print(f"[bold red]busy:[/] {err}", highlight=False)
-        raise typer.Exit(EXIT_LOCKED) from None
-    except (OSError, ValueError) as err:  # OSError: a full disk, a permission, a missing file
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
-        raise typer.Exit(EXIT_FAILED) from None
+    # OSError: a full disk, a permission, a missing file
+    with locked(layout, f"retrainflow {command}", [((OSError, ValueError), EXIT_FAILED)]):
+        manifest = runner(loaded, layout)
     if as_json:
         typer.echo(json.dumps(_manifest_dict(manifest), indent=2))
     else:
@@ -170,7 +169,7 @@ def predict_cmd(
 
     if fmt not in OUTPUT_FORMATS:
         console.print(f"[bold red]error:[/] --format: expected one of {OUTPUT_FORMATS}, got {fmt!r}")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_PARAMS)
     from tasks.heads import read_bundle_classes
 
     model_file = model if model is not None else default_model(layout_for(workdir))
@@ -178,7 +177,7 @@ def predict_cmd(
         names, _ = read_bundle_classes(model_file)
         predictions = predict_paths(model_file, [str(p) for p in paths], batch_size=batch_size)
     except (OSError, ValueError) as err:  # OSError: a full disk, a permission, a missing file
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        print_error("error", err)
         raise typer.Exit(EXIT_FAILED) from None
     text = format_predictions(predictions, names, fmt)
     if output is not None:
@@ -215,6 +214,6 @@ def export_cmd(
     try:
         written = export_saved_model(model_file, target)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        print_error("error", err)
         raise typer.Exit(EXIT_FAILED) from None
     console.print(f"exported {model_file} to {written}", highlight=False)

@@ -11,11 +11,20 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import ParamsOpt, SetOpt, WorkdirOpt, app, console, layout_for, load_or_exit
-from tasks.locking import LockHeldError, workspace_lock
+from flows.cli_common import (
+    EXIT_FAILED,
+    EXIT_PARAMS,
+    ParamsOpt,
+    SetOpt,
+    WorkdirOpt,
+    app,
+    console,
+    layout_for,
+    load_or_exit,
+    locked,
+)
 
 STAGE_NAMES = ("index", "features", "train_top", "finetune", "evaluate")
-EXIT_LOCKED = 3
 
 
 def _stage_name(name: str) -> str:
@@ -26,13 +35,8 @@ def _stage_name(name: str) -> str:
             f"[bold red]error:[/] unknown stage {name!r}; expected one of {', '.join(STAGE_NAMES)}",
             soft_wrap=True,
         )
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_PARAMS)
     return normal
-
-
-def _locked_exit(err: LockHeldError) -> typer.Exit:
-    console.print(f"[bold red]busy:[/] {err}", highlight=False, soft_wrap=True)
-    return typer.Exit(EXIT_LOCKED)
 
 
 @app.command("run")
@@ -49,13 +53,10 @@ def run_cmd(
     layout = layout_for(workdir)
     from flows.flows import retrain
 
-    try:
-        with workspace_lock(layout, command="retrainflow run"):
-            summary = retrain(
-                params_file=str(params), overrides=list(set_ or []), force=force, workdir=str(workdir)
-            )
-    except LockHeldError as err:
-        raise _locked_exit(err) from None
+    with locked(layout, "retrainflow run"):
+        summary = retrain(
+            params_file=str(params), overrides=list(set_ or []), force=force, workdir=str(workdir)
+        )
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "stages"}, indent=2, default=str))
 
 
@@ -72,13 +73,10 @@ def stage_cmd(
     layout = layout_for(workdir)
     from flows.flows import STAGE_FLOWS
 
-    try:
-        with workspace_lock(layout, command=f"retrainflow stage {stage}"):
-            manifest = STAGE_FLOWS[stage](
-                params_file=str(params), overrides=list(set_ or []), workdir=str(workdir)
-            )
-    except LockHeldError as err:
-        raise _locked_exit(err) from None
+    with locked(layout, f"retrainflow stage {stage}"):
+        manifest = STAGE_FLOWS[stage](
+            params_file=str(params), overrides=list(set_ or []), workdir=str(workdir)
+        )
     typer.echo(json.dumps(manifest, indent=2, default=str))
 
 
@@ -101,7 +99,7 @@ def serve_cmd(
         validate_cron(cron)
     except ValueError as err:
         console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_PARAMS) from None
     serve_retrain(
         cron, name=name, params_file=params, overrides=list(set_ or []), workdir=workdir, force=force
     )
@@ -115,7 +113,7 @@ def dashboard_cmd(
     """Start the Prefect server (API + dashboard) and print its URL; runs until Ctrl-C."""
     if not 0 < port < 65536:
         console.print(f"[bold red]error:[/] expected a port in 1..65535, got {port}", soft_wrap=True)
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_PARAMS)
     url = f"http://{host}:{port}"
     typer.echo(f"Prefect dashboard: {url}")
     typer.echo(f"Point runs at it:  export PREFECT_API_URL={url}/api")
@@ -145,14 +143,8 @@ def promote_cmd(
 
     loaded = load_or_exit(params, set_)
     layout = layout_for(workdir)
-    try:
-        with workspace_lock(layout, command="retrainflow promote"):
-            manifest = run_promote(loaded, layout)
-    except LockHeldError as err:
-        raise _locked_exit(err) from None
-    except RegistryError as err:
-        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
-        raise typer.Exit(1) from None
+    with locked(layout, "retrainflow promote", [(RegistryError, EXIT_FAILED)]):
+        manifest = run_promote(loaded, layout)
     typer.echo(json.dumps(manifest.to_json(), indent=2))
 
 

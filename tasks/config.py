@@ -55,7 +55,7 @@ class _Section(BaseModel):
         return data
 
 
-def _number_or_pair(value: Any, *, name: str, low: float, high: float, high_open: bool) -> Any:
+def _number_or_pair(value: Any, *, low: float, high: float, high_open: bool) -> Any:
     """ImageDataGenerator's ``zoom_range`` vocabulary: a float z means [1 - z, 1 + z]; a pair is taken as is."""
     bracket = ")" if high_open else "]"
     expected = f"expected a number in [{low:g}, {high:g}{bracket} or a [low, high] pair"
@@ -170,7 +170,7 @@ class AugmentConfig(_Section):
     @field_validator("zoom_range", mode="before")
     @classmethod
     def _zoom(cls, value: Any) -> Any:
-        return _number_or_pair(value, name="zoom_range", low=0, high=1, high_open=True)
+        return _number_or_pair(value, low=0, high=1, high_open=True)
 
     @field_validator("brightness_range", mode="before")
     @classmethod
@@ -214,10 +214,6 @@ class AugmentConfig(_Section):
                     except ValidationError as err:
                         raise ValueError(f"grid.{key}: value {v!r} is invalid: {_first_msg(err)}") from None
         return self
-
-    def policy_fields(self) -> dict[str, Any]:
-        """The fields that define what an augmented view looks like (not how many passes)."""
-        return self.model_dump(mode="json", exclude={"passes", "grid", "grid_samples"})
 
 
 AUGMENT_GRID_KEYS = (
@@ -407,8 +403,6 @@ def _format_errors(err: ValidationError) -> list[str]:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         msg = _clean_msg(e["msg"])
-        if msg.startswith("Input should"):
-            msg = "expected" + msg[len("Input should") :]
         got = e.get("input")
         line = f"{loc or '<root>'}: {msg}"
         if msg != "unknown key" or got is not None:

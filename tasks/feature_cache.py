@@ -24,12 +24,14 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
+
+from tasks.locking import pid_alive
 
 CACHE_FORMAT = 1
 KEY_FILE = "key.json"
@@ -85,19 +87,24 @@ def _tmp_path(path: Path) -> Path:
     return path.parent / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Run ``write`` on a temp file beside ``path``, fsync, rename over ``path``: readers see the old file or
+    the whole new one, never a part; a failed or killed writer leaves ``path`` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     try:
         with tmp.open("wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -106,17 +113,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """``np.save`` (no pickle) through a temp file + fsync + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        with tmp.open("wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    _atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
 
 
 @contextlib.contextmanager
@@ -128,16 +125,6 @@ def _locked(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _writer_pid(name: str) -> int | None:
@@ -232,7 +219,7 @@ class FeatureCache:
                     else:
                         continue
                     pid = _writer_pid(name if shard is None else shard)
-                    if pid is None or pid == os.getpid() or not _pid_alive(pid):
+                    if pid is None or pid == os.getpid() or not pid_alive(pid):
                         path.unlink(missing_ok=True)
                         removed.append(path)
         return removed

@@ -29,6 +29,7 @@ import pandas as pd
 from tasks.config import DataConfig, Params, SplitFractions
 from tasks.images import ImageInfo, ImageRejected, inspect_image
 from tasks.layout import Layout
+from tasks.locking import pid_alive
 
 COLUMNS = (
     "path",
@@ -625,16 +626,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temp_files(paths: Iterable[Path]) -> list[Path]:
     """Delete the temp files :func:`atomic_write_text` left for ``paths`` when its writer was killed.
 
@@ -647,7 +638,7 @@ def remove_stale_temp_files(paths: Iterable[Path]) -> list[Path]:
         for tmp in path.parent.glob(f".{path.name}.*.tmp"):
             pid_text = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
             pid = int(pid_text) if pid_text.isdigit() else None
-            if pid is None or pid == os.getpid() or not _pid_alive(pid):
+            if pid is None or pid == os.getpid() or not pid_alive(pid):
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)
     return removed

@@ -28,6 +28,17 @@ _held: dict[str, int] = {}  # resolved lock path -> re-entry depth, for this pro
 _held_guard = threading.Lock()
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (one owned by another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class LockHeldError(RuntimeError):
     """Another process holds the workspace lock; the message names its PID and command."""
 

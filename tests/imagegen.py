@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -74,13 +76,8 @@ def exif_rotated_jpeg(orientation: int = 6, height: int = 24, width: int = 32, s
     return encode(image, "JPEG", exif=exif, quality=95)
 
 
-def png16_bytes(height: int = 12, width: int = 10, seed: int = 0) -> bytes:
-    """A 16-bit-per-channel RGB PNG (written with raw zlib: Pillow cannot write 16-bit RGB)."""
-    import struct
-    import zlib
-
-    arr = np.random.default_rng(seed).integers(0, 65536, (height, width, 3)).astype(">u2")
-    raw = b"".join(b"\x00" + row.tobytes() for row in arr)
+def _png(width: int, height: int, bit_depth: int, raw_scanlines: bytes) -> bytes:
+    """A minimal RGB PNG written by hand (IHDR, one IDAT of ``raw_scanlines``, IEND)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (
@@ -90,35 +87,24 @@ def png16_bytes(height: int = 12, width: int = 10, seed: int = 0) -> bytes:
             + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
         )
 
-    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IDAT", zlib.compress(raw_scanlines))
         + chunk(b"IEND", b"")
     )
+
+
+def png16_bytes(height: int = 12, width: int = 10, seed: int = 0) -> bytes:
+    """A 16-bit-per-channel RGB PNG (written with raw zlib: Pillow cannot write 16-bit RGB)."""
+    arr = np.random.default_rng(seed).integers(0, 65536, (height, width, 3)).astype(">u2")
+    return _png(width, height, 16, b"".join(b"\x00" + row.tobytes() for row in arr))
 
 
 def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
     """A small PNG whose header declares ``width`` x ``height`` (a decompression bomb; never decode it)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data))
-            + kind
-            + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
+    return _png(width, height, 8, b"\x00" * 64)
 
 
 def animated_gif_bytes(size: int = 16) -> bytes:
