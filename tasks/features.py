@@ -324,7 +324,6 @@ def _extract(
     Returns timing figures: the first batch (pipeline fill + tracing), the time the loop waited for input after
     it (the base starving), the steady images/s, and the number of shards written.
     """
-    import tensorflow as tf
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     batch_size = params.features.batch_size
@@ -350,7 +349,9 @@ def _extract(
     dataset = datasets[0]
     for more in datasets[1:]:
         dataset = dataset.concatenate(more)
-    dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    from tasks.pipeline import PREFETCH_BATCHES
+
+    dataset = dataset.prefetch(PREFETCH_BATCHES)
 
     infer = _pool_fn(loaded.model, params.features.pooling, image_size)
     writer = ShardWriter(cache, params.features.shard_size)

@@ -2,7 +2,7 @@
 
 read bytes -> ``tasks.images.decode_rgb`` (JPEG DCT-reduced when the source is much bigger than the target) ->
 one resampling per image that applies the augmentation AND the resize (``tasks.augment.render_view``, OpenCV in
-a ``tf.numpy_function``, parallel map with AUTOTUNE) -> batch -> ``rescale`` and the base's preprocessing on the
+a ``tf.numpy_function``, one map worker per core) -> batch -> ``rescale`` and the base's preprocessing on the
 batch -> prefetch.
 
 * :func:`view_dataset`: ordered and deterministic (feature extraction, evaluation, predict). A view is a pure
@@ -17,7 +17,11 @@ TensorFlow and OpenCV are imported lazily.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,53 @@ from tasks.augment import INTERPOLATIONS, AugmentPolicy, render_view, renders_ui
 CLASS_MODES = ("binary", "categorical", "sparse")
 JPEG_RATIOS = (8, 4, 2, 1)
 _REQUIRED = ("path", "sha256")
+PREFETCH_BATCHES = 2
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+@functools.cache
+def tune_allocator() -> bool:
+    """Keep the pipeline's buffers (decoded images ~0.5 MB, batches ~5-20 MB) in the malloc heap for reuse.
+
+    By default glibc serves every allocation above 128 kB with a fresh ``mmap`` and unmaps it on free, so each
+    decoded image and each batch costs thousands of page faults and zeroed pages: 10-15% of the pipeline's CPU
+    (BENCHMARKS.md). Raising the mmap threshold to 32 MB and keeping up to 256 MB of freed heap (trim threshold)
+    removes that churn; memory stays bounded (the streaming check in bench/loader.py). Process-wide, applied once
+    when the first dataset is built; a no-op off glibc or when ``RETRAINFLOW_MALLOC_TUNING=0``.
+    """
+    if os.environ.get("RETRAINFLOW_MALLOC_TUNING", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
+    ok = mallopt(_M_TRIM_THRESHOLD, 256 << 20) == 1 and ok
+    return mallopt(_M_TOP_PAD, 64 << 20) == 1 and ok
+
+
+def _map_parallelism() -> int:
+    """One map worker per usable core: the work per image is CPU-bound (decode, warp) and evenly sized."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def _pipeline_options() -> Any:
+    """tf.data options shared by every dataset here: fixed parallelism in a private pool, autotuning off.
+
+    Measured (bench/loader.py, BENCHMARKS.md): with AUTOTUNE, some passes ran at the speed of ONE worker (the
+    autotuner's model settled on parallelism 1 for a while), a bimodal 1.8x slowdown; fixed one-worker-per-core maps
+    and a 2-batch prefetch are as fast as AUTOTUNE's best passes and never slow.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = _map_parallelism()
+    options.autotune.enabled = False
+    return options
 
 
 # ------------------------------------------------------------------------------------------------ labels
@@ -253,6 +304,7 @@ def view_dataset(
     size, batch = _check_common(rows, image_size, batch_size, policy, preprocess, rescale, interpolation)
     if isinstance(pass_number, bool) or not isinstance(pass_number, int | np.integer) or pass_number < 0:
         raise ValueError(f"view_dataset: expected pass_number >= 0, got {pass_number!r}")
+    tune_allocator()
     cols = _source_columns(rows, Path(data_root), size)
     load = _load_fn(policy, size, interpolation, cols)
     passes = np.full(len(cols["path"]), int(pass_number), np.int64)
@@ -267,9 +319,9 @@ def view_dataset(
             passes,
         )
     )
-    ds = source.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch)
-    ds = ds.map(_finish_fn(rescale, preprocess), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    ds = source.map(load, num_parallel_calls=_map_parallelism(), deterministic=True).batch(batch)
+    ds = ds.map(_finish_fn(rescale, preprocess), num_parallel_calls=_map_parallelism(), deterministic=True)
+    return ds.prefetch(PREFETCH_BATCHES).with_options(_pipeline_options())
 
 
 def training_dataset(
@@ -303,6 +355,7 @@ def training_dataset(
     if "class_id" not in rows:
         raise ValueError("training_dataset: expected index rows with a 'class_id' column")
     labels = encode_labels(rows["class_id"].to_numpy(), class_mode, num_classes)
+    tune_allocator()
     cols = _source_columns(rows, Path(data_root), size)
     load = _load_fn(policy, size, interpolation, cols)
     table = {
@@ -333,9 +386,9 @@ def training_dataset(
         indices = tf.data.Dataset.from_tensor_slices(order)
         epochs = tf.data.Dataset.from_tensors(epoch).repeat(n)
         pairs = tf.data.Dataset.zip((indices, epochs))
-        return pairs.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch)
+        return pairs.map(one, num_parallel_calls=_map_parallelism(), deterministic=True).batch(batch)
 
     ds = tf.data.Dataset.counter(dtype=tf.int64).flat_map(epoch_dataset)
     finish = _finish_fn(rescale, preprocess)
-    ds = ds.map(lambda x, y: (finish(x), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE), math.ceil(n / batch)
+    ds = ds.map(lambda x, y: (finish(x), y), num_parallel_calls=_map_parallelism(), deterministic=True)
+    return ds.prefetch(PREFETCH_BATCHES).with_options(_pipeline_options()), math.ceil(n / batch)
