@@ -297,3 +297,32 @@ def test_nearest_interpolation_only_copies_source_pixels(images):
     rotate = AugmentPolicy(rotation_range=25, fill_mode="wrap")
     blended = collect(view_dataset(png, root, image_size=SIZE, batch_size=1, policy=rotate))
     assert not {tuple(p) for p in blended.reshape(-1, 3).astype(int).tolist()} <= known  # bilinear blends
+
+
+def test_datasets_run_with_fixed_parallelism_and_no_autotune(images):
+    """The measured configuration (BENCHMARKS.md): the autotuner sometimes ran whole passes on one worker."""
+    import os
+
+    root, rows = images
+    cores = len(os.sched_getaffinity(0))
+    view = view_dataset(rows, root, image_size=SIZE, batch_size=4)
+    train, _ = training_dataset(
+        rows, root, image_size=SIZE, batch_size=4, class_mode="sparse", num_classes=3, seed=0
+    )
+    for dataset in (view, train):
+        options = dataset.options()
+        assert options.autotune.enabled is False
+        assert options.threading.private_threadpool_size == cores
+
+
+def test_allocator_tuning_applies_on_glibc_and_can_be_switched_off(monkeypatch):
+    import platform
+
+    from tasks import pipeline
+
+    pipeline.tune_allocator.cache_clear()
+    monkeypatch.setenv("RETRAINFLOW_MALLOC_TUNING", "0")
+    assert pipeline.tune_allocator() is False
+    pipeline.tune_allocator.cache_clear()
+    monkeypatch.delenv("RETRAINFLOW_MALLOC_TUNING")
+    assert pipeline.tune_allocator() is (platform.libc_ver()[0] == "glibc")
