@@ -36,9 +36,14 @@ ProgressFn = Callable[[int, int], None]  # (pairs done, pairs to compute)
 
 
 # ------------------------------------------------------------------------------------------- values
+# The manifest fields that describe the features themselves (``layout.features_manifest``); the rest are this
+# run's counts and timings (``layout.features_metrics``), kept out of the DVC dependency of train_top.
+STABLE_FIELDS = ("cache_key", "cache_dir", "key_spec", "views", "rows", "pairs", "content_hash")
+
+
 @dataclass(frozen=True)
 class FeaturesManifest:
-    """This run's summary (``layout.features_manifest``): the key, what each split uses, computed / reused."""
+    """This run's summary: the key, what each split uses, computed / reused, timings."""
 
     cache_key: str
     cache_dir: str
@@ -61,6 +66,11 @@ class FeaturesManifest:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def stable_json(self) -> dict[str, Any]:
+        """The fields that change iff the features do (no counts, no timings)."""
+        data = self.to_json()
+        return {name: data[name] for name in STABLE_FIELDS}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FeaturesManifest:
@@ -297,7 +307,8 @@ def run_features(
         shards_written=int(stats.pop("shards_written")),
         extra=stats,
     )
-    atomic_write_json(layout.features_manifest, manifest.to_json())
+    atomic_write_json(layout.features_metrics, manifest.to_json())
+    atomic_write_json(layout.features_manifest, manifest.stable_json())
     console.print(
         f"features {spec.key}: {manifest.summary()} ({manifest.pairs} views of {len(table)} images)",
         markup=False,
@@ -415,11 +426,12 @@ def _warn_underflow(feats: np.ndarray, dtype: str, console: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------- reading
-def read_manifest(layout: Layout) -> FeaturesManifest:
+def read_manifest(layout: Layout) -> dict[str, Any]:
+    """The stable part of the last features run (:data:`STABLE_FIELDS`): cache key, key spec, views."""
     path = layout.features_manifest
     if not path.is_file():
         raise FileNotFoundError(f"no features manifest at {path}: run `retrainflow features` first")
-    return FeaturesManifest.from_json(json.loads(path.read_text()))
+    return json.loads(path.read_text())
 
 
 def read_features(
@@ -437,10 +449,10 @@ def read_features(
     """
     view_plan = split_views(params, split, views)
     manifest = read_manifest(layout)
-    spec = key_spec_for(params, manifest.key_spec["weights_sha256"])
-    if spec.key != manifest.cache_key:
+    spec = key_spec_for(params, manifest["key_spec"]["weights_sha256"])
+    if spec.key != manifest["cache_key"]:
         raise ValueError(
-            f"features were computed for cache key {manifest.cache_key}, but the current params give {spec.key} "
+            f"features were computed for cache key {manifest['cache_key']}, but the current params give {spec.key} "
             "(base, size, pooling or dtype changed): run `retrainflow features` first"
         )
     table = _load_index(layout, index)

@@ -7,7 +7,9 @@ chosen by ``train_top`` with its trained weights.
 Fine-tuning unfreezes the last ``finetune.unfreeze_blocks`` blocks of the base (registry block names), or the layers
 whose name matches ``finetune.layer_regex`` when it is set (it replaces ``unfreeze_blocks``); every BatchNormalization
 layer stays frozen (head included). It trains on the original training images (augmented only with
-``finetune.augment``), validates each epoch, and keeps the best weights by val loss, where "epoch 0" is the
+``finetune.augment``, and then on views the feature cache does not hold: epoch e uses augmentation pass
+``augment.passes + e``, because the head already fits the cached views almost perfectly and they carry no
+gradient), validates each epoch, and keeps the best weights by val loss, where "epoch 0" is the
 top-only model itself: fine-tuning can never leave a model worse on val than the one it started from.
 
 A killed run resumes from its last finished epoch: ``keras.callbacks.BackupAndRestore`` (weights, optimizer, epoch)
@@ -421,6 +423,7 @@ def run_finetune(params: Params, layout: Layout) -> FinetuneManifest:
             seed=params.seed,
             policy=policy_from_config(params.augment) if cfg.augment else None,
             interpolation=params.image.interpolation,
+            first_pass=params.augment.passes,  # fresh views: the head was fitted to passes 0..passes-1
         )
         val_labels = encode_labels(val_rows["class_id"].to_numpy(), classes.class_mode, classes.num_classes)
         val = labelled_view(val_rows, root, size, cfg.batch_size, val_labels, params.image.interpolation)

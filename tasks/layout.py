@@ -38,8 +38,14 @@ class Layout:
 
     @property
     def features_manifest(self) -> Path:
-        """Small per-run output: cache key, shard list for this index, computed / reused counts."""
+        """What the features ARE for this index (cache key, views, content hash): changes iff the features do,
+        so DVC reruns train_top only then. This run's counts and timings go to :attr:`features_metrics`."""
         return self.root / "features" / "features.json"
+
+    @property
+    def features_metrics(self) -> Path:
+        """The last features run: computed / reused counts, seconds, images/s (a DVC metric, not a dependency)."""
+        return self.metrics_dir / "features.json"
 
     # ---- train_top / finetune
     @property

@@ -337,18 +337,22 @@ def training_dataset(
     preprocess: Callable[[Any], Any] | None = None,
     rescale: float | None = None,
     interpolation: str = "bilinear",
+    first_pass: int = 0,
 ) -> tuple[Any, int]:
     """A repeating ``(images, labels)`` dataset and its steps per epoch (``ceil(len(rows) / batch_size)``).
 
     Epoch e is the permutation ``argsort(stateless_uniform(seed=[seed, e]))`` of the rows, cut into batches (the
     last one partial), so no sample is dropped or seen twice within an epoch and the order changes every epoch.
-    With a policy, epoch e uses view pass e of every image.
+    With a policy, epoch e uses view pass ``first_pass + e`` of every image (finetune starts past the passes the
+    feature cache holds, so it never trains on the exact views the head was fitted to).
     """
     import tensorflow as tf
 
     size, batch = _check_common(rows, image_size, batch_size, policy, preprocess, rescale, interpolation)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise ValueError(f"training_dataset: expected an integer seed, got {seed!r}")
+    if isinstance(first_pass, bool) or not isinstance(first_pass, int | np.integer) or first_pass < 0:
+        raise ValueError(f"training_dataset: expected first_pass >= 0, got {first_pass!r}")
     n = len(rows)
     if n == 0:
         raise ValueError("training_dataset: expected at least one row, got an empty table")
@@ -377,7 +381,7 @@ def training_dataset(
             table["width"][index],
             table["orientation"][index],
             table["ratio"][index],
-            epoch,
+            epoch + int(first_pass),
         )
         return image, table["label"][index]
 

@@ -80,6 +80,7 @@ def test_outs_match_layout() -> None:
         layout.classes_file,
         layout.index_report,
         layout.features_manifest,
+        layout.features_metrics,
         layout.features_cache,
         layout.top_dir,
         layout.candidate_dir,
@@ -101,7 +102,8 @@ def test_plots_have_axes_and_metrics_are_git_tracked() -> None:
     plots_files = {"plots/top_history.csv", "plots/finetune_history.csv", "plots/confusion.csv"}
     for csv in ("plots/top_history.csv", "plots/finetune_history.csv"):
         assert plots[csv]["x"] == "epoch" and "val_accuracy" in plots[csv]["y"]
-    small = {"metrics/top.json", "metrics/finetune.json", "metrics/evaluate.json", *plots_files}
+    small = {"metrics/features.json", "metrics/top.json", "metrics/finetune.json", "metrics/evaluate.json"}
+    small |= plots_files
     for stage in DVC_YAML["stages"].values():
         for item in stage.get("outs", []) + stage.get("metrics", []):
             if isinstance(item, dict) and next(iter(item)) in small:

@@ -121,7 +121,10 @@ def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.Ca
     # 1. first run computes every view: clean + 2 augmented per train image, clean for val/test
     first = run_features(params, layout, index=index, show_progress=False)
     assert (first.computed, first.reused, first.pairs) == (total, 0, total)
-    assert json.loads(layout.features_manifest.read_text())["computed"] == total
+    assert json.loads(layout.features_metrics.read_text())["computed"] == total
+    stable_bytes = layout.features_manifest.read_bytes()
+    stable = json.loads(stable_bytes)
+    assert "computed" not in stable and "seconds" not in stable and stable["cache_key"] == first.cache_key
     assert f"computed {total}, reused 0" in capsys.readouterr().err
     assert first.views["train"][0] == "clean" and len(first.views["train"]) == 3
     assert first.views["val"] == ["clean"]
@@ -131,6 +134,8 @@ def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.Ca
     second = run_features(params, layout, index=index, show_progress=False)
     assert (second.computed, second.reused) == (0, total)
     assert recorder.calls == [] and second.content_hash == first.content_hash
+    assert layout.features_manifest.read_bytes() == stable_bytes  # DVC sees no change: train_top is not rerun
+    assert json.loads(layout.features_metrics.read_text())["computed"] == 0
     assert f"computed 0, reused {total}" in capsys.readouterr().err
 
     # 3. +10% images (2 of 20): only their views are computed

@@ -258,6 +258,41 @@ def test_training_epochs_cover_every_sample_once_and_reshuffle(images):
     assert np.concatenate([np.asarray(y) for _, y in other.take(steps)]).tolist() != epochs[0].tolist()
 
 
+def test_training_first_pass_shifts_the_views(images):
+    """finetune starts at ``augment.passes``: epoch 0 then shows view pass 2, never a cached pass 0 / 1 view."""
+    root, rows = images
+    rows = rows.assign(class_id=np.arange(len(rows)))
+    ds, steps = training_dataset(
+        rows,
+        root,
+        image_size=SIZE,
+        batch_size=5,
+        class_mode="sparse",
+        num_classes=len(rows),
+        seed=3,
+        policy=POLICY,
+        first_pass=2,
+    )
+    batches = list(ds.take(steps))
+    order = np.concatenate([np.asarray(y) for _, y in batches])
+    x = np.concatenate([np.asarray(b) for b, _ in batches])[np.argsort(order)]
+    pass_two = collect(view_dataset(rows, root, image_size=SIZE, batch_size=5, policy=POLICY, pass_number=2))
+    pass_zero = collect(view_dataset(rows, root, image_size=SIZE, batch_size=5, policy=POLICY, pass_number=0))
+    np.testing.assert_allclose(x, pass_two, atol=1e-4)
+    assert not np.allclose(x, pass_zero, atol=1e-4)
+    with pytest.raises(ValueError, match="first_pass"):
+        training_dataset(
+            rows,
+            root,
+            image_size=SIZE,
+            batch_size=2,
+            class_mode="sparse",
+            num_classes=10,
+            seed=0,
+            first_pass=-1,
+        )
+
+
 def test_training_labels_follow_the_class_mode(images):
     root, rows = images
     ds, steps = training_dataset(
