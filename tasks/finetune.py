@@ -441,7 +441,9 @@ def run_finetune(params: Params, layout: Layout) -> FinetuneManifest:
             run_fingerprint(params, layout),
         )
         history = summary["history"]
-    save_bundle(model, layout.candidate_model, tuple(classes.names), classes.class_mode)
+    save_bundle(
+        model, layout.candidate_model, tuple(classes.names), classes.class_mode, params.image.interpolation
+    )
     shutil.rmtree(work_dir, ignore_errors=True)
     state = summary["state"]
     manifest = FinetuneManifest(

@@ -19,6 +19,7 @@ from typing import Any
 
 import keras
 
+from tasks.augment import INTERPOLATIONS
 from tasks.config import HeadSpec
 
 CLASS_MODES = ("binary", "categorical", "sparse")
@@ -158,6 +159,7 @@ class ModelBundle:
     model: Any
     names: tuple[str, ...]
     class_mode: str
+    interpolation: str = "bilinear"
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -166,8 +168,11 @@ class ModelBundle:
         return int(shape[1]), int(shape[2])
 
 
-def save_bundle(model: Any, path: Path, names: tuple[str, ...], class_mode: str) -> Path:
-    """Save ``model`` to ``path`` (``.keras``) and ``classes.json`` (names in output order, class mode) beside it."""
+def save_bundle(
+    model: Any, path: Path, names: tuple[str, ...], class_mode: str, interpolation: str = "bilinear"
+) -> Path:
+    """Save ``model`` to ``path`` (``.keras``) and ``classes.json`` (names in output order, class mode, the resize
+    interpolation the model was trained with, so ``predict`` feeds it the same pixels) beside it."""
     if path.suffix != ".keras":
         raise ValueError(f"model path: expected a .keras file, got {str(path)!r}")
     output_spec(class_mode, len(names))  # validates the pair
@@ -175,17 +180,33 @@ def save_bundle(model: Any, path: Path, names: tuple[str, ...], class_mode: str)
     tmp = path.with_name(path.stem + ".tmp.keras")
     model.save(tmp)
     tmp.replace(path)
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation: expected one of {INTERPOLATIONS}, got {interpolation!r}")
     classes = {"names": list(names), "class_mode": class_mode, "num_classes": len(names)}  # index's format
+    classes["interpolation"] = interpolation
     (path.parent / MODEL_CLASSES_FILE).write_text(json.dumps(classes, indent=2) + "\n")
     return path
 
 
-def read_bundle_classes(path: Path) -> tuple[tuple[str, ...], str]:
-    """``(names, class_mode)`` from the ``classes.json`` beside the model file ``path``."""
+def _read_classes_file(path: Path) -> tuple[Path, Any]:
     file = Path(path).parent / MODEL_CLASSES_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file}: the classes file beside the model is missing")
-    raw = json.loads(file.read_text())
+    return file, json.loads(file.read_text())
+
+
+def read_bundle_interpolation(path: Path) -> str:
+    """The resize interpolation recorded beside the model file ``path`` (bilinear for older bundles)."""
+    file, raw = _read_classes_file(path)
+    value = raw.get("interpolation", "bilinear") if isinstance(raw, dict) else "bilinear"
+    if value not in INTERPOLATIONS:
+        raise ValueError(f"{file}: interpolation: expected one of {INTERPOLATIONS}, got {value!r}")
+    return value
+
+
+def read_bundle_classes(path: Path) -> tuple[tuple[str, ...], str]:
+    """``(names, class_mode)`` from the ``classes.json`` beside the model file ``path``."""
+    file, raw = _read_classes_file(path)
     names = raw.get("names") if isinstance(raw, dict) else None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) < 2:
         raise ValueError(
@@ -208,4 +229,4 @@ def load_bundle(path: Path) -> ModelBundle:
         raise ValueError(
             f"{path}: the model has {out_units} outputs but classes.json lists {len(names)} classes ({class_mode})"
         )
-    return ModelBundle(model, names, class_mode)
+    return ModelBundle(model, names, class_mode, read_bundle_interpolation(path))

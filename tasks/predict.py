@@ -102,12 +102,18 @@ def _rows(checked: Sequence[_Checked]) -> Any:
 
 
 def _predict_checked(
-    model: Any, checked: Sequence[_Checked], image_size: tuple[int, int], batch_size: int
+    model: Any,
+    checked: Sequence[_Checked],
+    image_size: tuple[int, int],
+    batch_size: int,
+    interpolation: str = "bilinear",
 ) -> np.ndarray:
     from tasks.pipeline import view_dataset
 
     anchor = Path(checked[0].path.anchor)
-    dataset = view_dataset(_rows(checked), anchor, image_size=image_size, batch_size=batch_size)
+    dataset = view_dataset(
+        _rows(checked), anchor, image_size=image_size, batch_size=batch_size, interpolation=interpolation
+    )
     outputs = [np.asarray(model.predict_on_batch(batch)) for batch in dataset]
     return np.concatenate(outputs) if outputs else np.zeros((0, 1))
 
@@ -137,8 +143,10 @@ def predict_files(
     *,
     batch_size: int = 32,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    interpolation: str = "bilinear",
 ) -> list[Prediction]:
-    """One :class:`Prediction` per file, in order; unreadable or undecodable files get an ``error``."""
+    """One :class:`Prediction` per file, in order; unreadable or undecodable files get an ``error``.
+    ``interpolation``: the resize the model was trained with (``ModelBundle.interpolation``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     files = list(files)
@@ -153,13 +161,13 @@ def predict_files(
     for start in range(0, len(good), batch_size):
         chunk = good[start : start + batch_size]
         try:
-            outputs = _predict_checked(model, [c for _, c in chunk], image_size, batch_size)
+            outputs = _predict_checked(model, [c for _, c in chunk], image_size, batch_size, interpolation)
             pairs = list(zip(chunk, outputs, strict=True))
         except Exception:  # one file broke the batch: retry one by one so only that file gets an error
             pairs = []
             for item in chunk:
                 try:
-                    pairs.append((item, _predict_checked(model, [item[1]], image_size, 1)[0]))
+                    pairs.append((item, _predict_checked(model, [item[1]], image_size, 1, interpolation)[0]))
                 except Exception as err:
                     results[item[0]] = Prediction(path=str(files[item[0]]), error=_short_error(err))
         for (i, _), output in pairs:
@@ -172,7 +180,13 @@ def predict_paths(model_file: Path, paths: Sequence[str | Path], *, batch_size: 
     from tasks.heads import load_bundle
 
     bundle = load_bundle(Path(model_file))
-    return predict_files(bundle.model, bundle.names, expand_paths(paths), batch_size=batch_size)
+    return predict_files(
+        bundle.model,
+        bundle.names,
+        expand_paths(paths),
+        batch_size=batch_size,
+        interpolation=bundle.interpolation,
+    )
 
 
 def format_predictions(predictions: Sequence[Prediction], names: Sequence[str], fmt: str) -> str:

@@ -125,3 +125,37 @@ def test_default_model_is_the_champion_when_promoted(tmp_path):
     layout.champion_dir.mkdir(parents=True)
     (layout.champion_dir / "model.keras").write_bytes(b"x")
     assert default_model(layout) == layout.champion_dir / "model.keras"
+
+
+def test_bundle_records_the_training_interpolation_and_predict_uses_it(
+    bundle_path, folder, tmp_path, monkeypatch
+):
+    import shutil
+
+    from tasks import predict
+    from tasks.heads import load_bundle
+
+    assert load_bundle(bundle_path).interpolation == "bilinear"
+    copy = tmp_path / "nearest"
+    shutil.copytree(bundle_path.parent, copy)
+    classes = json.loads((copy / "classes.json").read_text())
+    assert classes["interpolation"] == "bilinear"
+    (copy / "classes.json").write_text(json.dumps({**classes, "interpolation": "nearest"}))
+    assert load_bundle(copy / "model.keras").interpolation == "nearest"
+
+    import tasks.pipeline  # predict imports view_dataset lazily from here
+
+    seen = []
+    original = tasks.pipeline.view_dataset
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["interpolation"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.pipeline, "view_dataset", recording)
+    preds = predict.predict_paths(copy / "model.keras", [folder / "img_0.png"])
+    assert preds[0].error is None and seen == ["nearest"]
+
+    (copy / "classes.json").write_text(json.dumps({**classes, "interpolation": "cubic"}))
+    with pytest.raises(ValueError, match="interpolation.*'cubic'"):
+        load_bundle(copy / "model.keras")
