@@ -339,6 +339,7 @@ class FinetuneConfig(_Section):
     batch_size: int = Field(16, ge=1)
     patience: int = Field(3, ge=0)
     augment: bool = False
+    min_improvement: float = Field(0.05, ge=0, lt=1)
 
     @field_validator("layer_regex")
     @classmethod

@@ -206,3 +206,15 @@ def test_state_left_by_another_run_is_not_resumed(tmp_path):
     )
     assert out["resumed_from_epoch"] == 0 and out["state"]["fingerprint"] == "this-run"
     assert [r["epoch"] for r in out["history"]] == ["1"] and out["state"]["epochs_done"] == 1
+
+
+def test_an_epoch_replaces_the_best_only_by_the_relative_margin():
+    from tasks.finetune import improves
+
+    assert improves(0.0346, 0.0404, 0.05)  # 14% lower: a real gain
+    assert not improves(0.0396, 0.0404, 0.05)  # 2% lower: noise, the top-only weights stay
+    assert improves(0.0396, 0.0404, 0.0)  # without a margin any decrease counts (Keras' EarlyStopping)
+    assert not improves(0.0404, 0.0404, 0.0)
+    assert FinetuneConfig().min_improvement == 0.05
+    with pytest.raises(ValueError, match="min_improvement"):
+        FinetuneConfig(min_improvement=1.0)

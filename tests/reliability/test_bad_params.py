@@ -42,6 +42,7 @@ WRONG: list[tuple[str, str, str]] = [
     ("top.heads", "[{name: a, type: weird}]", "weird"),
     ("top.heads", "[{name: a, units: [-3]}]", "positive"),
     ("finetune.momentum", "1.5", "1.5"),
+    ("finetune.min_improvement", "1", "1"),
     ("finetune.layer_regex", "'(unclosed'", "regular expression"),
     ("finetune.epochs", "true", "true"),
     ("top.lr", "false", "false"),
