@@ -131,13 +131,29 @@ def cache_prune(
     workdir: WorkdirOpt = Path("."),
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
 ) -> None:
-    """Remove every cache key the current params do not use (try `--dry-run` first)."""
+    """Remove every cache key the current params do not use (try `--dry-run` first).
+
+    Holds the workspace lock (as every writing command) and each key's own lock: a key a running `retrainflow
+    features` is writing (from any workspace sharing the cache) is skipped and reported, never removed under it.
+    """
     from tasks.feature_cache import prune_keys
 
     current, root = _current_key(params, set_, workdir)
     assert current is not None  # required=True exits otherwise
-    doomed = prune_keys(root, {current}, dry_run=dry_run)
+    if dry_run:  # reads only: no workspace lock, so it also works while a run holds it
+        result = prune_keys(root, {current}, dry_run=True)
+    else:
+        with locked(layout_for(workdir), "retrainflow cache prune", [(OSError, EXIT_FAILED)]):
+            result = prune_keys(root, {current}, dry_run=False)
     verb = "would remove" if dry_run else "removed"
-    for info in doomed:
+    for info in result.removed:
         typer.echo(f"{verb} {info.key} ({info.rows} rows, {_human(info.bytes)})")
-    typer.echo(f"{verb} {len(doomed)} keys, {_human(sum(i.bytes for i in doomed))}; kept {current}")
+    for info in result.in_use:
+        typer.echo(
+            f"skipped {info.key}: in use by a running `retrainflow features`; prune again when it ends"
+        )
+    skipped = f", skipped {len(result.in_use)} in use" if result.in_use else ""
+    typer.echo(
+        f"{verb} {len(result.removed)} keys, {_human(sum(i.bytes for i in result.removed))}{skipped}; "
+        f"kept {current}"
+    )

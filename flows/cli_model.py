@@ -30,6 +30,10 @@ from tasks.config import Params
 from tasks.layout import Layout
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the stage manifest as JSON on stdout.")]
+# Help texts go through rich markup: a literal "[default: ...]" must be escaped ("\\[") or rich eats it as a tag.
+MODEL_HELP = (
+    r"A .keras model with classes.json beside it \[default: the promoted champion, else the candidate]."
+)
 
 
 def default_model(layout: Layout) -> Path:
@@ -153,9 +157,7 @@ def predict_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
     model: Annotated[
         Path | None,
-        typer.Option(
-            "--model", "-m", help="A .keras model with classes.json beside it [default: the candidate]."
-        ),
+        typer.Option("--model", "-m", help=MODEL_HELP),
     ] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="Output format: csv or json.")] = "csv",
     output: Annotated[
@@ -193,14 +195,14 @@ def predict_cmd(
 def export_cmd(
     model: Annotated[
         Path | None,
-        typer.Option(
-            "--model", "-m", help="A .keras model with classes.json beside it [default: the candidate]."
-        ),
+        typer.Option("--model", "-m", help=MODEL_HELP),
     ] = None,
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", help="SavedModel folder to create [default: models/export/<model name>]."
+            "--output",
+            "-o",
+            help=r"SavedModel folder to create \[default: models/export/<model folder name>].",
         ),
     ] = None,
     workdir: WorkdirOpt = Path("."),

@@ -1,7 +1,11 @@
 """The ``evaluate`` stage: the candidate (and the top-only) model on the test and val splits.
 
 Metrics are computed here with numpy (no sklearn): loss, accuracy, per-class precision / recall / F1, macro F1,
-ROC AUC for binary, confusion matrix. Outputs: flat ``metrics/evaluate.json`` (DVC metrics), ``plots/confusion.csv``
+ROC AUC for binary, confusion matrix. Each model is fed test / val images the way it was trained: the candidate at
+its input size with the resize interpolation its bundle records (``classes.json``), the top-only model at its own
+input size with the interpolation its features were computed with (``image.interpolation``).
+
+Outputs (each written atomically): flat ``metrics/evaluate.json`` (DVC metrics), ``plots/confusion.csv``
 (``actual,predicted`` rows for ``dvc plots``), ``reports/evaluation.json`` (the full nested results),
 ``reports/model_comparison.md`` and PNGs in ``reports/`` (see :mod:`tasks.reports`).
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -220,6 +225,65 @@ def predict_split(
     return {name: np.concatenate(chunks) if chunks else np.zeros((0, 1)) for name, chunks in outputs.items()}
 
 
+@dataclass(frozen=True)
+class ModelInput:
+    """A model to evaluate and how its inputs were made in training: input size and resize interpolation."""
+
+    model: Any
+    image_size: tuple[int, int]
+    interpolation: str
+
+    @classmethod
+    def of(cls, model: Any, interpolation: str) -> ModelInput:
+        """The model's own input size (``[B, H, W, 3]``) with ``interpolation``."""
+        shape = model.input_shape
+        return cls(model, (int(shape[1]), int(shape[2])), interpolation)
+
+
+def evaluate_split(
+    models: dict[str, ModelInput], rows: Any, root: Path, batch_size: int, preview: Preview | None
+) -> dict[str, np.ndarray]:
+    """Every model's outputs on ``rows``, each fed images resized to its own input size with its own interpolation.
+
+    Models that agree on both share one pass of the input pipeline. ``preview`` gets the first model's inputs.
+    """
+    from tasks.pipeline import view_dataset
+
+    ids = rows["class_id"].to_numpy()
+    groups: dict[tuple[tuple[int, int], str], dict[str, Any]] = {}
+    for name, entry in models.items():
+        groups.setdefault((entry.image_size, entry.interpolation), {})[name] = entry.model
+    first = next(iter(models))
+    outputs: dict[str, np.ndarray] = {}
+    for (size, interpolation), group in groups.items():
+        dataset = view_dataset(
+            rows, root, image_size=size, batch_size=batch_size, interpolation=interpolation
+        )
+        outputs.update(predict_split(group, dataset, ids, preview if first in group else None))
+    return {name: outputs[name] for name in models}
+
+
+# evaluate.metric -> the candidate's test score (an explicit table, as every registry here)
+SCORE_METRICS: dict[str, Callable[[SplitMetrics], float]] = {
+    "accuracy": lambda m: m.accuracy,
+    "macro_f1": lambda m: m.macro_f1,
+}
+# the top-only model's figures copied into metrics/evaluate.json as top_only_<split>_<name>
+TOP_ONLY_METRICS: dict[str, Callable[[SplitMetrics], float | None]] = {
+    "loss": lambda m: m.loss,
+    "accuracy": lambda m: m.accuracy,
+    "macro_f1": lambda m: m.macro_f1,
+    "roc_auc": lambda m: m.roc_auc,
+}
+
+
+def score_of(metrics: SplitMetrics, metric: str) -> float:
+    """The score ``evaluate.metric`` names (see :data:`SCORE_METRICS`)."""
+    if metric not in SCORE_METRICS:
+        raise ValueError(f"evaluate.metric: expected one of {sorted(SCORE_METRICS)}, got {metric!r}")
+    return float(SCORE_METRICS[metric](metrics))
+
+
 def comparison_markdown(results: dict[str, dict[str, SplitMetrics]]) -> str:
     """One table: the top-only model against the fine-tuned candidate, on test (and val)."""
     lines = [
@@ -245,17 +309,17 @@ def write_confusion_csv(
     path: Path, actual: np.ndarray, predicted: np.ndarray, names: tuple[str, ...]
 ) -> None:
     """``actual,predicted`` class-name rows, one per test image (``dvc plots`` draws the confusion matrix)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from tasks.heads import write_text_atomic
+
     lines = ["actual,predicted"] + [f"{names[a]},{names[p]}" for a, p in zip(actual, predicted, strict=True)]
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def run_evaluate(params: Params, layout: Layout) -> EvaluateManifest:
     """Evaluate the candidate and the top-only model on test (and val); write metrics, plots data and reports."""
     from tasks.finetune import data_root, load_top_model, split_rows
-    from tasks.heads import load_bundle
+    from tasks.heads import load_bundle, write_text_atomic
     from tasks.index import read_classes, read_index
-    from tasks.pipeline import view_dataset
     from tasks.reports import plot_confusion, plot_prediction_grid, plot_training_curves, read_history_csv
     from tasks.train_top import TOP_HISTORY_FILE, read_head_info
 
@@ -269,7 +333,10 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluateManifest:
             f"the candidate model's classes {list(candidate.names)!r} differ from the index's {list(names)!r}"
         )
     top_only, _, _ = load_top_model(params, layout)
-    models = {"candidate": candidate.model, "top_only": top_only}
+    models = {  # the candidate first: the prediction grid shows its inputs
+        "candidate": ModelInput(candidate.model, candidate.image_size, candidate.interpolation),
+        "top_only": ModelInput.of(top_only, params.image.interpolation),
+    }
     index = read_index(layout)
     root = data_root(params)
     preview = Preview(cfg.preview_images, [], [])
@@ -284,14 +351,7 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluateManifest:
                 raise ValueError("evaluate needs test images, got 0 rows in the test split of the index")
             continue
         ids = rows["class_id"].to_numpy()
-        dataset = view_dataset(
-            rows,
-            root,
-            image_size=candidate.image_size,
-            batch_size=cfg.batch_size,
-            interpolation=params.image.interpolation,
-        )
-        outputs = predict_split(models, dataset, ids, preview if split == "test" else None)
+        outputs = evaluate_split(models, rows, root, cfg.batch_size, preview if split == "test" else None)
         for name, out in outputs.items():
             results[name][split] = compute_metrics(out, ids, names)
         if split == "test":
@@ -302,21 +362,22 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluateManifest:
     for split, metrics in results["candidate"].items():
         flat.update(metrics.flat(split))
     for split, metrics in results["top_only"].items():
-        for key in ("loss", "accuracy", "macro_f1", "roc_auc"):
-            value = getattr(metrics, key)
+        for key, value_of in TOP_ONLY_METRICS.items():
+            value = value_of(metrics)
             if value is not None:
                 flat[f"top_only_{split}_{key}"] = value
-    score = float(getattr(results["candidate"]["test"], cfg.metric))
+    score = score_of(results["candidate"]["test"], cfg.metric)
     flat["score"] = score
-    layout.metrics_dir.mkdir(parents=True, exist_ok=True)
-    (layout.metrics_dir / EVALUATE_METRICS_FILE).write_text(json.dumps(flat, indent=2) + "\n")
+    write_text_atomic(layout.metrics_dir / EVALUATE_METRICS_FILE, json.dumps(flat, indent=2) + "\n")
     write_confusion_csv(layout.plots_dir / CONFUSION_FILE, test_ids, test_predictions.argmax(axis=1), names)
 
     reports = layout.reports_dir
     reports.mkdir(parents=True, exist_ok=True)
     details = {name: {split: asdict(m) for split, m in splits.items()} for name, splits in results.items()}
-    (reports / DETAILS_FILE).write_text(json.dumps({"classes": list(names), **details}, indent=2) + "\n")
-    (reports / COMPARISON_FILE).write_text(comparison_markdown(results))
+    write_text_atomic(
+        reports / DETAILS_FILE, json.dumps({"classes": list(names), **details}, indent=2) + "\n"
+    )
+    write_text_atomic(reports / COMPARISON_FILE, comparison_markdown(results))
     from tasks.finetune import FINETUNE_HISTORY_FILE
 
     written = [

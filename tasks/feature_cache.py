@@ -7,6 +7,8 @@ Layout under the cache root (``layout.features_cache`` or ``features.cache_dir``
     <key>/shards/<shard>.x.npy           features [rows, dim] in features.dtype
     <key>/shards/<shard>.ids.npy         structured [rows]: sha256 (S64), view (U), label (U)
     <key>/.lock                          serialises manifest updates between concurrent writers
+    <key>/.in_use                        held shared by every features run writing the key, for its whole run
+                                         (:meth:`FeatureCache.in_use`); ``prune_keys`` needs it exclusively
 
 Every file is written atomically (temp file in the same folder, fsync, rename, fsync of the folder). A shard is
 committed by adding it to the manifest after both of its files are in place, so a run killed at any moment leaves
@@ -38,6 +40,7 @@ KEY_FILE = "key.json"
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
 LOCK_FILE = ".lock"
+IN_USE_FILE = ".in_use"
 TMP_PREFIX = ".tmp-"
 
 Pair = tuple[str, str]  # (image sha256, view id)
@@ -116,15 +119,41 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     _atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
 
 
+def _flock_stable(path: Path, operation: int) -> int:
+    """An fd of ``path`` holding ``flock(operation)``, created (with its folder) when missing. Retries when the file
+    was deleted or replaced while this process waited (a prune removed the key folder): the lock held is then on
+    the file a later locker also finds at ``path``. Raises BlockingIOError for a busy ``LOCK_NB`` request."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, operation)
+            now = os.stat(path)
+            held = os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the file went away under us: lock the one there now
+
+
+def _unlock(fd: int) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / LOCK_FILE).open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    fd = _flock_stable(folder / LOCK_FILE, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        _unlock(fd)
 
 
 def _writer_pid(name: str) -> int | None:
@@ -172,6 +201,20 @@ class FeatureCache:
         if create:
             cache.remove_orphans()
         return cache
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[FeatureCache]:
+        """Hold this key's ``.in_use`` lock (shared: concurrent writers of one key are fine) for the ``with`` body,
+        so :func:`prune_keys` skips the key instead of deleting it under a running writer. If a prune removed the
+        folder between :meth:`open` and here, ``key.json`` is written again."""
+        fd = _flock_stable(self.folder / IN_USE_FILE, fcntl.LOCK_SH)
+        try:
+            if not (self.folder / KEY_FILE).is_file():
+                atomic_write_json(self.folder / KEY_FILE, self.spec.as_json())
+                self._locations = None
+            yield self
+        finally:
+            _unlock(fd)
 
     # ---- manifest
     @property
@@ -379,7 +422,7 @@ def list_keys(root: Path) -> list[KeyInfo]:
     out: list[KeyInfo] = []
     if not root.is_dir():
         return out
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         key_file = folder / KEY_FILE
         spec = json.loads(key_file.read_text()) if key_file.is_file() else {}
         manifest = folder / MANIFEST_FILE
@@ -389,10 +432,49 @@ def list_keys(root: Path) -> list[KeyInfo]:
     return out
 
 
-def prune_keys(root: Path, keep: set[str], *, dry_run: bool) -> list[KeyInfo]:
-    """Remove (or with ``dry_run`` only list) every key folder under ``root`` not in ``keep``."""
-    doomed = [info for info in list_keys(root) if info.key not in keep]
-    if not dry_run:
-        for info in doomed:
-            shutil.rmtree(Path(root) / info.key)
-    return doomed
+@dataclass(frozen=True)
+class PruneResult:
+    """What :func:`prune_keys` removed (or would remove) and the keys it left because a writer holds them."""
+
+    removed: list[KeyInfo]
+    in_use: list[KeyInfo]
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[bool]:
+    """Try to hold both of a key's locks exclusively without waiting: ``.in_use`` (no features run is writing the
+    key) and ``.lock`` (no manifest commit is under way). Yields whether both were free."""
+    held: list[int] = []
+    try:
+        for name in (IN_USE_FILE, LOCK_FILE):
+            try:
+                held.append(_flock_stable(folder / name, fcntl.LOCK_EX | fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+        yield True
+    finally:
+        for fd in reversed(held):
+            _unlock(fd)
+
+
+def prune_keys(root: Path, keep: set[str], *, dry_run: bool) -> PruneResult:
+    """Remove (or with ``dry_run`` only list) every key folder under ``root`` not in ``keep``.
+
+    Each folder is removed while this process holds its locks exclusively; a key a running writer holds
+    (:meth:`FeatureCache.in_use`, or a commit in progress) is left alone and listed in ``in_use``. A writer that
+    starts on a key while it is being removed waits, then writes it afresh.
+    """
+    result = PruneResult([], [])
+    for info in list_keys(root):
+        if info.key in keep:
+            continue
+        folder = Path(root) / info.key
+        with _exclusive(folder) as free:
+            if not free:
+                result.in_use.append(info)
+                continue
+            if not dry_run:
+                shutil.rmtree(folder)
+            result.removed.append(info)
+    return result

@@ -4,10 +4,14 @@ For the train split, the clean view plus ``augment.passes`` augmented views per 
 clean view. Images come only from ``tasks.pipeline.view_dataset`` (decoded, augmented, resized, the base's
 preprocessing applied, prefetched, so decoding overlaps with inference). The base runs with ``training=False``.
 
+Every view, clean and augmented, is ``base(preprocess(augment.rescale * pixels))`` (no scaling when rescale is
+null), the same arithmetic as :class:`tasks.heads.BasePreprocess` inside the full model.
+
 Content-addressed and incremental: the cache key (``tasks.feature_cache.cache_key``) covers the base, its alpha,
-the sha256 of the weights actually loaded, the input size, the preprocessing (the base's mode and the resize
-interpolation), the pooling and the stored dtype; a row is addressed by (image sha256, view id), the view id
-carrying the augmentation policy hash and the pass. The stage looks up which pairs exist and computes only the
+the sha256 of the weights actually loaded, the input size, the preprocessing (the base's mode, the resize
+interpolation and ``augment.rescale``), the pooling and the stored dtype; a row is addressed by (image sha256, view
+id), the view id carrying the augmentation policy hash and the pass. Because rescale is in the key, no view, the
+clean one included, is reused across rescale values. The stage looks up which pairs exist and computes only the
 missing ones, streaming them to shards (memory bounded), and reports "computed N, reused M".
 
 ``read_features`` gives the next stage float32 features of the rows of the current index.
@@ -108,6 +112,15 @@ def image_size_for(params: Params) -> tuple[int, int]:
     return resolve_image_size(params.image.size, get_spec(params.base.name))
 
 
+def preprocessing_id(params: Params) -> str:
+    """What happens to pixels between decoding and the base: ``<base's mode>/<interpolation>``, plus
+    ``/rescale=<factor>`` when ``augment.rescale`` is set (unset, the id, and so every existing key, is unchanged)."""
+    spec = get_spec(params.base.name)
+    out = f"{spec.preprocess_mode}/{params.image.interpolation}"
+    rescale = params.augment.rescale
+    return out if rescale is None else f"{out}/rescale={float(rescale)!r}"
+
+
 def key_spec_for(params: Params, weights_sha256: str) -> KeySpec:
     """The cache key components for ``params`` and the fingerprint of the weights they load."""
     spec = get_spec(params.base.name)
@@ -117,7 +130,7 @@ def key_spec_for(params: Params, weights_sha256: str) -> KeySpec:
         alpha=alpha,
         weights_sha256=weights_sha256,
         image_size=image_size_for(params),
-        preprocessing=f"{spec.preprocess_mode}/{params.image.interpolation}",
+        preprocessing=preprocessing_id(params),
         pooling=params.features.pooling,
         dtype=params.features.dtype,
         feature_dim=spec.feature_dim_for(alpha),
@@ -257,8 +270,33 @@ def run_features(
     else:
         weights_sha = weights_fingerprint(params.base, image_size)
     spec = key_spec_for(params, weights_sha)
-    cache = FeatureCache.open(cache_root(params, layout), spec)
+    # held until the last shard is committed: `retrainflow cache prune` skips a key in use
+    with FeatureCache.open(cache_root(params, layout), spec).in_use() as cache:
+        manifest = _compute(params, layout, table, cache, loaded, console, progress, show_progress, start)
+    atomic_write_json(layout.features_metrics, manifest.to_json())
+    atomic_write_json(layout.features_manifest, manifest.stable_json())
+    console.print(
+        f"features {spec.key}: {manifest.summary()} ({manifest.pairs} views of {len(table)} images)",
+        markup=False,
+        highlight=False,
+    )
+    return manifest
 
+
+def _compute(
+    params: Params,
+    layout: Layout,
+    table: Any,
+    cache: FeatureCache,
+    loaded: Any,
+    console: Any,
+    progress: ProgressFn | None,
+    show_progress: bool,
+    start: float,
+) -> FeaturesManifest:
+    """Plan, look up and compute the missing views of ``table`` into ``cache`` (held in use); this run's manifest
+    (``start``: when the run began, for its seconds)."""
+    spec, image_size = cache.spec, image_size_for(params)
     plan = _plan(params, table)
     needed, views_by_split, plans, wanted = plan.needed, plan.views_by_split, plan.plans, plan.wanted
     all_pairs: list[Pair] = [(sha, view) for view, shas in wanted.items() for sha in shas]
@@ -289,8 +327,7 @@ def run_features(
         )
         compute_seconds = time.perf_counter() - t0
 
-    seconds = time.perf_counter() - start
-    manifest = FeaturesManifest(
+    return FeaturesManifest(
         cache_key=spec.key,
         cache_dir=str(cache_root(params, layout)),
         key_spec=spec.as_json(),
@@ -300,21 +337,13 @@ def run_features(
         computed=n_todo,
         reused=reused,
         images_computed=len({table["sha256"].iloc[p] for _, ps in todo for p in ps}),
-        seconds=round(seconds, 3),
+        seconds=round(time.perf_counter() - start, 3),
         images_per_second=round(n_todo / compute_seconds, 2) if n_todo and compute_seconds > 0 else None,
         content_hash=_content_hash(spec.key, needed),
         batch_size=params.features.batch_size,
         shards_written=int(stats.pop("shards_written")),
         extra=stats,
     )
-    atomic_write_json(layout.features_metrics, manifest.to_json())
-    atomic_write_json(layout.features_manifest, manifest.stable_json())
-    console.print(
-        f"features {spec.key}: {manifest.summary()} ({manifest.pairs} views of {len(table)} images)",
-        markup=False,
-        highlight=False,
-    )
-    return manifest
 
 
 def _extract(
@@ -353,6 +382,7 @@ def _extract(
                 policy=policy,
                 pass_number=pass_number,
                 preprocess=loaded.spec.preprocess,
+                rescale=params.augment.rescale,  # every view, clean and augmented (part of the cache key)
                 interpolation=params.image.interpolation,
             )
         )
@@ -453,7 +483,8 @@ def read_features(
     if spec.key != manifest["cache_key"]:
         raise ValueError(
             f"features were computed for cache key {manifest['cache_key']}, but the current params give {spec.key} "
-            "(base, size, pooling or dtype changed): run `retrainflow features` first"
+            "(base, weights, size, interpolation, rescale, pooling or dtype changed): run `retrainflow features` "
+            "first"
         )
     table = _load_index(layout, index)
     sub = table[table["split"] == split]

@@ -4,14 +4,19 @@ A head maps pooled base features ``[N, D]`` to class probabilities: one sigmoid 
 ``num_classes`` softmax units for ``categorical`` / ``sparse``. Heads are built from a
 :class:`tasks.config.HeadSpec`; the registry is an explicit dict from ``HeadSpec.type`` to a builder.
 
-This module also holds :class:`BasePreprocess`, the registered (safe-mode loadable, no ``Lambda``) layer that puts a
-base's input preprocessing inside the full model, so a saved model takes raw RGB pixels (0-255). Defining it needs
-Keras, so this module imports Keras at import time: only model code imports it (the CLI imports it lazily).
+This module also holds :class:`BasePreprocess`, the registered (safe-mode loadable, no ``Lambda``) layer that puts
+``augment.rescale`` and a base's input preprocessing inside the full model, so a saved model takes raw RGB pixels
+(0-255), and the saved model bundle (``.keras`` + ``classes.json``: :func:`save_bundle`, :func:`load_bundle`, the one
+writer of that file :func:`write_classes_file`). Defining the layer needs Keras, so this module imports Keras at
+import time: only model code imports it (the CLI imports it lazily).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +26,7 @@ import keras
 
 from tasks.augment import INTERPOLATIONS
 from tasks.config import HeadSpec
-
-CLASS_MODES = ("binary", "categorical", "sparse")
+from tasks.pipeline import CLASS_MODES
 
 
 @dataclass(frozen=True)
@@ -100,32 +104,49 @@ def build_head(spec: HeadSpec, input_dim: int, class_mode: str, num_classes: int
 
 
 # ------------------------------------------------------------------------------ preprocessing inside the model
+def check_rescale(rescale: Any) -> float | None:
+    """``augment.rescale`` as the model applies it: ``None`` (no scaling) or a finite float (the input pipeline's
+    ``rescale=`` takes the same values)."""
+    if rescale is None:
+        return None
+    if isinstance(rescale, bool) or not isinstance(rescale, int | float) or not math.isfinite(rescale):
+        raise ValueError(f"rescale: expected a finite number or None, got {rescale!r}")
+    return float(rescale)
+
+
 @keras.saving.register_keras_serializable(package="retrainflow", name="BasePreprocess")
 class BasePreprocess(keras.layers.Layer):
-    """Raw RGB pixels (0-255, float) -> what the named base expects, via ``tasks.bases.BASE_MODELS[...].preprocess``.
+    """Raw RGB pixels (0-255, float) -> ``rescale * pixels`` (when ``rescale`` is set) -> what the named base
+    expects, via ``tasks.bases.BASE_MODELS[...].preprocess``: the same arithmetic as the features stage's input
+    pipeline (``view_dataset(..., rescale=, preprocess=)``), so a full model sees what its head was trained on.
 
     A registered Layer subclass (not a ``Lambda``), so a saved model loads with ``safe_mode=True`` once this
-    module is imported.
+    module is imported. Models saved before ``rescale`` existed load with ``rescale=None``.
     """
 
-    def __init__(self, base_name: str, **kwargs: Any):
+    def __init__(self, base_name: str, rescale: float | None = None, **kwargs: Any):
         from tasks.bases import BASE_MODELS
 
         if base_name not in BASE_MODELS:
             raise ValueError(f"base_name: expected one of {sorted(BASE_MODELS)}, got {base_name!r}")
+        scale = check_rescale(rescale)
         super().__init__(**kwargs)
         self.base_name = base_name
+        self.rescale = scale
 
     def call(self, inputs: Any) -> Any:
         from tasks.bases import BASE_MODELS
 
-        return BASE_MODELS[self.base_name].preprocess(keras.ops.cast(inputs, "float32"))
+        x = keras.ops.cast(inputs, "float32")
+        if self.rescale is not None:
+            x = x * self.rescale
+        return BASE_MODELS[self.base_name].preprocess(x)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "base_name": self.base_name}
+        return {**super().get_config(), "base_name": self.base_name, "rescale": self.rescale}
 
 
 def freeze_batchnorm(model: keras.Model) -> int:
@@ -150,6 +171,111 @@ def iter_layers(model: Any) -> list[Any]:
 
 # ------------------------------------------------------------------------------------- the saved model bundle
 MODEL_CLASSES_FILE = "classes.json"
+TMP_SUFFIX = ".tmp"
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` through ``<name>.tmp`` beside it (fsync, ``os.replace``, fsync of the folder): readers see the
+    old file or the whole new one. The temp name is fixed, so the next write replaces what a killed one left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_model_atomic(model: Any, path: Path) -> tuple[Path, str]:
+    """Save ``model`` to the fixed temp name ``<stem>.tmp.keras`` beside ``path``; return it and its sha256.
+
+    The caller publishes it with ``os.replace(tmp, path)`` once whatever must describe it is written.
+    """
+    if path.suffix != ".keras":
+        raise ValueError(f"model path: expected a .keras file, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + TMP_SUFFIX + ".keras")
+    model.save(tmp)
+    with tmp.open("rb+") as fh:
+        os.fsync(fh.fileno())
+    return tmp, sha256_file(tmp)
+
+
+def publish_model(tmp: Path, path: Path) -> None:
+    """The commit of a model save: rename the temp file over ``path`` (and make the rename durable)."""
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def check_model_hash(model_file: Path, info_file: Path, recorded: Any, rerun: str) -> None:
+    """Refuse a model file whose sha256 is not the one its description file recorded (a save killed between
+    its two writes); files written before the hash was recorded (``recorded`` is None) are accepted."""
+    if recorded is None:
+        return
+    actual = sha256_file(model_file)
+    if actual != recorded:
+        raise ValueError(
+            f"{model_file} is not the model {info_file} describes (sha256 {actual[:12]}, recorded "
+            f"{str(recorded)[:12]}): a save was interrupted between its two writes; run `{rerun}` again"
+        )
+
+
+def classes_record(
+    names: tuple[str, ...], class_mode: str, interpolation: str, model_sha256: str | None = None
+) -> dict[str, Any]:
+    """The content of a model's ``classes.json`` (validated): names in output order, class mode (the index's
+    format), the resize interpolation the model was trained with, and the sha256 of the ``.keras`` file it
+    describes (absent for a SavedModel export)."""
+    output_spec(class_mode, len(names))  # validates the pair
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation: expected one of {INTERPOLATIONS}, got {interpolation!r}")
+    record: dict[str, Any] = {
+        "names": list(names),
+        "class_mode": class_mode,
+        "num_classes": len(names),
+        "interpolation": interpolation,
+    }
+    if model_sha256 is not None:
+        record["model_sha256"] = model_sha256
+    return record
+
+
+def write_classes_file(
+    folder: Path,
+    names: tuple[str, ...],
+    class_mode: str,
+    interpolation: str,
+    model_sha256: str | None = None,
+) -> Path:
+    """Write ``folder/classes.json`` atomically: the one writer of that format (:func:`save_bundle`, the SavedModel
+    export). Validates everything before writing anything."""
+    record = classes_record(names, class_mode, interpolation, model_sha256)
+    path = Path(folder) / MODEL_CLASSES_FILE
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+    return path
 
 
 @dataclass(frozen=True)
@@ -171,20 +297,19 @@ class ModelBundle:
 def save_bundle(
     model: Any, path: Path, names: tuple[str, ...], class_mode: str, interpolation: str = "bilinear"
 ) -> Path:
-    """Save ``model`` to ``path`` (``.keras``) and ``classes.json`` (names in output order, class mode, the resize
-    interpolation the model was trained with, so ``predict`` feeds it the same pixels) beside it."""
-    if path.suffix != ".keras":
-        raise ValueError(f"model path: expected a .keras file, got {str(path)!r}")
-    output_spec(class_mode, len(names))  # validates the pair
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.keras")
-    model.save(tmp)
-    tmp.replace(path)
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation: expected one of {INTERPOLATIONS}, got {interpolation!r}")
-    classes = {"names": list(names), "class_mode": class_mode, "num_classes": len(names)}  # index's format
-    classes["interpolation"] = interpolation
-    (path.parent / MODEL_CLASSES_FILE).write_text(json.dumps(classes, indent=2) + "\n")
+    """Save ``model`` to ``path`` (``.keras``) and ``classes.json`` beside it (:func:`classes_record`).
+
+    Order, for a kill at any moment: (0) validate every argument, write nothing on error; (1) save the model to a
+    temp file and hash it; (2) replace ``classes.json`` (it records that hash); (3) rename the model into place,
+    the commit. Killed before (2): the old pair. Between (2) and (3): new classes beside the old model, which
+    :func:`load_bundle` refuses (hash mismatch) instead of pairing them. After (3): the new pair. A new model is
+    never beside old classes.
+    """
+    path = Path(path)
+    classes_record(names, class_mode, interpolation)  # (0) validate before writing anything
+    tmp, sha = save_model_atomic(model, path)  # (1)
+    write_classes_file(path.parent, names, class_mode, interpolation, model_sha256=sha)  # (2)
+    publish_model(tmp, path)  # (3)
     return path
 
 
@@ -195,18 +320,14 @@ def _read_classes_file(path: Path) -> tuple[Path, Any]:
     return file, json.loads(file.read_text())
 
 
-def read_bundle_interpolation(path: Path) -> str:
-    """The resize interpolation recorded beside the model file ``path`` (bilinear for older bundles)."""
-    file, raw = _read_classes_file(path)
+def _interpolation_of(file: Path, raw: Any) -> str:
     value = raw.get("interpolation", "bilinear") if isinstance(raw, dict) else "bilinear"
     if value not in INTERPOLATIONS:
         raise ValueError(f"{file}: interpolation: expected one of {INTERPOLATIONS}, got {value!r}")
     return value
 
 
-def read_bundle_classes(path: Path) -> tuple[tuple[str, ...], str]:
-    """``(names, class_mode)`` from the ``classes.json`` beside the model file ``path``."""
-    file, raw = _read_classes_file(path)
+def _classes_of(file: Path, raw: Any) -> tuple[tuple[str, ...], str]:
     names = raw.get("names") if isinstance(raw, dict) else None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) < 2:
         raise ValueError(
@@ -217,16 +338,32 @@ def read_bundle_classes(path: Path) -> tuple[tuple[str, ...], str]:
     return tuple(names), class_mode
 
 
+def read_bundle_interpolation(path: Path) -> str:
+    """The resize interpolation recorded beside the model file ``path`` (bilinear for older bundles)."""
+    return _interpolation_of(*_read_classes_file(path))
+
+
+def read_bundle_classes(path: Path) -> tuple[tuple[str, ...], str]:
+    """``(names, class_mode)`` from the ``classes.json`` beside the model file ``path``."""
+    return _classes_of(*_read_classes_file(path))
+
+
 def load_bundle(path: Path) -> ModelBundle:
-    """Load a saved model with Keras' safe mode (no arbitrary code) plus its classes file."""
+    """Load a saved model with Keras' safe mode (no arbitrary code) plus its classes file.
+
+    Refuses a model file that is not the one ``classes.json`` records (see :func:`save_bundle`).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
-    names, class_mode = read_bundle_classes(path)
+    file, raw = _read_classes_file(path)
+    names, class_mode = _classes_of(file, raw)
+    interpolation = _interpolation_of(file, raw)
+    check_model_hash(path, file, raw.get("model_sha256"), "retrainflow finetune")
     model = keras.saving.load_model(path, safe_mode=True, compile=False)
     out_units = int(model.output_shape[-1])
     if out_units != output_spec(class_mode, len(names)).units:
         raise ValueError(
             f"{path}: the model has {out_units} outputs but classes.json lists {len(names)} classes ({class_mode})"
         )
-    return ModelBundle(model, names, class_mode, read_bundle_interpolation(path))
+    return ModelBundle(model, names, class_mode, interpolation)

@@ -9,7 +9,8 @@ batch -> prefetch.
   function of (sha256, pass, policy incl. its seed): independent of batch size, order and worker count.
 * :func:`training_dataset`: repeats forever; every epoch is a fresh permutation (stateless, from ``seed`` and the
   epoch number) in which every sample appears exactly once, the final partial batch kept; augmented views use
-  the epoch number as the pass, so epoch e sees view pass e of every image.
+  the epoch number as the pass, so epoch e sees view pass e of every image. Epochs are numbered from
+  ``first_epoch``: a fit resumed at epoch k gets epoch k's order and views, not epoch 0's again.
 * :func:`encode_labels`: binary (float32 [N]), categorical (float32 one-hot [N, C]), sparse (int32 [N]).
 
 TensorFlow and OpenCV are imported lazily.
@@ -338,6 +339,7 @@ def training_dataset(
     rescale: float | None = None,
     interpolation: str = "bilinear",
     first_pass: int = 0,
+    first_epoch: int = 0,
 ) -> tuple[Any, int]:
     """A repeating ``(images, labels)`` dataset and its steps per epoch (``ceil(len(rows) / batch_size)``).
 
@@ -345,6 +347,9 @@ def training_dataset(
     last one partial), so no sample is dropped or seen twice within an epoch and the order changes every epoch.
     With a policy, epoch e uses view pass ``first_pass + e`` of every image (finetune starts past the passes the
     feature cache holds, so it never trains on the exact views the head was fitted to).
+
+    The dataset starts at epoch ``first_epoch`` (0-based, as Keras counts): its first epoch is epoch
+    ``first_epoch`` of a fresh dataset, so a fit resumed at epoch k (``BackupAndRestore``) continues the sequence.
     """
     import tensorflow as tf
 
@@ -353,6 +358,8 @@ def training_dataset(
         raise ValueError(f"training_dataset: expected an integer seed, got {seed!r}")
     if isinstance(first_pass, bool) or not isinstance(first_pass, int | np.integer) or first_pass < 0:
         raise ValueError(f"training_dataset: expected first_pass >= 0, got {first_pass!r}")
+    if isinstance(first_epoch, bool) or not isinstance(first_epoch, int | np.integer) or first_epoch < 0:
+        raise ValueError(f"training_dataset: expected first_epoch >= 0, got {first_epoch!r}")
     n = len(rows)
     if n == 0:
         raise ValueError("training_dataset: expected at least one row, got an empty table")
@@ -392,7 +399,7 @@ def training_dataset(
         pairs = tf.data.Dataset.zip((indices, epochs))
         return pairs.map(one, num_parallel_calls=_map_parallelism(), deterministic=True).batch(batch)
 
-    ds = tf.data.Dataset.counter(dtype=tf.int64).flat_map(epoch_dataset)
+    ds = tf.data.Dataset.counter(start=int(first_epoch), dtype=tf.int64).flat_map(epoch_dataset)
     finish = _finish_fn(rescale, preprocess)
     ds = ds.map(lambda x, y: (finish(x), y), num_parallel_calls=_map_parallelism(), deterministic=True)
     return ds.prefetch(PREFETCH_BATCHES).with_options(_pipeline_options()), math.ceil(n / batch)

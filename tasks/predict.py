@@ -13,6 +13,8 @@ import csv
 import hashlib
 import io
 import json
+import os
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,10 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_MAX_PIXELS = 89_478_485  # the same decompression-bomb guard as data.max_pixels' default
+from tasks.config import DataConfig
+
+# the same decompression-bomb guard as the index stage: data.max_pixels' default (one place: tasks/config.py)
+DEFAULT_MAX_PIXELS: int = DataConfig.model_fields["max_pixels"].default
 OUTPUT_FORMATS = ("csv", "json")
 
 
@@ -206,20 +211,25 @@ def format_predictions(predictions: Sequence[Prediction], names: Sequence[str], 
 
 
 def export_saved_model(model_file: Path, output_dir: Path) -> Path:
-    """Export the ``.keras`` model as a TF SavedModel (``serve`` endpoint: float32 ``[B, H, W, 3]`` 0-255 in)."""
-    from tasks.heads import load_bundle
+    """Export the ``.keras`` model as a TF SavedModel (``serve`` endpoint: float32 ``[B, H, W, 3]`` 0-255 in) with
+    the bundle's ``classes.json`` (names, class mode, interpolation) beside it, written by the bundle's writer.
+
+    The export is built in a temp folder beside ``output_dir`` and renamed into place: a killed export leaves no
+    half-written SavedModel at ``output_dir``.
+    """
+    from tasks.heads import load_bundle, write_classes_file
 
     bundle = load_bundle(Path(model_file))
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"export: {output_dir} exists and is not empty; choose another --output")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    bundle.model.export(str(output_dir), format="tf_saved_model", verbose=False)
-    (output_dir / "classes.json").write_text(
-        json.dumps(
-            {"names": list(bundle.names), "class_mode": bundle.class_mode, "num_classes": len(bundle.names)},
-            indent=2,
-        )
-        + "\n"
-    )
+    tmp = output_dir.with_name(f".{output_dir.name}.tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed export left
+    try:
+        bundle.model.export(str(tmp), format="tf_saved_model", verbose=False)
+        write_classes_file(tmp, bundle.names, bundle.class_mode, bundle.interpolation)
+        os.replace(tmp, output_dir)  # onto a missing or empty folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return output_dir

@@ -10,6 +10,7 @@ early stopping on val loss (best weights restored); the best head by ``top.selec
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -188,14 +189,16 @@ def comparison_markdown(results: list[HeadResult], best: HeadResult, cfg: TopCon
 
 
 def write_history_csv(path: Path, results: list[HeadResult]) -> None:
-    """``head,epoch,loss,accuracy,val_loss,val_accuracy`` rows (epochs 1-based) for ``dvc plots``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(HISTORY_COLUMNS)
-        for r in results:
-            for i in range(r.epochs):
-                writer.writerow([r.name, i + 1, *(f"{r.history[k][i]:.6g}" for k in HISTORY_COLUMNS[2:])])
+    """``head,epoch,loss,accuracy,val_loss,val_accuracy`` rows (epochs 1-based) for ``dvc plots`` (atomic)."""
+    from tasks.heads import write_text_atomic
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\r\n")
+    writer.writerow(HISTORY_COLUMNS)
+    for r in results:
+        for i in range(r.epochs):
+            writer.writerow([r.name, i + 1, *(f"{r.history[k][i]:.6g}" for k in HISTORY_COLUMNS[2:])])
+    write_text_atomic(path, buf.getvalue())
 
 
 def head_summary(r: HeadResult) -> dict[str, Any]:
@@ -204,18 +207,22 @@ def head_summary(r: HeadResult) -> dict[str, Any]:
 
 
 def save_head(model: Any, spec: HeadSpec, directory: Path, info: dict[str, Any]) -> Path:
-    """Write ``head.keras`` and ``head.json`` (spec, class info, feature dim, base) into ``directory``.
+    """Write ``head.keras`` and ``head.json`` (spec, class info, feature dim, base, and the sha256 of the model file)
+    into ``directory``.
 
-    Both are written to temp names first and then renamed, so a kill never leaves a torn head behind.
+    Order, for a kill at any moment: (1) the model to a temp file, hashed; (2) ``head.json`` replaced (it records
+    that hash); (3) the model renamed into place, the commit. Killed before (2): the old pair; between (2) and (3):
+    the new json beside the old model, which :func:`load_head` refuses (hash mismatch) instead of pairing them;
+    after (3): the new pair.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    from tasks.heads import publish_model, save_model_atomic, write_text_atomic
+
     path, info_path = directory / HEAD_FILE, directory / HEAD_INFO_FILE
-    tmp_model = path.with_name(path.stem + ".tmp.keras")
-    tmp_info = info_path.with_name(info_path.name + ".tmp")
-    tmp_info.write_text(json.dumps({"spec": spec.model_dump(mode="json"), **info}, indent=2) + "\n")
-    model.save(tmp_model)
-    tmp_model.replace(path)
-    tmp_info.replace(info_path)
+    record = {"spec": spec.model_dump(mode="json"), **info}
+    json.dumps(record)  # not JSON-able: fail before writing anything
+    tmp, sha = save_model_atomic(model, path)  # (1)
+    write_text_atomic(info_path, json.dumps({**record, "model_sha256": sha}, indent=2) + "\n")  # (2)
+    publish_model(tmp, path)  # (3)
     return path
 
 
@@ -228,12 +235,17 @@ def read_head_info(layout: Layout) -> dict[str, Any]:
 
 
 def load_head(layout: Layout) -> Any:
-    """The best head saved by :func:`run_train_top` (safe mode)."""
+    """The best head saved by :func:`run_train_top` (safe mode); refuses a ``head.keras`` that is not the one
+    ``head.json`` describes (a save killed between its two writes)."""
     import keras
+
+    from tasks.heads import check_model_hash
 
     path = layout.top_dir / HEAD_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no trained head at {path}: run `retrainflow train-top` first")
+    info = read_head_info(layout)
+    check_model_hash(path, layout.top_dir / HEAD_INFO_FILE, info.get("model_sha256"), "retrainflow train-top")
     return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
@@ -281,7 +293,8 @@ def run_train_top(params: Params, layout: Layout) -> TopManifest:
         val_samples=len(val[0]),
         heads=[head_summary(r) for r in results],
     )
-    layout.metrics_dir.mkdir(parents=True, exist_ok=True)
+    from tasks.heads import write_text_atomic
+
     metrics = {
         "best_head": best.name,
         "val_loss": best.val_loss,
@@ -292,8 +305,7 @@ def run_train_top(params: Params, layout: Layout) -> TopManifest:
             r.name: {k: v for k, v in head_summary(r).items() if k not in ("name", "type")} for r in results
         },
     }
-    (layout.metrics_dir / TOP_METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    layout.reports_dir.mkdir(parents=True, exist_ok=True)
-    (layout.reports_dir / TOP_REPORT_FILE).write_text(comparison_markdown(results, best, cfg))
+    write_text_atomic(layout.metrics_dir / TOP_METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(layout.reports_dir / TOP_REPORT_FILE, comparison_markdown(results, best, cfg))
     write_history_csv(layout.plots_dir / TOP_HISTORY_FILE, results)
     return manifest

@@ -112,19 +112,40 @@ def test_preprocess_leaves_the_input_alone_and_maps_to_the_base_range():
     np.testing.assert_allclose(caffe[0, 0], [255.0 - 103.939, 127.5 - 116.779, 0.0 - 123.68], atol=1e-3)
 
 
-def test_offline_imagenet_error_names_the_file_the_folder_and_the_remedies(keras_home: Path):
+def _offline_get_file(calls: list[tuple[str, str]]):
+    """A stand-in for ``keras.utils.get_file`` that fails as Keras does offline, without touching the network."""
+
+    def get_file(fname=None, origin=None, *args, **kwargs):
+        calls.append((fname, origin))
+        raise Exception(  # Keras raises a bare Exception (keras/src/utils/file_utils.py)
+            f"URL fetch failure on {origin}: None -- [Errno -3] Temporary failure in name resolution"
+        )
+
+    return get_file
+
+
+def test_offline_imagenet_error_names_the_file_the_folder_and_the_remedies(
+    keras_home: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import keras
+
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(keras.utils, "get_file", _offline_get_file(calls))  # hermetic: never downloads
     cfg = BaseConfig(name="mobilenet", weights="imagenet", alpha=0.25)
     with pytest.raises(WeightsUnavailableError) as info:
         load_base(cfg, (224, 224))
+    assert [fname for fname, _ in calls] == [MOBILENET_025]  # the download was attempted, and failed
     text = str(info.value)
     assert MOBILENET_025 in text
     assert str(keras_home / "models") in text
     assert "KERAS_HOME" in text and "base.weights" in text
     assert "URL fetch failure" not in text.split("(")[0]  # Keras' bare message is only quoted as the cause
+    assert calls[0][1] in text  # the URL it could not fetch
     with pytest.raises(
         WeightsUnavailableError, match="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96"
     ):
         weights_fingerprint(BaseConfig(name="mobilenet_v2", weights="imagenet", alpha=0.35), (96, 96))
+    assert len(calls) == 2 and not any((keras_home / "models").iterdir())  # nothing was written to the cache
 
 
 @pytest.mark.shared

@@ -7,7 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from tasks.evaluate import compute_metrics, confusion_matrix, probability_matrix, roc_auc
+from tasks.evaluate import (
+    SCORE_METRICS,
+    ModelInput,
+    Preview,
+    compute_metrics,
+    confusion_matrix,
+    evaluate_split,
+    probability_matrix,
+    roc_auc,
+    score_of,
+)
 
 
 def test_confusion_matrix_rows_are_actual_columns_predicted():
@@ -113,3 +123,86 @@ def test_report_pngs_are_written(tmp_path):
             assert im.format == "PNG" and im.size[0] > 100
     with pytest.raises(ValueError, match=r"\(2, 2\)"):
         plot_confusion([[1]], ("a", "b"), tmp_path / "bad.png")
+
+
+def test_score_comes_from_an_explicit_table():
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    m = compute_metrics(probs, np.array([0, 1, 1, 1]), ("a", "b"))
+    assert set(SCORE_METRICS) == {"accuracy", "macro_f1"}
+    assert score_of(m, "accuracy") == pytest.approx(0.75)
+    assert score_of(m, "macro_f1") == pytest.approx((2 / 3 + 0.8) / 2)
+    with pytest.raises(ValueError, match="evaluate.metric.*'loss'"):
+        score_of(m, "loss")  # a SplitMetrics attribute, but not a score
+
+
+class RecordingModel:
+    """Stands in for a Keras model: takes ``[B, size, size, 3]``, records every batch, predicts 0.5."""
+
+    def __init__(self, size: int):
+        self.input_shape = (None, size, size, 3)
+        self.batches: list[np.ndarray] = []
+
+    def predict_on_batch(self, batch):
+        x = np.asarray(batch)
+        assert x.shape[1:] == self.input_shape[1:], x.shape  # what a real model would raise on
+        self.batches.append(x)
+        return np.full((len(x), 1), 0.5, np.float32)
+
+
+@pytest.fixture
+def test_rows(tmp_path):
+    import hashlib
+
+    import pandas as pd
+    from imagegen import noisy_array
+    from PIL import Image
+
+    rows = []
+    for i in range(5):
+        path = tmp_path / f"img_{i}.png"
+        Image.fromarray(noisy_array(40 + 3 * i, 52, seed=i)).save(path)
+        rows.append(
+            {"path": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "class_id": i % 2}
+        )
+    return tmp_path, pd.DataFrame(rows)
+
+
+def test_each_model_is_fed_at_its_own_size_with_its_own_interpolation(test_rows, monkeypatch):
+    import tasks.pipeline
+    from tasks.pipeline import view_dataset
+
+    root, rows = test_rows
+    candidate, top_only = RecordingModel(32), RecordingModel(48)
+    models = {
+        "candidate": ModelInput.of(candidate, "nearest"),  # as its bundle records
+        "top_only": ModelInput.of(top_only, "bilinear"),  # as its features were computed
+    }
+    preview = Preview(10, [], [])
+    out = evaluate_split(models, rows, root, 2, preview)
+    assert list(out) == ["candidate", "top_only"] and all(v.shape == (5, 1) for v in out.values())
+
+    def pixels(size, interpolation):
+        ds = view_dataset(rows, root, image_size=(size, size), batch_size=2, interpolation=interpolation)
+        return np.concatenate([np.asarray(b) for b in ds])
+
+    np.testing.assert_array_equal(np.concatenate(candidate.batches), pixels(32, "nearest"))
+    np.testing.assert_array_equal(np.concatenate(top_only.batches), pixels(48, "bilinear"))
+    assert not np.array_equal(pixels(32, "nearest"), pixels(32, "bilinear"))  # the interpolation matters
+    shown = [item[1] for item in preview.right + preview.wrong]
+    assert len(shown) == 5 and all(image.shape == (32, 32, 3) for image in shown)  # the candidate's inputs
+
+    # models that agree on size and interpolation share one pass of the input pipeline
+    calls = []
+    original = tasks.pipeline.view_dataset
+
+    def counting(*args, **kwargs):
+        calls.append((kwargs["image_size"], kwargs["interpolation"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.pipeline, "view_dataset", counting)
+    same = {
+        "candidate": ModelInput.of(RecordingModel(32), "nearest"),
+        "top_only": ModelInput.of(RecordingModel(32), "nearest"),
+    }
+    evaluate_split(same, rows, root, 2, None)
+    assert calls == [((32, 32), "nearest")]

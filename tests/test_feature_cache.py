@@ -149,10 +149,48 @@ def test_list_and_prune(tmp_path: Path):
     assert infos[keep.key].spec["pooling"] == "avg"
 
     planned = prune_keys(tmp_path, {keep.key}, dry_run=True)
-    assert [i.key for i in planned] == [other.key] and (tmp_path / other.key).is_dir()
-    prune_keys(tmp_path, {keep.key}, dry_run=False)
+    assert [i.key for i in planned.removed] == [other.key] and (tmp_path / other.key).is_dir()
+    assert planned.in_use == []
+    done = prune_keys(tmp_path, {keep.key}, dry_run=False)
+    assert [i.key for i in done.removed] == [other.key]
     assert [i.key for i in list_keys(tmp_path)] == [keep.key]
     assert list_keys(tmp_path / "nowhere") == []
+
+
+def test_prune_skips_a_key_a_running_writer_holds_and_reports_it(tmp_path: Path):
+    busy, idle, keep = replace(SPEC, pooling="max"), replace(SPEC, dtype="float32"), SPEC
+    for spec in (busy, idle, keep):
+        FeatureCache.open(tmp_path, spec).write_shard([_sha(1)], ["clean"], ["a"], np.ones((1, 4)))
+    writer = FeatureCache.open(tmp_path, busy)
+    with writer.in_use():  # what `retrainflow features` holds for its whole run
+        planned = prune_keys(tmp_path, {keep.key}, dry_run=True)
+        assert [i.key for i in planned.removed] == [idle.key] and [i.key for i in planned.in_use] == [
+            busy.key
+        ]
+        result = prune_keys(tmp_path, {keep.key}, dry_run=False)
+        assert [i.key for i in result.removed] == [idle.key] and [i.key for i in result.in_use] == [busy.key]
+        assert not (tmp_path / idle.key).exists() and (tmp_path / busy.key).is_dir()
+        writer.write_shard([_sha(2)], ["clean"], ["a"], np.ones((1, 4)))  # the writer goes on undisturbed
+    assert len(FeatureCache.open(tmp_path, busy).locations()) == 2
+    # a commit under way (the manifest lock) also keeps the key
+    from tasks.feature_cache import _locked
+
+    with _locked(tmp_path / busy.key):
+        assert [i.key for i in prune_keys(tmp_path, {keep.key}, dry_run=False).in_use] == [busy.key]
+    # once the writer is done, the key goes
+    assert [i.key for i in prune_keys(tmp_path, {keep.key}, dry_run=False).removed] == [busy.key]
+    assert [i.key for i in list_keys(tmp_path)] == [keep.key]
+
+
+def test_a_writer_whose_key_was_pruned_before_it_started_writes_it_afresh(tmp_path: Path):
+    stale = replace(SPEC, pooling="max")
+    writer = FeatureCache.open(tmp_path, stale)  # opened, not yet in use: prunable
+    assert [i.key for i in prune_keys(tmp_path, {SPEC.key}, dry_run=False).removed] == [stale.key]
+    with writer.in_use() as cache:  # recreates the folder and key.json under the lock
+        cache.write_shard([_sha(1)], ["clean"], ["a"], np.ones((1, 4)))
+    reopened = FeatureCache.open(tmp_path, stale, create=False)
+    assert set(reopened.locations()) == {(_sha(1), "clean")}
+    assert [i.key for i in list_keys(tmp_path)] == [stale.key]  # lock files are not keys
 
 
 def test_a_damaged_committed_shard_is_skipped_so_its_rows_count_as_missing(tmp_path: Path):

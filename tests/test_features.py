@@ -76,11 +76,14 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []
+        self.rescales: list[tuple[str, Any]] = []  # (view, the rescale= it was asked with)
 
     def __call__(self, rows: Any, root: Path, **kwargs: Any) -> Any:
         from tasks.augment import view_id
 
-        self.calls.append((view_id(kwargs.get("policy"), kwargs.get("pass_number", 0)), list(rows["sha256"])))
+        view = view_id(kwargs.get("policy"), kwargs.get("pass_number", 0))
+        self.calls.append((view, list(rows["sha256"])))
+        self.rescales.append((view, kwargs.get("rescale")))
         return view_source(rows, root, **kwargs)
 
     def asked(self) -> set[tuple[str, str]]:
@@ -235,6 +238,45 @@ def test_clean_view_features_equal_the_model_output(workspace, recorder: Recorde
     # Batched vs one-shot inference differ by float rounding: compare relative to the features' own scale
     # (a random-init base gives values near 1e-17, where a fixed rtol on each element is noise).
     np.testing.assert_allclose(got.x, expected, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_rescale_scales_every_view_before_the_base_and_is_part_of_the_key(workspace, recorder: Recorder):
+    from tasks.bases import load_base
+    from tasks.features import read_features, run_features
+
+    root, layout = workspace
+    index = hand_index(root)
+    plain = tiny_params(root, features={"pooling": "max"})
+    halved = tiny_params(root, features={"pooling": "max"}, augment={"rescale": 0.5})
+    first = run_features(plain, layout, index=index, show_progress=False)
+    recorder.calls.clear()
+    recorder.rescales.clear()
+    second = run_features(halved, layout, index=index, show_progress=False)
+    # a new key: nothing is reused across rescale values, the clean view included
+    assert second.cache_key != first.cache_key and "rescale=0.5" in second.key_spec["preprocessing"]
+    assert (second.computed, second.reused) == (first.pairs, 0)
+    assert {v for v, _ in recorder.rescales} >= {"clean", *second.views["train"][1:]}
+    assert {r for _, r in recorder.rescales} == {0.5}  # every view, clean and augmented, is scaled
+
+    rows = index[index["split"] == "test"].reset_index(drop=True)
+    pixels = np.concatenate(
+        list(view_source(rows, root, image_size=(32, 32), batch_size=4).as_numpy_iterator())
+    )
+    loaded = load_base(halved.base, (32, 32))
+
+    def base_features(x: np.ndarray) -> np.ndarray:
+        return np.asarray(loaded.model(loaded.spec.preprocess(x), training=False)).max(axis=(1, 2))
+
+    expected = base_features(0.5 * pixels)
+    scale = np.abs(expected).max()
+    got = read_features(halved, layout, "test", "clean", index=index).x
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * scale)
+    assert (
+        run_features(plain, layout, index=index, show_progress=False).computed == 0
+    )  # its own key, still cached
+    unscaled = read_features(plain, layout, "test", "clean", index=index).x
+    np.testing.assert_allclose(unscaled, base_features(pixels), rtol=1e-4, atol=1e-4 * scale)
+    assert np.abs(got - unscaled).max() > 0.01 * scale  # the factor really changed the features
 
 
 KILL_SCRIPT = """
@@ -409,3 +451,68 @@ def test_augment_grid_gives_every_sampled_policy_its_passes():
     assert len({p.short_hash for _, p, _ in augmented}) == 3
     assert [v for v, _, _ in split_views(params, "val")] == ["clean"]
     assert split_views(params, "train") == views  # reproducible sampling
+
+
+WORKSPACE_LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from tasks.layout import Layout
+from tasks.locking import workspace_lock
+with workspace_lock(Layout(Path(sys.argv[1])), command="retrainflow run (test holder)"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_cache_prune_takes_the_workspace_lock_and_skips_a_key_in_use(tmp_path: Path):
+    from dataclasses import replace
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.feature_cache import FeatureCache, KeySpec, list_keys
+    from tasks.features import cache_root
+
+    raw: dict[str, Any] = {k: dict(v) for k, v in TINY.items()}
+    raw["data"] = {"root": str(tmp_path / "images")}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    layout = Layout(tmp_path / "ws")
+    root = cache_root(tiny_params(tmp_path / "images"), layout)
+    stale = KeySpec("mobilenet", 0.25, "ab" * 32, (32, 32), "tf/bilinear", "avg", "float32", 256)
+    busy, idle = stale, replace(stale, pooling="max")
+    for spec in (busy, idle):
+        FeatureCache.open(root, spec).write_shard(["0" * 64], ["clean"], ["a"], np.ones((1, 256)))
+    runner = CliRunner()
+    args = ["cache", "prune", "--params", str(params_file), "--workdir", str(layout.root)]
+
+    # another workspace's features run is writing `busy` (a shared cache): it is skipped and reported
+    with FeatureCache.open(root, busy).in_use():
+        result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"removed {idle.key}" in result.stdout
+    assert f"skipped {busy.key}: in use" in result.stdout and "skipped 1 in use" in result.stdout
+    assert [k.key for k in list_keys(root)] == [busy.key]
+
+    # a run holding the workspace lock: prune refuses (exit 3, the holder named) and removes nothing
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKSPACE_LOCK_HOLDER, str(layout.root)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=TESTS.parent,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        result = runner.invoke(app, args)
+        assert result.exit_code == 3, result.output
+        assert "test holder" in result.output
+        assert [k.key for k in list_keys(root)] == [busy.key]
+        dry = runner.invoke(app, [*args, "--dry-run"])  # only reads: allowed while the lock is held
+        assert dry.exit_code == 0 and f"would remove {busy.key}" in dry.stdout, dry.output
+    finally:
+        proc.kill()
+        proc.wait()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and f"removed {busy.key}" in result.stdout, result.output
+    assert list_keys(root) == []

@@ -58,3 +58,96 @@ def test_bad_specs_are_rejected_with_the_value():
         build_head(HeadSpec(name="y", type="dense"), 4, "binary", 2)
     with pytest.raises(ValueError, match="input_dim.*0"):
         build_head(HeadSpec(name="z", type="linear"), 0, "binary", 2)
+
+
+# ------------------------------------------------------------------------------ preprocessing and the bundle
+def tiny_classifier(rescale: float | None = None, size: int = 8):
+    """Raw pixels -> BasePreprocess(mobilenet, rescale) -> mean pooling -> a sigmoid unit: a saveable full model."""
+    import keras
+
+    from tasks.heads import BasePreprocess
+
+    inputs = keras.Input((size, size, 3), name="image")
+    x = BasePreprocess("mobilenet", rescale=rescale, name="preprocess")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="predictions")(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_base_preprocess_applies_rescale_first_and_round_trips_in_safe_mode(tmp_path):
+    import keras
+
+    from tasks.bases import get_spec
+    from tasks.heads import BasePreprocess
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    scaled = np.asarray(BasePreprocess("mobilenet", rescale=0.5)(x))
+    np.testing.assert_allclose(scaled, np.asarray(get_spec("mobilenet").preprocess(0.5 * x)), atol=1e-6)
+    plain = np.asarray(BasePreprocess("mobilenet")(x))
+    np.testing.assert_allclose(plain, np.asarray(get_spec("mobilenet").preprocess(x)), atol=1e-6)
+    assert not np.allclose(scaled, plain)
+    assert BasePreprocess("mobilenet", rescale=0.5).get_config()["rescale"] == 0.5
+    # a config from before rescale existed still builds (no scaling)
+    old = {k: v for k, v in BasePreprocess("mobilenet").get_config().items() if k != "rescale"}
+    assert BasePreprocess.from_config(old).rescale is None
+    with pytest.raises(ValueError, match="rescale.*'half'"):
+        BasePreprocess("mobilenet", rescale="half")
+
+    model = tiny_classifier(rescale=1 / 255)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True, compile=False)
+    assert loaded.get_layer("preprocess").rescale == pytest.approx(1 / 255)
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), atol=1e-6)
+
+
+def test_save_bundle_validates_first_and_records_the_model_hash(tmp_path):
+    import json
+
+    from tasks.heads import load_bundle, save_bundle, sha256_file
+
+    path = tmp_path / "candidate" / "model.keras"
+    with pytest.raises(ValueError, match="interpolation.*'cubic'"):
+        save_bundle(tiny_classifier(), path, ("a", "b"), "binary", "cubic")
+    assert not (tmp_path / "candidate").exists()  # validated before anything was written
+    save_bundle(tiny_classifier(), path, ("a", "b"), "binary", "nearest")
+    classes = json.loads((path.parent / "classes.json").read_text())
+    assert classes == {
+        "names": ["a", "b"],
+        "class_mode": "binary",
+        "num_classes": 2,
+        "interpolation": "nearest",
+        "model_sha256": sha256_file(path),
+    }
+    assert sorted(p.name for p in path.parent.iterdir()) == ["classes.json", "model.keras"]  # no temp files
+    assert load_bundle(path).interpolation == "nearest"
+
+
+def test_a_save_killed_between_its_two_writes_is_refused_not_paired(tmp_path, monkeypatch):
+    """Killed after classes.json is replaced but before the model is renamed in: new classes, old model."""
+    import tasks.heads
+    from tasks.heads import load_bundle, save_bundle
+
+    path = tmp_path / "model.keras"
+    save_bundle(tiny_classifier(), path, ("a", "b"), "binary")
+    old_model = path.read_bytes()
+
+    def killed(tmp, target):
+        raise KeyboardInterrupt  # stands in for SIGKILL at the commit rename
+
+    monkeypatch.setattr(tasks.heads, "publish_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_bundle(tiny_classifier(), path, ("x", "y"), "binary", "nearest")
+    monkeypatch.undo()
+    assert path.read_bytes() == old_model  # the old model is still in place, beside the new classes.json
+    with pytest.raises(ValueError, match="interrupted.*retrainflow finetune"):
+        load_bundle(path)
+    save_bundle(tiny_classifier(), path, ("x", "y"), "binary", "nearest")  # the next save repairs it
+    assert load_bundle(path).names == ("x", "y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.json", "model.keras"]
+
+
+def test_class_modes_have_one_definition():
+    import tasks.heads
+    import tasks.pipeline
+
+    assert tasks.heads.CLASS_MODES is tasks.pipeline.CLASS_MODES

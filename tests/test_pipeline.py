@@ -293,6 +293,54 @@ def test_training_first_pass_shifts_the_views(images):
         )
 
 
+def test_training_first_epoch_continues_the_sequence_of_a_fresh_dataset(images):
+    """A fit resumed at epoch k (BackupAndRestore) must get epoch k's order and views, not epoch 0's again."""
+    root, rows = images
+    rows = rows.assign(class_id=np.arange(len(rows)))  # sparse labels identify the samples
+    common = dict(
+        image_size=SIZE,
+        batch_size=4,
+        class_mode="sparse",
+        num_classes=len(rows),
+        seed=3,
+        policy=POLICY,
+        first_pass=1,
+    )
+
+    def epochs(ds, steps: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        batches = list(ds.take(count * steps))
+        out = []
+        for e in range(count):
+            chunk = batches[e * steps : (e + 1) * steps]
+            out.append(
+                (
+                    np.concatenate([np.asarray(x) for x, _ in chunk]),
+                    np.concatenate([np.asarray(y) for _, y in chunk]),
+                )
+            )
+        return out
+
+    fresh, steps = training_dataset(rows, root, **common)
+    fresh_epochs = epochs(fresh, steps, 3)
+    resumed, resumed_steps = training_dataset(rows, root, **common, first_epoch=2)
+    assert resumed_steps == steps
+    (first, second) = epochs(resumed, steps, 2)
+    np.testing.assert_array_equal(first[1], fresh_epochs[2][1])  # epoch 2's shuffle order
+    np.testing.assert_allclose(first[0], fresh_epochs[2][0], atol=1e-4)  # and its augmentation pass
+    assert first[1].tolist() != fresh_epochs[0][1].tolist()  # not a replay of epoch 0
+    # epoch 2 shows view pass first_pass + 2 of every image
+    shown = first[0][np.argsort(first[1])]
+    pass_three = collect(
+        view_dataset(rows, root, image_size=SIZE, batch_size=5, policy=POLICY, pass_number=3)
+    )
+    np.testing.assert_allclose(shown, pass_three, atol=1e-4)
+    # and the sequence goes on from there: the resumed dataset's next epoch is epoch 3
+    third, _ = training_dataset(rows, root, **common, first_epoch=3)
+    np.testing.assert_array_equal(second[1], epochs(third, steps, 1)[0][1])
+    with pytest.raises(ValueError, match="first_epoch"):
+        training_dataset(rows, root, **common, first_epoch=-1)
+
+
 def test_training_labels_follow_the_class_mode(images):
     root, rows = images
     ds, steps = training_dataset(

@@ -12,8 +12,8 @@ NAMES = ("blue", "red")
 
 
 @pytest.fixture(scope="module")
-def bundle_path(tmp_path_factory):
-    """A tiny saved model (MobileNet 0.25, 32 px, random base, linear head) + classes.json."""
+def tiny_model(tmp_path_factory):
+    """A tiny model (MobileNet 0.25, 32 px, random base, linear head) in memory, and saved + classes.json."""
     import keras
 
     from tasks.bases import load_base
@@ -25,7 +25,12 @@ def bundle_path(tmp_path_factory):
     keras.utils.set_random_seed(3)
     head = build_head(HeadSpec(name="lin", type="linear"), 256, "binary", 2)
     model = build_full_model(loaded.model, "mobilenet", head, (32, 32), "avg")
-    return save_bundle(model, tmp_path_factory.mktemp("model") / "model.keras", NAMES, "binary")
+    return model, save_bundle(model, tmp_path_factory.mktemp("model") / "model.keras", NAMES, "binary")
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tiny_model):
+    return tiny_model[1]
 
 
 @pytest.fixture
@@ -64,18 +69,33 @@ def test_missing_file_is_an_error_row(bundle_path, tmp_path):
     assert "nope.png" in p.path and "FileNotFoundError" in p.error
 
 
-def test_loaded_model_predicts_like_in_memory_one_and_batching_does_not_matter(bundle_path, folder):
-    from tasks.heads import load_bundle
+def test_loaded_model_predicts_like_in_memory_one_and_batching_does_not_matter(folder, tmp_path):
+    import keras
+
+    from tasks.heads import BasePreprocess, load_bundle, save_bundle
     from tasks.predict import expand_paths, predict_files
 
-    bundle = load_bundle(bundle_path)
+    # a model whose output follows the pixels (a random-init base's features are ~1e-17: every image would
+    # score the same, and a load that lost the weights would go unnoticed)
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(BasePreprocess("mobilenet", rescale=0.5)(inputs))
+    outputs = keras.layers.Dense(1, activation="sigmoid", kernel_initializer="random_normal")(x)
+    in_memory = keras.Model(inputs, outputs)
+    in_memory.get_layer(index=-1).set_weights(
+        [np.array([[4.0], [-1.0], [-4.0]], "float32"), np.zeros(1, "float32")]
+    )
+    loaded = load_bundle(save_bundle(in_memory, tmp_path / "m" / "model.keras", NAMES, "binary")).model
+
     files = expand_paths([folder])
-    a = predict_files(bundle.model, NAMES, files, batch_size=3)
-    b = predict_files(bundle.model, NAMES, files, batch_size=32)
+    a = predict_files(in_memory, NAMES, files, batch_size=32)
+    b = predict_files(loaded, NAMES, files, batch_size=3)
+    scores = {x.path.rsplit("/", 1)[-1]: x.probabilities["red"] for x in a if x.error is None}
+    assert len(scores) == 4 and scores["img_1.png"] > 0.8 > 0.3 > scores["img_0.png"]  # red vs blue images
     for x, y in zip(a, b, strict=True):
-        assert x.label == y.label and x.error == y.error
-        if x.confidence is not None:
-            assert x.confidence == pytest.approx(y.confidence, abs=1e-5)
+        assert x.path == y.path and x.label == y.label and x.error == y.error
+        for name in x.probabilities:
+            assert x.probabilities[name] == pytest.approx(y.probabilities[name], abs=1e-5)
 
 
 def test_cli_predict_json_and_csv(bundle_path, folder, tmp_path):
@@ -107,7 +127,12 @@ def test_export_saved_model_serves_the_same_outputs(bundle_path, tmp_path):
     from tasks.predict import export_saved_model
 
     out = export_saved_model(bundle_path, tmp_path / "export")
-    assert json.loads((out / "classes.json").read_text())["names"] == list(NAMES)
+    exported = json.loads((out / "classes.json").read_text())
+    beside_model = json.loads((bundle_path.parent / "classes.json").read_text())
+    assert exported["names"] == list(NAMES) and exported["interpolation"] == "bilinear"
+    # the bundle's writer: the same record, without the .keras file's hash (there is none in a SavedModel)
+    assert exported == {k: v for k, v in beside_model.items() if k != "model_sha256"}
+    assert not list(tmp_path.glob(".*tmp*"))  # built beside the target and renamed into place
     served = tf.saved_model.load(str(out))
     x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype("float32")
     expected = load_bundle(bundle_path).model.predict(x, verbose=0)
@@ -159,3 +184,24 @@ def test_bundle_records_the_training_interpolation_and_predict_uses_it(
     (copy / "classes.json").write_text(json.dumps({**classes, "interpolation": "cubic"}))
     with pytest.raises(ValueError, match="interpolation.*'cubic'"):
         load_bundle(copy / "model.keras")
+
+
+def test_model_option_help_shows_its_default():
+    """Rich markup would eat an unescaped "[default: ...]" (it printed "beside it .")."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    for command in ("predict", "export"):
+        result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "250", "NO_COLOR": "1"})
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.output.split())
+        assert "beside it [default: the promoted champion, else the candidate]." in text, result.output
+    assert "[default: models/export/<model folder name>]" in " ".join(result.output.split())
+
+
+def test_predict_uses_the_index_stages_pixel_limit():
+    from tasks.config import params_from_dict
+    from tasks.predict import DEFAULT_MAX_PIXELS
+
+    assert DEFAULT_MAX_PIXELS == params_from_dict({}).data.max_pixels

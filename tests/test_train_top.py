@@ -101,3 +101,39 @@ def test_report_and_history_csv(tmp_path):
     lines = (tmp_path / "h.csv").read_text().splitlines()
     assert lines[0] == "head,epoch,loss,accuracy,val_loss,val_accuracy"
     assert lines[1].startswith("a,1,1,0.5,0.3,0.9")
+
+
+def test_head_and_its_json_stay_paired_when_a_save_is_killed_between_them(tmp_path, monkeypatch):
+    import json
+
+    import tasks.heads
+    from tasks.heads import build_head, sha256_file
+    from tasks.layout import Layout
+    from tasks.train_top import HEAD_FILE, HEAD_INFO_FILE, load_head, read_head_info, save_head
+
+    layout = Layout(tmp_path)
+    spec = HEADS3[0]
+    x = np.ones((2, 12), "float32")
+    first = build_head(spec, 12, "categorical", 3)
+    save_head(first, spec, layout.top_dir, {"feature_dim": 12, "classes": ["a", "b", "c"]})
+    info = read_head_info(layout)
+    assert info["model_sha256"] == sha256_file(layout.top_dir / HEAD_FILE) and info["feature_dim"] == 12
+    np.testing.assert_allclose(np.asarray(load_head(layout)(x)), np.asarray(first(x)), atol=1e-6)
+    assert sorted(p.name for p in layout.top_dir.iterdir()) == [HEAD_INFO_FILE, HEAD_FILE]
+
+    def killed(tmp, target):
+        raise KeyboardInterrupt  # stands in for SIGKILL just before the model is renamed into place
+
+    monkeypatch.setattr(tasks.heads, "publish_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_head(build_head(spec, 16, "binary", 2), spec, layout.top_dir, {"feature_dim": 16})
+    monkeypatch.undo()
+    assert read_head_info(layout)["feature_dim"] == 16  # the new json beside the old head ...
+    with pytest.raises(ValueError, match="interrupted.*retrainflow train-top"):
+        load_head(layout)  # ... is refused, never loaded as a pair
+
+    # a head.json from before the hash was recorded is still accepted
+    save_head(first, spec, layout.top_dir, {"feature_dim": 12})
+    legacy = {k: v for k, v in read_head_info(layout).items() if k != "model_sha256"}
+    (layout.top_dir / HEAD_INFO_FILE).write_text(json.dumps(legacy))
+    load_head(layout)
