@@ -14,6 +14,12 @@ from pathlib import Path
 class Layout:
     root: Path = Path(".")
 
+    # ---- the raw data (tracked by DVC, not written by any stage)
+    @property
+    def data_dvc(self) -> Path:
+        """The ``.dvc`` file that tracks the raw data folder (``data/``): its md5 is the data version."""
+        return self.root / "data.dvc"
+
     # ---- index stage
     @property
     def index_dir(self) -> Path:

@@ -234,13 +234,17 @@ def index_content_hash(layout: Layout) -> str:
 
 
 def data_version(layout: Layout) -> str:
-    """``data.dvc`` md5 when the workspace has one beside it, else ``index:<index content hash>``."""
-    md5 = data_dvc_hash(layout.root / "data.dvc")
+    """``layout.data_dvc`` md5 when the workspace has one, else ``index:<index content hash>``."""
+    md5 = data_dvc_hash(layout.data_dvc)
     return md5 if md5 else f"index:{index_content_hash(layout)}"
 
 
 def git_commit(root: Path) -> str | None:
-    """``git rev-parse HEAD`` in ``root`` (with ``+dirty`` when tracked files changed), None outside git."""
+    """``git rev-parse HEAD`` in ``root`` (with ``+dirty`` when tracked files changed), None outside git.
+
+    A run rewrites tracked files itself (``dvc commit`` updates ``data.dvc`` and ``dvc.lock``), so the retrain
+    flow captures this before its first write: ``+dirty`` then means the user's checkout had uncommitted edits.
+    """
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30, check=True
@@ -282,6 +286,11 @@ def read_evaluate_metrics(layout: Layout) -> dict[str, Any]:
     return raw
 
 
+def champion_model(layout: Layout, candidate_id: str) -> Path:
+    """The immutable model file of a promoted candidate: ``champions/<id>/model.keras``."""
+    return layout.champions_dir / candidate_id / "model.keras"
+
+
 def _store_champion(layout: Layout, candidate: Candidate) -> Path:
     """Copy the candidate model into its own immutable ``champions/<id>/`` (temp folder, then rename)."""
     src_dir = layout.candidate_dir
@@ -321,8 +330,14 @@ def run_promote(
     metrics: dict[str, Any] | None = None,
     flow_run_id: str | None = None,
     extra: dict[str, Any] | None = None,
+    commit: str | None = None,
 ) -> PromoteManifest:
-    """Gate the candidate in ``layout.candidate_dir`` against the champion; record it; copy it when promoted."""
+    """Gate the candidate in ``layout.candidate_dir`` against the champion; record it; copy it when promoted.
+
+    ``commit`` is the git commit the candidate was produced from, as captured by the caller before the run's own
+    writes (see :func:`git_commit`); None captures it now. A promoted candidate's ``model_path`` is its immutable
+    copy ``champions/<id>/model.keras`` (``models/champion`` is a link that moves with the next promotion).
+    """
     metrics = metrics if metrics is not None else read_evaluate_metrics(layout)
     cfg = params.evaluate
     score = candidate_score(metrics, cfg.metric)
@@ -336,20 +351,21 @@ def run_promote(
     decision = gate(score, champ_score, cfg)
     params_hash = params.section_hash()
     now = datetime.now(UTC)
+    cand_id = new_candidate_id(now, params_hash)
     cand = Candidate(
-        id=new_candidate_id(now, params_hash),
+        id=cand_id,
         created_at=now.isoformat(timespec="seconds"),
         data_version=data_version(layout),
         index_hash=index_content_hash(layout),
         params_hash=params_hash,
-        git_commit=git_commit(layout.root),
+        git_commit=commit if commit is not None else git_commit(layout.root),
         metric=cfg.metric,
         score=score,
         metrics=metrics,
         promoted=decision.promote,
         reason=decision.reason,
         previous_champion=reg.champion,
-        model_path=str(layout.champion_dir / "model.keras") if decision.promote else None,
+        model_path=str(champion_model(layout, cand_id)) if decision.promote else None,
         flow_run_id=flow_run_id,
         extra=dict(extra or {}),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -13,8 +14,10 @@ from tasks.layout import Layout
 from tasks.model_registry import (
     RegistryError,
     candidate_score,
+    champion_model,
     data_dvc_hash,
     gate,
+    git_commit,
     read_registry,
     run_promote,
     unchanged_reason,
@@ -149,3 +152,56 @@ def test_promote_and_registry_commands(tmp_path: Path) -> None:
     assert table.exit_code == 0 and "champion: none" in table.stdout and "rejected" in table.stdout
     missing = runner.invoke(app, ["promote", "-p", str(params_file), "-w", str(tmp_path / "nowhere")])
     assert missing.exit_code == 1 and "evaluate.json" in missing.output
+
+
+def test_model_path_is_the_immutable_copy_not_the_moving_link(tmp_path: Path) -> None:
+    params = params_from_dict({"evaluate": {"min_accuracy": 0.5}, "base": {"weights": "none"}})
+    layout = _workspace(tmp_path, 0.80)
+    first = run_promote(params, layout)
+    _workspace(tmp_path, 0.90)
+    second = run_promote(params, layout)
+    assert first.promoted and second.promoted
+    reg = read_registry(layout)
+    paths = [Path(c.model_path) for c in reg.candidates if c.model_path]
+    assert paths == [champion_model(layout, first.candidate_id), champion_model(layout, second.candidate_id)]
+    assert paths[0] == layout.champions_dir / first.candidate_id / "model.keras"
+    assert layout.champion_dir not in paths[0].parents and layout.champion_dir not in paths[1].parents
+    # the first record still names the first model although the champion link moved on
+    assert paths[0].read_text() == "model with score 0.8" and paths[1].read_text() == "model with score 0.9"
+    assert json.loads((paths[1].parent / "champion.json").read_text())["model_path"] == str(paths[1])
+    _workspace(tmp_path, 0.1)
+    rejected = run_promote(params, layout)
+    assert not rejected.promoted and read_registry(layout).candidates[-1].model_path is None
+
+
+def _git(repo: Path, *args: str) -> str:
+    cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args]
+    return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_git_commit_is_head_with_dirty_only_for_tracked_edits(tmp_path: Path) -> None:
+    assert git_commit(tmp_path) is None  # not a git checkout
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "one")
+    head = _git(tmp_path, "rev-parse", "HEAD")
+    assert len(head) == 40 and git_commit(tmp_path) == head
+    (tmp_path / "untracked.txt").write_text("x")
+    assert git_commit(tmp_path) == head  # untracked files are not code the run used
+    (tmp_path / "params.yaml").write_text("seed: 2\n")
+    assert git_commit(tmp_path) == f"{head}+dirty"
+
+
+def test_promote_records_the_commit_it_is_given_else_captures_it(tmp_path: Path) -> None:
+    """The retrain flow passes the commit it captured before its own writes; a bare promote captures it now."""
+    params = params_from_dict({"base": {"weights": "none"}})
+    layout = _workspace(tmp_path, 0.8)
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "workspace")
+    head = _git(tmp_path, "rev-parse", "HEAD")
+    run_promote(params, layout, commit="0123abcd")
+    (layout.metrics_dir / "evaluate.json").write_text(json.dumps({"test_accuracy": 0.9}))  # a tracked edit
+    run_promote(params, layout)
+    assert [c.git_commit for c in read_registry(layout).candidates] == ["0123abcd", f"{head}+dirty"]
