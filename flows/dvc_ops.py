@@ -2,6 +2,10 @@
 
 DVC is driven through its CLI, not its Python internals (they are not a public API). Every function takes the
 repository root; none raises on a missing DVC repo — callers ask :func:`is_dvc_repo` first.
+
+:func:`sync` is how a run starts: the workspace is the truth. Data the user changed (images dropped into or
+removed from ``data/``) is recorded in its ``.dvc`` file; only outputs the workspace lacks are pulled, so a pull
+never meets (and never deletes) a file DVC does not know.
 """
 
 from __future__ import annotations
@@ -10,8 +14,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 DVC_TIMEOUT = 3600
 
@@ -63,8 +71,86 @@ def commit(root: Path, *targets: str) -> None:
 
 
 def pull(root: Path, *targets: str) -> None:
-    """``dvc pull`` (the data version named by ``data.dvc`` and cached outputs)."""
-    dvc(root, "pull", "--allow-missing", *targets)
+    """``dvc pull --allow-missing TARGETS`` (nothing when no target is given: a bare pull is never run, it would
+    refuse, or with ``--force`` delete, files the workspace holds and DVC does not know)."""
+    if targets:
+        dvc(root, "pull", "--allow-missing", *targets)
+
+
+MISSING = frozenset({"deleted", "not in cache"})  # `dvc status` out states a pull can restore
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """What :func:`sync` does with each ``dvc status`` target whose outputs differ from what DVC recorded."""
+
+    record: tuple[str, ...] = ()  # .dvc files whose data the workspace changed: `dvc commit` (user data)
+    pull: tuple[str, ...] = ()  # targets whose outputs the workspace lacks (absent or empty): `dvc pull`
+    keep: tuple[str, ...] = ()  # stages whose outputs the workspace changed: left for the run to redo
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {"record": list(self.record), "pull": list(self.pull), "keep": list(self.keep)}
+
+
+def _changed_outs(entries: Any) -> dict[str, str]:
+    """``{out path: state}`` from one target's ``dvc status --json`` entries (``"changed outs"`` items)."""
+    outs: dict[str, str] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, Mapping) and isinstance(entry.get("changed outs"), Mapping):
+            outs.update({str(k): str(v) for k, v in entry["changed outs"].items()})
+    return outs
+
+
+def _holds_files(path: Path) -> bool:
+    """A file, or a folder with at least one file below it (an empty folder holds no data)."""
+    if path.is_file():
+        return True
+    return path.is_dir() and any(p.is_file() for p in path.rglob("*"))
+
+
+def locked_stages(root: Path) -> set[str]:
+    """The stages ``dvc.lock`` records outputs for (none before the first ``dvc repro`` / ``dvc commit``)."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return set()
+    raw = yaml.safe_load(lock.read_text()) or {}
+    stages = raw.get("stages") if isinstance(raw, dict) else None
+    return set(stages) if isinstance(stages, dict) else set()
+
+
+def plan_sync(
+    root: Path,
+    status_json: Mapping[str, Any],
+    *,
+    remote: bool,
+    locked: set[str] | frozenset[str] = frozenset(),
+) -> SyncPlan:
+    """Decide per target from ``dvc status --json``: a ``.dvc`` file whose outputs hold files that differ is
+    recorded (never pulled over); a ``.dvc`` file or a ``locked`` stage (one ``dvc.lock`` records) whose changed
+    outputs are all absent, empty or only missing from the cache is pulled (when there is a ``remote``); a stage
+    whose outputs hold changed files is kept (the run reruns it). A stage never recorded has nothing to pull."""
+    record, fetch, keep = [], [], []
+    for target in sorted(status_json):
+        outs = _changed_outs(status_json[target])
+        if not outs:
+            continue  # only deps or params changed: nothing in the workspace to restore or record
+        is_data = target.endswith(".dvc")
+        present = [p for p, state in outs.items() if state not in MISSING and _holds_files(root / p)]
+        if present:
+            (record if is_data else keep).append(target)
+        elif remote and (is_data or target in locked):
+            fetch.append(target)
+    return SyncPlan(record=tuple(record), pull=tuple(fetch), keep=tuple(keep))
+
+
+def sync(root: Path, *, remote: bool) -> SyncPlan:
+    """Bring DVC and the workspace in step before a run without touching a user's files: record changed data
+    (``dvc commit -f`` of its ``.dvc`` file, what ``dvc add`` would write), then, with a ``remote``, pull what the
+    workspace lacks (a fresh clone, a deleted data folder). Returns what was done."""
+    plan = plan_sync(root, status(root), remote=remote, locked=locked_stages(root))
+    commit(root, *plan.record)
+    pull(root, *plan.pull)
+    return plan
 
 
 def push(root: Path, *targets: str) -> None:

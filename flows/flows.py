@@ -8,7 +8,6 @@ and keep DVC in step (``dvc commit`` of the stages that ran) so a following ``dv
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,10 +39,7 @@ def _run_features(params: Params, layout: Layout) -> Any:
     progress_id = artifacts.start_progress(
         "feature-extraction", "Feature extraction: images through the base"
     )
-    kwargs: dict[str, Any] = {}
-    if "progress" in inspect.signature(run_features).parameters:  # optional hook: (done, total) -> None
-        kwargs["progress"] = artifacts.ProgressReporter(progress_id)
-    manifest = run_features(params, layout, **kwargs)
+    manifest = run_features(params, layout, progress=artifacts.ProgressReporter(progress_id))
     artifacts.update_progress(progress_id, 1.0)
     return manifest
 
@@ -116,19 +112,28 @@ STAGE_TASKS = {name: _make_stage_task(name) for name in STAGES}
     retries=0,  # not idempotent: a retry would record the candidate twice
     cache_policy=NO_CACHE,
 )
-def promote_task(params: Params, layout: Layout, extra: dict[str, Any]) -> dict[str, Any]:
-    """Gate the candidate against the champion and record it in the registry."""
+def promote_task(params: Params, layout: Layout, extra: dict[str, Any], commit: str | None) -> dict[str, Any]:
+    """Gate the candidate against the champion and record it in the registry (``commit``: the git commit the run
+    started from)."""
     from tasks.model_registry import run_promote
 
-    manifest = run_promote(params, layout, flow_run_id=_flow_run_id(), extra=extra).to_json()
+    manifest = run_promote(params, layout, flow_run_id=_flow_run_id(), extra=extra, commit=commit).to_json()
     get_run_logger().info("promotion: %s", manifest["reason"])
     return manifest
 
 
-@task(name="dvc-pull", tags=["retrainflow", "dvc"], retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def dvc_pull_task(root: Path) -> None:
-    """Pull the data version named by ``data.dvc`` (and cached outputs) from the DVC remote."""
-    dvc_ops.pull(root)
+@task(name="dvc-sync", tags=["retrainflow", "dvc"], retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def dvc_sync_task(root: Path, remote: bool) -> dict[str, list[str]]:
+    """Record data the workspace changed (``dvc commit`` of its ``.dvc`` file); with a ``remote``, pull only
+    what the workspace lacks. Never overwrites a user's files."""
+    plan = dvc_ops.sync(root, remote=remote)
+    get_run_logger().info(
+        "DVC: recorded %s, pulled %s, kept as in the workspace %s",
+        list(plan.record) or "nothing",
+        list(plan.pull) or "nothing",
+        list(plan.keep) or "nothing",
+    )
+    return plan.to_json()
 
 
 @task(name="dvc-push", tags=["retrainflow", "dvc"], retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
@@ -188,18 +193,18 @@ def dvc_commit_allowed(layout: Layout, params_file: str | Path, overrides: list[
     return None
 
 
-def stale_stages(root: Path) -> list[str]:
-    """The stages ``dvc status`` says must run: the first changed stage and every stage after it."""
-    changed = dvc_ops.status(root)
-    for i, name in enumerate(STAGES):
-        if name in changed:
-            return list(STAGES[i:])
-    return []
+def changed_stages(root: Path) -> set[str]:
+    """The pipeline stages ``dvc status`` reports changed (deps, params or outs differ from ``dvc.lock``)."""
+    return set(dvc_ops.status(root)) & set(STAGES)
 
 
-def _dvc_targets(layout: Layout, stages: list[str]) -> list[str]:
-    targets = ["data.dvc"] if (layout.root / "data.dvc").is_file() else []
-    return targets + stages
+def stage_due(root: Path, name: str, changed_at_start: set[str], ran: list[str]) -> bool:
+    """Whether ``dvc repro`` would run stage ``name`` now: as ``dvc status`` said at the start while nothing ran,
+    else as ``dvc status NAME`` says now (a stage that ran may have left its outputs, hence this one, unchanged:
+    a features run that computed nothing new does not make train_top stale)."""
+    if not ran:
+        return name in changed_at_start
+    return bool(dvc_ops.status(root, name))
 
 
 # ------------------------------------------------------------------------------------------ per-stage flows
@@ -237,11 +242,13 @@ def retrain(
 ) -> dict[str, Any]:
     """index -> features -> train_top -> finetune -> evaluate -> promote, under the workspace lock.
 
-    In a DVC project run with ``params.yaml`` as is, stages that ``dvc status`` reports up to date are not run
-    again (the first changed stage and all after it run); the stages that ran are ``dvc commit``ted, so
-    ``dvc status`` is clean afterwards and ``dvc repro`` a no-op. After the index, the run skips cleanly when
-    neither the data nor the params changed since the champion. ``force`` runs every stage and gates the result
-    even when nothing changed. Pulls the data first and pushes outputs last when a DVC remote is configured.
+    In a DVC project, data the user changed in the workspace (images dropped into or removed from ``data/``) is
+    recorded first (``dvc commit`` of ``data.dvc``), and with a DVC remote only what the workspace lacks is
+    pulled, so a run never overwrites new files. Run with ``params.yaml`` as is, stages that ``dvc status``
+    reports up to date are not run again (the first changed stage and all after it run); the stages that ran are
+    ``dvc commit``ted, so ``dvc status`` is clean afterwards and ``dvc repro`` a no-op. After the index, the run
+    skips cleanly when neither the data nor the params changed since the champion. ``force`` runs every stage and
+    gates the result even when nothing changed. Pushes the data and outputs last when a remote is configured.
     """
     from tasks.model_registry import (
         data_version,
@@ -264,27 +271,32 @@ def retrain(
         workspace_lock(layout, command=f"retrainflow run (flow run {summary['flow_run_id']})"),
     ):
         root = layout.root
+        # before this run's own writes (dvc commit rewrites data.dvc and dvc.lock)
+        summary["git_commit"] = git_commit(root)
         dvc_repo = dvc_ops.is_dvc_repo(root)
         remote = dvc_repo and bool(dvc_ops.remotes(root))
-        if remote:
-            logger.info("DVC remote configured: pulling the data version")
-            dvc_pull_task(root)
+        if dvc_repo:
+            summary["dvc_sync"] = dvc_sync_task(root, remote=remote)
         no_commit = dvc_commit_allowed(layout, params_path, overrides)
         if no_commit:
             logger.warning("not committing to DVC: %s", no_commit)
         ran: list[str] = []
-        todo = list(STAGES) if (force or no_commit) else stale_stages(root)
-        if len(todo) < len(STAGES):
-            logger.info(
-                "DVC: %s up to date; running %s", STAGES[: len(STAGES) - len(todo)], todo or "no stage"
-            )
-        summary["up_to_date"] = [s for s in STAGES if s not in todo]
+        every = bool(force or no_commit)
+        changed = set(STAGES) if every else changed_stages(root)
+        if not every:
+            logger.info("DVC: changed at the start: %s", sorted(changed) or "no stage")
+        up_to_date: list[str] = []
+        summary["up_to_date"] = up_to_date
 
-        if "index" in todo:
-            summary["stages"]["index"] = STAGE_TASKS["index"](params, layout)
-            ran.append("index")
+        def run_if_due(name: str) -> None:
+            if every or stage_due(root, name, changed, ran):
+                summary["stages"][name] = STAGE_TASKS[name](params, layout)
+                ran.append(name)
+            else:
+                up_to_date.append(name)
+
+        run_if_due("index")
         summary["index_hash"] = index_content_hash(layout)
-        summary["git_commit"] = git_commit(root)
         summary["ran"] = ran
         reason = (
             None
@@ -293,11 +305,9 @@ def retrain(
         )
         if not reason:
             for name in STAGES[1:]:
-                if name in todo:
-                    summary["stages"][name] = STAGE_TASKS[name](params, layout)
-                    ran.append(name)
-        if no_commit is None:  # before naming the data version: data.dvc then holds the data that ran
-            dvc_commit_task(root, _dvc_targets(layout, ran))
+                run_if_due(name)
+        if no_commit is None:
+            dvc_commit_task(root, ran)
         summary["data_version"] = data_version(layout)
         summary["dvc_committed"] = no_commit is None
         if reason:
@@ -307,7 +317,10 @@ def retrain(
             return summary
 
         summary["promote"] = promote_task(
-            params, layout, {"stages": {k: v for k, v in summary["stages"].items() if k != "evaluate"}}
+            params,
+            layout,
+            {"stages": {k: v for k, v in summary["stages"].items() if k != "evaluate"}},
+            summary["git_commit"],
         )
         if remote:
             dvc_push_task(root)

@@ -1,18 +1,24 @@
 """dvc.yaml against the code and Layout, and the real pipeline in a temp git + DVC repo.
 
-repro runs everything; a second repro is a no-op; `dvc exp run -S top.lr=...` reruns only train_top and what
-follows (no feature is computed); `dvc plots show` renders; a Prefect `retrain` run leaves `dvc status` clean.
+A fresh `dvc repro` runs every stage (index and features too) and a second is a no-op; each stage lists exactly
+the params it reads (features.batch_size reruns only features, computing nothing; evaluate.tolerance, the gate's,
+reruns nothing), and `retrainflow run` agrees with DVC on what is stale; `dvc exp run -S top.lr=...` reruns only
+train_top and what follows; `dvc plots show` renders the curves and the confusion data; a Prefect `retrain` run
+leaves `dvc status` clean; with a remote, images dropped into data/ are recorded and pushed, never pulled over.
 """
 
 from __future__ import annotations
 
 import ast
+import csv
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -95,13 +101,52 @@ def test_outs_match_layout() -> None:
     assert cache == {"cache/features": {"persist": True, "cache": False}}
 
 
+def _params_of(stage: str) -> set[str]:
+    return set(DVC_YAML["stages"][stage]["params"])
+
+
+def test_stages_list_exactly_the_params_they_read() -> None:
+    """train_top reads features only through read_features (the cache key and the cache folder); evaluate does
+    not read evaluate.min_accuracy / tolerance (the promotion gate's, and promote is not a DVC stage)."""
+    assert {p for p in _params_of("train_top") if p.startswith("features")} == {
+        "features.cache_dir",
+        "features.pooling",
+        "features.dtype",
+    }
+    assert {p for p in _params_of("evaluate") if p.startswith("evaluate")} == {
+        "evaluate.batch_size",
+        "evaluate.metric",
+        "evaluate.preview_images",
+    }
+    assert "features" in _params_of("features")  # batch_size and shard_size are read by features only
+    for name in ("train_top", "finetune", "evaluate"):
+        assert not {"features", "features.batch_size", "features.shard_size"} & _params_of(name), name
+
+
+def test_evaluate_outs_hold_every_report_it_writes() -> None:
+    from tasks import evaluate
+
+    layout = Layout(Path("."))
+    outs = set(_outs(DVC_YAML["stages"]["evaluate"]))
+    for name in (
+        evaluate.DETAILS_FILE,
+        evaluate.COMPARISON_FILE,
+        evaluate.CURVES_PNG,
+        evaluate.CONFUSION_PNG,
+    ):
+        assert (layout.reports_dir / name).as_posix() in outs, name
+    assert (layout.reports_dir / evaluate.PREDICTIONS_PNG).as_posix() in outs
+    assert (layout.plots_dir / evaluate.CONFUSION_FILE).as_posix() in outs
+    assert (layout.metrics_dir / evaluate.EVALUATE_METRICS_FILE).as_posix() in outs
+
+
 def test_plots_have_axes_and_metrics_are_git_tracked() -> None:
     plots = {next(iter(p)): p[next(iter(p))] for p in DVC_YAML["plots"]}
     assert plots["confusion"]["template"] == "confusion"
     assert plots["confusion"]["y"] == {"plots/confusion.csv": "actual"}
     plots_files = {"plots/top_history.csv", "plots/finetune_history.csv", "plots/confusion.csv"}
-    for csv in ("plots/top_history.csv", "plots/finetune_history.csv"):
-        assert plots[csv]["x"] == "epoch" and "val_accuracy" in plots[csv]["y"]
+    for plot_csv in ("plots/top_history.csv", "plots/finetune_history.csv"):
+        assert plots[plot_csv]["x"] == "epoch" and "val_accuracy" in plots[plot_csv]["y"]
     small = {"metrics/features.json", "metrics/top.json", "metrics/finetune.json", "metrics/evaluate.json"}
     small |= plots_files
     for stage in DVC_YAML["stages"].values():
@@ -112,7 +157,41 @@ def test_plots_have_axes_and_metrics_are_git_tracked() -> None:
     assert small <= outs
 
 
+def test_sync_plan_records_user_data_and_pulls_only_what_is_missing(tmp_path: Path) -> None:
+    """The decision `retrainflow run` takes before a pull, from `dvc status --json` as DVC 3 writes it."""
+    from flows.dvc_ops import plan_sync
+
+    (tmp_path / "data" / "images" / "red").mkdir(parents=True)
+    (tmp_path / "data" / "images" / "red" / "new.png").write_bytes(b"png")
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "index.csv").write_text("path\n")
+    new_image = {
+        "data.dvc": [{"changed outs": {"data": "modified"}}],
+        "index": [{"changed deps": {"data/images": "modified"}}],
+    }
+    plan = plan_sync(tmp_path, new_image, remote=True, locked={"index"})
+    assert (plan.record, plan.pull, plan.keep) == (("data.dvc",), (), ())
+    fresh_clone = {
+        "data.dvc": [{"changed outs": {"data": "deleted"}}],
+        "train_top": [{"changed outs": {"models/top": "deleted", "metrics/top.json": "deleted"}}],
+        "finetune": [{"changed outs": {"models/candidate": "deleted"}}],  # never recorded in dvc.lock
+        "index": [{"changed outs": {"index/index.csv": "modified"}}, "always changed"],
+    }
+    plan = plan_sync(tmp_path, fresh_clone, remote=True, locked={"index", "train_top"})
+    assert (plan.record, plan.pull, plan.keep) == ((), ("data.dvc", "train_top"), ("index",))
+    assert plan_sync(tmp_path, fresh_clone, remote=False, locked={"index", "train_top"}).pull == ()
+    shutil.rmtree(tmp_path / "data")
+    (tmp_path / "data" / "images").mkdir(parents=True)  # an empty folder holds no data: pulled, not recorded
+    plan = plan_sync(tmp_path, new_image, remote=True)
+    assert (plan.record, plan.pull) == ((), ("data.dvc",))
+    assert plan_sync(tmp_path, {}, remote=True).to_json() == {"record": [], "pull": [], "keep": []}
+
+
 # ------------------------------------------------------------------------------------------ real DVC
+DVC = [sys.executable, "-m", "dvc"]
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+
+
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -121,6 +200,10 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -
 
 def _ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([a-z_]+)'", output)
+
+
+def _status(repo: Path, env: dict[str, str]) -> dict:
+    return json.loads(_run([*DVC, "status", "--json"], repo, env).strip() or "{}")
 
 
 def _tree(folder: Path) -> dict[str, int]:
@@ -145,6 +228,25 @@ def full_tiny_params() -> dict:
     return _deep_merge(yaml.safe_load((PROJECT / "params.yaml").read_text()), TINY_PARAMS)
 
 
+def _set_param(repo: Path, section: str, key: str, value: object) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _git_head(repo: Path) -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def _git_modified(repo: Path) -> list[str]:
+    out = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
+    ).stdout
+    return sorted(line[3:] for line in out.splitlines())
+
+
 @pytest.fixture
 def dvc_repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A git + DVC repo holding the pipeline's code, dvc.yaml, tiny params and data tracked by data.dvc."""
@@ -158,66 +260,213 @@ def dvc_repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     make_class_folders(repo / "data" / "images", ["red", "blue"], per_class=10, size=32)
     env = client_env(local_server())
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    dvc = [sys.executable, "-m", "dvc"]
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
     _run(["git", "init", "-q"], repo, env)
-    _run([*dvc, "init", "-q"], repo, env)
-    _run([*dvc, "config", "core.analytics", "false"], repo, env)
-    _run([*dvc, "config", "core.check_update", "false"], repo, env)
-    _run([*dvc, "add", "-q", "data"], repo, env)
+    _run([*DVC, "init", "-q"], repo, env)
+    _run([*DVC, "config", "core.analytics", "false"], repo, env)
+    _run([*DVC, "config", "core.check_update", "false"], repo, env)
+    _run([*DVC, "add", "-q", "data"], repo, env)
     _run(["git", "add", "-A"], repo, env)
-    _run([*git, "commit", "-qm", "pipeline"], repo, env)
+    _run([*GIT, "commit", "-qm", "pipeline"], repo, env)
     return repo, env
+
+
+def _retrain(repo: Path, env: dict[str, str]) -> dict:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.flows import retrain
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return retrain(params_file=str(repo / "params.yaml"), workdir=str(repo))
+
+
+@pytest.mark.slow
+def test_fresh_repro_runs_every_stage_and_params_rerun_only_their_readers(
+    dvc_repo: tuple[Path, dict[str, str]],
+) -> None:
+    repo, env = dvc_repo
+
+    # 1. a fresh repo: `dvc repro` runs every stage under DVC (index and features included); then a no-op
+    assert _ran(_run([*DVC, "repro"], repo, env)) == list(STAGES)
+    assert json.loads((repo / "metrics" / "features.json").read_text())["computed"] > 0
+    assert _status(repo, env) == {}
+    assert _ran(_run([*DVC, "repro"], repo, env)) == []
+    features_json = (repo / "features" / "features.json").read_bytes()
+    lock_before = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+    # 2. features.batch_size is read by the features stage only: DVC and `retrainflow run` both rerun just that
+    #    stage, and it computes nothing (the cache holds every view; the features are the same)
+    _set_param(repo, "features", "batch_size", 8)
+    assert set(_status(repo, env)) == {"features"}
+    summary = _retrain(repo, env)
+    assert summary["ran"] == ["features"], summary
+    assert summary["up_to_date"] == ["index", "train_top", "finetune", "evaluate"]
+    assert summary["stages"]["features"]["computed"] == 0
+    assert _status(repo, env) == {}
+    _set_param(repo, "features", "batch_size", 4)
+    assert _ran(_run([*DVC, "repro"], repo, env)) == ["features"]
+    metrics = json.loads((repo / "metrics" / "features.json").read_text())
+    assert metrics["computed"] == 0 and metrics["batch_size"] == 4 and metrics["reused"] == metrics["pairs"]
+    assert (repo / "features" / "features.json").read_bytes() == features_json
+    lock_after = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    for name in ("index", "train_top", "finetune", "evaluate"):
+        assert lock_after[name] == lock_before[name], name  # recorded as before: not rerun
+
+    # 3. evaluate.tolerance belongs to the promotion gate: no DVC stage reruns; the run only gates again
+    _set_param(repo, "evaluate", "tolerance", 0.5)
+    assert _status(repo, env) == {}
+    assert _ran(_run([*DVC, "repro"], repo, env)) == []
+    summary = _retrain(repo, env)
+    assert summary["ran"] == [] and summary["up_to_date"] == list(STAGES)
+    assert summary["status"] in ("promoted", "not promoted") and "tolerance 0.5000" in summary["reason"]
+    assert _status(repo, env) == {}
+
+
+def _plot_values(shown: dict, plot_id: str) -> list[dict]:
+    (plot,) = shown[plot_id]
+    return plot["content"]["data"]["values"]
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 @pytest.mark.slow
 def test_prefect_run_then_dvc_agrees_and_param_change_reruns_only_downstream(
     dvc_repo: tuple[Path, dict[str, str]],
 ) -> None:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.flows import retrain
-    from tasks.model_registry import read_registry
+    from tasks.model_registry import champion_model, read_registry
 
     repo, env = dvc_repo
-    dvc = [sys.executable, "-m", "dvc"]
+    head = _git_head(repo)
 
     # 1. the whole pipeline as a Prefect flow run; then DVC agrees: status clean, repro a no-op
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
-        first = retrain(params_file=str(repo / "params.yaml"), workdir=str(repo))
+    first = _retrain(repo, env)
     assert first["dvc_committed"] and first["ran"] == list(STAGES)
     assert json.loads((repo / "metrics" / "evaluate.json").read_text())["test_count"] > 0
-    assert json.loads(_run([*dvc, "status", "--json"], repo, env).strip() or "{}") == {}
-    assert _ran(_run([*dvc, "repro"], repo, env)) == []
+    assert _status(repo, env) == {}
+    assert _ran(_run([*DVC, "repro"], repo, env)) == []
+    reg = read_registry(Layout(repo))
+    (cand,) = reg.candidates
+    assert cand.promoted and cand.git_commit == head == first["git_commit"]  # a clean checkout: no +dirty
+    assert cand.model_path == str(champion_model(Layout(repo), cand.id))
+    first_model = Path(cand.model_path).read_bytes()
 
     # 2. a top.* change through `dvc exp run`: DVC runs only train_top and what follows (stage commands in
     #    Prefect flows); not one feature is computed
     _run(["git", "add", "-A"], repo, env)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "run"], repo, env)
+    _run([*GIT, "commit", "-qm", "run"], repo, env)
     features_before = (repo / "features" / "features.json").read_bytes()
     cache_before = _tree(repo / "cache" / "features")
-    exp = _run([*dvc, "exp", "run", "-S", "top.lr=0.02"], repo, env)
+    exp = _run([*DVC, "exp", "run", "-S", "top.lr=0.02"], repo, env)
     assert _ran(exp) == ["train_top", "finetune", "evaluate"]
     assert (repo / "features" / "features.json").read_bytes() == features_before
     assert _tree(repo / "cache" / "features") == cache_before
     assert yaml.safe_load((repo / "params.yaml").read_text())["top"]["lr"] == 0.02
-    assert _ran(_run([*dvc, "repro"], repo, env)) == []
+    assert _ran(_run([*DVC, "repro"], repo, env)) == []
 
-    # 3. dvc plots renders the training curves and the confusion matrix
-    shown = json.loads(_run([*dvc, "plots", "show", "--json"], repo, env))["data"]
+    # 3. dvc plots renders the training curves and the confusion matrix from the CSVs the stages wrote
+    shown = json.loads(_run([*DVC, "plots", "show", "--json"], repo, env))["data"]
     assert set(shown) == {"plots/top_history.csv", "plots/finetune_history.csv", "confusion"}
-    for plot_id in shown:
-        assert plot_id in shown and shown[plot_id][0]["content"]["data"]["values"], plot_id
+    confusion = _plot_values(shown, "confusion")
+    expected = _csv_rows(repo / "plots" / "confusion.csv")
+    assert Counter((v["actual"], v["predicted"]) for v in confusion) == Counter(
+        (r["actual"], r["predicted"]) for r in expected
+    )
+    test_count = json.loads((repo / "metrics" / "evaluate.json").read_text())["test_count"]
+    assert len(confusion) == test_count and {v["actual"] for v in confusion} == {"red", "blue"}
+    for csv_name, epochs in (("top_history.csv", 2), ("finetune_history.csv", 1)):
+        values = _plot_values(shown, f"plots/{csv_name}")
+        rows = _csv_rows(repo / "plots" / csv_name)
+        assert len(rows) == epochs, csv_name
+        for field in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            drawn = [(v["epoch"], float(v["dvc_inferred_y_value"])) for v in values if v["field"] == field]
+            assert drawn == [(r["epoch"], float(r[field])) for r in rows], (csv_name, field)
 
-    # 4. with a DVC remote: the next Prefect run pulls, finds every stage up to date in DVC, only gates the
-    #    new candidate, and pushes the data and outputs
+    # 4. with a DVC remote: the next Prefect run pulls nothing (the workspace has everything), finds every stage
+    #    up to date in DVC, only gates the new candidate, and pushes the data and outputs. The experiment changed
+    #    the tracked params.yaml and dvc.lock (and `dvc remote add` .dvc/config): the checkout is dirty at the
+    #    start, and the registry says so.
     remote = repo.parent / "remote"
-    _run([*dvc, "remote", "add", "-d", "store", str(remote)], repo, env)
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
-        second = retrain(params_file=str(repo / "params.yaml"), workdir=str(repo))
+    _run([*DVC, "remote", "add", "-d", "store", str(remote)], repo, env)
+    head = _git_head(repo)
+    second = _retrain(repo, env)
     assert second["ran"] == [] and second["up_to_date"] == list(STAGES)
+    assert second["dvc_sync"] == {"record": [], "pull": [], "keep": []}
     assert second["data_version"] == yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
     assert sum(1 for p in remote.rglob("*") if p.is_file()) >= 20  # at least the 20 images
     reg = read_registry(Layout(repo))
     assert [c.params_hash for c in reg.candidates] == [first["params_hash"], second["params_hash"]]
-    assert json.loads(_run([*dvc, "status", "--json"], repo, env).strip() or "{}") == {}
+    assert reg.candidates[1].git_commit == f"{head}+dirty"
+    assert _status(repo, env) == {}
+    assert Path(reg.candidates[0].model_path).read_bytes() == first_model  # immutable, whatever came next
+    if reg.candidates[1].promoted:
+        assert reg.candidates[1].model_path != reg.candidates[0].model_path
+
+
+def _summary(stdout: str) -> dict:
+    """The JSON summary `retrainflow run` prints on stdout (logs go to stderr)."""
+    return json.loads(stdout)
+
+
+def _md5_in_remote(remote: Path, contents: bytes) -> Path:
+    md5 = hashlib.md5(contents).hexdigest()  # noqa: S324 - DVC's content address, not security
+    return remote / "files" / "md5" / md5[:2] / md5[2:]
+
+
+@pytest.mark.slow
+def test_new_images_with_a_remote_are_recorded_and_pushed_never_pulled_over(
+    dvc_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """People drop images into data/images/<class>/: the scheduled run records them in data.dvc (a pull would
+    refuse to delete them, or with --force delete them), trains on them and pushes them. A workspace without the
+    data (a fresh clone) gets it from the remote."""
+    from imagegen import coloured_image, encode
+
+    from tasks.index import read_index
+    from tasks.model_registry import read_registry
+
+    repo, env = dvc_repo
+    remote = repo.parent / "remote"
+    _run([*DVC, "remote", "add", "-d", "store", str(remote)], repo, env)
+    _run([*DVC, "push", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run([*GIT, "commit", "-qm", "remote"], repo, env)
+    head = _git_head(repo)
+    old_md5 = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+
+    new_image = encode(coloured_image((220, 20, 20), size=32, seed=4242), "PNG")
+    (repo / "data" / "images" / "red" / "dropped_in.png").write_bytes(new_image)
+    assert not _md5_in_remote(remote, new_image).exists()
+    retrainflow = [str(Path(sys.executable).with_name("retrainflow")), "run"]
+
+    proc = subprocess.run(retrainflow, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = _summary(proc.stdout)
+    assert summary["dvc_sync"] == {"record": ["data.dvc"], "pull": [], "keep": []}
+    assert summary["ran"] == list(STAGES) and summary["status"] == "promoted"
+    assert (repo / "data" / "images" / "red" / "dropped_in.png").read_bytes() == new_image
+    new_sha = hashlib.sha256(new_image).hexdigest()
+    index = read_index(Layout(repo))
+    assert new_sha in set(index["sha256"]) and len(index) == 21
+    new_md5 = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    assert new_md5 != old_md5 and summary["data_version"] == new_md5
+    assert _md5_in_remote(remote, new_image).is_file()  # pushed
+    assert _status(repo, env) == {}
+    # the run rewrote the tracked data.dvc itself; the registry names the commit it started from, clean
+    assert "data.dvc" in _git_modified(repo)
+    (cand,) = read_registry(Layout(repo)).candidates
+    assert cand.git_commit == head and cand.data_version == new_md5
+
+    # a workspace without the data and without a local DVC cache: the run pulls it from the remote, new image
+    # included, and skips (nothing changed since the champion)
+    shutil.rmtree(repo / "data")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    proc = subprocess.run(retrainflow, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = _summary(proc.stdout)
+    assert "data.dvc" in summary["dvc_sync"]["pull"] and summary["dvc_sync"]["record"] == []
+    assert (repo / "data" / "images" / "red" / "dropped_in.png").read_bytes() == new_image
+    assert len(list((repo / "data" / "images").rglob("*.png"))) == 21
+    assert summary["ran"] == [] and summary["status"] == "skipped", summary
+    assert _status(repo, env) == {}

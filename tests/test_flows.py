@@ -29,7 +29,11 @@ TINY_PARAMS = {
     "features": {"batch_size": 16},
     "top": {"heads": [{"name": "linear", "type": "linear"}], "epochs": 2, "batch_size": 16, "lr": 0.01},
     "finetune": {"epochs": 1, "unfreeze_blocks": 1, "batch_size": 8},
-    "evaluate": {"batch_size": 16, "preview_images": 4},
+    "evaluate": {
+        "batch_size": 16,
+        "preview_images": 4,
+        "min_accuracy": 0.0,
+    },  # the first candidate is promoted
 }
 
 
@@ -104,7 +108,14 @@ def test_retrain_flow_completes_publishes_and_skips_unchanged(prefect_api: str, 
     state = retrain(params_file=str(ws / "params.yaml"), workdir=str(ws), return_state=True)
     assert state.is_completed(), state
     summary = state.result()
-    assert summary["status"] in ("promoted", "not promoted") and summary["ran"][-1] == "evaluate"
+    # no champion yet and evaluate.min_accuracy 0: the gate promotes whatever the tiny model scores
+    assert summary["status"] == "promoted" and summary["ran"] == [
+        "index",
+        "features",
+        "train_top",
+        "finetune",
+        "evaluate",
+    ]
 
     task_runs, arts = _task_runs_and_artifacts(state.state_details.flow_run_id)
     done = {
@@ -123,14 +134,24 @@ def test_retrain_flow_completes_publishes_and_skips_unchanged(prefect_api: str, 
     assert {row["class"] for row in json.loads(table.data)} == {"red", "blue"}
     summary_md = next(a for a in arts if a.key == "run-summary").data
     assert "## Promotion" in summary_md and summary["promote"]["reason"] in summary_md
+    # one link artifact per PNG report the evaluate stage wrote, pointing at the workspace file
+    pngs = sorted(p.name for p in (ws / "reports").glob("*.png"))
+    assert {"training_curves.png", "confusion_matrix.png", "predictions.png"} <= set(pngs)
+    links = {a.key: a for a in arts if a.key and a.key.startswith("report-")}
+    assert set(links) == {artifact_key("report", Path(name).stem) for name in pngs}, sorted(links)
+    for name in pngs:
+        link = links[artifact_key("report", Path(name).stem)]
+        assert link.data == f"[{name}]({(ws / 'reports' / name).resolve().as_uri()})", link.data
 
     reg = read_registry(Layout(ws))
     assert len(reg.candidates) == 1 and reg.candidates[0].flow_run_id == str(state.state_details.flow_run_id)
+    assert reg.champion == reg.candidates[0].id
 
-    if summary["promote"]["promoted"]:  # nothing changed since the champion: the next run skips cleanly
-        again = retrain(params_file=str(ws / "params.yaml"), workdir=str(ws))
-        assert again["status"] == "skipped" and "unchanged" in again["reason"]
-        assert len(read_registry(Layout(ws)).candidates) == 1
+    # nothing changed since the champion: the next run skips cleanly, records no candidate
+    again = retrain(params_file=str(ws / "params.yaml"), workdir=str(ws))
+    assert again["status"] == "skipped" and "unchanged" in again["reason"], again
+    assert again["ran"] == ["index"] and "promote" not in again  # no DVC here: the index tells what changed
+    assert len(read_registry(Layout(ws)).candidates) == 1
 
 
 def test_stage_cli_reports_lock_holder(prefect_api: str, tmp_path: Path) -> None:
