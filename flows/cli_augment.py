@@ -43,7 +43,7 @@ def augment_preview_cmd(
 ) -> None:
     """Write a PNG grid of N images x (clean + M augmented views) for the augmentation policy in params.
 
-    The views are exactly what the features stage computes (same pipeline, same seeds): view k of an image is a pure function of its content hash, the pass number k and the policy, augment.seed included. With augment.grid, one PNG per policy of the grid (augment.grid_samples of them when set). Images come from the index's train split, or from data.root when no index exists yet.
+    The views are exactly what the features stage computes (same pipeline, same seeds): view k of an image is a pure function of its content hash, the pass number k and the policy, augment.seed included. With augment.grid, one PNG per policy of the grid (augment.grid_samples of them when set, drawn with augment.seed as the features stage draws them). Images come from the index's train split, or from data.root when no index exists yet.
 
     Example: retrainflow augment-preview -n 4 -m 6 --set augment.rotation_range=40 --set augment.fill_mode=wrap
     """

@@ -10,8 +10,9 @@ target size first, then the affine transform with scipy's fill modes, then chann
 * ``width_shift_range`` / ``height_shift_range``: a fraction of the target width / height, or pixels when >= 1;
 * ``zoom_range`` z -> [1 - z, 1 + z] (or a [low, high] pair), independent zx and zy; > 1 zooms out;
 * ``horizontal_flip`` / ``vertical_flip`` with probability 1/2 each;
-* ``fill_mode`` constant (``cval``) / nearest / reflect / wrap exactly as scipy.ndimage treats them (``wrap`` has
-  period size - 1 and ``constant`` does not interpolate into the border, as in ImageDataGenerator);
+* ``fill_mode`` constant (``cval``) / nearest / reflect / wrap exactly as scipy.ndimage treats them, in the resized
+  frame (``wrap`` has period size - 1 and ``constant`` does not interpolate into the border, as in
+  ImageDataGenerator);
 * ``channel_shift_range``: one intensity added to every channel, clipped to the image's min/max;
 * ``brightness_range``: a factor, result clipped to [0, 255].
 
@@ -21,11 +22,14 @@ for square images and equal shift ranges the two agree). Brightness is not round
 of the policy's hash but is applied by the input pipeline (``rescale=``), to every view alike. A sample that lands
 exactly on the image edge (within 1e-3 px) counts as inside, where scipy's float64 round-off may say outside.
 
-Resize and geometry are composed: every output pixel is mapped target -> transformed target coordinates (fill
-mode applied there, exactly as if the image had been resized first) -> source coordinates, and the source is
-sampled once (bilinear or nearest) by OpenCV: one ``warpAffine`` (nearest, reflect) or one ``remap`` (constant,
-wrap), its output already at the target size (the clean view: one ``cv2.resize``). uint8 images are warped as RGBA,
-which OpenCV vectorises (same pixels). OpenCV was measured about 10x faster here than TensorFlow's
+Resize and geometry are composed: every output pixel is mapped target -> transformed target coordinates, the fill
+mode folds those into the target frame [0, size - 1] exactly as if the image had been resized first (nearest clamps
+to the resized image's edge, reflect mirrors it half-sample symmetrically, wrap and constant follow scipy's edge
+rules) -> source coordinates, and the source is sampled once (bilinear or nearest) by one OpenCV ``remap``, its
+output already at the target size (the clean view: one ``cv2.resize``, or one ``warpAffine`` for nearest resizing
+and DCT-reduced decodes). Folding in the source frame instead (``warpAffine``'s border modes) would replicate or
+mirror the SOURCE's edge pixels: a different image whenever the resize is not 1:1. uint8 images are resampled as
+RGBA, which OpenCV vectorises (same pixels). OpenCV was measured about 10x faster here than TensorFlow's
 ``ImageProjectiveTransformV3`` or a gather-based TF resampler (see BENCHMARKS.md).
 
 Randomness: the ten uniforms of a view come from sha512(image sha256, policy seed, pass) (:func:`view_uniforms`),
@@ -41,6 +45,7 @@ import json
 import math
 import random
 import struct
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -50,7 +55,8 @@ from tasks.config import AUGMENT_GRID_KEYS, AugmentConfig
 
 CLEAN_VIEW = "clean"
 # Bump ENGINE_VERSION when rendering changes what a view looks like: every policy hash (and cache key) moves.
-ENGINE_VERSION = 1
+# 2: nearest and reflect fill in the resized (target) frame, like constant and wrap (1 used the source's edge).
+ENGINE_VERSION = 2
 FILL_MODES = ("constant", "nearest", "reflect", "wrap")
 INTERPOLATIONS = ("bilinear", "nearest")
 _OPENCV_MAX_SIDE = 32767
@@ -207,6 +213,13 @@ def expand_grid(cfg: AugmentConfig, seed: int) -> list[AugmentPolicy]:
     return policies
 
 
+def policies_for(cfg: AugmentConfig) -> list[AugmentPolicy]:
+    """The augmentation policies of ``cfg`` that the features stage renders and ``augment-preview`` shows: the
+    configured policy, or the policies of its grid sampled with ``cfg.seed`` (the augmentation's own seed, not the
+    top-level ``seed``). The one place this rule lives."""
+    return expand_grid(cfg, cfg.seed)
+
+
 def view_id(policy: AugmentPolicy | None, pass_number: int) -> str:
     """``"clean"`` for the un-augmented view, else ``"<policy hash>:<pass>"``."""
     if isinstance(pass_number, bool) or not isinstance(pass_number, int) or pass_number < 0:
@@ -321,22 +334,74 @@ def transform_matrix(parameters: ViewParameters, image_size: tuple[int, int]) ->
 
 
 # ------------------------------------------------------------------------------------------- resampling
-def _snap(coord: np.ndarray) -> np.ndarray:
-    """Coordinates within round-off of a whole pixel become that pixel (so edges are decided exactly)."""
-    whole = np.round(coord)
-    return np.where(np.abs(coord - whole) < _EDGE_EPS, whole, coord)
+# Coordinate maps live in per-thread float32 buffers reused from call to call (tf.data runs warps on several
+# threads), and the helpers below work on them IN PLACE with one spare buffer: fresh 200 kB maps per 224x224 view
+# made glibc hand their pages back and fault them in again on every call (about 500 page faults, measured at
+# 0.4-0.8 ms a view under load: more than the resampling itself).
+_SCRATCH = threading.local()
+_SCRATCH_MAX_PIXELS = 1024 * 1024  # larger maps are allocated per call: a thread keeps at most 12 MB
 
 
-def _wrap(coord: np.ndarray, size: int) -> np.ndarray:
-    """scipy.ndimage's 'wrap' (what ImageDataGenerator uses): period size - 1, -last maps to last."""
+def _coordinate_buffers(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three float32 [height, width] buffers owned by the calling thread (x map, y map, spare)."""
+    shape = (height, width)
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None or buffers[0].shape != shape:
+        buffers = (np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.float32))
+        if height * width <= _SCRATCH_MAX_PIXELS:
+            _SCRATCH.buffers = buffers
+    return buffers
+
+
+def _snap(coord: np.ndarray, spare: np.ndarray) -> None:
+    """In place: coordinates within round-off of a whole pixel become that pixel (so edges are decided exactly)."""
+    np.round(coord, out=spare)
+    spare -= coord
+    np.abs(spare, out=spare)
+    near = spare < _EDGE_EPS
+    np.round(coord, out=spare)
+    np.copyto(coord, spare, where=near)
+
+
+def _wrap(coord: np.ndarray, size: int, spare: np.ndarray) -> None:
+    """In place: scipy.ndimage's 'wrap' (what ImageDataGenerator uses): period size - 1, -last maps to last."""
     if size <= 1:
-        return np.zeros_like(coord)
+        coord[...] = 0.0
+        return
     last = np.float32(size - 1)
-    wrapped = coord - last * np.floor(coord / last)  # floor-mod: in [0, last)
-    # scipy keeps `last` itself, and sends the negative multiples of `last` to `last` (not 0)
-    keep = (coord >= 0.0) & (coord <= last)
-    negative_multiple = (coord < 0.0) & (wrapped == 0.0)
-    return np.where(keep, coord, np.where(negative_multiple, last, wrapped))
+    np.divide(coord, last, out=spare)
+    np.floor(spare, out=spare)
+    spare *= -last
+    spare += coord  # floor-mod: in [0, last)
+    # scipy sends the negative multiples of `last` to `last` (not 0), and keeps `last` itself
+    np.copyto(spare, last, where=(coord < 0.0) & (spare == 0.0))
+    np.copyto(coord, spare, where=(coord < 0.0) | (coord > last))
+
+
+def _reflect(coord: np.ndarray, size: int, span: tuple[float, float], spare: np.ndarray) -> None:
+    """In place: scipy.ndimage's 'reflect' (half-sample symmetric, period 2 * size: c b a | a b c | c b a), into
+    [-0.5, size - 0.5]; the caller's clip to [0, size - 1] then makes the half pixel beyond each edge flat, as
+    scipy's linear interpolation between an edge sample and its mirror image is. ``span`` is (min, max) of
+    ``coord``: within the first mirror image on either side (the usual case) no modulo is needed."""
+    edge = np.float32(size - 0.5)
+    if not (-size < span[0] and span[1] < 2 * size - 1):  # farther out: into [-0.5, 2 size - 0.5) first
+        period = np.float32(2 * size)
+        np.add(coord, np.float32(0.5), out=spare)
+        spare /= period
+        np.floor(spare, out=spare)
+        spare *= period
+        coord -= spare
+    coord += np.float32(0.5)  # mirror at -0.5 ...
+    np.abs(coord, out=coord)
+    coord -= np.float32(0.5) + edge  # ... and at size - 0.5
+    np.abs(coord, out=coord)
+    np.subtract(edge, coord, out=coord)
+
+
+def _span(row: np.ndarray, width: int, height: int) -> tuple[float, float]:
+    """(min, max) of the affine ``row`` (a, b, c) over the output grid: taken at its corners."""
+    values = [row[0] * x + row[1] * y + row[2] for x in (0, width - 1) for y in (0, height - 1)]
+    return float(min(values)), float(max(values))
 
 
 def warp(
@@ -357,8 +422,9 @@ def warp(
     ``matrix`` (3x3 output -> input, target pixels, or None for a plain resize) acts as if the image had been
     resized to ``image_size`` first; fill modes follow scipy.ndimage in that frame. ``source_size`` is the
     full-resolution (height, width) the decoded ``image`` was reduced from by JPEG DCT ``ratio`` (None: the decoded
-    size at ratio 1), so reduced decoding does not move the geometry. One ``cv2.warpAffine`` (nearest, reflect)
-    or one ``cv2.remap`` with the coordinates folded here (constant, wrap); a plain resize is ``cv2.resize``.
+    size at ratio 1), so reduced decoding does not move the geometry. One ``cv2.remap`` with the coordinates
+    folded here, in the target frame, for every fill mode; a plain resize is ``cv2.resize`` (or ``cv2.warpAffine``
+    for nearest resizing and DCT-reduced decodes, where no fill happens).
     """
     import cv2
 
@@ -384,33 +450,46 @@ def warp(
     # OpenCV's uint8 warps are vectorised for 4 channels, not 3: RGBA in, RGB out (the same pixels, 40% faster)
     rgba = image.dtype == np.uint8
     source = cv2.cvtColor(image, cv2.COLOR_RGB2RGBA) if rgba else image
-    if matrix is None or fill_mode in ("nearest", "reflect"):
+    if matrix is None:  # a plain resize (nearest, or DCT-reduced): the output grid is inside the image
         scale: Affine = (sx, 0.0, 0.5 * sx - 0.5, 0.0, sy, 0.5 * sy - 0.5)
-        full = scale if matrix is None else _compose(scale, tuple(matrix[:2].ravel().tolist()))
         out = cv2.warpAffine(
             source,
-            np.array(full, dtype=np.float64).reshape(2, 3),
+            np.array(scale, dtype=np.float64).reshape(2, 3),
             (out_w, out_h),
             flags=flag | cv2.WARP_INVERSE_MAP,
-            borderMode=cv2.BORDER_REFLECT if fill_mode == "reflect" else cv2.BORDER_REPLICATE,
+            borderMode=cv2.BORDER_REPLICATE,
         )
         out = cv2.cvtColor(out, cv2.COLOR_RGBA2RGB) if rgba else out
         return out if keep_uint8 and out.dtype == np.uint8 else out.astype(np.float32, copy=False)
+    # Fill modes act in the TARGET frame (as if resized first): fold the target coordinates into [0, size - 1],
+    # then map them to the source. Folding in the source frame (warpAffine's borders) would replicate or mirror
+    # the source's own edge pixels, not the resized image's.
     xs = np.arange(out_w, dtype=np.float32)[None, :]
     ys = np.arange(out_h, dtype=np.float32)[:, None]
     m = matrix.astype(np.float32)  # float32 is plenty below 2048 px (1e-4 px) and halves the work
-    xt = _snap(m[0, 0] * xs + (m[0, 1] * ys + m[0, 2]))
-    yt = _snap(m[1, 0] * xs + (m[1, 1] * ys + m[1, 2]))
+    xt, yt, spare = _coordinate_buffers(out_h, out_w)
+    np.add(m[0, 0] * xs, m[0, 1] * ys + m[0, 2], out=xt)
+    np.add(m[1, 0] * xs, m[1, 1] * ys + m[1, 2], out=yt)
     valid = None
+    if fill_mode in ("constant", "wrap"):  # both have a jump at the edge: decide it exactly
+        _snap(xt, spare)
+        _snap(yt, spare)
     if fill_mode == "constant":  # scipy 'constant': nothing is interpolated beyond the edge samples
         valid = (xt >= 0.0) & (xt <= out_w - 1.0) & (yt >= 0.0) & (yt <= out_h - 1.0)
-    else:
-        xt, yt = _wrap(xt, out_w), _wrap(yt, out_h)
-    map_x = np.clip(xt, 0.0, out_w - 1.0) * np.float32(sx) + np.float32(0.5 * sx - 0.5)
-    map_y = np.clip(yt, 0.0, out_h - 1.0) * np.float32(sy) + np.float32(0.5 * sy - 0.5)
-    out = cv2.remap(source, map_x, map_y, flag, borderMode=cv2.BORDER_REPLICATE)
+    elif fill_mode == "wrap":
+        _wrap(xt, out_w, spare)
+        _wrap(yt, out_h, spare)
+    elif fill_mode == "reflect":
+        _reflect(xt, out_w, _span(matrix[0], out_w, out_h), spare)
+        _reflect(yt, out_h, _span(matrix[1], out_w, out_h), spare)
+    # nearest is the clip alone (and the clip finishes reflect: the half pixel beyond each edge is flat)
+    for coord, size, step in ((xt, out_w, sx), (yt, out_h, sy)):
+        np.clip(coord, 0.0, size - 1.0, out=coord)  # into the resized image ...
+        coord *= np.float32(step)  # ... then to source pixels (half-pixel centres, as cv2.resize)
+        coord += np.float32(0.5 * step - 0.5)
+    out = cv2.remap(source, xt, yt, flag, borderMode=cv2.BORDER_REPLICATE)
     out = cv2.cvtColor(out, cv2.COLOR_RGBA2RGB) if rgba else out
-    if not (keep_uint8 and out.dtype == np.uint8 and _uint8_value(cval)):
+    if not (keep_uint8 and out.dtype == np.uint8 and (valid is None or _uint8_value(cval))):
         out = out.astype(np.float32)
     if valid is not None:
         out[~valid] = cval

@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import core_schema
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
@@ -26,6 +36,16 @@ class ParamsError(ValueError):
     def __init__(self, problems: list[str], source: str = "params"):
         self.problems = problems
         super().__init__(f"invalid {source}:\n  " + "\n  ".join(problems))
+
+
+class _KeyProblem(ValueError):
+    """Raised by a validator about one key at or below the one it validates: the reported line names that key's
+    path and echoes that key's value, not the whole section (``augment.grid.zoom_range: ..., got 'big'``).
+    ``key`` is dotted and relative to the validated section (None: the section itself)."""
+
+    def __init__(self, key: str | None, message: str, value: Any):
+        self.key, self.message, self.value = key, message, value
+        super().__init__(message)
 
 
 def _allows_bool(annotation: Any) -> bool:
@@ -85,9 +105,12 @@ class SplitFractions(_Section):
     def _sum_to_one(self) -> SplitFractions:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"expected train + val + test to sum to 1, got {total:g}")
+            fractions = {"train": self.train, "val": self.val, "test": self.test}
+            raise _KeyProblem(
+                None, f"expected train + val + test to sum to 1 (they sum to {total:g})", fractions
+            )
         if self.train <= 0:
-            raise ValueError("expected a train fraction above 0")
+            raise _KeyProblem("train", "expected a fraction above 0", self.train)
         return self
 
 
@@ -111,12 +134,12 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _csv_needs_file(self) -> DataConfig:
         if self.source == "csv" and self.csv is None:
-            raise ValueError("data.source is 'csv' but data.csv is not set")
+            raise _KeyProblem("csv", "required when data.source is 'csv'", None)
         if self.classes is not None:
             if len(self.classes) < 2:
-                raise ValueError(f"expected at least 2 classes in data.classes, got {list(self.classes)!r}")
+                raise _KeyProblem("classes", "expected at least 2 classes", list(self.classes))
             if len(set(self.classes)) != len(self.classes):
-                raise ValueError(f"expected unique names in data.classes, got {list(self.classes)!r}")
+                raise _KeyProblem("classes", "expected unique names", list(self.classes))
         return self
 
 
@@ -147,6 +170,47 @@ class ImageConfig(_Section):
 FillMode = Literal["constant", "nearest", "reflect", "wrap"]
 
 
+class FrozenMapping(Mapping[str, tuple[Any, ...]]):
+    """A read-only, hashable mapping of key -> tuple of values (``augment.grid``): reads like a dict, item
+    assignment raises ``TypeError``; dumps as a plain dict (so section hashes are those of the dict)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, tuple[Any, ...]] = MappingProxyType({})):
+        object.__setattr__(self, "_items", MappingProxyType(dict(items)))
+
+    def __getitem__(self, key: str) -> tuple[Any, ...]:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items.items()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self._items)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickle / deepcopy (a mappingproxy itself cannot be pickled)
+        return (type(self), (dict(self._items),))
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(
+            cls,
+            handler(dict[str, tuple[Any, ...]]),
+            serialization=core_schema.plain_serializer_function_ser_schema(dict),
+        )
+
+
 class AugmentConfig(_Section):
     """ImageDataGenerator's augmentation vocabulary and semantics, plus the number of augmented passes."""
 
@@ -164,7 +228,7 @@ class AugmentConfig(_Section):
     fill_mode: FillMode = "nearest"
     cval: float = 0.0
     rescale: float | None = None
-    grid: dict[str, tuple[Any, ...]] | None = None
+    grid: FrozenMapping | None = None  # read-only: the config is frozen all the way down
     grid_samples: int = Field(0, ge=0)
 
     @field_validator("zoom_range", mode="before")
@@ -197,9 +261,9 @@ class AugmentConfig(_Section):
         out: dict[str, tuple[Any, ...]] = {}
         for key, values in value.items():
             if key not in allowed:
-                raise ValueError(f"unknown grid parameter {key!r}; expected one of {sorted(allowed)}")
+                raise _KeyProblem(str(key), f"unknown key; expected one of {sorted(allowed)}", values)
             if not isinstance(values, list | tuple) or not values:
-                raise ValueError(f"expected a non-empty list of values for grid parameter {key!r}")
+                raise _KeyProblem(key, "expected a non-empty list of values", values)
             out[key] = tuple(tuple(v) if isinstance(v, list) else v for v in values)
         return out
 
@@ -212,7 +276,8 @@ class AugmentConfig(_Section):
                     try:
                         AugmentConfig.model_validate({**base, key: v})
                     except ValidationError as err:
-                        raise ValueError(f"grid.{key}: value {v!r} is invalid: {_first_msg(err)}") from None
+                        echo = list(v) if isinstance(v, tuple) else v  # as written in params.yaml
+                        raise _KeyProblem(f"grid.{key}", _first_msg(err), echo) from None
         return self
 
 
@@ -312,7 +377,7 @@ def _default_heads() -> tuple[HeadSpec, ...]:
 
 
 class TopConfig(_Section):
-    heads: tuple[HeadSpec, ...] = Field(default_factory=_default_heads, min_length=1)
+    heads: tuple[HeadSpec, ...] = Field(default_factory=_default_heads)
     optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
     lr: float = Field(1e-3, gt=0, le=10)
     epochs: int = Field(30, ge=1, le=10_000)
@@ -320,12 +385,17 @@ class TopConfig(_Section):
     patience: int = Field(5, ge=0)
     select_metric: Literal["val_loss", "val_accuracy"] = "val_loss"
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> TopConfig:
-        names = [h.name for h in self.heads]
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, value: tuple[HeadSpec, ...]) -> tuple[HeadSpec, ...]:
+        # checked after the heads themselves validate (a Field min_length would add a second, confusing line
+        # "at least 1 item after validation, not 0" whenever one head is invalid)
+        if not value:
+            raise ValueError("expected at least 1 head")
+        names = [h.name for h in value]
         if len(set(names)) != len(names):
-            raise ValueError(f"expected unique head names, got {names!r}")
-        return self
+            raise _KeyProblem(None, "expected unique head names", names)
+        return value
 
 
 # ----------------------------------------------------------------------------------------------- finetune
@@ -405,6 +475,10 @@ def _format_errors(err: ValidationError) -> list[str]:
         loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         msg = _clean_msg(e["msg"])
         got = e.get("input")
+        problem = (e.get("ctx") or {}).get("error")
+        if isinstance(problem, _KeyProblem):  # a validator's own key path and value
+            loc = ".".join(p for p in (loc, problem.key) if p)
+            msg, got = problem.message, problem.value
         line = f"{loc or '<root>'}: {msg}"
         if msg != "unknown key" or got is not None:
             line += f", got {got!r}"

@@ -1,9 +1,11 @@
 """``retrainflow augment-preview``: see what an augmentation policy does before spending compute on it.
 
-For each policy (the configured one, or each policy of ``augment.grid``) one PNG: N images (rows) x the clean view
-plus M augmented views (columns), rendered by the real input pipeline (``tasks.pipeline.view_dataset``), with the
-policy's name, hash and parameters in the caption. Images come from the index's train split when the index exists,
-otherwise straight from the class folders under ``data.root``.
+For each policy the features stage renders (``tasks.augment.policies_for``: the configured one, or the policies of
+``augment.grid``, ``augment.grid_samples`` of them drawn with ``augment.seed``) one PNG: N images (rows) x the clean
+view plus M augmented views (columns), rendered by the real input pipeline (``tasks.pipeline.view_dataset``, with
+``image.interpolation``), with the policy's name, hash and parameters in the caption. Images come from the index's
+train split when the index exists, otherwise straight from the class folders under ``data.root`` (within
+``data.max_pixels``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.augment import AugmentPolicy, expand_grid
+from tasks.augment import AugmentPolicy, policies_for
 from tasks.config import Params
 from tasks.layout import Layout
 
@@ -42,8 +44,9 @@ def _spread(count: int, n: int, seed: int) -> list[int]:
     return sorted(rng.choice(count, size=min(n, count), replace=False).tolist())
 
 
-def rows_from_folders(root: Path, n: int, seed: int = 0) -> Any:
-    """Index-shaped rows for ``n`` images found under ``root`` (class folders), for use before ``index`` ran."""
+def rows_from_folders(root: Path, n: int, seed: int = 0, *, max_pixels: int) -> Any:
+    """Index-shaped rows for ``n`` images found under ``root`` (class folders), for use before ``index`` ran;
+    images above ``max_pixels`` (``data.max_pixels``) are skipped, as the index stage rejects them."""
     import pandas as pd
 
     from tasks.images import ImageRejected, read_header
@@ -55,7 +58,7 @@ def rows_from_folders(root: Path, n: int, seed: int = 0) -> Any:
     for i in _spread(len(files), 4 * n, seed):  # some may be unreadable: look at a few more than needed
         contents = files[i].read_bytes()
         try:
-            fmt, width, height, orientation, _ = read_header(contents, 89_478_485)
+            fmt, width, height, orientation, _ = read_header(contents, max_pixels)
         except ImageRejected:
             continue
         if orientation in (5, 6, 7, 8):
@@ -73,7 +76,7 @@ def rows_from_folders(root: Path, n: int, seed: int = 0) -> Any:
         if len(records) == n:
             break
     if not records:
-        raise FileNotFoundError(f"no readable images under {root}")
+        raise FileNotFoundError(f"no readable images within data.max_pixels={max_pixels} under {root}")
     return pd.DataFrame(records)
 
 
@@ -88,13 +91,20 @@ def preview_rows(params: Params, layout: Layout, n: int) -> Any:
         train = table[table["split"] == "train"]
         table = train if len(train) else table
         return table.iloc[_spread(len(table), n, params.seed)].reset_index(drop=True)
-    return rows_from_folders(data_root(params), n, params.seed)
+    return rows_from_folders(data_root(params), n, params.seed, max_pixels=params.data.max_pixels)
 
 
 def render_grid(
-    rows: Any, data_root: Path, policy: AugmentPolicy, *, image_size: tuple[int, int], views: int
+    rows: Any,
+    data_root: Path,
+    policy: AugmentPolicy,
+    *,
+    image_size: tuple[int, int],
+    views: int,
+    interpolation: str = "bilinear",
 ) -> np.ndarray:
-    """uint8 ``[N, 1 + views, H, W, 3]``: the clean view then passes 0..views-1, through the real pipeline."""
+    """uint8 ``[N, 1 + views, H, W, 3]``: the clean view then passes 0..views-1, through the real pipeline with
+    the resize ``interpolation`` (``image.interpolation``)."""
     from tasks.pipeline import view_dataset
 
     columns = []
@@ -106,6 +116,7 @@ def render_grid(
             batch_size=len(rows),
             policy=policy_or_none,
             pass_number=pass_number,
+            interpolation=interpolation,
         )
         columns.append(np.concatenate([np.asarray(b) for b in ds]))
     return np.clip(np.stack(columns, axis=1), 0, 255).round().astype(np.uint8)
@@ -137,6 +148,19 @@ def write_png(grid: np.ndarray, policy: AugmentPolicy, path: Path) -> Path:
     return path
 
 
+def preview_policies(params: Params, policy_name: str | None = None) -> list[AugmentPolicy]:
+    """The policies the features stage renders (:func:`tasks.augment.policies_for`), or the one named
+    ``policy_name`` (its name or short hash)."""
+    policies = policies_for(params.augment)
+    if policy_name is None:
+        return policies
+    chosen = [p for p in policies if policy_name in (p.name, p.short_hash)]
+    if not chosen:
+        names = [p.name for p in policies]
+        raise ValueError(f"augment-preview: no policy named {policy_name!r}; the policies are {names}")
+    return chosen
+
+
 def run_preview(
     params: Params,
     layout: Layout,
@@ -153,13 +177,7 @@ def run_preview(
         raise ValueError(f"augment-preview: expected 1 to 64 images, got {images!r}")
     if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= 32:
         raise ValueError(f"augment-preview: expected 1 to 32 views, got {views!r}")
-    policies = expand_grid(params.augment, params.seed)
-    if policy_name is not None:
-        chosen = [p for p in policies if policy_name in (p.name, p.short_hash)]
-        if not chosen:
-            names = [p.name for p in policies]
-            raise ValueError(f"augment-preview: no policy named {policy_name!r}; the policies are {names}")
-        policies = chosen
+    policies = preview_policies(params, policy_name)
     if out is not None and len(policies) > 1:
         raise ValueError(
             f"augment-preview: --out names one file but the grid has {len(policies)} policies; "
@@ -169,7 +187,14 @@ def run_preview(
     size = image_size_for(params)
     written = []
     for policy in policies:
-        grid = render_grid(rows, data_root(params), policy, image_size=size, views=views)
+        grid = render_grid(
+            rows,
+            data_root(params),
+            policy,
+            image_size=size,
+            views=views,
+            interpolation=params.image.interpolation,
+        )
         path = out if out is not None else layout.reports_dir / f"augment_preview_{policy.short_hash}.png"
         written.append(str(write_png(grid, policy, path)))
     return PreviewManifest(

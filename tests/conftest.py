@@ -1,4 +1,5 @@
-"""Shared fixtures: an offline, quiet environment for every test; the ../shared folder when present."""
+"""Shared fixtures: an offline, quiet environment for every test; ../shared data and weights when present
+(``shared_path``: a test that needs one skips, naming the exact path, when it is absent)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,20 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def shared_path(*parts: str) -> Path:
+    """``SHARED/<parts>`` (a dataset folder, a weights file), or skip the calling test with a reason naming that
+    exact path when it is absent: a partial ../shared then skips only the tests it cannot serve, each saying why.
+    Usable from fixtures of any scope (module-scoped workspaces too)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (../shared, or set RETRAINFLOW_SHARED)")
+    return path
+
+
 @pytest.fixture
 def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"../shared not present at {SHARED}")
-    return SHARED
+    """The ../shared folder itself; a test needing something in it should ask ``shared_path(...)`` for it."""
+    return shared_path()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from tasks.augment import (
     draw_parameters,
     expand_grid,
     photometric,
+    policies_for,
     policy_from_config,
     render_view,
     transform_matrix,
@@ -161,6 +162,108 @@ def test_resize_is_folded_into_the_same_resampling():
     np.testing.assert_allclose(flipped[0, :, 0], clean[0, ::-1, 0], atol=0.05)
 
 
+def resize_then_transform(
+    source: np.ndarray, matrix: np.ndarray, size: tuple[int, int], fill_mode: str, cval: float
+) -> np.ndarray:
+    """The stated semantics step by step: ``cv2.resize`` to ``size`` first, then the affine transform in the
+    resized frame with scipy.ndimage (order 1, the fill mode), as ImageDataGenerator.apply_transform does."""
+    import cv2
+    from scipy import ndimage
+
+    resized = cv2.resize(source, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    (a, b, c), (d, e, f) = matrix[0], matrix[1]  # (x, y) -> (x, y); scipy indexes (row, col) = (y, x)
+    rows_cols, offset = np.array([[e, d], [b, a]]), np.array([f, c])
+    return np.stack(
+        [
+            ndimage.affine_transform(resized[..., k], rows_cols, offset, order=1, mode=fill_mode, cval=cval)
+            for k in range(3)
+        ],
+        axis=-1,
+    )
+
+
+DOWNSCALE = ((40, 30), (8, 10))  # non-square source -> non-square target, 5x down in y, 3x in x
+# whole target pixels: each output samples the resized image exactly at its pixels, any image content
+WHOLE_PIXEL_CASES = [
+    {"tx": -3},
+    {"tx": 4, "ty": -5},
+    {"tx": -13, "ty": 9},  # beyond one period of every fill mode
+    {"theta": 90},  # the centres (4.5, 3.5) differ by a whole pixel: stays on the grid
+    {"tx": -2, "flip_h": True, "flip_v": True},
+]
+# any coordinates: on a linear ramp the resize and the bilinear sampling are exact, so one resampling and two
+# agree everywhere, the fill regions included (the half pixel beyond each edge is where folding could go wrong)
+FRACTIONAL_CASES = [
+    {"tx": -0.3},
+    {"tx": 2.5, "ty": -0.5},
+    {"zx": 1.5, "zy": 1.3},
+    {"theta": 33, "tx": 1.3, "ty": -0.7, "shear": 8, "zx": 0.9, "zy": 1.1},
+    {"zx": 3.3, "zy": 0.7, "theta": 20},  # several periods out
+]
+
+
+@pytest.mark.parametrize("fill_mode", FILL_MODES)
+def test_folded_resize_matches_resize_first_then_transform(fill_mode):
+    """The resize folded into the warp must equal resizing first, fill modes applied in the resized frame."""
+    pytest.importorskip("scipy")
+    (src_h, src_w), size = DOWNSCALE
+    noise = np.random.default_rng(3).uniform(0, 255, (src_h, src_w, 3)).astype(np.float32)
+    rows, cols = np.mgrid[0:src_h, 0:src_w].astype(np.float32)
+    plane = np.stack([2 * cols + 5 * rows, 3 * cols + rows, 200 - cols - 2 * rows], axis=-1)
+    for image, cases in ((noise, WHOLE_PIXEL_CASES), (plane, FRACTIONAL_CASES)):
+        for case in cases:
+            matrix = transform_matrix(ViewParameters(**case), size)
+            ours = warp(image, matrix, image_size=size, fill_mode=fill_mode, cval=7.0)
+            reference = resize_then_transform(image, matrix, size, fill_mode, cval=7.0)
+            np.testing.assert_allclose(ours, reference, atol=0.01, err_msg=f"{fill_mode} {case}")
+
+
+def test_nearest_and_reflect_repeat_the_resized_edge_not_the_source_edge():
+    """A 40 -> 10 px ramp (resized: 4 x + 1.5): what lies beyond the left edge comes from the resized image."""
+    source = np.repeat(np.repeat(np.arange(40, dtype=np.float32)[None, :, None], 4, 0), 3, 2)
+    size = (2, 10)
+
+    def shifted(fill_mode: str, tx: float) -> np.ndarray:
+        matrix = transform_matrix(ViewParameters(tx=tx), size)
+        return warp(source, matrix, image_size=size, fill_mode=fill_mode)[0, :, 0]
+
+    np.testing.assert_allclose(shifted("nearest", -3.0)[:5], [1.5, 1.5, 1.5, 1.5, 5.5], atol=1e-3)
+    # reflect is half-sample symmetric about -0.5 in the resized frame: flat over that half pixel, then mirrored
+    np.testing.assert_allclose(shifted("reflect", -0.5)[:2], [1.5, 3.5], atol=1e-3)
+    np.testing.assert_allclose(shifted("reflect", -3.0)[:4], [9.5, 5.5, 1.5, 1.5], atol=1e-3)
+
+
+def test_warps_on_several_threads_equal_the_sequential_ones():
+    """The coordinate maps are per-thread scratch buffers: threads and changing sizes must not mix them up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(4)
+    jobs = [
+        (rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), size, mode)
+        for size in ((8, 10), (12, 9))
+        for mode in FILL_MODES
+        for _ in range(3)
+    ]
+    matrix = {
+        size: transform_matrix(ViewParameters(theta=20, tx=-1.5, zx=1.2), size) for size in ((8, 10), (12, 9))
+    }
+
+    def one(job):
+        image, size, mode = job
+        return warp(image, matrix[size], image_size=size, fill_mode=mode, cval=5.0)
+
+    sequential = [one(job) for job in jobs]
+    kept = [out.copy() for out in sequential]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(one, jobs * 4))
+    for i, out in enumerate(threaded):
+        np.testing.assert_array_equal(out, sequential[i % len(jobs)])
+    for out, copy in zip(
+        sequential, kept, strict=True
+    ):  # no result shares memory with a later call's buffers
+        np.testing.assert_array_equal(out, copy)
+
+
 def test_very_long_images_are_resampled_too():
     """OpenCV's warps refuse sides >= 32767 px: such a source is subsampled first, the geometry kept."""
     source = np.zeros((40000, 4, 3), np.uint8)
@@ -256,7 +359,7 @@ def test_policy_from_config_uses_image_data_generator_vocabulary():
 def test_short_hash_is_stable_and_covers_every_visual_field_and_the_seed():
     policy = policy_from_config(AugmentConfig())
     # a literal: the hash must not change across runs, machines or Python versions
-    assert policy.short_hash == "ab2f600ddebf"
+    assert policy.short_hash == "2d4a69782fde"
     assert len(policy.short_hash) == 12
     assert policy_from_config(AugmentConfig(), name="other").short_hash == policy.short_hash
     variants = {
@@ -380,3 +483,67 @@ def test_augment_preview_writes_one_png_per_policy(tmp_path):
     assert (tmp_path / "one.png").is_file()
     result = runner.invoke(app, [*args, "--policy", "nope"])
     assert result.exit_code == 1 and "'nope'" in result.output
+
+
+def test_preview_and_features_pick_the_same_sampled_policies():
+    """The preview shows what the features stage renders: the grid sampled with augment.seed, not params.seed."""
+    from tasks.features import split_views
+    from tasks.preview import preview_policies
+
+    params = params_from_dict({"seed": 42, "augment": {"seed": 3, "grid": GRID, "grid_samples": 4}})
+    rendered = list(dict.fromkeys(p for _, p, _ in split_views(params, "train") if p is not None))
+    shown = preview_policies(params)
+    assert (
+        [p.short_hash for p in shown]
+        == [p.short_hash for p in rendered]
+        == [p.short_hash for p in policies_for(params.augment)]
+    )
+    assert len(shown) == 4
+    # the top-level seed samples another subset: the test would catch the preview using it
+    assert [p.name for p in expand_grid(params.augment, params.seed)] != [p.name for p in shown]
+    one = preview_policies(params, shown[2].short_hash)
+    assert one == [shown[2]] and preview_policies(params, shown[1].name) == [shown[1]]
+
+
+def _preview_params(tmp_path, **sections):
+    import yaml
+    from imagegen import make_class_folders
+
+    from tasks.config import load_params
+
+    make_class_folders(tmp_path / "images", ["red", "blue"], per_class=2, size=40)
+    path = tmp_path / "params.yaml"
+    raw = {
+        "data": {"root": str(tmp_path / "images")},
+        "image": {"size": [32, 32]},
+        "base": {"weights": "none"},
+    }
+    path.write_text(yaml.safe_dump({**raw, **sections}))
+    return load_params(path)
+
+
+def test_preview_resizes_with_image_interpolation(tmp_path, monkeypatch):
+    import tasks.pipeline
+    from tasks.layout import Layout
+    from tasks.preview import run_preview
+
+    seen = []
+    real = tasks.pipeline.view_dataset
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("interpolation"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.pipeline, "view_dataset", spy)
+    params = _preview_params(tmp_path, image={"size": [32, 32], "interpolation": "nearest"})
+    run_preview(params, Layout(tmp_path / "ws"), images=2, views=1)
+    assert seen == ["nearest", "nearest"]  # the clean column and the one augmented view
+
+
+def test_preview_reads_data_max_pixels(tmp_path):
+    from tasks.layout import Layout
+    from tasks.preview import run_preview
+
+    params = _preview_params(tmp_path, data={"root": str(tmp_path / "images"), "max_pixels": 1599})
+    with pytest.raises(FileNotFoundError, match="data.max_pixels=1599"):  # the images are 40 x 40 = 1600 px
+        run_preview(params, Layout(tmp_path / "ws"), images=2, views=1)

@@ -1,8 +1,11 @@
+import copy
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tasks.bases import BASE_MODELS
 from tasks.config import Params, ParamsError, load_params, params_from_dict, parse_overrides
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -14,6 +17,20 @@ def test_project_params_file_is_valid():
     assert params.data.split.train == pytest.approx(0.7)
 
 
+def _regex_error(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        return str(err)
+    raise AssertionError(f"{pattern!r} compiles")
+
+
+GRID_KEYS = (
+    "['brightness_range', 'channel_shift_range', 'cval', 'fill_mode', 'height_shift_range', 'horizontal_flip', "
+    "'rotation_range', 'shear_range', 'vertical_flip', 'width_shift_range', 'zoom_range']"
+)
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
@@ -23,32 +40,98 @@ def test_project_params_file_is_valid():
         ),
         ({"top": {"lr": -1}}, "top.lr: expected greater than 0, got -1"),
         ({"top": {"lrr": 1}}, "top.lrr: unknown key, got 1"),
-        ({"nonsense": {}}, "nonsense: unknown key"),
-        ({"base": {"name": "alexnet"}}, "base.name: expected one of"),
-        ({"base": {"weights": "/no/such/file.h5"}}, "base.weights: expected 'imagenet', 'none' or the path"),
+        ({"nonsense": {}}, "nonsense: unknown key, got {}"),
         (
-            {"data": {"split": {"train": 0.5, "val": 0.1, "test": 0.1}}},
-            "data.split: expected train + val + test",
+            {"base": {"name": "alexnet"}},
+            f"base.name: expected one of {sorted(BASE_MODELS)}, got 'alexnet'",
         ),
-        ({"image": {"size": [0, 32]}}, "image.size: expected an integer or a [height, width] pair"),
+        (
+            {"base": {"weights": "/no/such/file.h5"}},
+            "base.weights: expected 'imagenet', 'none' or the path of an existing weights file, got '/no/such/file.h5'",
+        ),
+        (
+            {"image": {"size": [0, 32]}},
+            "image.size: expected an integer or a [height, width] pair of integers in [8, 2048], got [0, 32]",
+        ),
         (
             {"augment": {"fill_mode": "mirror"}},
             "augment.fill_mode: expected 'constant', 'nearest', 'reflect' or 'wrap', got 'mirror'",
         ),
-        ({"augment": {"passes": "two"}}, "augment.passes: expected a valid integer"),
-        ({"finetune": {"layer_regex": "("}}, "finetune.layer_regex: expected a valid regular expression"),
-        ({"augment": {"grid": {"zoom_range": [0.1, "big"]}}}, "grid.zoom_range: value 'big' is invalid"),
-        ({"data": {"source": "csv"}}, "data.source is 'csv' but data.csv is not set"),
+        (
+            {"augment": {"passes": "two"}},
+            "augment.passes: expected a valid integer, unable to parse string as an integer, got 'two'",
+        ),
+        (
+            {"finetune": {"layer_regex": "("}},
+            f"finetune.layer_regex: expected a valid regular expression ({_regex_error('(')}), got '('",
+        ),
+        # grid values: the grid key's path and the one bad value, not the whole section
+        (
+            {"augment": {"grid": {"zoom_range": [0.1, "big"]}}},
+            "augment.grid.zoom_range: expected a number in [0, 1) or a [low, high] pair, got 'big'",
+        ),
+        (
+            {"augment": {"grid": {"zoom_range": [[0.9, "x"]]}}},
+            "augment.grid.zoom_range: expected a [low, high] pair of positive numbers with low <= high, "
+            "got [0.9, 'x']",
+        ),
+        (
+            {"augment": {"grid": {"fill_mode": ["nearest", "mirror"]}}},
+            "augment.grid.fill_mode: expected 'constant', 'nearest', 'reflect' or 'wrap', got 'mirror'",
+        ),
+        (
+            {"augment": {"grid": {"spin": [1, 2]}}},
+            f"augment.grid.spin: unknown key; expected one of {GRID_KEYS}, got [1, 2]",
+        ),
+        ({"augment": {"grid": {"cval": 3}}}, "augment.grid.cval: expected a non-empty list of values, got 3"),
+        (
+            {"augment": {"grid": ["cval"]}},
+            "augment.grid: expected a mapping of augmentation parameter -> list of values, got ['cval']",
+        ),
+        # data: one line each, naming the key and echoing what was received
+        (
+            {"data": {"split": {"train": 0.5, "val": 0.1, "test": 0.1}}},
+            "data.split: expected train + val + test to sum to 1 (they sum to 0.7), "
+            "got {'train': 0.5, 'val': 0.1, 'test': 0.1}",
+        ),
+        (
+            {"data": {"split": {"train": 0.5}}},  # the defaults count: what the sum is made of
+            "data.split: expected train + val + test to sum to 1 (they sum to 0.8), "
+            "got {'train': 0.5, 'val': 0.15, 'test': 0.15}",
+        ),
+        (
+            {"data": {"split": {"train": 0, "val": 0.5, "test": 0.5}}},
+            "data.split.train: expected a fraction above 0, got 0.0",
+        ),
+        ({"data": {"source": "csv"}}, "data.csv: required when data.source is 'csv', got None"),
+        ({"data": {"classes": ["a"]}}, "data.classes: expected at least 2 classes, got ['a']"),
+        ({"data": {"classes": ["a", "b", "a"]}}, "data.classes: expected unique names, got ['a', 'b', 'a']"),
+        # heads: a bad head is reported once, without a second line about the tuple's length
+        (
+            {"top": {"heads": [{"name": "a", "units": [0]}]}},
+            "top.heads.0.units: expected a positive integer or a list of positive integers, got [0]",
+        ),
+        ({"top": {"heads": []}}, "top.heads: expected at least 1 head, got []"),
         (
             {"top": {"heads": [{"name": "a", "type": "linear"}, {"name": "a", "type": "linear"}]}},
-            "expected unique head names",
+            "top.heads: expected unique head names, got ['a', 'a']",
         ),
     ],
 )
 def test_bad_params_name_key_and_value(raw, expected):
     with pytest.raises(ParamsError) as err:
         params_from_dict(raw)
+    assert err.value.problems == [expected]
     assert expected in str(err.value)
+
+
+def test_two_bad_heads_give_two_lines_and_nothing_else():
+    with pytest.raises(ParamsError) as err:
+        params_from_dict({"top": {"heads": [{"name": "a", "units": [0]}, {"name": "b", "units": "x"}]}})
+    assert err.value.problems == [
+        "top.heads.0.units: expected a positive integer or a list of positive integers, got [0]",
+        "top.heads.1.units: expected a positive integer or a list of positive integers, got 'x'",
+    ]
 
 
 def test_every_problem_is_reported_at_once():
@@ -82,3 +165,28 @@ def test_params_are_frozen_and_hash_is_stable_per_section():
 def test_missing_params_file(tmp_path):
     with pytest.raises(ParamsError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_augment_grid_is_read_only_and_dumps_as_a_plain_mapping():
+    params = params_from_dict(
+        {"augment": {"grid": {"rotation_range": [0, 15], "zoom_range": [0.1, [0.9, 1.3]]}}}
+    )
+    grid = params.augment.grid
+    assert grid["rotation_range"] == (0, 15) and grid["zoom_range"] == (0.1, (0.9, 1.3))
+    assert dict(grid) == {"rotation_range": (0, 15), "zoom_range": (0.1, (0.9, 1.3))}
+    with pytest.raises(TypeError):
+        grid["rotation_range"] = (99,)  # type: ignore[index]
+    with pytest.raises(TypeError):
+        del grid["zoom_range"]  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        grid.update(rotation_range=(99,))  # type: ignore[attr-defined]
+    assert params.augment.grid["rotation_range"] == (0, 15)
+    # dumps (what section hashes are computed from) are those of a plain dict
+    assert params.model_dump(mode="json")["augment"]["grid"] == {
+        "rotation_range": [0, 15],
+        "zoom_range": [0.1, [0.9, 1.3]],
+    }
+    assert params.augment.model_dump()["grid"] == {"rotation_range": (0, 15), "zoom_range": (0.1, (0.9, 1.3))}
+    # and the frozen params stay hashable and copyable (deepcopy goes through __reduce__, as pickling would)
+    assert copy.deepcopy(params) == params
+    assert hash(params.augment) == hash(copy.deepcopy(params).augment)
