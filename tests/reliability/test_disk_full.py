@@ -7,11 +7,22 @@ from __future__ import annotations
 
 import errno
 import io
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from imagegen import make_class_folders
-from relhelp import check_cache_consistent, leftover_temp_files, tiny_dict, tiny_params, write_params
+from relhelp import (
+    check_cache_consistent,
+    leftover_temp_files,
+    quiet_env,
+    tiny_dict,
+    tiny_params,
+    write_params,
+)
 from typer.testing import CliRunner
 
 from tasks.layout import Layout
@@ -105,3 +116,38 @@ def test_cli_reports_full_disk_clearly(dataset, tmp_path, monkeypatch) -> None:
     assert result.exit_code not in (0, None)
     assert isinstance(result.exception, SystemExit), f"unhandled {result.exception!r}"
     assert "No space left" in result.output
+
+
+DISKFULL_CLI = Path(__file__).with_name("diskfull_cli.py")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["stage", "features"], ["run"]], ids=["stage-features", "run"])
+def test_stage_and_run_report_full_disk_clearly(dataset, tmp_path, command) -> None:
+    """`retrainflow stage features` (what `dvc repro` runs) and `retrainflow run`, which run the stage inside a
+    Prefect flow, exit like `retrainflow features` does on a full disk: code 1 and one `error:` line naming it,
+    after the task's retry failed too (a full disk stays full). Real processes: the CLI with the shard writer
+    failing (diskfull_cli.py), reporting to the session's Prefect server."""
+    from prefect_api import local_server
+
+    from tasks.index import run_index
+
+    root, _, _ = dataset
+    write_params(tmp_path, tiny_dict(root))
+    run_index(tiny_params(root), Layout(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, str(DISKFULL_CLI), "2", *command, "--params", "params.yaml"],
+        cwd=tmp_path,
+        env=quiet_env({"PREFECT_API_URL": local_server()}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    calls = [int(n) for n in re.findall(r"np.save failed: call (\d+)", proc.stderr)]
+    assert len(calls) >= 2, proc.stderr[-4000:]  # it failed, and failed again in the task's retry
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], proc.stderr[-4000:]
+    assert proc.stderr.rstrip().endswith(errors[0]), "the error line is the last word, not a traceback"
+    assert not Layout(tmp_path).features_manifest.exists()
+    assert leftover_temp_files(tmp_path) == []
