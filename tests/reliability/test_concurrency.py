@@ -20,6 +20,7 @@ from relhelp import (
     leftover_temp_files,
     quiet_env,
     tiny_dict,
+    tiny_params,
     write_params,
 )
 
@@ -34,6 +35,57 @@ def workspace(tmp_path: Path) -> Path:
     make_class_folders(tmp_path / "data" / "images", ["red", "blue"], per_class=6, size=32)
     write_params(tmp_path, tiny_dict())
     return tmp_path
+
+
+@pytest.mark.slow
+def test_two_pipeline_runs_at_once_in_one_workspace(workspace: Path) -> None:
+    """Two `retrainflow run` (the retrain flow) started together on tiny data: one runs the pipeline and promotes,
+    the other exits 3 naming the winner's PID (or, had it started after the first finished, skips as unchanged);
+    afterwards the feature cache, the registry and the champion are consistent and the lock is free."""
+    from prefect_api import local_server
+
+    from tasks.features import cache_root
+    from tasks.model_registry import read_registry
+
+    env = quiet_env({"PREFECT_API_URL": local_server()})
+    procs = [
+        subprocess.Popen(
+            [str(RETRAINFLOW), "run"],
+            cwd=workspace,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [(p, *p.communicate(timeout=900)) for p in procs]
+    codes = sorted(p.returncode for p, _, _ in results)
+    assert codes in ([0, 0], [0, 3]), [(p.returncode, err[-3000:]) for p, _, err in results]
+    winners = [(p, out) for p, out, _ in results if p.returncode == 0]
+    statuses = sorted(json.loads(out)["status"] for _, out in winners)
+    if codes == [0, 3]:
+        (winner, _), (_, _, err) = winners[0], next(r for r in results if r[0].returncode == 3)
+        text = " ".join(err.split())
+        assert "busy: another retrainflow run holds the workspace lock" in text, text
+        assert f"pid {winner.pid}" in text and "retrainflow run" in text, text
+        assert statuses == ["promoted"]
+    else:  # serialised: the second found nothing changed since the champion
+        assert statuses == ["promoted", "skipped"]
+
+    layout = Layout(workspace)
+    params = tiny_params(workspace / "data" / "images")
+    rows = check_cache_consistent(cache_root(params, layout))
+    manifest = json.loads(layout.features_manifest.read_text())
+    assert rows == manifest["pairs"]  # every (image, view) pair the run needed, each once
+    registry = read_registry(layout)
+    assert len(registry.candidates) == 1 and registry.candidates[0].promoted
+    assert registry.champion == registry.candidates[0].id
+    assert (layout.champions_dir / registry.champion / "model.keras").is_file()
+    assert layout.champion_dir.resolve() == (layout.champions_dir / registry.champion).resolve()
+    assert (layout.index_table.read_text().count("\n")) == 13  # header + 12 images
+    assert leftover_temp_files(workspace) == []
+    assert read_holder(layout.lock_file) == {}, "the lock file still names a holder"
 
 
 def test_second_run_exits_with_a_clear_message_while_the_lock_is_held(workspace: Path) -> None:
