@@ -34,7 +34,13 @@ class Counter:
         self.names.append(name)
         if self.kill_at and len(self.names) == self.kill_at:
             sys.stdout.flush()
+            print(killed_line(self.kill_at, name), file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def killed_line(n: int, name: str) -> str:
+    """What a child prints on stderr just before it kills itself at event ``n`` (named ``name``)."""
+    return f"killpoints: SIGKILL at event {n} ({name})"
 
 
 def install(counter: Counter) -> None:

@@ -128,7 +128,12 @@ def test_run_completes_and_only_good_images_reach_training(messy_run) -> None:
     assert trained == set(table["sha256"])
     assert all_cached_shas(Path(features.cache_dir)) <= good
     assert layout.candidate_model.is_file() and ft.epochs_run == 1
-    assert top.best_head == "linear" if hasattr(top, "best_head") else True
+    # the head was trained on exactly the good images' features (one head configured: linear)
+    train, val = read_features(params, layout, "train"), read_features(params, layout, "val", views="clean")
+    assert top.best_head == "linear" and [h["name"] for h in top.heads] == ["linear"]
+    assert top.train_samples == len(train.x) == int((table["split"] == "train").sum()) > 0
+    assert top.val_samples == len(val.x) == int((table["split"] == "val").sum()) > 0
+    assert top.feature_dim == train.x.shape[1] and np.isfinite(top.val_loss)
 
 
 @pytest.mark.slow

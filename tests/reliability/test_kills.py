@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from imagegen import make_class_folders
-from killpoints import run_counted
+from killpoints import killed_line, run_counted
 from relhelp import check_cache_consistent, leftover_temp_files, quiet_env, tiny_dict, write_params
 
 from tasks.config import load_params
@@ -33,7 +33,6 @@ INPUTS = {
     "train_top": ("index", "cache/features", "features"),
     "finetune": ("index", "cache/features", "features", "models/top"),
 }
-KILL_LOG: dict[str, list[tuple[int, str, int]]] = {}  # stage -> (event number, event name, child return code)
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +70,19 @@ def killed_workspaces(stage: str, reference, base: Path) -> list[tuple[Layout, i
             (work, n, subprocess.Popen(cmd, env=quiet_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
         )
     out = []
+    killed = []
     for work, n, proc in procs:
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode in (-9, 0), f"child for kill point {n} failed:\n{stderr.decode()[-3000:]}"
-        KILL_LOG.setdefault(stage, []).append((n, events[stage][n - 1], proc.returncode))
-        out.append((Layout(work), n, events[stage][n - 1]))
-    assert any(code == -9 for _, _, code in KILL_LOG[stage]), (
-        f"no {stage} child was killed: {KILL_LOG[stage]}"
-    )
+        _, stderr = proc.communicate(timeout=300)
+        event = events[stage][n - 1]
+        assert proc.returncode == -9, (
+            f"{stage} child for kill point {n} ({event}) was not killed (exit {proc.returncode}):\n"
+            f"{stderr.decode()[-3000:]}"
+        )
+        # killed at the intended point: the child's n-th write event is the reference's n-th
+        assert killed_line(n, event) in stderr.decode(), stderr.decode()[-3000:]
+        killed.append(n)
+        out.append((Layout(work), n, event))
+    assert killed == points and len(killed) == min(KILLS[stage], len(events[stage])), (stage, killed)
     return out
 
 
@@ -136,6 +140,7 @@ def test_train_top_killed_while_saving_leaves_no_half_written_head(reference, tm
     cmd = [sys.executable, str(KILLPOINTS_SCRIPT), "train_top", str(work), str(params_file), str(n)]
     proc = subprocess.run(cmd, env=quiet_env(), capture_output=True, timeout=300, check=False)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert killed_line(n, "zip-open") in proc.stderr.decode()
     layout = Layout(work)
     assert (layout.top_dir / HEAD_FILE).is_file()
     load_head(layout)  # the old head or the new one, never a torn file
@@ -202,6 +207,7 @@ def test_kill_during_index_never_pairs_a_new_table_with_old_classes(tmp_path) ->
     for work, n, proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == -9, err.decode()[-2000:]
+        assert killed_line(n, "replace") in err.decode()
         layout = Layout(work)
         try:
             table, classes = read_index(layout), read_classes(layout)
@@ -233,6 +239,7 @@ def test_finetune_killed_while_writing_its_backup_resumes(reference, tmp_path) -
     cmd = [sys.executable, str(KILLPOINTS_SCRIPT), "finetune", str(work), str(params_file), str(n)]
     proc = subprocess.run(cmd, env=quiet_env(), capture_output=True, timeout=300, check=False)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert killed_line(n, "h5-open") in proc.stderr.decode()
     layout = Layout(work)
     manifest = run_finetune(params, layout)
     assert manifest.epochs_run == 2
@@ -280,6 +287,7 @@ def test_kill_during_promotion_keeps_registry_and_champion_in_step(tmp_path) -> 
     for n, work, proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == -9, err.decode()[-2000:]
+        assert killed_line(n, events[n - 1]) in err.decode()
         layout = Layout(work)
         registry = read_registry(layout)  # whole JSON
         info, model = layout.champion_dir / "champion.json", layout.champion_dir / "model.keras"
