@@ -415,6 +415,7 @@ def warp(
     cval: float = 0.0,
     interpolation: str = "bilinear",
     keep_uint8: bool = False,
+    crop_to_aspect_ratio: bool = False,
 ) -> np.ndarray:
     """Resample ``image`` ([h, w, 3], uint8 or float32) ONCE into float32 ``image_size`` under ``matrix``
     (uint8 when ``keep_uint8`` and the input is uint8: a 4x smaller result for the pipeline to batch).
@@ -424,7 +425,9 @@ def warp(
     full-resolution (height, width) the decoded ``image`` was reduced from by JPEG DCT ``ratio`` (None: the decoded
     size at ratio 1), so reduced decoding does not move the geometry. One ``cv2.remap`` with the coordinates
     folded here, in the target frame, for every fill mode; a plain resize is ``cv2.resize`` (or ``cv2.warpAffine``
-    for nearest resizing and DCT-reduced decodes, where no fill happens).
+    for nearest resizing and DCT-reduced decodes, where no fill happens). With ``crop_to_aspect_ratio`` the
+    "resized image" is the centred crop of the source with the target's aspect ratio (:func:`aspect_crop`),
+    resized without distortion, as Keras' ``crop_to_aspect_ratio``; otherwise the whole source is stretched.
     """
     import cv2
 
@@ -441,17 +444,26 @@ def warp(
         step = math.ceil(max(dec_h, dec_w) / (_OPENCV_MAX_SIDE - 1))
         image, ratio = np.ascontiguousarray(image[::step, ::step]), ratio * step
         dec_h, dec_w = image.shape[:2]
-    sx, sy = full_w / (ratio * out_w), full_h / (ratio * out_h)
+    x0, y0, crop_w, crop_h = (
+        aspect_crop(full_h, full_w, image_size) if crop_to_aspect_ratio else (0, 0, full_w, full_h)
+    )
+    sx, sy = crop_w / (ratio * out_w), crop_h / (ratio * out_h)  # source px per target px
+    ox, oy = x0 / ratio, y0 / ratio  # the crop's corner in decoded pixels
     flag = cv2.INTER_LINEAR if interpolation == "bilinear" else cv2.INTER_NEAREST
-    if matrix is None and interpolation == "bilinear" and (dec_h * ratio, dec_w * ratio) == (full_h, full_w):
+    exact = (dec_h * ratio, dec_w * ratio) == (full_h, full_w) and all(
+        v % ratio == 0 for v in (x0, y0, crop_w, crop_h)
+    )
+    if matrix is None and interpolation == "bilinear" and exact:
         # a plain resize with the same half-pixel geometry: cv2.resize is 3-4x faster than a warp
+        if crop_to_aspect_ratio:
+            image = image[y0 // ratio : (y0 + crop_h) // ratio, x0 // ratio : (x0 + crop_w) // ratio]
         out = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
         return out if keep_uint8 and out.dtype == np.uint8 else out.astype(np.float32, copy=False)
     # OpenCV's uint8 warps are vectorised for 4 channels, not 3: RGBA in, RGB out (the same pixels, 40% faster)
     rgba = image.dtype == np.uint8
     source = cv2.cvtColor(image, cv2.COLOR_RGB2RGBA) if rgba else image
     if matrix is None:  # a plain resize (nearest, or DCT-reduced): the output grid is inside the image
-        scale: Affine = (sx, 0.0, 0.5 * sx - 0.5, 0.0, sy, 0.5 * sy - 0.5)
+        scale: Affine = (sx, 0.0, 0.5 * sx - 0.5 + ox, 0.0, sy, 0.5 * sy - 0.5 + oy)
         out = cv2.warpAffine(
             source,
             np.array(scale, dtype=np.float64).reshape(2, 3),
@@ -483,10 +495,10 @@ def warp(
         _reflect(xt, out_w, _span(matrix[0], out_w, out_h), spare)
         _reflect(yt, out_h, _span(matrix[1], out_w, out_h), spare)
     # nearest is the clip alone (and the clip finishes reflect: the half pixel beyond each edge is flat)
-    for coord, size, step in ((xt, out_w, sx), (yt, out_h, sy)):
+    for coord, size, step, offset in ((xt, out_w, sx, ox), (yt, out_h, sy, oy)):
         np.clip(coord, 0.0, size - 1.0, out=coord)  # into the resized image ...
         coord *= np.float32(step)  # ... then to source pixels (half-pixel centres, as cv2.resize)
-        coord += np.float32(0.5 * step - 0.5)
+        coord += np.float32(0.5 * step - 0.5 + offset)
     out = cv2.remap(source, xt, yt, flag, borderMode=cv2.BORDER_REPLICATE)
     out = cv2.cvtColor(out, cv2.COLOR_RGBA2RGB) if rgba else out
     if not (keep_uint8 and out.dtype == np.uint8 and (valid is None or _uint8_value(cval))):
@@ -494,6 +506,16 @@ def warp(
     if valid is not None:
         out[~valid] = cval
     return out
+
+
+def aspect_crop(height: int, width: int, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centred crop ``(x0, y0, crop_width, crop_height)`` of a ``height`` x ``width`` image with the aspect
+    ratio of ``image_size`` (h, w): Keras' ``crop_to_aspect_ratio`` rule (``keras.preprocessing.image.smart_resize``),
+    integer pixels of the full-resolution image."""
+    out_h, out_w = image_size
+    crop_h = max(1, min(height, int(float(width * out_h) / out_w)))
+    crop_w = max(1, min(width, int(float(height * out_w) / out_h)))
+    return int((width - crop_w) / 2), int((height - crop_h) / 2), crop_w, crop_h
 
 
 def _uint8_value(value: float) -> bool:
@@ -529,9 +551,11 @@ def render_view(
     ratio: int = 1,
     interpolation: str = "bilinear",
     keep_uint8: bool = False,
+    crop_to_aspect_ratio: bool = False,
 ) -> np.ndarray:
     """One view of a decoded image at ``image_size`` (float32, 0-255): the clean view when ``policy`` is None.
-    With ``keep_uint8`` and uint8 pixels the result stays uint8 when :func:`renders_uint8` says so.
+    With ``keep_uint8`` and uint8 pixels the result stays uint8 when :func:`renders_uint8` says so. With
+    ``crop_to_aspect_ratio`` the image is first the centred crop with the target's aspect ratio (see :func:`warp`).
 
     A pure function of (pixels, sha256, pass, policy): what the feature cache relies on.
     """
@@ -544,6 +568,7 @@ def render_view(
             ratio=ratio,
             interpolation=interpolation,
             keep_uint8=keep_uint8,
+            crop_to_aspect_ratio=crop_to_aspect_ratio,
         )
     parameters = draw_parameters(policy, view_uniforms(sha256, policy.seed, pass_number), image_size)
     matrix = transform_matrix(parameters, image_size) if policy.is_geometric else None
@@ -557,5 +582,6 @@ def render_view(
         cval=policy.cval,
         interpolation=interpolation,
         keep_uint8=keep_uint8 and renders_uint8(policy),
+        crop_to_aspect_ratio=crop_to_aspect_ratio,
     )
     return out if out.dtype == np.uint8 else photometric(out, parameters)

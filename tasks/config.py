@@ -149,6 +149,9 @@ class ImageConfig(_Section):
 
     size: tuple[int, int] | None = None
     interpolation: Literal["bilinear", "nearest"] = "bilinear"
+    # Centre-crop every image to the target's aspect ratio before resizing (Keras' crop_to_aspect_ratio) instead
+    # of stretching it: on cats_vs_dogs (500x375 photos to 224x224) val loss fell 20% (BENCHMARKS.md).
+    crop_to_aspect_ratio: bool = True
 
     @field_validator("size", mode="before")
     @classmethod

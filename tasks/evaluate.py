@@ -227,37 +227,45 @@ def predict_split(
 
 @dataclass(frozen=True)
 class ModelInput:
-    """A model to evaluate and how its inputs were made in training: input size and resize interpolation."""
+    """A model to evaluate and how its inputs were made in training: input size, resize interpolation and
+    whether images were centre-cropped to the aspect ratio."""
 
     model: Any
     image_size: tuple[int, int]
     interpolation: str
+    crop_to_aspect_ratio: bool = False
 
     @classmethod
-    def of(cls, model: Any, interpolation: str) -> ModelInput:
-        """The model's own input size (``[B, H, W, 3]``) with ``interpolation``."""
+    def of(cls, model: Any, interpolation: str, crop_to_aspect_ratio: bool) -> ModelInput:
+        """The model's own input size (``[B, H, W, 3]``) with ``interpolation`` and the crop rule."""
         shape = model.input_shape
-        return cls(model, (int(shape[1]), int(shape[2])), interpolation)
+        return cls(model, (int(shape[1]), int(shape[2])), interpolation, crop_to_aspect_ratio)
 
 
 def evaluate_split(
     models: dict[str, ModelInput], rows: Any, root: Path, batch_size: int, preview: Preview | None
 ) -> dict[str, np.ndarray]:
-    """Every model's outputs on ``rows``, each fed images resized to its own input size with its own interpolation.
+    """Every model's outputs on ``rows``, each fed images resized as in its training (size, interpolation, crop).
 
     Models that agree on both share one pass of the input pipeline. ``preview`` gets the first model's inputs.
     """
     from tasks.pipeline import view_dataset
 
     ids = rows["class_id"].to_numpy()
-    groups: dict[tuple[tuple[int, int], str], dict[str, Any]] = {}
+    groups: dict[tuple[tuple[int, int], str, bool], dict[str, Any]] = {}
     for name, entry in models.items():
-        groups.setdefault((entry.image_size, entry.interpolation), {})[name] = entry.model
+        key = (entry.image_size, entry.interpolation, entry.crop_to_aspect_ratio)
+        groups.setdefault(key, {})[name] = entry.model
     first = next(iter(models))
     outputs: dict[str, np.ndarray] = {}
-    for (size, interpolation), group in groups.items():
+    for (size, interpolation, crop), group in groups.items():
         dataset = view_dataset(
-            rows, root, image_size=size, batch_size=batch_size, interpolation=interpolation
+            rows,
+            root,
+            image_size=size,
+            batch_size=batch_size,
+            interpolation=interpolation,
+            crop_to_aspect_ratio=crop,
         )
         outputs.update(predict_split(group, dataset, ids, preview if first in group else None))
     return {name: outputs[name] for name in models}
@@ -334,8 +342,10 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluateManifest:
         )
     top_only, _, _ = load_top_model(params, layout)
     models = {  # the candidate first: the prediction grid shows its inputs
-        "candidate": ModelInput(candidate.model, candidate.image_size, candidate.interpolation),
-        "top_only": ModelInput.of(top_only, params.image.interpolation),
+        "candidate": ModelInput(
+            candidate.model, candidate.image_size, candidate.interpolation, candidate.crop_to_aspect_ratio
+        ),
+        "top_only": ModelInput.of(top_only, params.image.interpolation, params.image.crop_to_aspect_ratio),
     }
     index = read_index(layout)
     root = data_root(params)

@@ -113,10 +113,13 @@ def image_size_for(params: Params) -> tuple[int, int]:
 
 
 def preprocessing_id(params: Params) -> str:
-    """What happens to pixels between decoding and the base: ``<base's mode>/<interpolation>``, plus
-    ``/rescale=<factor>`` when ``augment.rescale`` is set (unset, the id, and so every existing key, is unchanged)."""
+    """What happens to pixels between decoding and the base: ``<base's mode>/<interpolation>``, plus ``/crop``
+    with ``image.crop_to_aspect_ratio`` and ``/rescale=<factor>`` when ``augment.rescale`` is set (a stretched,
+    unscaled input keeps the id, and so every existing key, unchanged)."""
     spec = get_spec(params.base.name)
     out = f"{spec.preprocess_mode}/{params.image.interpolation}"
+    if params.image.crop_to_aspect_ratio:
+        out += "/crop"
     rescale = params.augment.rescale
     return out if rescale is None else f"{out}/rescale={float(rescale)!r}"
 
@@ -141,9 +144,9 @@ def _policies(params: Params) -> list[Any]:
     """The augmentation policies of this run: the ``augment`` section, or the sampled policies of its grid."""
     if params.augment.passes == 0:
         return []
-    from tasks.augment import expand_grid
+    from tasks.augment import policies_for
 
-    return expand_grid(params.augment, params.augment.seed)
+    return policies_for(params.augment)
 
 
 def split_views(params: Params, split: str, views: str = "all") -> list[tuple[str, Any, int]]:
@@ -384,6 +387,7 @@ def _extract(
                 preprocess=loaded.spec.preprocess,
                 rescale=params.augment.rescale,  # every view, clean and augmented (part of the cache key)
                 interpolation=params.image.interpolation,
+                crop_to_aspect_ratio=params.image.crop_to_aspect_ratio,
             )
         )
         ids += [(sha, view, str(label)) for sha, label in zip(rows["sha256"], rows["label"], strict=True)]

@@ -29,6 +29,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,16 @@ def image_size_for(params: Params) -> tuple[int, int]:
     return features_image_size(params)
 
 
-def build_full_model(base: Any, base_name: str, head: Any, image_size: tuple[int, int], pooling: str) -> Any:
-    """Raw RGB ``[B, H, W, 3]`` (0-255) -> preprocessing -> ``base(training=False)`` -> pooling -> ``head``."""
+def build_full_model(
+    base: Any,
+    base_name: str,
+    head: Any,
+    image_size: tuple[int, int],
+    pooling: str,
+    rescale: float | None = None,
+) -> Any:
+    """Raw RGB ``[B, H, W, 3]`` (0-255) -> (``augment.rescale``) -> the base's preprocessing ->
+    ``base(training=False)`` -> pooling -> ``head``."""
     import keras
 
     from tasks.heads import BasePreprocess
@@ -80,7 +89,7 @@ def build_full_model(base: Any, base_name: str, head: Any, image_size: tuple[int
         raise ValueError(f"pooling: expected one of {sorted(POOLING_LAYERS)}, got {pooling!r}")
     pool_layers = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
     inputs = keras.Input((*image_size, 3), name="image")
-    x = BasePreprocess(base_name, name="preprocess")(inputs)
+    x = BasePreprocess(base_name, rescale=rescale, name="preprocess")(inputs)
     x = base(x, training=False)
     x = pool_layers[pooling](name="pool")(x)
     outputs = head(x)
@@ -246,6 +255,7 @@ def labelled_view(
     batch_size: int,
     labels: np.ndarray,
     interpolation: str,
+    crop_to_aspect_ratio: bool = False,
 ) -> Any:
     """The clean view of ``rows`` (raw 0-255 pixels) zipped with their encoded labels, batched."""
     import tensorflow as tf
@@ -253,7 +263,12 @@ def labelled_view(
     from tasks.pipeline import view_dataset
 
     images = view_dataset(
-        rows, root, image_size=image_size, batch_size=batch_size, interpolation=interpolation
+        rows,
+        root,
+        image_size=image_size,
+        batch_size=batch_size,
+        interpolation=interpolation,
+        crop_to_aspect_ratio=crop_to_aspect_ratio,
     )
     return tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(labels).batch(batch_size)))
 
@@ -278,7 +293,9 @@ def load_top_model(params: Params, layout: Layout) -> tuple[Any, Any, Any]:
     size = image_size_for(params)
     loaded = load_base(params.base, size)
     head = load_head(layout)
-    model = build_full_model(loaded.model, params.base.name, head, size, params.features.pooling)
+    model = build_full_model(
+        loaded.model, params.base.name, head, size, params.features.pooling, params.augment.rescale
+    )
     return model, loaded.model, loaded.spec
 
 
@@ -326,11 +343,17 @@ def backup_is_readable(backup_dir: Path) -> bool:
     return True
 
 
+def resume_epoch(backup_dir: Path) -> int:
+    """The epoch ``BackupAndRestore`` resumes at (what its backup records; 0 without one)."""
+    meta = backup_dir / "training_metadata.json"
+    return int(json.loads(meta.read_text())["epoch"]) if meta.is_file() else 0
+
+
 def finetune_model(
     model: Any,
     base: Any,
     spec: Any,
-    train: tuple[Any, int],
+    train: Callable[[int], tuple[Any, int]],
     val: Any,
     cfg: FinetuneConfig,
     class_mode: str,
@@ -341,7 +364,9 @@ def finetune_model(
 ) -> dict[str, Any]:
     """Unfreeze, compile and fit ``model`` in place (resuming from ``work_dir`` if a killed run left state there).
 
-    ``train`` is ``(repeating dataset, steps per epoch)``, ``val`` a finite labelled dataset. Returns a summary;
+    ``train(first_epoch)`` builds ``(repeating dataset, steps per epoch)`` starting at that epoch (a resumed fit
+    continues the shuffle and augmentation sequence where the killed one stopped), ``val`` is a finite labelled
+    dataset. Returns a summary;
     the model ends with the best weights (possibly the starting ones, "epoch 0").
     """
     import keras
@@ -365,7 +390,7 @@ def finetune_model(
         _load_weights(model, state_dir / "best.npz")
         epochs_ran: list[int] = []
     else:
-        dataset, steps = train
+        dataset, steps = train(resume_epoch(backup_dir) if resumed else 0)
         history = model.fit(
             dataset,
             steps_per_epoch=steps,
@@ -424,20 +449,34 @@ def run_finetune(params: Params, layout: Layout) -> FinetuneManifest:
             raise ValueError(
                 f"finetune needs train and val images, got {len(train_rows)} and {len(val_rows)}"
             )
-        train = training_dataset(
-            train_rows,
-            root,
-            image_size=size,
-            batch_size=cfg.batch_size,
-            class_mode=classes.class_mode,
-            num_classes=classes.num_classes,
-            seed=params.seed,
-            policy=policy_from_config(params.augment) if cfg.augment else None,
-            interpolation=params.image.interpolation,
-            first_pass=params.augment.passes,  # fresh views: the head was fitted to passes 0..passes-1
-        )
+
+        def train(first_epoch: int) -> tuple[Any, int]:
+            # raw pixels: the model itself applies augment.rescale and the base's preprocessing
+            return training_dataset(
+                train_rows,
+                root,
+                image_size=size,
+                batch_size=cfg.batch_size,
+                class_mode=classes.class_mode,
+                num_classes=classes.num_classes,
+                seed=params.seed,
+                policy=policy_from_config(params.augment) if cfg.augment else None,
+                interpolation=params.image.interpolation,
+                crop_to_aspect_ratio=params.image.crop_to_aspect_ratio,
+                first_pass=params.augment.passes,  # fresh views: the head was fitted to passes 0..passes-1
+                first_epoch=first_epoch,
+            )
+
         val_labels = encode_labels(val_rows["class_id"].to_numpy(), classes.class_mode, classes.num_classes)
-        val = labelled_view(val_rows, root, size, cfg.batch_size, val_labels, params.image.interpolation)
+        val = labelled_view(
+            val_rows,
+            root,
+            size,
+            cfg.batch_size,
+            val_labels,
+            params.image.interpolation,
+            params.image.crop_to_aspect_ratio,
+        )
         summary = finetune_model(
             model,
             base,
@@ -453,7 +492,12 @@ def run_finetune(params: Params, layout: Layout) -> FinetuneManifest:
         )
         history = summary["history"]
     save_bundle(
-        model, layout.candidate_model, tuple(classes.names), classes.class_mode, params.image.interpolation
+        model,
+        layout.candidate_model,
+        tuple(classes.names),
+        classes.class_mode,
+        params.image.interpolation,
+        params.image.crop_to_aspect_ratio,
     )
     shutil.rmtree(work_dir, ignore_errors=True)
     state = summary["state"]

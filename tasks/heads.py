@@ -244,19 +244,26 @@ def check_model_hash(model_file: Path, info_file: Path, recorded: Any, rerun: st
 
 
 def classes_record(
-    names: tuple[str, ...], class_mode: str, interpolation: str, model_sha256: str | None = None
+    names: tuple[str, ...],
+    class_mode: str,
+    interpolation: str,
+    model_sha256: str | None = None,
+    crop_to_aspect_ratio: bool = False,
 ) -> dict[str, Any]:
     """The content of a model's ``classes.json`` (validated): names in output order, class mode (the index's
-    format), the resize interpolation the model was trained with, and the sha256 of the ``.keras`` file it
-    describes (absent for a SavedModel export)."""
+    format), how the model's training images were resized (interpolation, centred aspect crop or stretch), and the
+    sha256 of the ``.keras`` file it describes (absent for a SavedModel export)."""
     output_spec(class_mode, len(names))  # validates the pair
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation: expected one of {INTERPOLATIONS}, got {interpolation!r}")
+    if not isinstance(crop_to_aspect_ratio, bool):
+        raise ValueError(f"crop_to_aspect_ratio: expected true or false, got {crop_to_aspect_ratio!r}")
     record: dict[str, Any] = {
         "names": list(names),
         "class_mode": class_mode,
         "num_classes": len(names),
         "interpolation": interpolation,
+        "crop_to_aspect_ratio": crop_to_aspect_ratio,
     }
     if model_sha256 is not None:
         record["model_sha256"] = model_sha256
@@ -269,10 +276,11 @@ def write_classes_file(
     class_mode: str,
     interpolation: str,
     model_sha256: str | None = None,
+    crop_to_aspect_ratio: bool = False,
 ) -> Path:
     """Write ``folder/classes.json`` atomically: the one writer of that format (:func:`save_bundle`, the SavedModel
     export). Validates everything before writing anything."""
-    record = classes_record(names, class_mode, interpolation, model_sha256)
+    record = classes_record(names, class_mode, interpolation, model_sha256, crop_to_aspect_ratio)
     path = Path(folder) / MODEL_CLASSES_FILE
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     return path
@@ -286,6 +294,7 @@ class ModelBundle:
     names: tuple[str, ...]
     class_mode: str
     interpolation: str = "bilinear"
+    crop_to_aspect_ratio: bool = False  # bundles saved before this field existed were stretched
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -295,7 +304,12 @@ class ModelBundle:
 
 
 def save_bundle(
-    model: Any, path: Path, names: tuple[str, ...], class_mode: str, interpolation: str = "bilinear"
+    model: Any,
+    path: Path,
+    names: tuple[str, ...],
+    class_mode: str,
+    interpolation: str = "bilinear",
+    crop_to_aspect_ratio: bool = False,
 ) -> Path:
     """Save ``model`` to ``path`` (``.keras``) and ``classes.json`` beside it (:func:`classes_record`).
 
@@ -306,9 +320,18 @@ def save_bundle(
     never beside old classes.
     """
     path = Path(path)
-    classes_record(names, class_mode, interpolation)  # (0) validate before writing anything
+    classes_record(
+        names, class_mode, interpolation, None, crop_to_aspect_ratio
+    )  # (0) validate, write nothing
     tmp, sha = save_model_atomic(model, path)  # (1)
-    write_classes_file(path.parent, names, class_mode, interpolation, model_sha256=sha)  # (2)
+    write_classes_file(
+        path.parent,
+        names,
+        class_mode,
+        interpolation,
+        model_sha256=sha,
+        crop_to_aspect_ratio=crop_to_aspect_ratio,
+    )  # (2)
     publish_model(tmp, path)  # (3)
     return path
 
@@ -324,6 +347,13 @@ def _interpolation_of(file: Path, raw: Any) -> str:
     value = raw.get("interpolation", "bilinear") if isinstance(raw, dict) else "bilinear"
     if value not in INTERPOLATIONS:
         raise ValueError(f"{file}: interpolation: expected one of {INTERPOLATIONS}, got {value!r}")
+    return value
+
+
+def _crop_of(file: Path, raw: Any) -> bool:
+    value = raw.get("crop_to_aspect_ratio", False) if isinstance(raw, dict) else False
+    if not isinstance(value, bool):
+        raise ValueError(f"{file}: crop_to_aspect_ratio: expected true or false, got {value!r}")
     return value
 
 
@@ -359,6 +389,7 @@ def load_bundle(path: Path) -> ModelBundle:
     file, raw = _read_classes_file(path)
     names, class_mode = _classes_of(file, raw)
     interpolation = _interpolation_of(file, raw)
+    crop = _crop_of(file, raw)
     check_model_hash(path, file, raw.get("model_sha256"), "retrainflow finetune")
     model = keras.saving.load_model(path, safe_mode=True, compile=False)
     out_units = int(model.output_shape[-1])
@@ -366,4 +397,4 @@ def load_bundle(path: Path) -> ModelBundle:
         raise ValueError(
             f"{path}: the model has {out_units} outputs but classes.json lists {len(names)} classes ({class_mode})"
         )
-    return ModelBundle(model, names, class_mode, interpolation)
+    return ModelBundle(model, names, class_mode, interpolation, crop)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.augment import INTERPOLATIONS, AugmentPolicy, render_view, renders_uint8
+from tasks.augment import INTERPOLATIONS, AugmentPolicy, aspect_crop, render_view, renders_uint8
 
 CLASS_MODES = ("binary", "categorical", "sparse")
 JPEG_RATIOS = (8, 4, 2, 1)
@@ -110,9 +110,14 @@ def encode_labels(class_ids: Any, class_mode: str, num_classes: int) -> np.ndarr
 
 
 # ------------------------------------------------------------------------------------------------ sources
-def jpeg_ratio(width: int, height: int, image_size: tuple[int, int]) -> int:
-    """The largest JPEG DCT reduction (8, 4, 2, 1) whose decoded image still covers ``image_size`` (h, w)."""
+def jpeg_ratio(
+    width: int, height: int, image_size: tuple[int, int], crop_to_aspect_ratio: bool = False
+) -> int:
+    """The largest JPEG DCT reduction (8, 4, 2, 1) whose decoded image (its centred aspect crop, with
+    ``crop_to_aspect_ratio``) still covers ``image_size`` (h, w)."""
     out_h, out_w = image_size
+    if crop_to_aspect_ratio and width > 0 and height > 0:
+        _, _, width, height = aspect_crop(height, width, image_size)
     for ratio in JPEG_RATIOS:
         if width // ratio >= out_w and height // ratio >= out_h:
             return ratio
@@ -137,7 +142,9 @@ def _check_positive(name: str, value: Any) -> int:
     return int(value)
 
 
-def _source_columns(rows: Any, data_root: Path, image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+def _source_columns(
+    rows: Any, data_root: Path, image_size: tuple[int, int], crop_to_aspect_ratio: bool = False
+) -> dict[str, np.ndarray]:
     """Per-row inputs of the map function, as numpy columns (small: paths and a few integers per image)."""
     missing = [c for c in _REQUIRED if c not in getattr(rows, "columns", ())]
     if missing:
@@ -155,7 +162,7 @@ def _source_columns(rows: Any, data_root: Path, image_size: tuple[int, int]) -> 
     )
     ratio = np.asarray(
         [
-            jpeg_ratio(int(w), int(h), image_size) if j else 1
+            jpeg_ratio(int(w), int(h), image_size, crop_to_aspect_ratio) if j else 1
             for w, h, j in zip(width, height, is_jpeg, strict=True)
         ],
         dtype=np.int32,
@@ -171,7 +178,7 @@ def _source_columns(rows: Any, data_root: Path, image_size: tuple[int, int]) -> 
 
 
 def _render_fn(
-    policy: AugmentPolicy | None, image_size: tuple[int, int], interpolation: str
+    policy: AugmentPolicy | None, image_size: tuple[int, int], interpolation: str, crop_to_aspect_ratio: bool
 ) -> Callable[..., np.ndarray]:
     """The numpy side of the map: one view of one decoded image (see ``tasks.augment.render_view``)."""
 
@@ -195,6 +202,7 @@ def _render_fn(
             ratio=used,
             interpolation=interpolation,
             keep_uint8=True,
+            crop_to_aspect_ratio=crop_to_aspect_ratio,
         )
 
     return render
@@ -208,7 +216,11 @@ def _single_threaded_opencv() -> None:
 
 
 def _load_fn(
-    policy: AugmentPolicy | None, image_size: tuple[int, int], interpolation: str, cols: dict[str, np.ndarray]
+    policy: AugmentPolicy | None,
+    image_size: tuple[int, int],
+    interpolation: str,
+    cols: dict[str, np.ndarray],
+    crop_to_aspect_ratio: bool = False,
 ) -> Callable[..., Any]:
     """The graph side of the map: read, decode (the one decoder), then the numpy resampling.
 
@@ -219,7 +231,7 @@ def _load_fn(
 
     from tasks.images import decode_rgb
 
-    render = _render_fn(policy, image_size, interpolation)
+    render = _render_fn(policy, image_size, interpolation, crop_to_aspect_ratio)
     _single_threaded_opencv()
     fixed_orientation = _only_value(cols["orientation"])
     fixed_ratio = _only_value(cols["ratio"])
@@ -297,17 +309,20 @@ def view_dataset(
     preprocess: Callable[[Any], Any] | None = None,
     rescale: float | None = None,
     interpolation: str = "bilinear",
+    crop_to_aspect_ratio: bool = False,
 ) -> Any:
     """Float32 image batches ``[B, H, W, 3]`` of ``rows`` in row order: the clean view (``policy=None``) or view
-    ``pass_number`` of ``policy``. Values are 0-255 unless ``rescale`` / ``preprocess`` are given."""
+    ``pass_number`` of ``policy``. Values are 0-255 unless ``rescale`` / ``preprocess`` are given. With
+    ``crop_to_aspect_ratio`` every image is first cropped (centred) to the target's aspect ratio, then resized
+    without distortion (``image.crop_to_aspect_ratio``; Keras' option of the same name)."""
     import tensorflow as tf
 
     size, batch = _check_common(rows, image_size, batch_size, policy, preprocess, rescale, interpolation)
     if isinstance(pass_number, bool) or not isinstance(pass_number, int | np.integer) or pass_number < 0:
         raise ValueError(f"view_dataset: expected pass_number >= 0, got {pass_number!r}")
     tune_allocator()
-    cols = _source_columns(rows, Path(data_root), size)
-    load = _load_fn(policy, size, interpolation, cols)
+    cols = _source_columns(rows, Path(data_root), size, bool(crop_to_aspect_ratio))
+    load = _load_fn(policy, size, interpolation, cols, bool(crop_to_aspect_ratio))
     passes = np.full(len(cols["path"]), int(pass_number), np.int64)
     source = tf.data.Dataset.from_tensor_slices(
         (
@@ -338,6 +353,7 @@ def training_dataset(
     preprocess: Callable[[Any], Any] | None = None,
     rescale: float | None = None,
     interpolation: str = "bilinear",
+    crop_to_aspect_ratio: bool = False,
     first_pass: int = 0,
     first_epoch: int = 0,
 ) -> tuple[Any, int]:
@@ -367,8 +383,8 @@ def training_dataset(
         raise ValueError("training_dataset: expected index rows with a 'class_id' column")
     labels = encode_labels(rows["class_id"].to_numpy(), class_mode, num_classes)
     tune_allocator()
-    cols = _source_columns(rows, Path(data_root), size)
-    load = _load_fn(policy, size, interpolation, cols)
+    cols = _source_columns(rows, Path(data_root), size, bool(crop_to_aspect_ratio))
+    load = _load_fn(policy, size, interpolation, cols, bool(crop_to_aspect_ratio))
     table = {
         "path": tf.constant(cols["path"].astype(str)),
         "sha256": tf.constant(cols["sha256"].astype(str)),

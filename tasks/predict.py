@@ -112,12 +112,18 @@ def _predict_checked(
     image_size: tuple[int, int],
     batch_size: int,
     interpolation: str = "bilinear",
+    crop_to_aspect_ratio: bool = False,
 ) -> np.ndarray:
     from tasks.pipeline import view_dataset
 
     anchor = Path(checked[0].path.anchor)
     dataset = view_dataset(
-        _rows(checked), anchor, image_size=image_size, batch_size=batch_size, interpolation=interpolation
+        _rows(checked),
+        anchor,
+        image_size=image_size,
+        batch_size=batch_size,
+        interpolation=interpolation,
+        crop_to_aspect_ratio=crop_to_aspect_ratio,
     )
     outputs = [np.asarray(model.predict_on_batch(batch)) for batch in dataset]
     return np.concatenate(outputs) if outputs else np.zeros((0, 1))
@@ -149,9 +155,11 @@ def predict_files(
     batch_size: int = 32,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     interpolation: str = "bilinear",
+    crop_to_aspect_ratio: bool = False,
 ) -> list[Prediction]:
     """One :class:`Prediction` per file, in order; unreadable or undecodable files get an ``error``.
-    ``interpolation``: the resize the model was trained with (``ModelBundle.interpolation``)."""
+    ``interpolation`` and ``crop_to_aspect_ratio``: the resize the model was trained with (its bundle's)."""
+    resize = {"interpolation": interpolation, "crop_to_aspect_ratio": crop_to_aspect_ratio}
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     files = list(files)
@@ -166,13 +174,13 @@ def predict_files(
     for start in range(0, len(good), batch_size):
         chunk = good[start : start + batch_size]
         try:
-            outputs = _predict_checked(model, [c for _, c in chunk], image_size, batch_size, interpolation)
+            outputs = _predict_checked(model, [c for _, c in chunk], image_size, batch_size, **resize)
             pairs = list(zip(chunk, outputs, strict=True))
         except Exception:  # one file broke the batch: retry one by one so only that file gets an error
             pairs = []
             for item in chunk:
                 try:
-                    pairs.append((item, _predict_checked(model, [item[1]], image_size, 1, interpolation)[0]))
+                    pairs.append((item, _predict_checked(model, [item[1]], image_size, 1, **resize)[0]))
                 except Exception as err:
                     results[item[0]] = Prediction(path=str(files[item[0]]), error=_short_error(err))
         for (i, _), output in pairs:
@@ -191,6 +199,7 @@ def predict_paths(model_file: Path, paths: Sequence[str | Path], *, batch_size: 
         expand_paths(paths),
         batch_size=batch_size,
         interpolation=bundle.interpolation,
+        crop_to_aspect_ratio=bundle.crop_to_aspect_ratio,
     )
 
 
@@ -228,7 +237,13 @@ def export_saved_model(model_file: Path, output_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)  # what a killed export left
     try:
         bundle.model.export(str(tmp), format="tf_saved_model", verbose=False)
-        write_classes_file(tmp, bundle.names, bundle.class_mode, bundle.interpolation)
+        write_classes_file(
+            tmp,
+            bundle.names,
+            bundle.class_mode,
+            bundle.interpolation,
+            crop_to_aspect_ratio=bundle.crop_to_aspect_ratio,
+        )
         os.replace(tmp, output_dir)  # onto a missing or empty folder
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -102,9 +102,10 @@ def render_grid(
     image_size: tuple[int, int],
     views: int,
     interpolation: str = "bilinear",
+    crop_to_aspect_ratio: bool = False,
 ) -> np.ndarray:
     """uint8 ``[N, 1 + views, H, W, 3]``: the clean view then passes 0..views-1, through the real pipeline with
-    the resize ``interpolation`` (``image.interpolation``)."""
+    the resize ``interpolation`` and crop rule (``image.interpolation``, ``image.crop_to_aspect_ratio``)."""
     from tasks.pipeline import view_dataset
 
     columns = []
@@ -117,6 +118,7 @@ def render_grid(
             policy=policy_or_none,
             pass_number=pass_number,
             interpolation=interpolation,
+            crop_to_aspect_ratio=crop_to_aspect_ratio,
         )
         columns.append(np.concatenate([np.asarray(b) for b in ds]))
     return np.clip(np.stack(columns, axis=1), 0, 255).round().astype(np.uint8)
@@ -194,6 +196,7 @@ def run_preview(
             image_size=size,
             views=views,
             interpolation=params.image.interpolation,
+            crop_to_aspect_ratio=params.image.crop_to_aspect_ratio,
         )
         path = out if out is not None else layout.reports_dir / f"augment_preview_{policy.short_hash}.png"
         written.append(str(write_png(grid, policy, path)))

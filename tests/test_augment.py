@@ -11,6 +11,7 @@ from tasks.augment import (
     FILL_MODES,
     AugmentPolicy,
     ViewParameters,
+    aspect_crop,
     draw_parameters,
     expand_grid,
     photometric,
@@ -216,6 +217,46 @@ def test_folded_resize_matches_resize_first_then_transform(fill_mode):
             ours = warp(image, matrix, image_size=size, fill_mode=fill_mode, cval=7.0)
             reference = resize_then_transform(image, matrix, size, fill_mode, cval=7.0)
             np.testing.assert_allclose(ours, reference, atol=0.01, err_msg=f"{fill_mode} {case}")
+
+
+def test_aspect_crop_follows_keras_crop_to_aspect_ratio():
+    """Keras' rule (smart_resize): the largest centred crop with the target's aspect ratio, integer pixels."""
+    assert aspect_crop(375, 500, (224, 224)) == (62, 0, 375, 375)
+    assert aspect_crop(500, 375, (224, 224)) == (0, 62, 375, 375)
+    assert aspect_crop(40, 30, (8, 10)) == (0, 8, 30, 24)
+    assert aspect_crop(30, 40, (30, 40)) == (0, 0, 40, 30)  # same aspect: the whole image
+    assert aspect_crop(1, 1000, (10, 10)) == (499, 0, 1, 1)
+
+
+@pytest.mark.parametrize("fill_mode", FILL_MODES)
+def test_crop_to_aspect_ratio_is_crop_first_then_the_same_semantics(fill_mode):
+    """With crop_to_aspect_ratio a view equals cropping the centred aspect crop first, then the plain semantics."""
+    pytest.importorskip("scipy")
+    (src_h, src_w), size = DOWNSCALE
+    noise = np.random.default_rng(5).uniform(0, 255, (src_h, src_w, 3)).astype(np.float32)
+    x0, y0, w, h = aspect_crop(src_h, src_w, size)
+    cropped = np.ascontiguousarray(noise[y0 : y0 + h, x0 : x0 + w])
+    clean = warp(noise, None, image_size=size, crop_to_aspect_ratio=True)
+    np.testing.assert_allclose(clean, warp(cropped, None, image_size=size), atol=1e-4)
+    assert not np.allclose(clean, warp(noise, None, image_size=size), atol=1.0)  # stretching differs
+    for case in WHOLE_PIXEL_CASES:
+        matrix = transform_matrix(ViewParameters(**case), size)
+        ours = warp(noise, matrix, image_size=size, fill_mode=fill_mode, cval=7.0, crop_to_aspect_ratio=True)
+        reference = resize_then_transform(cropped, matrix, size, fill_mode, cval=7.0)
+        np.testing.assert_allclose(ours, reference, atol=0.01, err_msg=f"{fill_mode} {case}")
+
+
+def test_crop_to_aspect_ratio_keeps_its_geometry_when_decoded_at_a_reduced_scale():
+    """A DCT-reduced decode (ratio 2) maps the crop to the same place as the full-resolution image does."""
+    for width in (200, 202):  # crop corner at x 40 (a whole decoded pixel: cv2.resize) and 41 (a warp)
+        rows, cols = np.mgrid[0:120, 0:width].astype(np.float32)
+        full = np.repeat((cols + 0.5 * rows)[..., None], 3, axis=2)  # linear: resampling is exact
+        half = full[::2, ::2] + 0.5 + 0.25  # the 2x2 block means of a linear image (centres at 2i + .5)
+        ours = warp(
+            half, None, image_size=(12, 12), source_size=(120, width), ratio=2, crop_to_aspect_ratio=True
+        )
+        reference = warp(full, None, image_size=(12, 12), crop_to_aspect_ratio=True)
+        np.testing.assert_allclose(ours, reference, atol=0.01, err_msg=f"width {width}")
 
 
 def test_nearest_and_reflect_repeat_the_resized_edge_not_the_source_edge():

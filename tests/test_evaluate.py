@@ -174,20 +174,28 @@ def test_each_model_is_fed_at_its_own_size_with_its_own_interpolation(test_rows,
     root, rows = test_rows
     candidate, top_only = RecordingModel(32), RecordingModel(48)
     models = {
-        "candidate": ModelInput.of(candidate, "nearest"),  # as its bundle records
-        "top_only": ModelInput.of(top_only, "bilinear"),  # as its features were computed
+        "candidate": ModelInput.of(candidate, "nearest", True),  # as its bundle records
+        "top_only": ModelInput.of(top_only, "bilinear", False),  # as its features were computed
     }
     preview = Preview(10, [], [])
     out = evaluate_split(models, rows, root, 2, preview)
     assert list(out) == ["candidate", "top_only"] and all(v.shape == (5, 1) for v in out.values())
 
-    def pixels(size, interpolation):
-        ds = view_dataset(rows, root, image_size=(size, size), batch_size=2, interpolation=interpolation)
+    def pixels(size, interpolation, crop=False):
+        ds = view_dataset(
+            rows,
+            root,
+            image_size=(size, size),
+            batch_size=2,
+            interpolation=interpolation,
+            crop_to_aspect_ratio=crop,
+        )
         return np.concatenate([np.asarray(b) for b in ds])
 
-    np.testing.assert_array_equal(np.concatenate(candidate.batches), pixels(32, "nearest"))
+    np.testing.assert_array_equal(np.concatenate(candidate.batches), pixels(32, "nearest", crop=True))
     np.testing.assert_array_equal(np.concatenate(top_only.batches), pixels(48, "bilinear"))
     assert not np.array_equal(pixels(32, "nearest"), pixels(32, "bilinear"))  # the interpolation matters
+    assert not np.array_equal(pixels(32, "nearest", crop=True), pixels(32, "nearest"))  # and the crop
     shown = [item[1] for item in preview.right + preview.wrong]
     assert len(shown) == 5 and all(image.shape == (32, 32, 3) for image in shown)  # the candidate's inputs
 
@@ -201,8 +209,8 @@ def test_each_model_is_fed_at_its_own_size_with_its_own_interpolation(test_rows,
 
     monkeypatch.setattr(tasks.pipeline, "view_dataset", counting)
     same = {
-        "candidate": ModelInput.of(RecordingModel(32), "nearest"),
-        "top_only": ModelInput.of(RecordingModel(32), "nearest"),
+        "candidate": ModelInput.of(RecordingModel(32), "nearest", True),
+        "top_only": ModelInput.of(RecordingModel(32), "nearest", True),
     }
     evaluate_split(same, rows, root, 2, None)
     assert calls == [((32, 32), "nearest")]

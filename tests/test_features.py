@@ -77,6 +77,7 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []
         self.rescales: list[tuple[str, Any]] = []  # (view, the rescale= it was asked with)
+        self.crops: list[Any] = []  # the crop_to_aspect_ratio= of each call
 
     def __call__(self, rows: Any, root: Path, **kwargs: Any) -> Any:
         from tasks.augment import view_id
@@ -84,6 +85,7 @@ class Recorder:
         view = view_id(kwargs.get("policy"), kwargs.get("pass_number", 0))
         self.calls.append((view, list(rows["sha256"])))
         self.rescales.append((view, kwargs.get("rescale")))
+        self.crops.append(kwargs.get("crop_to_aspect_ratio"))
         return view_source(rows, root, **kwargs)
 
     def asked(self) -> set[tuple[str, str]]:
@@ -238,6 +240,21 @@ def test_clean_view_features_equal_the_model_output(workspace, recorder: Recorde
     # Batched vs one-shot inference differ by float rounding: compare relative to the features' own scale
     # (a random-init base gives values near 1e-17, where a fixed rtol on each element is noise).
     np.testing.assert_allclose(got.x, expected, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_crop_to_aspect_ratio_reaches_every_view_and_is_part_of_the_key(workspace, recorder: Recorder):
+    from tasks.features import run_features
+
+    root, layout = workspace
+    index = hand_index(root)
+    stretched = tiny_params(root, image={"size": [32, 32], "crop_to_aspect_ratio": False})
+    cropped = tiny_params(root, image={"size": [32, 32], "crop_to_aspect_ratio": True})
+    first = run_features(stretched, layout, index=index, show_progress=False)
+    assert set(recorder.crops) == {False} and "/crop" not in first.key_spec["preprocessing"]
+    recorder.crops.clear()
+    second = run_features(cropped, layout, index=index, show_progress=False)
+    assert second.cache_key != first.cache_key and second.key_spec["preprocessing"].endswith("/crop")
+    assert (second.computed, second.reused) == (first.pairs, 0) and set(recorder.crops) == {True}
 
 
 def test_rescale_scales_every_view_before_the_base_and_is_part_of_the_key(workspace, recorder: Recorder):

@@ -135,9 +135,18 @@ x = x.astype("float32")
 train = tf.data.Dataset.from_tensor_slices((x, y[:, None])).shuffle(24, seed=1).repeat().batch(8)
 val = tf.data.Dataset.from_tensor_slices((x[:8], y[:8, None])).batch(8)
 cfg = FinetuneConfig(epochs=4, unfreeze_blocks=1, patience=10, lr=0.01)
-summary = finetune_model(model, loaded.model, loaded.spec, (train, 3), val, cfg, "binary", 2, work_dir, seed=0)
+first_epochs = []
+
+
+def make_train(first_epoch):
+    first_epochs.append(first_epoch)
+    return train, 3
+
+
+summary = finetune_model(model, loaded.model, loaded.spec, make_train, val, cfg, "binary", 2, work_dir, seed=0)
 import json
-print("SUMMARY " + json.dumps({k: summary[k] for k in ("resumed_from_epoch", "history", "state")}))
+out = {k: summary[k] for k in ("resumed_from_epoch", "history", "state")}
+print("SUMMARY " + json.dumps({**out, "first_epochs": first_epochs}))
 """
 
 
@@ -172,6 +181,7 @@ def test_killed_finetune_resumes_from_its_last_finished_epoch(tmp_path):
     line = next(x for x in resumed.stdout.splitlines() if x.startswith("SUMMARY "))
     summary = json.loads(line[len("SUMMARY ") :])
     assert summary["resumed_from_epoch"] == 2  # epochs 1 and 2 were not run again
+    assert summary["first_epochs"] == [2]  # the data continues at epoch 2 too (not epoch 0's order and views)
     assert [r["epoch"] for r in summary["history"]] == ["1", "2", "3", "4"]  # the killed run's rows are kept
     assert summary["state"]["epochs_done"] == 4
     assert not (work / "backup").exists()  # BackupAndRestore removes its backup on success
@@ -202,7 +212,17 @@ def test_state_left_by_another_run_is_not_resumed(tmp_path):
     )
     cfg = FinetuneConfig(epochs=1, unfreeze_blocks=1)
     out = finetune_model(
-        model, loaded.model, loaded.spec, (train, 2), val, cfg, "binary", 2, tmp_path / "work", 0, "this-run"
+        model,
+        loaded.model,
+        loaded.spec,
+        lambda e: (train, 2),
+        val,
+        cfg,
+        "binary",
+        2,
+        tmp_path / "work",
+        0,
+        "this-run",
     )
     assert out["resumed_from_epoch"] == 0 and out["state"]["fingerprint"] == "this-run"
     assert [r["epoch"] for r in out["history"]] == ["1"] and out["state"]["epochs_done"] == 1

@@ -109,17 +109,26 @@ def test_save_bundle_validates_first_and_records_the_model_hash(tmp_path):
     with pytest.raises(ValueError, match="interpolation.*'cubic'"):
         save_bundle(tiny_classifier(), path, ("a", "b"), "binary", "cubic")
     assert not (tmp_path / "candidate").exists()  # validated before anything was written
-    save_bundle(tiny_classifier(), path, ("a", "b"), "binary", "nearest")
+    with pytest.raises(ValueError, match="crop_to_aspect_ratio.*'yes'"):
+        save_bundle(tiny_classifier(), path, ("a", "b"), "binary", "nearest", "yes")
+    assert not (tmp_path / "candidate").exists()
+    save_bundle(tiny_classifier(), path, ("a", "b"), "binary", "nearest", True)
     classes = json.loads((path.parent / "classes.json").read_text())
     assert classes == {
         "names": ["a", "b"],
         "class_mode": "binary",
         "num_classes": 2,
         "interpolation": "nearest",
+        "crop_to_aspect_ratio": True,
         "model_sha256": sha256_file(path),
     }
     assert sorted(p.name for p in path.parent.iterdir()) == ["classes.json", "model.keras"]  # no temp files
-    assert load_bundle(path).interpolation == "nearest"
+    bundle = load_bundle(path)
+    assert bundle.interpolation == "nearest" and bundle.crop_to_aspect_ratio is True
+    # a bundle saved before the crop rule was recorded was stretched
+    del classes["crop_to_aspect_ratio"]
+    (path.parent / "classes.json").write_text(json.dumps(classes))
+    assert load_bundle(path).crop_to_aspect_ratio is False
 
 
 def test_a_save_killed_between_its_two_writes_is_refused_not_paired(tmp_path, monkeypatch):

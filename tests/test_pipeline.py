@@ -180,6 +180,29 @@ def test_jpeg_ratio_keeps_the_target_covered():
     assert jpeg_ratio(20, 20, (32, 32)) == 1
 
 
+def test_jpeg_ratio_covers_the_aspect_crop():
+    # the centred 375 x 375 crop of a 1000 x 375 photo must still cover 224 px after the DCT reduction
+    assert jpeg_ratio(1000, 750, (224, 224), crop_to_aspect_ratio=True) == 2
+    assert jpeg_ratio(2000, 450, (224, 224)) == 2
+    assert jpeg_ratio(2000, 450, (224, 224), crop_to_aspect_ratio=True) == 2
+    assert jpeg_ratio(2000, 450, (224, 448), crop_to_aspect_ratio=True) == 2
+    assert jpeg_ratio(2000, 450, (448, 224), crop_to_aspect_ratio=True) == 1  # the crop is 450 high, 225 wide
+
+
+def test_crop_to_aspect_ratio_shows_the_centre_undistorted(tmp_path):
+    """A wide image with a bright centre square: cropped, the square fills the view; stretched, it does not."""
+    array = np.zeros((64, 128, 3), np.uint8)
+    array[:, 32:96] = 220  # the centred 64 x 64 square
+    info = _write(tmp_path / "wide.png", array, "PNG")
+    rows = pd.DataFrame([{"path": "wide.png", "class_id": 0, "orientation": 1, **info}])
+    cropped = collect(
+        view_dataset(rows, tmp_path, image_size=(32, 32), batch_size=1, crop_to_aspect_ratio=True)
+    )
+    stretched = collect(view_dataset(rows, tmp_path, image_size=(32, 32), batch_size=1))
+    assert cropped[0].min() > 200
+    assert stretched[0, :, :6].max() < 30 and stretched[0, :, 10:22].min() > 200
+
+
 def test_dct_reduced_decoding_keeps_the_geometry(tmp_path):
     """A big JPEG decoded at 1/4 scale gives the same view as the full decode (only finer detail differs)."""
     array = np.zeros((192, 256, 3), np.uint8)

@@ -152,9 +152,7 @@ def test_default_model_is_the_champion_when_promoted(tmp_path):
     assert default_model(layout) == layout.champion_dir / "model.keras"
 
 
-def test_bundle_records_the_training_interpolation_and_predict_uses_it(
-    bundle_path, folder, tmp_path, monkeypatch
-):
+def test_bundle_records_the_training_resize_and_predict_uses_it(bundle_path, folder, tmp_path, monkeypatch):
     import shutil
 
     from tasks import predict
@@ -165,7 +163,10 @@ def test_bundle_records_the_training_interpolation_and_predict_uses_it(
     shutil.copytree(bundle_path.parent, copy)
     classes = json.loads((copy / "classes.json").read_text())
     assert classes["interpolation"] == "bilinear"
-    (copy / "classes.json").write_text(json.dumps({**classes, "interpolation": "nearest"}))
+    assert classes["crop_to_aspect_ratio"] is False
+    (copy / "classes.json").write_text(
+        json.dumps({**classes, "interpolation": "nearest", "crop_to_aspect_ratio": True})
+    )
     assert load_bundle(copy / "model.keras").interpolation == "nearest"
 
     import tasks.pipeline  # predict imports view_dataset lazily from here
@@ -174,12 +175,12 @@ def test_bundle_records_the_training_interpolation_and_predict_uses_it(
     original = tasks.pipeline.view_dataset
 
     def recording(*args, **kwargs):
-        seen.append(kwargs["interpolation"])
+        seen.append((kwargs["interpolation"], kwargs["crop_to_aspect_ratio"]))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(tasks.pipeline, "view_dataset", recording)
     preds = predict.predict_paths(copy / "model.keras", [folder / "img_0.png"])
-    assert preds[0].error is None and seen == ["nearest"]
+    assert preds[0].error is None and seen == [("nearest", True)]
 
     (copy / "classes.json").write_text(json.dumps({**classes, "interpolation": "cubic"}))
     with pytest.raises(ValueError, match="interpolation.*'cubic'"):
