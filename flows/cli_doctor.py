@@ -18,8 +18,9 @@ def doctor(
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path("."),
 ) -> None:
-    """Check the environment: versions against the pins, params, data, offline weights, DVC, the Prefect API
-    and free disk. Prints what to fix; exits 1 when something blocks a run."""
+    """Check the environment: versions against the pins, params, data, the base's weights (missing ImageNet
+    weights that cannot be downloaded block), DVC, the Prefect API and free disk where the feature cache goes.
+    Prints what to fix; exits 1 when something blocks a run."""
     from tasks.doctor import blocking, run_checks
 
     checks = run_checks(params, tuple(set_ or ()), layout_for(workdir))

@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -97,8 +98,18 @@ def check_data(params: Params) -> Check:
     return Check("data", "ok", f"data.root {root}")
 
 
-def check_weights(params: Params) -> Check:
-    """Are the base's weights available without a download? (Offline machines must have them cached.)"""
+def can_download(url: str, timeout: float = 3.0) -> bool:
+    """Whether ``url`` answers a HEAD request, through urllib as Keras downloads (proxy settings included)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as resp:  # noqa: S310
+            return resp.status < 400
+    except (OSError, ValueError):  # URLError, HTTPError, timeouts, a malformed proxy
+        return False
+
+
+def check_weights(params: Params, download: Callable[[str], bool] = can_download) -> Check:
+    """Are the base's weights available without a download? ImageNet weights neither in the Keras cache nor
+    downloadable (``download(url)`` is False: an offline machine) block a run: the features stage would fail."""
     from tasks.bases import get_spec, keras_cache_dir, resolve_image_size
 
     weights = params.base.weights
@@ -111,17 +122,26 @@ def check_weights(params: Params) -> Check:
     spec = get_spec(params.base.name)
     try:
         size = resolve_image_size(params.image.size, spec)
-        wanted = spec.imagenet_file(spec.resolve_alpha(params.base.alpha), size).name
+        wanted = spec.imagenet_file(spec.resolve_alpha(params.base.alpha), size)
     except ValueError as err:
         return Check("weights", "fail", str(err), "fix base / image params")
     cache = keras_cache_dir()
-    if (cache / wanted).is_file():
-        return Check("weights", "ok", f"{wanted} in {cache}")
+    if (cache / wanted.name).is_file():
+        return Check("weights", "ok", f"{wanted.name} in {cache}")
+    fix = (
+        f"copy {wanted.name} into {cache} (or point KERAS_HOME at a folder whose models/ holds it), "
+        f"or set base.weights to the file's path (--set base.weights=/path/to/{wanted.name})"
+    )
+    if download(wanted.url):
+        return Check(
+            "weights", "warn", f"{wanted.name} not in {cache}: Keras will download it from {wanted.url}", fix
+        )
     return Check(
         "weights",
-        "warn",
-        f"{wanted} not in {cache}: Keras will try to download it (fails offline)",
-        f"copy it into {cache} (KERAS_HOME), or set base.weights to the file's path",
+        "fail",
+        f"{wanted.name} not in {cache} and {wanted.url} is unreachable: the features stage cannot load "
+        f"the ImageNet weights of {spec.name}",
+        fix,
     )
 
 
@@ -163,14 +183,39 @@ def check_prefect_api(timeout: float = 3.0) -> Check:
     return Check("prefect", "ok" if ok else "fail", f"{url} healthy" if ok else f"{url} unhealthy")
 
 
-def check_disk(root: Path, min_free: int = MIN_FREE_BYTES) -> Check:
-    free = shutil.disk_usage(root if root.exists() else Path(".")).free
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor (a cache folder may not exist before the first run)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_disk(path: Path, min_free: int = MIN_FREE_BYTES, what: str = "feature cache") -> Check:
+    """Free space where ``what`` is written (the filesystem holding ``path``, created or not)."""
+    free = shutil.disk_usage(_existing(path)).free
     gib = free / 1024**3
+    name = "disk" if what == "feature cache" else f"disk ({what})"
     if free < min_free:
         return Check(
-            "disk", "fail", f"{gib:.1f} GiB free under {root}", f"free at least {min_free / 1024**3:.0f} GiB"
+            name,
+            "fail",
+            f"{gib:.1f} GiB free for the {what} at {path}",
+            f"free at least {min_free / 1024**3:.0f} GiB there, or set features.cache_dir to a roomier disk",
         )
-    return Check("disk", "ok", f"{gib:.1f} GiB free")
+    return Check(name, "ok", f"{gib:.1f} GiB free for the {what} at {path}")
+
+
+def disk_checks(params: Params | None, layout: Layout, min_free: int = MIN_FREE_BYTES) -> list[Check]:
+    """The feature cache's location (``features.cache_dir``, else the workspace cache: the big writer), and the
+    workspace root too when it is on another filesystem (models, reports)."""
+    from tasks.features import cache_root
+
+    cache = cache_root(params, layout) if params is not None else layout.features_cache
+    checks = [check_disk(cache, min_free, "feature cache")]
+    if os.stat(_existing(cache)).st_dev != os.stat(_existing(layout.root)).st_dev:
+        checks.append(check_disk(layout.root, min_free, "workspace"))
+    return checks
 
 
 def run_checks(params_file: Path, overrides: tuple[str, ...], layout: Layout) -> list[Check]:
@@ -179,7 +224,7 @@ def run_checks(params_file: Path, overrides: tuple[str, ...], layout: Layout) ->
     checks.append(params_check)
     if params is not None:
         checks += [check_data(params), check_weights(params)]
-    checks += [check_dvc(layout.root), check_prefect_api(), check_disk(layout.root)]
+    checks += [check_dvc(layout.root), check_prefect_api(), *disk_checks(params, layout)]
     return checks
 
 

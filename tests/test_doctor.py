@@ -32,6 +32,7 @@ def test_unreachable_prefect_api_blocks(monkeypatch):
 def test_too_little_disk_blocks(tmp_path):
     assert check_disk(tmp_path, min_free=1 << 60).status == "fail"
     assert check_disk(tmp_path, min_free=1).status == "ok"
+    assert check_disk(tmp_path / "not" / "yet", min_free=1).status == "ok"  # measured where it will be
 
 
 def test_missing_data_root_and_bad_param_are_reported(tmp_path):
@@ -69,15 +70,96 @@ def test_doctor_cli_exit_codes(tmp_path):
     assert "augment.zoom_range" in bad.stdout + bad.stderr
 
 
-def test_weights_check_names_the_file_keras_wants(keras_home):
+MOBILENET_V2_224 = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+
+
+def test_missing_imagenet_weights_block_offline_and_name_the_fix(keras_home):
     from tasks.config import params_from_dict
     from tasks.doctor import check_weights
 
     params = params_from_dict({"base": {"name": "mobilenet_v2"}, "image": {"size": [224, 224]}})
-    missing = check_weights(params)
-    assert missing.status == "warn"
-    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5" in missing.detail
-    (keras_home / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5").write_bytes(
-        b"x"
+    asked = []
+    offline = check_weights(params, download=lambda url: asked.append(url) or False)
+    assert offline.status == "fail" and blocking([offline])
+    assert MOBILENET_V2_224 in offline.detail and "unreachable" in offline.detail
+    assert asked and asked[0].endswith(MOBILENET_V2_224)
+    assert str(keras_home / "models") in offline.fix and "base.weights" in offline.fix
+    online = check_weights(params, download=lambda url: True)  # Keras will download it: not blocking
+    assert online.status == "warn" and MOBILENET_V2_224 in online.detail and not blocking([online])
+    (keras_home / "models" / MOBILENET_V2_224).write_bytes(b"x")
+    assert check_weights(params, download=lambda url: False).status == "ok"
+
+
+def test_doctor_cli_blocks_when_weights_cannot_be_downloaded(tmp_path):
+    """Through the CLI with an empty Keras cache and every download failing (a proxy nobody listens on)."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "keras" / "models").mkdir(parents=True)
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"root": str(tmp_path / "imgs")},
+                "base": {"weights": "imagenet"},
+                "image": {"size": None},
+            }
+        )
     )
-    assert check_weights(params).status == "ok"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "KERAS_HOME": str(tmp_path / "keras"),
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "COLUMNS": "400",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "doctor", "--params", str(params), "-w", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.strip("│ ").startswith("weights "))
+    row = [lines[first]]  # the table wraps a row over the next lines, whose first cell is empty
+    for line in lines[first + 1 :]:
+        if not line.startswith("│") or line.split("│")[1].strip():
+            break
+        row.append(line)
+    text = " ".join(row)
+    assert "FAIL" in row[0] and MOBILENET_V2_224 in row[0], row
+    assert "unreachable" in text and "base.weights" in text, text
+    assert "blocked" in proc.stderr
+
+
+def test_disk_check_looks_at_the_feature_cache(tmp_path, monkeypatch):
+    """features.cache_dir elsewhere (not created yet): the free space that counts is the cache's."""
+    import shutil
+
+    import tasks.doctor as doctor
+
+    (tmp_path / "imgs").mkdir()
+    cache_fs = tmp_path / "big_disk"
+    cache_fs.mkdir()
+    params = _params(tmp_path)
+    raw = yaml.safe_load(params.read_text())
+    raw["features"] = {"cache_dir": str(cache_fs / "retrainflow" / "features")}
+    params.write_text(yaml.safe_dump(raw))
+    real = shutil.disk_usage
+    seen = []
+
+    def usage(path):
+        seen.append(Path(path))
+        full = Path(path) == cache_fs  # only the cache's filesystem is full
+        return real(path)._replace(free=0) if full else real(path)
+
+    monkeypatch.setattr(doctor.shutil, "disk_usage", usage)
+    checks = {c.name: c for c in run_checks(params, (), Layout(tmp_path))}
+    assert cache_fs in seen  # the nearest existing folder of the cache dir
+    assert checks["disk"].status == "fail" and "retrainflow/features" in checks["disk"].detail
+    assert "features.cache_dir" in checks["disk"].fix
+    raw["features"] = {"cache_dir": None}  # the workspace cache: cache/features under the workspace
+    params.write_text(yaml.safe_dump(raw))
+    checks = {c.name: c for c in run_checks(params, (), Layout(tmp_path))}
+    assert checks["disk"].status == "ok" and str(Layout(tmp_path).features_cache) in checks["disk"].detail
