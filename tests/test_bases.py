@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_path
 
 from tasks.bases import (
     BASE_MODELS,
@@ -149,8 +150,8 @@ def test_offline_imagenet_error_names_the_file_the_folder_and_the_remedies(
 
 
 @pytest.mark.shared
-def test_imagenet_from_the_keras_cache_and_by_path(shared_dir: Path, keras_home: Path):
-    source = shared_dir / "weights" / MOBILENET_025
+def test_imagenet_from_the_keras_cache_and_by_path(keras_home: Path):
+    source = shared_path("weights", MOBILENET_025)
     (keras_home / "models" / MOBILENET_025).symlink_to(source)
     cached = load_base(BaseConfig(name="mobilenet", weights="imagenet", alpha=0.25), (32, 32))
     by_path = load_base(BaseConfig(name="mobilenet", weights=str(source), alpha=0.25), (32, 32))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import shared_path
 from imagegen import make_class_folders
 from typer.testing import CliRunner
 
@@ -103,10 +104,10 @@ def test_bad_params_exit_2(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.shared
-def test_index_flowers_end_to_end(shared_dir, tmp_path):
+def test_index_flowers_end_to_end(tmp_path):
     """The real photos: 5 classes, the 4 rose/tulip byte-identical conflicts excluded (all 8 copies), the 2
     duplicate pairs inside sunflower collapsed to one copy each."""
-    flowers = shared_dir / "datasets" / "flowers"
+    flowers = shared_path("datasets", "flowers")
     total = sum(1 for p in flowers.rglob("*") if p.is_file())
     ws = tmp_path / "ws"
     result = invoke("--root", str(flowers), "--workdir", str(ws), "--json")

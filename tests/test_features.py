@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import shared_path
 from imagegen import CLASS_COLOURS, coloured_image, make_class_folders
 
 from tasks.config import Params, params_from_dict
@@ -362,12 +363,12 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(workspace, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.shared
-def test_real_mobilenet_weights_by_path(shared_dir: Path, workspace, recorder: Recorder):
+def test_real_mobilenet_weights_by_path(workspace, recorder: Recorder):
     from tasks.features import read_features, run_features
 
     root, layout = workspace
     index = hand_index(root)
-    weights = shared_dir / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+    weights = shared_path("weights", "mobilenet_2_5_224_tf_no_top.h5")
     params = tiny_params(root, base={"weights": str(weights)}, augment={"passes": 1})
     first = run_features(params, layout, index=index, show_progress=False)
     assert first.key_spec["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
