@@ -316,6 +316,20 @@ class BaseConfig(_Section):
             raise ValueError(f"expected one of {sorted(BASE_MODELS)}")
         return value
 
+    @model_validator(mode="after")
+    def _alpha_fits_the_base(self) -> BaseConfig:
+        """``alpha`` is one of the width multipliers the base has (the registry's list), or null."""
+        from tasks.bases import BASE_MODELS
+
+        spec = BASE_MODELS[self.name]
+        if self.alpha is not None and not spec.alphas:
+            raise _KeyProblem(
+                "alpha", f"{self.name} takes no alpha (width multiplier); expected null", self.alpha
+            )
+        if self.alpha is not None and float(self.alpha) not in spec.alphas:
+            raise _KeyProblem("alpha", f"expected one of {list(spec.alphas)} for {self.name}", self.alpha)
+        return self
+
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: str) -> str:

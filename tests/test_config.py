@@ -190,3 +190,17 @@ def test_augment_grid_is_read_only_and_dumps_as_a_plain_mapping():
     # and the frozen params stay hashable and copyable (deepcopy goes through __reduce__, as pickling would)
     assert copy.deepcopy(params) == params
     assert hash(params.augment) == hash(copy.deepcopy(params).augment)
+
+
+def test_base_alpha_must_be_a_width_multiplier_the_base_has():
+    assert params_from_dict({"base": {"name": "mobilenet", "alpha": 0.25}}).base.alpha == 0.25
+    with pytest.raises(ParamsError) as err:
+        params_from_dict({"base": {"name": "mobilenet_v2", "alpha": 0.9}})
+    assert err.value.problems == [
+        "base.alpha: expected one of [0.35, 0.5, 0.75, 1.0, 1.3, 1.4] for mobilenet_v2, got 0.9"
+    ]
+    with pytest.raises(ParamsError) as err:
+        params_from_dict({"base": {"name": "resnet50", "alpha": 1.0}})
+    assert err.value.problems == [
+        "base.alpha: resnet50 takes no alpha (width multiplier); expected null, got 1.0"
+    ]
