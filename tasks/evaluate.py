@@ -401,17 +401,17 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluateManifest:
             results["candidate"]["test"].confusion, names, reports / CONFUSION_PNG, "Test confusion matrix"
         ),
     ]
-    chosen = preview.chosen()
-    if chosen:
-        written.append(
-            plot_prediction_grid(
-                [c[1] for c in chosen],
-                [names[c[2]] for c in chosen],
-                [names[c[3]] for c in chosen],
-                [c[4] for c in chosen],
-                reports / PREDICTIONS_PNG,
-            )
+    chosen = preview.chosen()  # written even when empty (evaluate.preview_images: 0): it is a DVC output
+    written.append(
+        plot_prediction_grid(
+            [c[1] for c in chosen],
+            [names[c[2]] for c in chosen],
+            [names[c[3]] for c in chosen],
+            [c[4] for c in chosen],
+            reports / PREDICTIONS_PNG,
+            "" if chosen else "no preview images (evaluate.preview_images: 0)",
         )
+    )
     test = results["candidate"]["test"]
     val = results["candidate"].get("val")
     return EvaluateManifest(

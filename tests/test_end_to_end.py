@@ -144,3 +144,19 @@ def test_finetune_epochs_zero_gives_the_top_only_model(workspace):
     np.testing.assert_allclose(bundle.model.predict(x, verbose=0), top_only.predict(x, verbose=0), atol=1e-5)
     rows = (layout.plots_dir / "finetune_history.csv").read_text().splitlines()
     assert rows == ["epoch,loss,accuracy,val_loss,val_accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_evaluate_writes_every_dvc_output_even_without_preview_images(workspace):
+    """reports/predictions.png is an output of the evaluate stage: DVC fails a stage whose output is missing."""
+    from tasks.evaluate import run_evaluate
+
+    params, layout, *_ = workspace
+    grid = layout.reports_dir / "predictions.png"
+    grid.unlink()
+    no_previews = params.model_copy(
+        update={"evaluate": params.evaluate.model_copy(update={"preview_images": 0})}
+    )
+    run_evaluate(no_previews, layout)
+    assert grid.is_file() and grid.read_bytes().startswith(b"\x89PNG")
