@@ -342,15 +342,30 @@ _SCRATCH = threading.local()
 _SCRATCH_MAX_PIXELS = 1024 * 1024  # larger maps are allocated per call: a thread keeps at most 12 MB
 
 
-def _coordinate_buffers(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Three float32 [height, width] buffers owned by the calling thread (x map, y map, spare)."""
+def _coordinate_buffers(
+    height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """float32 [height, width] buffers owned by the calling thread: x map, y map, spare, and the (read-only) grids
+    of every pixel's x and y, so an affine map of the grid is one ``cv2.addWeighted`` pass (a numpy broadcast
+    of a row and a column was 4x slower)."""
     shape = (height, width)
     buffers = getattr(_SCRATCH, "buffers", None)
     if buffers is None or buffers[0].shape != shape:
+        grid_y, grid_x = np.mgrid[0:height, 0:width].astype(np.float32)
         buffers = (np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.float32))
+        buffers = (*buffers, grid_x, grid_y)
         if height * width <= _SCRATCH_MAX_PIXELS:
             _SCRATCH.buffers = buffers
     return buffers
+
+
+def _affine_of_grid(
+    a: float, b: float, c: float, grid_x: np.ndarray, grid_y: np.ndarray, out: np.ndarray
+) -> None:
+    """In place: ``out = a * x + b * y + c`` over the pixel grid (one OpenCV pass)."""
+    import cv2
+
+    cv2.addWeighted(grid_x, float(a), grid_y, float(b), float(c), dst=out)
 
 
 def _snap(coord: np.ndarray, spare: np.ndarray) -> None:
@@ -378,24 +393,33 @@ def _wrap(coord: np.ndarray, size: int, spare: np.ndarray) -> None:
     np.copyto(coord, spare, where=(coord < 0.0) | (coord > last))
 
 
-def _reflect(coord: np.ndarray, size: int, span: tuple[float, float], spare: np.ndarray) -> None:
-    """In place: scipy.ndimage's 'reflect' (half-sample symmetric, period 2 * size: c b a | a b c | c b a), into
-    [-0.5, size - 0.5]; the caller's clip to [0, size - 1] then makes the half pixel beyond each edge flat, as
-    scipy's linear interpolation between an edge sample and its mirror image is. ``span`` is (min, max) of
-    ``coord``: within the first mirror image on either side (the usual case) no modulo is needed."""
-    edge = np.float32(size - 0.5)
-    if not (-size < span[0] and span[1] < 2 * size - 1):  # farther out: into [-0.5, 2 size - 0.5) first
+def _reflect_to_source(
+    shifted: np.ndarray, size: int, span: tuple[float, float], step: float, offset: float, spare: np.ndarray
+) -> None:
+    """In place, from ``shifted`` = target coordinate + 0.5 to the source coordinate to sample: scipy.ndimage's
+    'reflect' (half-sample symmetric about -0.5 and size - 0.5, period 2 * size: c b a | a b c | c b a) in the
+    target frame, clipped to [0, size - 1] (so the half pixel beyond each edge is flat, as scipy's linear
+    interpolation between an edge sample and its mirror image is), then mapped to source pixels with ``step`` and
+    ``offset`` (the caller's map ``t * step + 0.5 * step - 0.5 + offset``). ``span`` is (min, max) of the target
+    coordinate: within the first mirror image on either side (the usual case) no modulo is needed.
+
+    With u = |shifted| (the mirror at -0.5) and z = |u - size| (the mirror at size - 0.5), the reflected target
+    coordinate is size - 0.5 - z, so the clip is z in [0.5, size - 0.5] and the source coordinate is
+    ``step * size - 0.5 + offset - step * z``: five passes over the map.
+    """
+    import cv2
+
+    if not (-size < span[0] and span[1] < 2 * size - 1):  # farther out: into [0, 2 size) first
         period = np.float32(2 * size)
-        np.add(coord, np.float32(0.5), out=spare)
-        spare /= period
+        np.divide(shifted, period, out=spare)
         np.floor(spare, out=spare)
         spare *= period
-        coord -= spare
-    coord += np.float32(0.5)  # mirror at -0.5 ...
-    np.abs(coord, out=coord)
-    coord -= np.float32(0.5) + edge  # ... and at size - 0.5
-    np.abs(coord, out=coord)
-    np.subtract(edge, coord, out=coord)
+        shifted -= spare
+    np.abs(shifted, out=shifted)
+    shifted -= np.float32(size)
+    np.abs(shifted, out=shifted)
+    np.clip(shifted, 0.5, size - 0.5, out=shifted)
+    cv2.addWeighted(shifted, -float(step), shifted, 0.0, float(step * size - 0.5 + offset), dst=shifted)
 
 
 def _span(row: np.ndarray, width: int, height: int) -> tuple[float, float]:
@@ -423,9 +447,17 @@ def warp(
     ``matrix`` (3x3 output -> input, target pixels, or None for a plain resize) acts as if the image had been
     resized to ``image_size`` first; fill modes follow scipy.ndimage in that frame. ``source_size`` is the
     full-resolution (height, width) the decoded ``image`` was reduced from by JPEG DCT ``ratio`` (None: the decoded
-    size at ratio 1), so reduced decoding does not move the geometry. One ``cv2.remap`` with the coordinates
-    folded here, in the target frame, for every fill mode; a plain resize is ``cv2.resize`` (or ``cv2.warpAffine``
-    for nearest resizing and DCT-reduced decodes, where no fill happens). With ``crop_to_aspect_ratio`` the
+    size at ratio 1), so reduced decoding does not move the geometry.
+
+    ``reflect`` (the default): one ``cv2.warpAffine`` with ``BORDER_REFLECT`` on the (cropped) source. Mirroring
+    about the source's edge is mirroring about the resized image's edge (the half-pixel line -0.5 is the same line
+    in both frames), so this is exact at every whole target pixel and everywhere but in the half target pixel
+    beyond each edge, where resize-first is flat (the edge pixel) and this samples the source's outermost
+    pixels. A single OpenCV call releases the GIL for the whole warp: the coordinate maps of the exact fold cost
+    numpy passes that two tf.data workers could not run in parallel (b/a fell from 9.3 to 7.4, BENCHMARKS.md).
+    ``nearest``, ``constant``, ``wrap``: one ``cv2.remap`` with the coordinates folded here, in the target frame,
+    exactly. A plain resize is ``cv2.resize`` (or ``cv2.warpAffine`` for nearest resizing and DCT-reduced
+    decodes, where no fill happens). With ``crop_to_aspect_ratio`` the
     "resized image" is the centred crop of the source with the target's aspect ratio (:func:`aspect_crop`),
     resized without distortion, as Keras' ``crop_to_aspect_ratio``; otherwise the whole source is stretched.
     """
@@ -473,32 +505,44 @@ def warp(
         )
         out = cv2.cvtColor(out, cv2.COLOR_RGBA2RGB) if rgba else out
         return out if keep_uint8 and out.dtype == np.uint8 else out.astype(np.float32, copy=False)
+    if fill_mode == "reflect" and all(v % ratio == 0 for v in (x0, y0, crop_w, crop_h)):
+        # mirror about the (cropped) source's own edge: a view of the crop, so OpenCV's border is the crop's
+        crop = source[y0 // ratio : (y0 + crop_h) // ratio, x0 // ratio : (x0 + crop_w) // ratio]
+        scale = (sx, 0.0, 0.5 * sx - 0.5, 0.0, sy, 0.5 * sy - 0.5)
+        out = cv2.warpAffine(
+            crop,
+            np.array(_compose(scale, tuple(matrix[:2].ravel().tolist())), dtype=np.float64).reshape(2, 3),
+            (out_w, out_h),
+            flags=flag | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REFLECT,
+        )
+        out = cv2.cvtColor(out, cv2.COLOR_RGBA2RGB) if rgba else out
+        return out if keep_uint8 and out.dtype == np.uint8 else out.astype(np.float32, copy=False)
     # Fill modes act in the TARGET frame (as if resized first): fold the target coordinates into [0, size - 1],
     # then map them to the source. Folding in the source frame (warpAffine's borders) would replicate or mirror
     # the source's own edge pixels, not the resized image's.
-    xs = np.arange(out_w, dtype=np.float32)[None, :]
-    ys = np.arange(out_h, dtype=np.float32)[:, None]
-    m = matrix.astype(np.float32)  # float32 is plenty below 2048 px (1e-4 px) and halves the work
-    xt, yt, spare = _coordinate_buffers(out_h, out_w)
-    np.add(m[0, 0] * xs, m[0, 1] * ys + m[0, 2], out=xt)
-    np.add(m[1, 0] * xs, m[1, 1] * ys + m[1, 2], out=yt)
+    xt, yt, spare, grid_x, grid_y = _coordinate_buffers(out_h, out_w)
+    steps = ((xt, out_w, sx, ox, matrix[0]), (yt, out_h, sy, oy, matrix[1]))
     valid = None
-    if fill_mode in ("constant", "wrap"):  # both have a jump at the edge: decide it exactly
-        _snap(xt, spare)
-        _snap(yt, spare)
-    if fill_mode == "constant":  # scipy 'constant': nothing is interpolated beyond the edge samples
-        valid = (xt >= 0.0) & (xt <= out_w - 1.0) & (yt >= 0.0) & (yt <= out_h - 1.0)
-    elif fill_mode == "wrap":
-        _wrap(xt, out_w, spare)
-        _wrap(yt, out_h, spare)
-    elif fill_mode == "reflect":
-        _reflect(xt, out_w, _span(matrix[0], out_w, out_h), spare)
-        _reflect(yt, out_h, _span(matrix[1], out_w, out_h), spare)
-    # nearest is the clip alone (and the clip finishes reflect: the half pixel beyond each edge is flat)
-    for coord, size, step, offset in ((xt, out_w, sx, ox), (yt, out_h, sy, oy)):
-        np.clip(coord, 0.0, size - 1.0, out=coord)  # into the resized image ...
-        coord *= np.float32(step)  # ... then to source pixels (half-pixel centres, as cv2.resize)
-        coord += np.float32(0.5 * step - 0.5 + offset)
+    if fill_mode == "reflect":  # the fold and the map to the source in five passes per coordinate
+        for coord, size, step, offset, row in steps:
+            _affine_of_grid(row[0], row[1], row[2] + 0.5, grid_x, grid_y, coord)
+            _reflect_to_source(coord, size, _span(row, out_w, out_h), step, offset, spare)
+    else:
+        for coord, _, _, _, row in steps:
+            _affine_of_grid(row[0], row[1], row[2], grid_x, grid_y, coord)
+        if fill_mode in ("constant", "wrap"):  # both have a jump at the edge: decide it exactly
+            _snap(xt, spare)
+            _snap(yt, spare)
+        if fill_mode == "constant":  # scipy 'constant': nothing is interpolated beyond the edge samples
+            valid = (xt >= 0.0) & (xt <= out_w - 1.0) & (yt >= 0.0) & (yt <= out_h - 1.0)
+        elif fill_mode == "wrap":
+            _wrap(xt, out_w, spare)
+            _wrap(yt, out_h, spare)
+        # nearest is the clip alone
+        for coord, size, step, offset, _ in steps:
+            np.clip(coord, 0.0, size - 1.0, out=coord)  # into the resized image, then to source pixels
+            cv2.addWeighted(coord, float(step), coord, 0.0, float(0.5 * step - 0.5 + offset), dst=coord)
     out = cv2.remap(source, xt, yt, flag, borderMode=cv2.BORDER_REPLICATE)
     out = cv2.cvtColor(out, cv2.COLOR_RGBA2RGB) if rgba else out
     if not (keep_uint8 and out.dtype == np.uint8 and (valid is None or _uint8_value(cval))):
