@@ -317,7 +317,7 @@ def write_confusion_csv(
     path: Path, actual: np.ndarray, predicted: np.ndarray, names: tuple[str, ...]
 ) -> None:
     """``actual,predicted`` class-name rows, one per test image (``dvc plots`` draws the confusion matrix)."""
-    from tasks.heads import write_text_atomic
+    from tasks.atomic import write_text_atomic
 
     lines = ["actual,predicted"] + [f"{names[a]},{names[p]}" for a, p in zip(actual, predicted, strict=True)]
     write_text_atomic(path, "\n".join(lines) + "\n")
@@ -325,8 +325,9 @@ def write_confusion_csv(
 
 def run_evaluate(params: Params, layout: Layout) -> EvaluateManifest:
     """Evaluate the candidate and the top-only model on test (and val); write metrics, plots data and reports."""
+    from tasks.atomic import write_text_atomic
     from tasks.finetune import data_root, load_top_model, split_rows
-    from tasks.heads import load_bundle, write_text_atomic
+    from tasks.heads import load_bundle
     from tasks.index import read_classes, read_index
     from tasks.reports import plot_confusion, plot_prediction_grid, plot_training_curves, read_history_csv
     from tasks.train_top import TOP_HISTORY_FILE, read_head_info

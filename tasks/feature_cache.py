@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from tasks.atomic import fsync_dir
 from tasks.locking import pid_alive
 
 CACHE_FORMAT = 1
@@ -78,14 +79,6 @@ def cache_key(spec: KeySpec) -> str:
 
 
 # ------------------------------------------------------------------------------------------ atomic files
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tmp_path(path: Path) -> Path:
     return path.parent / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}"
 
@@ -103,7 +96,7 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -132,9 +132,9 @@ def set_trainable(model: Any, base: Any, spec: Any, cfg: FinetuneConfig) -> list
 
 # -------------------------------------------------------------------------------------------- resumability
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    from tasks.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data))
 
 
 def _save_weights_atomic(model: Any, path: Path) -> None:
@@ -518,6 +518,8 @@ def run_finetune(params: Params, layout: Layout) -> FinetuneManifest:
     layout.metrics_dir.mkdir(parents=True, exist_ok=True)
     metrics = {k: v for k, v in asdict(manifest).items() if k not in ("trainable_layers", "model_file")}
     metrics["trainable_layers"] = len(manifest.trainable_layers)
-    (layout.metrics_dir / FINETUNE_METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    from tasks.atomic import write_text_atomic
+
+    write_text_atomic(layout.metrics_dir / FINETUNE_METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     write_history_csv(layout.plots_dir / FINETUNE_HISTORY_FILE, history)
     return manifest

@@ -24,6 +24,7 @@ from typing import Any
 
 import keras
 
+from tasks.atomic import TMP_SUFFIX, fsync_dir, write_text_atomic
 from tasks.augment import INTERPOLATIONS
 from tasks.config import HeadSpec
 from tasks.pipeline import CLASS_MODES
@@ -171,33 +172,6 @@ def iter_layers(model: Any) -> list[Any]:
 
 # ------------------------------------------------------------------------------------- the saved model bundle
 MODEL_CLASSES_FILE = "classes.json"
-TMP_SUFFIX = ".tmp"
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` through ``<name>.tmp`` beside it (fsync, ``os.replace``, fsync of the folder): readers see the
-    old file or the whole new one. The temp name is fixed, so the next write replaces what a killed one left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:
@@ -227,7 +201,7 @@ def save_model_atomic(model: Any, path: Path) -> tuple[Path, str]:
 def publish_model(tmp: Path, path: Path) -> None:
     """The commit of a model save: rename the temp file over ``path`` (and make the rename durable)."""
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def check_model_hash(model_file: Path, info_file: Path, recorded: Any, rerun: str) -> None:

@@ -190,7 +190,7 @@ def comparison_markdown(results: list[HeadResult], best: HeadResult, cfg: TopCon
 
 def write_history_csv(path: Path, results: list[HeadResult]) -> None:
     """``head,epoch,loss,accuracy,val_loss,val_accuracy`` rows (epochs 1-based) for ``dvc plots`` (atomic)."""
-    from tasks.heads import write_text_atomic
+    from tasks.atomic import write_text_atomic
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")
@@ -215,7 +215,8 @@ def save_head(model: Any, spec: HeadSpec, directory: Path, info: dict[str, Any])
     the new json beside the old model, which :func:`load_head` refuses (hash mismatch) instead of pairing them;
     after (3): the new pair.
     """
-    from tasks.heads import publish_model, save_model_atomic, write_text_atomic
+    from tasks.atomic import write_text_atomic
+    from tasks.heads import publish_model, save_model_atomic
 
     path, info_path = directory / HEAD_FILE, directory / HEAD_INFO_FILE
     record = {"spec": spec.model_dump(mode="json"), **info}
@@ -293,7 +294,7 @@ def run_train_top(params: Params, layout: Layout) -> TopManifest:
         val_samples=len(val[0]),
         heads=[head_summary(r) for r in results],
     )
-    from tasks.heads import write_text_atomic
+    from tasks.atomic import write_text_atomic
 
     metrics = {
         "best_head": best.name,
