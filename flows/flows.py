@@ -245,7 +245,8 @@ def retrain(
     In a DVC project, data the user changed in the workspace (images dropped into or removed from ``data/``) is
     recorded first (``dvc commit`` of ``data.dvc``), and with a DVC remote only what the workspace lacks is
     pulled, so a run never overwrites new files. Run with ``params.yaml`` as is, stages that ``dvc status``
-    reports up to date are not run again (the first changed stage and all after it run); the stages that ran are
+    reports up to date are not run again (a stage runs when it is changed, judged again with ``dvc status NAME``
+    once an upstream stage has run); the stages that ran are
     ``dvc commit``ted, so ``dvc status`` is clean afterwards and ``dvc repro`` a no-op. After the index, the run
     skips cleanly when neither the data nor the params changed since the champion. ``force`` runs every stage and
     gates the result even when nothing changed. Pushes the data and outputs last when a remote is configured.

@@ -22,14 +22,14 @@ for square images and equal shift ranges the two agree). Brightness is not round
 of the policy's hash but is applied by the input pipeline (``rescale=``), to every view alike. A sample that lands
 exactly on the image edge (within 1e-3 px) counts as inside, where scipy's float64 round-off may say outside.
 
-Resize and geometry are composed: every output pixel is mapped target -> transformed target coordinates, the fill
-mode folds those into the target frame [0, size - 1] exactly as if the image had been resized first (nearest clamps
-to the resized image's edge, reflect mirrors it half-sample symmetrically, wrap and constant follow scipy's edge
-rules) -> source coordinates, and the source is sampled once (bilinear or nearest) by one OpenCV ``remap``, its
-output already at the target size (the clean view: one ``cv2.resize``, or one ``warpAffine`` for nearest resizing
-and DCT-reduced decodes). Folding in the source frame instead (``warpAffine``'s border modes) would replicate or
-mirror the SOURCE's edge pixels: a different image whenever the resize is not 1:1. uint8 images are resampled as
-RGBA, which OpenCV vectorises (same pixels). OpenCV was measured about 10x faster here than TensorFlow's
+Resize (and the optional centred aspect crop) and geometry are composed into one affine per image, and the source
+is sampled once (bilinear or nearest) by OpenCV, its output already at the target size: ``reflect`` (the default)
+by one ``warpAffine`` mirroring about the (cropped) source's edge, the same line as the resized image's edge (exact
+at whole target pixels; see :func:`warp` for the half pixel beyond each edge); ``nearest``, ``wrap`` and
+``constant`` by one ``remap`` whose coordinates are folded in the target frame [0, size - 1] exactly as if the
+image had been resized first (nearest clamps to the resized image's edge, wrap and constant follow scipy's edge
+rules); the clean view by one ``cv2.resize`` (or a ``warpAffine`` for nearest resizing and DCT-reduced decodes).
+uint8 images are resampled as RGBA, which OpenCV vectorises (same pixels). OpenCV was measured about 10x faster here than TensorFlow's
 ``ImageProjectiveTransformV3`` or a gather-based TF resampler (see BENCHMARKS.md).
 
 Randomness: the ten uniforms of a view come from sha512(image sha256, policy seed, pass) (:func:`view_uniforms`),
@@ -55,7 +55,8 @@ from tasks.config import AUGMENT_GRID_KEYS, AugmentConfig
 
 CLEAN_VIEW = "clean"
 # Bump ENGINE_VERSION when rendering changes what a view looks like: every policy hash (and cache key) moves.
-# 2: nearest and reflect fill in the resized (target) frame, like constant and wrap (1 used the source's edge).
+# 2: nearest fills from the resized image's edge, like constant and wrap in the target frame (1 replicated the
+#    source's edge pixel).
 ENGINE_VERSION = 2
 FILL_MODES = ("constant", "nearest", "reflect", "wrap")
 INTERPOLATIONS = ("bilinear", "nearest")
@@ -482,42 +483,44 @@ def warp(
     sx, sy = crop_w / (ratio * out_w), crop_h / (ratio * out_h)  # source px per target px
     ox, oy = x0 / ratio, y0 / ratio  # the crop's corner in decoded pixels
     flag = cv2.INTER_LINEAR if interpolation == "bilinear" else cv2.INTER_NEAREST
-    exact = (dec_h * ratio, dec_w * ratio) == (full_h, full_w) and all(
-        v % ratio == 0 for v in (x0, y0, crop_w, crop_h)
-    )
-    if matrix is None and interpolation == "bilinear" and exact:
+    aligned = all(v % ratio == 0 for v in (x0, y0, crop_w, crop_h))  # the crop is whole decoded pixels
+
+    def crop_of(array: np.ndarray) -> np.ndarray:  # a view: OpenCV's borders are then the crop's
+        return array[y0 // ratio : (y0 + crop_h) // ratio, x0 // ratio : (x0 + crop_w) // ratio]
+
+    if (
+        matrix is None
+        and interpolation == "bilinear"
+        and aligned
+        and (dec_h * ratio, dec_w * ratio) == (full_h, full_w)
+    ):
         # a plain resize with the same half-pixel geometry: cv2.resize is 3-4x faster than a warp
-        if crop_to_aspect_ratio:
-            image = image[y0 // ratio : (y0 + crop_h) // ratio, x0 // ratio : (x0 + crop_w) // ratio]
-        out = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+        out = cv2.resize(crop_of(image), (out_w, out_h), interpolation=cv2.INTER_LINEAR)
         return out if keep_uint8 and out.dtype == np.uint8 else out.astype(np.float32, copy=False)
     # OpenCV's uint8 warps are vectorised for 4 channels, not 3: RGBA in, RGB out (the same pixels, 40% faster)
     rgba = image.dtype == np.uint8
     source = cv2.cvtColor(image, cv2.COLOR_RGB2RGBA) if rgba else image
+
+    def finish(out: np.ndarray) -> np.ndarray:
+        out = cv2.cvtColor(out, cv2.COLOR_RGBA2RGB) if rgba else out
+        return out if keep_uint8 and out.dtype == np.uint8 else out.astype(np.float32, copy=False)
+
+    def warp_affine(src: np.ndarray, affine: Affine, border: int) -> np.ndarray:
+        full = np.array(affine, dtype=np.float64).reshape(2, 3)
+        return finish(
+            cv2.warpAffine(src, full, (out_w, out_h), flags=flag | cv2.WARP_INVERSE_MAP, borderMode=border)
+        )
+
     if matrix is None:  # a plain resize (nearest, or DCT-reduced): the output grid is inside the image
-        scale: Affine = (sx, 0.0, 0.5 * sx - 0.5 + ox, 0.0, sy, 0.5 * sy - 0.5 + oy)
-        out = cv2.warpAffine(
-            source,
-            np.array(scale, dtype=np.float64).reshape(2, 3),
-            (out_w, out_h),
-            flags=flag | cv2.WARP_INVERSE_MAP,
-            borderMode=cv2.BORDER_REPLICATE,
+        return warp_affine(
+            source, (sx, 0.0, 0.5 * sx - 0.5 + ox, 0.0, sy, 0.5 * sy - 0.5 + oy), cv2.BORDER_REPLICATE
         )
-        out = cv2.cvtColor(out, cv2.COLOR_RGBA2RGB) if rgba else out
-        return out if keep_uint8 and out.dtype == np.uint8 else out.astype(np.float32, copy=False)
-    if fill_mode == "reflect" and all(v % ratio == 0 for v in (x0, y0, crop_w, crop_h)):
+    if fill_mode == "reflect" and aligned:
         # mirror about the (cropped) source's own edge: a view of the crop, so OpenCV's border is the crop's
-        crop = source[y0 // ratio : (y0 + crop_h) // ratio, x0 // ratio : (x0 + crop_w) // ratio]
-        scale = (sx, 0.0, 0.5 * sx - 0.5, 0.0, sy, 0.5 * sy - 0.5)
-        out = cv2.warpAffine(
-            crop,
-            np.array(_compose(scale, tuple(matrix[:2].ravel().tolist())), dtype=np.float64).reshape(2, 3),
-            (out_w, out_h),
-            flags=flag | cv2.WARP_INVERSE_MAP,
-            borderMode=cv2.BORDER_REFLECT,
+        scale: Affine = (sx, 0.0, 0.5 * sx - 0.5, 0.0, sy, 0.5 * sy - 0.5)
+        return warp_affine(
+            crop_of(source), _compose(scale, tuple(matrix[:2].ravel().tolist())), cv2.BORDER_REFLECT
         )
-        out = cv2.cvtColor(out, cv2.COLOR_RGBA2RGB) if rgba else out
-        return out if keep_uint8 and out.dtype == np.uint8 else out.astype(np.float32, copy=False)
     # Fill modes act in the TARGET frame (as if resized first): fold the target coordinates into [0, size - 1],
     # then map them to the source. Folding in the source frame (warpAffine's borders) would replicate or mirror
     # the source's own edge pixels, not the resized image's.
@@ -544,11 +547,12 @@ def warp(
             np.clip(coord, 0.0, size - 1.0, out=coord)  # into the resized image, then to source pixels
             cv2.addWeighted(coord, float(step), coord, 0.0, float(0.5 * step - 0.5 + offset), dst=coord)
     out = cv2.remap(source, xt, yt, flag, borderMode=cv2.BORDER_REPLICATE)
+    if valid is None:
+        return finish(out)
     out = cv2.cvtColor(out, cv2.COLOR_RGBA2RGB) if rgba else out
-    if not (keep_uint8 and out.dtype == np.uint8 and (valid is None or _uint8_value(cval))):
+    if not (keep_uint8 and out.dtype == np.uint8 and _uint8_value(cval)):
         out = out.astype(np.float32)
-    if valid is not None:
-        out[~valid] = cval
+    out[~valid] = cval
     return out
 
 

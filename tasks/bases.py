@@ -296,7 +296,8 @@ def keras_cache_dir() -> Path:
     return base / ".keras" / "models"
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks): weights files here, saved models in tasks.heads."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -361,7 +362,7 @@ def weights_fingerprint(cfg: BaseConfig, image_size: tuple[int, int]) -> str:
     """sha256 of the weights this config loads, without building the model when they come from a file."""
     path = weights_source(cfg, image_size)
     if path is not None:
-        return _sha256_file(path)
+        return sha256_file(path)
     return load_base(cfg, image_size).weights_sha256
 
 
@@ -418,7 +419,7 @@ def load_base(cfg: BaseConfig, image_size: tuple[int, int]) -> LoadedBase:
                 "ignore", UserWarning
             )  # "weights for input shape (224, 224) will be loaded"
             model = spec.constructor(weights=str(path), **kwargs)
-        digest = _sha256_file(path)
+        digest = sha256_file(path)
     model.trainable = False
     return LoadedBase(model, spec, digest, alpha, path)
 

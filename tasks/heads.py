@@ -13,7 +13,6 @@ import time: only model code imports it (the CLI imports it lazily).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import keras
 
 from tasks.atomic import TMP_SUFFIX, fsync_dir, write_text_atomic
 from tasks.augment import INTERPOLATIONS
+from tasks.bases import sha256_file
 from tasks.config import HeadSpec
 from tasks.pipeline import CLASS_MODES
 
@@ -172,15 +172,6 @@ def iter_layers(model: Any) -> list[Any]:
 
 # ------------------------------------------------------------------------------------- the saved model bundle
 MODEL_CLASSES_FILE = "classes.json"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_model_atomic(model: Any, path: Path) -> tuple[Path, str]:
