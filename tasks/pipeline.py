@@ -1,9 +1,11 @@
 """The streaming tf.data input pipeline, built from index rows; it never holds the dataset in memory.
 
-read bytes -> ``tasks.images.decode_rgb`` (JPEG DCT-reduced when the source is much bigger than the target) ->
-one resampling per image that applies the augmentation AND the resize (``tasks.augment.render_view``, OpenCV in
-a ``tf.numpy_function``, one map worker per core) -> batch -> ``rescale`` and the base's preprocessing on the
-batch -> prefetch.
+read bytes -> ``tasks.images.decode_rgb`` (JPEG DCT-reduced when the source is much bigger than the target and
+the reduction pays, :func:`_worthwhile_ratios`) -> one resampling per image that applies the augmentation AND the
+resize (``tasks.augment.render_view``, OpenCV in a ``tf.numpy_function``) -> batch -> ``rescale`` and the base's
+preprocessing on the batch -> prefetch. Images travel in groups of ``GROUP_SIZE``: one map call (one map worker
+per core) reads and decodes a group and resamples it in ONE numpy_function call; groups are then re-cut into
+batches (``rebatch``), the padding of a last, short group dropped. Grouping changes no pixel and no order.
 
 * :func:`view_dataset`: ordered and deterministic (feature extraction, evaluation, predict). A view is a pure
   function of (sha256, pass, policy incl. its seed): independent of batch size, order and worker count.
@@ -32,6 +34,8 @@ import numpy as np
 from tasks.augment import INTERPOLATIONS, AugmentPolicy, aspect_crop, render_view, renders_uint8
 
 CLASS_MODES = ("binary", "categorical", "sparse")
+GROUP_SIZE = 8  # images decoded and resampled per map call (see _load_fn)
+MIXED_RATIO_MIN_SAVED_PIXELS = 25_000  # 0.02 ms a switch / 0.8 ns a pixel (see _worthwhile_ratios)
 JPEG_RATIOS = (8, 4, 2, 1)
 _REQUIRED = ("path", "sha256")
 PREFETCH_BATCHES = 2
@@ -124,6 +128,21 @@ def jpeg_ratio(
     return 1
 
 
+def _worthwhile_ratios(ratio: np.ndarray, width: np.ndarray, height: np.ndarray) -> np.ndarray:
+    """The per-row DCT ratios, or all 1 when mixed ratios would cost more than they save.
+
+    One ratio for every row is a Python int in the graph (free). Mixed ratios make the decoder switch per image,
+    measured at 0.02 ms of CPU on EVERY image, while a reduced decode saves about 0.8 ns per pixel not produced
+    (a 490x490 photo at ratio 2: 0.13 ms; a 12-Mpixel photo at ratio 8: about 10 ms). So mixed ratios are kept
+    when the mean number of pixels saved per row is at least ``MIXED_RATIO_MIN_SAVED_PIXELS`` (BENCHMARKS.md):
+    a few 2x-too-big photos among small ones decode at full scale, a few 12-Mpixel ones are still reduced.
+    """
+    if len(ratio) == 0 or len(np.unique(ratio)) == 1:
+        return ratio
+    saved = width.astype(np.float64) * height * (1.0 - 1.0 / ratio.astype(np.float64) ** 2)
+    return ratio if saved.mean() >= MIXED_RATIO_MIN_SAVED_PIXELS else np.ones_like(ratio)
+
+
 def _check_size(image_size: Any) -> tuple[int, int]:
     if (
         not isinstance(image_size, tuple | list)
@@ -155,11 +174,12 @@ def _source_columns(
     width = rows["width"].to_numpy(np.int64) if "width" in rows else np.zeros(n, np.int64)
     height = rows["height"].to_numpy(np.int64) if "height" in rows else np.zeros(n, np.int64)
     orientation = rows["orientation"].to_numpy(np.int32) if "orientation" in rows else np.ones(n, np.int32)
-    is_jpeg = (
-        np.asarray([str(f).upper() == "JPEG" for f in rows["format"]])
+    known_jpeg = (
+        np.asarray([str(f).upper() == "JPEG" for f in rows["format"]], dtype=bool)
         if "format" in rows
-        else np.ones(n, bool)
+        else np.zeros(n, bool)
     )
+    is_jpeg = known_jpeg if "format" in rows else np.ones(n, bool)  # unknown format: a JPEG may be reduced
     ratio = np.asarray(
         [
             jpeg_ratio(int(w), int(h), image_size, crop_to_aspect_ratio) if j else 1
@@ -167,6 +187,7 @@ def _source_columns(
         ],
         dtype=np.int32,
     )
+    ratio = _worthwhile_ratios(ratio, width, height)
     return {
         "path": paths,
         "sha256": np.asarray([str(s) for s in rows["sha256"]], dtype=object),
@@ -174,6 +195,7 @@ def _source_columns(
         "width": width,
         "orientation": orientation,
         "ratio": ratio,
+        "known_jpeg": known_jpeg,
     }
 
 
@@ -221,11 +243,16 @@ def _load_fn(
     interpolation: str,
     cols: dict[str, np.ndarray],
     crop_to_aspect_ratio: bool = False,
+    group: int = 1,
 ) -> Callable[..., Any]:
-    """The graph side of the map: read, decode (the one decoder), then the numpy resampling.
+    """The graph side of the map, for a GROUP of ``group`` images: read and decode each (the one decoder), then
+    resample all of them in ONE ``tf.numpy_function`` call; returns ``[group, H, W, 3]``.
 
-    When every row shares one orientation (or one DCT ratio) it is passed to the decoder as a Python int: a
-    smaller graph (no switch over the 8 orientations / 4 ratios), quicker to build and to run.
+    One call per group instead of per image: a numpy_function call, its Python entry and its GIL hand-offs, and a
+    tf.data element each cost per call (measured: groups of 8 are 9-11% faster than single images, 16 and 32 are
+    slower again, bench/loader.py and BENCHMARKS.md). When every row shares one orientation (or one DCT ratio) it
+    is passed to the decoder as a Python int, and when the index says every file is a JPEG the format is not
+    sniffed: a smaller graph (no switch over the 8 orientations / 4 ratios / the formats), quicker to run.
     """
     import tensorflow as tf
 
@@ -235,22 +262,59 @@ def _load_fn(
     _single_threaded_opencv()
     fixed_orientation = _only_value(cols["orientation"])
     fixed_ratio = _only_value(cols["ratio"])
-    dtype = tf.uint8 if renders_uint8(policy) else tf.float32  # uint8: 4x less to copy into batches
+    all_jpeg = True if len(cols["known_jpeg"]) and bool(np.all(cols["known_jpeg"])) else None
+    out_dtype = np.uint8 if renders_uint8(policy) else np.float32  # uint8: 4x less to copy into batches
+    out_shape = (group, image_size[0], image_size[1], 3)
+
+    def render_group(
+        sha256: np.ndarray,
+        pass_number: np.ndarray,
+        height: np.ndarray,
+        width: np.ndarray,
+        ratio: np.ndarray,
+        *images: np.ndarray,
+    ) -> np.ndarray:
+        out = np.empty(out_shape, out_dtype)
+        for i, image in enumerate(images):
+            out[i] = render(image, sha256[i], pass_number[i], height[i], width[i], ratio[i])
+        return out
 
     def load(
         path: Any, sha256: Any, height: Any, width: Any, orientation: Any, ratio: Any, pass_number: Any
     ) -> Any:
-        image = decode_rgb(
-            tf.io.read_file(path),
-            orientation if fixed_orientation is None else fixed_orientation,
-            ratio if fixed_ratio is None else fixed_ratio,
-        )
+        images = [
+            decode_rgb(
+                tf.io.read_file(path[i]),
+                orientation[i] if fixed_orientation is None else fixed_orientation,
+                ratio[i] if fixed_ratio is None else fixed_ratio,
+                jpeg=all_jpeg,
+            )
+            for i in range(group)
+        ]
         out = tf.numpy_function(
-            render, [image, sha256, pass_number, height, width, ratio], dtype, stateful=False
+            render_group,
+            [sha256, pass_number, height, width, ratio, *images],
+            tf.as_dtype(out_dtype),
+            stateful=False,
         )
-        return tf.ensure_shape(out, [image_size[0], image_size[1], 3])
+        return tf.ensure_shape(out, out_shape)
 
     return load
+
+
+def _group_size(n: int) -> int:
+    """Images per map call: ``GROUP_SIZE``, fewer for a smaller table (a smaller graph to build)."""
+    return max(1, min(GROUP_SIZE, n))
+
+
+def _group_counts(n: int, group: int) -> tuple[int, np.ndarray]:
+    """Padding that makes ``n`` rows whole groups, and the number of real rows in each group (the padding, at most
+    ``group - 1`` repeats of the last row, is rendered and dropped)."""
+    pad = (-n) % group
+    counts = np.full((n + pad) // group, group, np.int64)
+    if pad:
+        counts[-1] = group - pad
+    return pad, counts
 
 
 def _only_value(column: np.ndarray) -> int | None:
@@ -322,20 +386,29 @@ def view_dataset(
         raise ValueError(f"view_dataset: expected pass_number >= 0, got {pass_number!r}")
     tune_allocator()
     cols = _source_columns(rows, Path(data_root), size, bool(crop_to_aspect_ratio))
-    load = _load_fn(policy, size, interpolation, cols, bool(crop_to_aspect_ratio))
-    passes = np.full(len(cols["path"]), int(pass_number), np.int64)
-    source = tf.data.Dataset.from_tensor_slices(
-        (
-            cols["path"].astype(str),
-            cols["sha256"].astype(str),
-            cols["height"],
-            cols["width"],
-            cols["orientation"],
-            cols["ratio"],
-            passes,
-        )
+    n = len(cols["path"])
+    group = _group_size(n)
+    load = _load_fn(policy, size, interpolation, cols, bool(crop_to_aspect_ratio), group)
+    pad, counts = _group_counts(n, group)
+    order = np.concatenate([np.arange(n), np.full(pad, n - 1)]).astype(np.int64)
+    passes = np.full(n + pad, int(pass_number), np.int64)
+    columns = (
+        cols["path"].astype(str)[order],
+        cols["sha256"].astype(str)[order],
+        cols["height"][order],
+        cols["width"][order],
+        cols["orientation"][order],
+        cols["ratio"][order],
+        passes,
     )
-    ds = source.map(load, num_parallel_calls=_map_parallelism(), deterministic=True).batch(batch)
+    groups = tf.data.Dataset.zip(
+        (tf.data.Dataset.from_tensor_slices(columns).batch(group), tf.data.Dataset.from_tensor_slices(counts))
+    )
+    ds = groups.map(
+        lambda group_columns, count: load(*group_columns)[:count],
+        num_parallel_calls=_map_parallelism(),
+        deterministic=True,
+    ).rebatch(batch)
     ds = ds.map(_finish_fn(rescale, preprocess), num_parallel_calls=_map_parallelism(), deterministic=True)
     return ds.prefetch(PREFETCH_BATCHES).with_options(_pipeline_options())
 
@@ -384,7 +457,9 @@ def training_dataset(
     labels = encode_labels(rows["class_id"].to_numpy(), class_mode, num_classes)
     tune_allocator()
     cols = _source_columns(rows, Path(data_root), size, bool(crop_to_aspect_ratio))
-    load = _load_fn(policy, size, interpolation, cols, bool(crop_to_aspect_ratio))
+    group = _group_size(n)
+    load = _load_fn(policy, size, interpolation, cols, bool(crop_to_aspect_ratio), group)
+    pad, counts = _group_counts(n, group)
     table = {
         "path": tf.constant(cols["path"].astype(str)),
         "sha256": tf.constant(cols["sha256"].astype(str)),
@@ -396,24 +471,32 @@ def training_dataset(
     }
     seed64 = tf.constant(int(seed) & 0x7FFFFFFF, tf.int64)
 
-    def one(index: Any, epoch: Any) -> Any:
-        image = load(
-            table["path"][index],
-            table["sha256"][index],
-            table["height"][index],
-            table["width"][index],
-            table["orientation"][index],
-            table["ratio"][index],
-            epoch + int(first_pass),
+    def one_group(indices: Any, count: Any, epoch: Any) -> Any:
+        def take(name: str) -> Any:
+            return tf.gather(table[name], indices)
+
+        images = load(
+            take("path"),
+            take("sha256"),
+            take("height"),
+            take("width"),
+            take("orientation"),
+            take("ratio"),
+            tf.fill([group], epoch + int(first_pass)),
         )
-        return image, table["label"][index]
+        return images[:count], take("label")[:count]
 
     def epoch_dataset(epoch: Any) -> Any:
         order = tf.argsort(tf.random.stateless_uniform([n], seed=tf.stack([seed64, epoch])))
-        indices = tf.data.Dataset.from_tensor_slices(order)
-        epochs = tf.data.Dataset.from_tensors(epoch).repeat(n)
-        pairs = tf.data.Dataset.zip((indices, epochs))
-        return pairs.map(one, num_parallel_calls=_map_parallelism(), deterministic=True).batch(batch)
+        if pad:  # whole groups: the last row repeated, rendered, and dropped by its group's count
+            order = tf.concat([order, tf.fill([pad], order[-1])], axis=0)
+        groups = tf.data.Dataset.from_tensor_slices(tf.reshape(order, [-1, group]))
+        counted = tf.data.Dataset.zip((groups, tf.data.Dataset.from_tensor_slices(counts)))
+        return counted.map(
+            lambda indices, count: one_group(indices, count, epoch),
+            num_parallel_calls=_map_parallelism(),
+            deterministic=True,
+        ).rebatch(batch)
 
     ds = tf.data.Dataset.counter(start=int(first_epoch), dtype=tf.int64).flat_map(epoch_dataset)
     finish = _finish_fn(rescale, preprocess)

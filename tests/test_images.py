@@ -105,6 +105,16 @@ def test_bad_ratio_rejected_with_value(bad):
         decode_rgb(b"x", 1, bad)
 
 
+def test_known_jpeg_skips_sniffing_with_the_same_pixels():
+    jpeg = encode(Image.fromarray(noisy_array(40, 24)), "JPEG")
+    np.testing.assert_array_equal(decode_rgb(jpeg, 6, 2, jpeg=True), decode_rgb(jpeg, 6, 2))
+    png = encode(Image.fromarray(noisy_array(8, 8)), "PNG")
+    # told JPEG but it is not: TF's DecodeJpeg kernel reads the real format, so still the right pixels
+    np.testing.assert_array_equal(decode_rgb(png, 1, 1, jpeg=True), decode_rgb(png))
+    with pytest.raises(ValueError, match="got False"):
+        decode_rgb(jpeg, jpeg=False)
+
+
 def test_bad_orientation_type_rejected():
     with pytest.raises(ValueError, match="orientation"):
         decode_rgb(b"x", "6")

@@ -11,8 +11,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import tasks.pipeline
 from tasks.augment import AugmentPolicy
-from tasks.pipeline import _source_columns, encode_labels, jpeg_ratio, training_dataset, view_dataset
+from tasks.pipeline import (
+    _source_columns,
+    _worthwhile_ratios,
+    encode_labels,
+    jpeg_ratio,
+    training_dataset,
+    view_dataset,
+)
 
 SIZE = (16, 16)
 POLICY = AugmentPolicy(
@@ -220,6 +228,51 @@ def test_dct_reduced_decoding_keeps_the_geometry(tmp_path):
         assert np.abs(a - b).mean() < 4, policy
     clean = collect(view_dataset(reduced, tmp_path, image_size=(32, 32), batch_size=1))[0]
     assert clean[:, :11].mean() > 200 and clean[:, 13:, 0].mean() < 30  # the edge at 12 = 32 * 96 / 256
+
+
+def test_mixed_dct_ratios_are_kept_only_when_they_save_more_than_the_switch_costs():
+    ones = np.ones(4, np.int32)
+    small = np.array([500, 300, 320, 310]), np.array([500, 300, 240, 300])
+    mixed = np.array([2, 1, 1, 1], np.int32)  # one 500x500 photo reducible 2x: 47k pixels saved over 4 rows
+    np.testing.assert_array_equal(_worthwhile_ratios(mixed, *small), mixed)
+    many = (
+        np.concatenate([np.full(2, 500), np.full(30, 300)]),
+        np.concatenate([np.full(2, 500), np.full(30, 300)]),
+    )
+    two_of_32 = np.array(
+        [2, 2] + [1] * 30, np.int32
+    )  # 188k pixels saved over 32 rows: under the switch's cost
+    np.testing.assert_array_equal(_worthwhile_ratios(two_of_32, *many), np.ones(32, np.int32))
+    huge = np.array([4000] + [300] * 31), np.array([3000] + [300] * 31)
+    one_big = np.array([8] + [1] * 31, np.int32)  # one 12-Mpixel photo at 1/8: worth the switch
+    np.testing.assert_array_equal(_worthwhile_ratios(one_big, *huge), one_big)
+    np.testing.assert_array_equal(_worthwhile_ratios(ones * 4, *small), ones * 4)  # one ratio: always kept
+    assert _worthwhile_ratios(np.zeros(0, np.int32), np.zeros(0), np.zeros(0)).size == 0
+
+
+def test_group_size_changes_nothing_but_speed(images, monkeypatch):
+    """Images are decoded and resampled in groups (one numpy_function call each); the padding of the last group
+    is dropped: views, batches and epochs are the same with groups of 1, 3 (10 rows: 2 padded) or 8."""
+    root, rows = images
+    rows = rows.assign(class_id=np.arange(len(rows)))
+    common = {"image_size": SIZE, "batch_size": 4}
+    train = {**common, "class_mode": "sparse", "num_classes": len(rows), "seed": 3, "policy": POLICY}
+
+    def run() -> tuple[list, list]:
+        views = [np.asarray(b) for b in view_dataset(rows, root, policy=POLICY, pass_number=1, **common)]
+        ds, steps = training_dataset(rows, root, **train)
+        return views, [(np.asarray(x), np.asarray(y)) for x, y in ds.take(2 * steps)]
+
+    views, epochs = run()
+    assert [v.shape[0] for v in views] == [4, 4, 2] and [y.shape[0] for _, y in epochs] == [4, 4, 2] * 2
+    for group in (1, 3):
+        monkeypatch.setattr(tasks.pipeline, "GROUP_SIZE", group)
+        other_views, other_epochs = run()
+        for a, b in zip(views, other_views, strict=True):
+            np.testing.assert_array_equal(a, b)
+        for (xa, ya), (xb, yb) in zip(epochs, other_epochs, strict=True):
+            np.testing.assert_array_equal(ya, yb)
+            np.testing.assert_array_equal(xa, xb)
 
 
 def test_view_dataset_validates_arguments(images):
