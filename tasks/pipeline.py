@@ -4,8 +4,9 @@ read bytes -> ``tasks.images.decode_rgb`` (JPEG DCT-reduced when the source is m
 the reduction pays, :func:`_worthwhile_ratios`) -> one resampling per image that applies the augmentation AND the
 resize (``tasks.augment.render_view``, OpenCV in a ``tf.numpy_function``) -> batch -> ``rescale`` and the base's
 preprocessing on the batch -> prefetch. Images travel in groups of ``GROUP_SIZE``: one map call (one map worker
-per core) reads and decodes a group and resamples it in ONE numpy_function call; groups are then re-cut into
-batches (``rebatch``), the padding of a last, short group dropped. Grouping changes no pixel and no order.
+per core) reads and decodes a group and resamples it in ONE numpy_function call; the rows that do not fill a
+last group form one shorter group (its own static size: nothing is padded or sliced), and groups are re-cut into
+batches (``rebatch``). Grouping changes no pixel and no order.
 
 * :func:`view_dataset`: ordered and deterministic (feature extraction, evaluation, predict). A view is a pure
   function of (sha256, pass, policy incl. its seed): independent of batch size, order and worker count.
@@ -302,19 +303,15 @@ def _load_fn(
     return load
 
 
-def _group_size(n: int) -> int:
-    """Images per map call: ``GROUP_SIZE``, fewer for a smaller table (a smaller graph to build)."""
-    return max(1, min(GROUP_SIZE, n))
-
-
-def _group_counts(n: int, group: int) -> tuple[int, np.ndarray]:
-    """Padding that makes ``n`` rows whole groups, and the number of real rows in each group (the padding, at most
-    ``group - 1`` repeats of the last row, is rendered and dropped)."""
-    pad = (-n) % group
-    counts = np.full((n + pad) // group, group, np.int64)
-    if pad:
-        counts[-1] = group - pad
-    return pad, counts
+def _group_spans(n: int) -> list[tuple[int, int, int]]:
+    """``(start, stop, group)`` spans covering rows 0..n-1: whole groups of ``GROUP_SIZE``, then one shorter
+    group for the rest, each span with its own (static) group size, so no group is padded or sliced."""
+    group = max(1, min(GROUP_SIZE, n))
+    full = (n // group) * group
+    spans = [(0, full, group)] if full else []
+    if n > full or not spans:  # the rest (or, for no rows, one empty span so the dataset has its structure)
+        spans.append((full, n, max(1, n - full)))
+    return spans
 
 
 def _only_value(column: np.ndarray) -> int | None:
@@ -387,28 +384,26 @@ def view_dataset(
     tune_allocator()
     cols = _source_columns(rows, Path(data_root), size, bool(crop_to_aspect_ratio))
     n = len(cols["path"])
-    group = _group_size(n)
-    load = _load_fn(policy, size, interpolation, cols, bool(crop_to_aspect_ratio), group)
-    pad, counts = _group_counts(n, group)
-    order = np.concatenate([np.arange(n), np.full(pad, n - 1)]).astype(np.int64)
-    passes = np.full(n + pad, int(pass_number), np.int64)
     columns = (
-        cols["path"].astype(str)[order],
-        cols["sha256"].astype(str)[order],
-        cols["height"][order],
-        cols["width"][order],
-        cols["orientation"][order],
-        cols["ratio"][order],
-        passes,
+        cols["path"].astype(str),
+        cols["sha256"].astype(str),
+        cols["height"],
+        cols["width"],
+        cols["orientation"],
+        cols["ratio"],
+        np.full(n, int(pass_number), np.int64),
     )
-    groups = tf.data.Dataset.zip(
-        (tf.data.Dataset.from_tensor_slices(columns).batch(group), tf.data.Dataset.from_tensor_slices(counts))
-    )
-    ds = groups.map(
-        lambda group_columns, count: load(*group_columns)[:count],
-        num_parallel_calls=_map_parallelism(),
-        deterministic=True,
-    ).rebatch(batch)
+    ds = None
+    for start, stop, group in _group_spans(n):
+        load = _load_fn(policy, size, interpolation, cols, bool(crop_to_aspect_ratio), group)
+        part = tf.data.Dataset.from_tensor_slices(tuple(c[start:stop] for c in columns)).batch(group)
+        part = part.map(
+            lambda *group_columns, load=load: load(*group_columns),
+            num_parallel_calls=_map_parallelism(),
+            deterministic=True,
+        )
+        ds = part if ds is None else ds.concatenate(part)
+    ds = ds.rebatch(batch).apply(tf.data.experimental.assert_cardinality(math.ceil(n / batch)))
     ds = ds.map(_finish_fn(rescale, preprocess), num_parallel_calls=_map_parallelism(), deterministic=True)
     return ds.prefetch(PREFETCH_BATCHES).with_options(_pipeline_options())
 
@@ -457,9 +452,10 @@ def training_dataset(
     labels = encode_labels(rows["class_id"].to_numpy(), class_mode, num_classes)
     tune_allocator()
     cols = _source_columns(rows, Path(data_root), size, bool(crop_to_aspect_ratio))
-    group = _group_size(n)
-    load = _load_fn(policy, size, interpolation, cols, bool(crop_to_aspect_ratio), group)
-    pad, counts = _group_counts(n, group)
+    spans = [
+        (start, stop, group, _load_fn(policy, size, interpolation, cols, bool(crop_to_aspect_ratio), group))
+        for start, stop, group in _group_spans(n)
+    ]
     table = {
         "path": tf.constant(cols["path"].astype(str)),
         "sha256": tf.constant(cols["sha256"].astype(str)),
@@ -471,7 +467,7 @@ def training_dataset(
     }
     seed64 = tf.constant(int(seed) & 0x7FFFFFFF, tf.int64)
 
-    def one_group(indices: Any, count: Any, epoch: Any) -> Any:
+    def one_group(indices: Any, epoch: Any, load: Callable[..., Any], group: int) -> Any:
         def take(name: str) -> Any:
             return tf.gather(table[name], indices)
 
@@ -484,19 +480,20 @@ def training_dataset(
             take("ratio"),
             tf.fill([group], epoch + int(first_pass)),
         )
-        return images[:count], take("label")[:count]
+        return images, take("label")
 
     def epoch_dataset(epoch: Any) -> Any:
         order = tf.argsort(tf.random.stateless_uniform([n], seed=tf.stack([seed64, epoch])))
-        if pad:  # whole groups: the last row repeated, rendered, and dropped by its group's count
-            order = tf.concat([order, tf.fill([pad], order[-1])], axis=0)
-        groups = tf.data.Dataset.from_tensor_slices(tf.reshape(order, [-1, group]))
-        counted = tf.data.Dataset.zip((groups, tf.data.Dataset.from_tensor_slices(counts)))
-        return counted.map(
-            lambda indices, count: one_group(indices, count, epoch),
-            num_parallel_calls=_map_parallelism(),
-            deterministic=True,
-        ).rebatch(batch)
+        ds = None
+        for start, stop, group, load in spans:
+            groups = tf.data.Dataset.from_tensor_slices(tf.reshape(order[start:stop], [-1, group]))
+            part = groups.map(
+                lambda indices, load=load, group=group: one_group(indices, epoch, load, group),
+                num_parallel_calls=_map_parallelism(),
+                deterministic=True,
+            )
+            ds = part if ds is None else ds.concatenate(part)
+        return ds.rebatch(batch)
 
     ds = tf.data.Dataset.counter(start=int(first_epoch), dtype=tf.int64).flat_map(epoch_dataset)
     finish = _finish_fn(rescale, preprocess)
