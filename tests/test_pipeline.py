@@ -14,6 +14,7 @@ from PIL import Image
 import tasks.pipeline
 from tasks.augment import AugmentPolicy
 from tasks.pipeline import (
+    _group_spans,
     _source_columns,
     _worthwhile_ratios,
     encode_labels,
@@ -248,6 +249,33 @@ def test_mixed_dct_ratios_are_kept_only_when_they_save_more_than_the_switch_cost
     np.testing.assert_array_equal(_worthwhile_ratios(one_big, *huge), one_big)
     np.testing.assert_array_equal(_worthwhile_ratios(ones * 4, *small), ones * 4)  # one ratio: always kept
     assert _worthwhile_ratios(np.zeros(0, np.int32), np.zeros(0), np.zeros(0)).size == 0
+
+
+def test_group_spans_cover_every_row_once_and_mixed_orientations_go_one_by_one():
+    def cols(orientations: list[int]) -> dict[str, np.ndarray]:
+        return {"path": np.array(["x"] * len(orientations)), "orientation": np.array(orientations)}
+
+    assert _group_spans(cols([1] * 19)) == [(0, 16, 8), (16, 19, 3)]
+    assert _group_spans(cols([6] * 16)) == [(0, 16, 8)]
+    assert _group_spans(cols([1] * 5)) == [(0, 5, 5)]
+    assert _group_spans(cols([1, 6, 1])) == [(0, 3, 1)]  # per-image orientation switch: no groups
+    assert _group_spans(cols([])) == [(0, 0, 1)]  # no rows: one empty span keeps the dataset's structure
+
+
+def test_mixed_orientations_give_each_row_its_own_upright_view(images):
+    """Rows with different EXIF orientations (decoded one by one, a per-image switch) give the same views as each
+    row alone (a static orientation): the dynamic path applies the same rotation."""
+    root, rows = images
+    mixed = rows.copy()
+    mixed.loc[0, "orientation"] = 6  # stored landscape, shown rotated: the index keeps the upright size
+    mixed.loc[0, ["width", "height"]] = [rows.loc[0, "height"], rows.loc[0, "width"]]
+    kwargs = {"image_size": SIZE, "batch_size": 4, "policy": POLICY, "pass_number": 1}
+    together = collect(view_dataset(mixed, root, **kwargs))
+    for i in (0, 1):
+        alone = collect(view_dataset(mixed.iloc[[i]], root, **kwargs))[0]
+        np.testing.assert_array_equal(together[i], alone)
+    unrotated = collect(view_dataset(rows.iloc[[0]], root, **kwargs))[0]
+    assert not np.array_equal(together[0], unrotated)
 
 
 def test_group_size_changes_nothing_but_speed(images, monkeypatch):
