@@ -147,10 +147,17 @@ def _orient(image: Any, orientation: Any) -> Any:
 
     if not tf.is_tensor(orientation):
         return _orient_static(image, int(orientation))
+    # No switch over the 8 values (a branch function per image, 0.11 ms, and slow to trace): one transpose and
+    # one reverse with computed arguments; identity arguments return the input untouched. EXIF 5-8 transpose
+    # first; then 2, 3, 6, 7 mirror left-right and 3, 4, 7, 8 top-bottom (tests: every value vs Pillow).
     value = tf.cast(orientation, tf.int32)
-    index = tf.where((value >= 1) & (value <= 8), value - 1, 0)
-    branches = [lambda o=o: _orient_static(image, o) for o in range(1, 9)]
-    return tf.ensure_shape(tf.switch_case(index, branches), [None, None, 3])
+    value = tf.where((value >= 1) & (value <= 8), value, 1)
+    transposed = value >= 5
+    perm = tf.where(transposed, tf.constant([1, 0, 2]), tf.constant([0, 1, 2]))
+    flip_lr = tf.reduce_any(tf.equal(value, [2, 3, 6, 7]))
+    flip_ud = tf.reduce_any(tf.equal(value, [3, 4, 7, 8]))
+    axes = tf.boolean_mask(tf.constant([1, 0]), tf.stack([flip_lr, flip_ud]))
+    return tf.ensure_shape(tf.reverse(tf.transpose(image, perm), axes), [None, None, 3])
 
 
 # ------------------------------------------------------------------------------------------------- header

@@ -253,7 +253,7 @@ def _load_fn(
     tf.data element each cost per call (measured: groups of 8 are 9-11% faster than single images, 16 and 32 are
     slower again, bench/loader.py and BENCHMARKS.md). When every row shares one orientation (or one DCT ratio) it
     is passed to the decoder as a Python int, and when the index says every file is a JPEG the format is not
-    sniffed: a smaller graph (no switch over the 8 orientations / 4 ratios / the formats), quicker to run.
+    sniffed: a smaller graph (no per-image transpose/reverse, no switch over the 4 ratios, no format branch).
     """
     import tensorflow as tf
 
@@ -303,17 +303,10 @@ def _load_fn(
     return load
 
 
-def _group_spans(cols: dict[str, np.ndarray]) -> list[tuple[int, int, int]]:
-    """``(start, stop, group)`` spans covering the rows: whole groups of ``GROUP_SIZE``, then one shorter group
-    for the rest, each span with its own (static) group size, so no group is padded or sliced.
-
-    Rows whose EXIF orientations differ travel one by one: the decoder's 8-way switch over orientations, repeated
-    for every image of a group in one map call, ran at 0.6x the speed of single images (668 vs 1090 img/s,
-    BENCHMARKS.md), while the switches over formats and DCT ratios do not slow groups down.
-    """
-    n = len(cols["path"])
-    size = GROUP_SIZE if _only_value(cols["orientation"]) is not None else 1
-    group = max(1, min(size, n))
+def _group_spans(n: int) -> list[tuple[int, int, int]]:
+    """``(start, stop, group)`` spans covering rows 0..n-1: whole groups of ``GROUP_SIZE``, then one shorter
+    group for the rest, each span with its own (static) group size, so no group is padded or sliced."""
+    group = max(1, min(GROUP_SIZE, n))
     full = (n // group) * group
     spans = [(0, full, group)] if full else []
     if n > full or not spans:  # the rest (or, for no rows, one empty span so the dataset has its structure)
@@ -401,7 +394,7 @@ def view_dataset(
         np.full(n, int(pass_number), np.int64),
     )
     ds = None
-    for start, stop, group in _group_spans(cols):
+    for start, stop, group in _group_spans(n):
         load = _load_fn(policy, size, interpolation, cols, bool(crop_to_aspect_ratio), group)
         part = tf.data.Dataset.from_tensor_slices(tuple(c[start:stop] for c in columns)).batch(group)
         part = part.map(
@@ -461,7 +454,7 @@ def training_dataset(
     cols = _source_columns(rows, Path(data_root), size, bool(crop_to_aspect_ratio))
     spans = [
         (start, stop, group, _load_fn(policy, size, interpolation, cols, bool(crop_to_aspect_ratio), group))
-        for start, stop, group in _group_spans(cols)
+        for start, stop, group in _group_spans(n)
     ]
     table = {
         "path": tf.constant(cols["path"].astype(str)),

@@ -251,20 +251,16 @@ def test_mixed_dct_ratios_are_kept_only_when_they_save_more_than_the_switch_cost
     assert _worthwhile_ratios(np.zeros(0, np.int32), np.zeros(0), np.zeros(0)).size == 0
 
 
-def test_group_spans_cover_every_row_once_and_mixed_orientations_go_one_by_one():
-    def cols(orientations: list[int]) -> dict[str, np.ndarray]:
-        return {"path": np.array(["x"] * len(orientations)), "orientation": np.array(orientations)}
-
-    assert _group_spans(cols([1] * 19)) == [(0, 16, 8), (16, 19, 3)]
-    assert _group_spans(cols([6] * 16)) == [(0, 16, 8)]
-    assert _group_spans(cols([1] * 5)) == [(0, 5, 5)]
-    assert _group_spans(cols([1, 6, 1])) == [(0, 3, 1)]  # per-image orientation switch: no groups
-    assert _group_spans(cols([])) == [(0, 0, 1)]  # no rows: one empty span keeps the dataset's structure
+def test_group_spans_cover_every_row_once():
+    assert _group_spans(19) == [(0, 16, 8), (16, 19, 3)]
+    assert _group_spans(16) == [(0, 16, 8)]
+    assert _group_spans(5) == [(0, 5, 5)]
+    assert _group_spans(0) == [(0, 0, 1)]  # no rows: one empty span keeps the dataset's structure
 
 
 def test_mixed_orientations_give_each_row_its_own_upright_view(images):
-    """Rows with different EXIF orientations (decoded one by one, a per-image switch) give the same views as each
-    row alone (a static orientation): the dynamic path applies the same rotation."""
+    """Rows with different EXIF orientations (in one group: the orientation is a per-image tensor) give the same
+    views as each row alone (a static orientation): the dynamic path applies the same rotation."""
     root, rows = images
     mixed = rows.copy()
     mixed.loc[0, "orientation"] = 6  # stored landscape, shown rotated: the index keeps the upright size
