@@ -10,6 +10,7 @@ import typer
 
 from flows.cli_common import (
     EXIT_FAILED,
+    Failures,
     ParamsOpt,
     SetOpt,
     WorkdirOpt,
@@ -21,6 +22,15 @@ from flows.cli_common import (
 )
 
 EXIT_WEIGHTS = 4  # the base's weights are not available (offline, not cached)
+
+
+def stage_failures(*more: type[BaseException]) -> Failures:
+    """What the features stage (and so a stage or a run) fails with, and its exit code: weights unavailable 4;
+    a full disk, a permission, a missing file (OSError), unusable data (ValueError) or ``more`` 1."""
+    from tasks.bases import WeightsUnavailableError
+
+    return [(WeightsUnavailableError, EXIT_WEIGHTS), ((OSError, ValueError, *more), EXIT_FAILED)]
+
 
 cache_app = typer.Typer(
     help="Inspect and prune the feature cache (one folder per cache key).", no_args_is_help=True
@@ -55,12 +65,9 @@ def features_cmd(
     """
     loaded = load_or_exit(params, set_)
     layout = layout_for(workdir)
-    from tasks.bases import WeightsUnavailableError
     from tasks.features import run_features
 
-    # OSError: a full disk, a permission, a missing file
-    failures = [(WeightsUnavailableError, EXIT_WEIGHTS), ((OSError, ValueError), EXIT_FAILED)]
-    with locked(layout, "retrainflow features", failures):
+    with locked(layout, "retrainflow features", stage_failures()):
         manifest = run_features(loaded, layout, show_progress=not no_progress)
     if as_json:
         typer.echo(json.dumps(manifest.to_json(), indent=2))

@@ -23,18 +23,10 @@ from flows.cli_common import (
     load_or_exit,
     locked,
 )
+from flows.cli_features import stage_failures
+from flows.dvc_ops import DvcError
 
 STAGE_NAMES = ("index", "features", "train_top", "finetune", "evaluate")
-
-
-def _stage_failures() -> list[tuple[type[BaseException] | tuple[type[BaseException], ...], int]]:
-    """What a stage or run can fail with, and its exit code: as `retrainflow features` (weights unavailable 4;
-    a full disk, a permission, a missing input, unusable data 1), and a failing DVC command 1."""
-    from flows.cli_features import EXIT_WEIGHTS
-    from flows.dvc_ops import DvcError
-    from tasks.bases import WeightsUnavailableError
-
-    return [(WeightsUnavailableError, EXIT_WEIGHTS), ((OSError, ValueError, DvcError), EXIT_FAILED)]
 
 
 def _stage_name(name: str) -> str:
@@ -63,7 +55,7 @@ def run_cmd(
     layout = layout_for(workdir)
     from flows.flows import retrain
 
-    with locked(layout, "retrainflow run", _stage_failures()):
+    with locked(layout, "retrainflow run", stage_failures(DvcError)):
         summary = retrain(
             params_file=str(params), overrides=list(set_ or []), force=force, workdir=str(workdir)
         )
@@ -83,7 +75,7 @@ def stage_cmd(
     layout = layout_for(workdir)
     from flows.flows import STAGE_FLOWS
 
-    with locked(layout, f"retrainflow stage {stage}", _stage_failures()):
+    with locked(layout, f"retrainflow stage {stage}", stage_failures(DvcError)):
         manifest = STAGE_FLOWS[stage](
             params_file=str(params), overrides=list(set_ or []), workdir=str(workdir)
         )

@@ -135,7 +135,7 @@ def plan_sync(
         if not outs:
             continue  # only deps or params changed: nothing in the workspace to restore or record
         is_data = target.endswith(".dvc")
-        present = [p for p, state in outs.items() if state not in MISSING and _holds_files(root / p)]
+        present = any(state not in MISSING and _holds_files(root / p) for p, state in outs.items())
         if present:
             (record if is_data else keep).append(target)
         elif remote and (is_data or target in locked):

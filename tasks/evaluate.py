@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.atomic import write_text_atomic
 from tasks.config import Params
 from tasks.layout import Layout
 
@@ -317,15 +318,12 @@ def write_confusion_csv(
     path: Path, actual: np.ndarray, predicted: np.ndarray, names: tuple[str, ...]
 ) -> None:
     """``actual,predicted`` class-name rows, one per test image (``dvc plots`` draws the confusion matrix)."""
-    from tasks.atomic import write_text_atomic
-
     lines = ["actual,predicted"] + [f"{names[a]},{names[p]}" for a, p in zip(actual, predicted, strict=True)]
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def run_evaluate(params: Params, layout: Layout) -> EvaluateManifest:
     """Evaluate the candidate and the top-only model on test (and val); write metrics, plots data and reports."""
-    from tasks.atomic import write_text_atomic
     from tasks.finetune import data_root, load_top_model, split_rows
     from tasks.heads import load_bundle
     from tasks.index import read_classes, read_index
@@ -343,9 +341,7 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluateManifest:
         )
     top_only, _, _ = load_top_model(params, layout)
     models = {  # the candidate first: the prediction grid shows its inputs
-        "candidate": ModelInput(
-            candidate.model, candidate.image_size, candidate.interpolation, candidate.crop_to_aspect_ratio
-        ),
+        "candidate": ModelInput.of(candidate.model, candidate.interpolation, candidate.crop_to_aspect_ratio),
         "top_only": ModelInput.of(top_only, params.image.interpolation, params.image.crop_to_aspect_ratio),
     }
     index = read_index(layout)

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.atomic import write_text_atomic
 from tasks.config import FinetuneConfig, Params
 from tasks.layout import Layout
 
@@ -132,8 +133,6 @@ def set_trainable(model: Any, base: Any, spec: Any, cfg: FinetuneConfig) -> list
 
 # -------------------------------------------------------------------------------------------- resumability
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    from tasks.atomic import write_text_atomic
-
     write_text_atomic(path, json.dumps(data))
 
 
@@ -518,8 +517,6 @@ def run_finetune(params: Params, layout: Layout) -> FinetuneManifest:
     layout.metrics_dir.mkdir(parents=True, exist_ok=True)
     metrics = {k: v for k, v in asdict(manifest).items() if k not in ("trainable_layers", "model_file")}
     metrics["trainable_layers"] = len(manifest.trainable_layers)
-    from tasks.atomic import write_text_atomic
-
     write_text_atomic(layout.metrics_dir / FINETUNE_METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     write_history_csv(layout.plots_dir / FINETUNE_HISTORY_FILE, history)
     return manifest

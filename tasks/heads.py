@@ -286,8 +286,8 @@ def save_bundle(
     """
     path = Path(path)
     classes_record(
-        names, class_mode, interpolation, None, crop_to_aspect_ratio
-    )  # (0) validate, write nothing
+        names, class_mode, interpolation, crop_to_aspect_ratio=crop_to_aspect_ratio
+    )  # (0) validate
     tmp, sha = save_model_atomic(model, path)  # (1)
     write_classes_file(
         path.parent,

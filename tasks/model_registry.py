@@ -174,7 +174,7 @@ def read_registry(layout: Layout) -> Registry:
 def _reconcile_champion_link(layout: Layout, champion: str | None) -> None:
     """Recovery on open: the registry is the commit point of a promotion. A run killed after writing it but
     before swapping the ``models/champion`` link left the link on the previous champion: point it right."""
-    if champion is None or not (layout.champions_dir / champion / "model.keras").is_file():
+    if champion is None or not champion_model(layout, champion).is_file():
         return
     link = layout.champion_dir
     if link.is_symlink() and Path(os.readlink(link)).name == champion:

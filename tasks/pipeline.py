@@ -26,7 +26,7 @@ import ctypes.util
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +314,11 @@ def _group_spans(n: int) -> list[tuple[int, int, int]]:
     return spans
 
 
+def _concatenate(parts: Iterable[Any]) -> Any:
+    """The datasets of ``parts`` one after the other (the groups of each span of :func:`_group_spans`)."""
+    return functools.reduce(lambda first, second: first.concatenate(second), parts)
+
+
 def _only_value(column: np.ndarray) -> int | None:
     values = np.unique(column)
     return int(values[0]) if len(values) == 1 else None
@@ -393,16 +398,16 @@ def view_dataset(
         cols["ratio"],
         np.full(n, int(pass_number), np.int64),
     )
-    ds = None
-    for start, stop, group in _group_spans(n):
-        load = _load_fn(policy, size, interpolation, cols, bool(crop_to_aspect_ratio), group)
-        part = tf.data.Dataset.from_tensor_slices(tuple(c[start:stop] for c in columns)).batch(group)
-        part = part.map(
-            lambda *group_columns, load=load: load(*group_columns),
+    ds = _concatenate(
+        tf.data.Dataset.from_tensor_slices(tuple(c[start:stop] for c in columns))
+        .batch(group)
+        .map(
+            _load_fn(policy, size, interpolation, cols, bool(crop_to_aspect_ratio), group),
             num_parallel_calls=_map_parallelism(),
             deterministic=True,
         )
-        ds = part if ds is None else ds.concatenate(part)
+        for start, stop, group in _group_spans(n)
+    )
     ds = ds.rebatch(batch).apply(tf.data.experimental.assert_cardinality(math.ceil(n / batch)))
     ds = ds.map(_finish_fn(rescale, preprocess), num_parallel_calls=_map_parallelism(), deterministic=True)
     return ds.prefetch(PREFETCH_BATCHES).with_options(_pipeline_options())
@@ -484,16 +489,14 @@ def training_dataset(
 
     def epoch_dataset(epoch: Any) -> Any:
         order = tf.argsort(tf.random.stateless_uniform([n], seed=tf.stack([seed64, epoch])))
-        ds = None
-        for start, stop, group, load in spans:
-            groups = tf.data.Dataset.from_tensor_slices(tf.reshape(order[start:stop], [-1, group]))
-            part = groups.map(
+        return _concatenate(
+            tf.data.Dataset.from_tensor_slices(tf.reshape(order[start:stop], [-1, group])).map(
                 lambda indices, load=load, group=group: one_group(indices, epoch, load, group),
                 num_parallel_calls=_map_parallelism(),
                 deterministic=True,
             )
-            ds = part if ds is None else ds.concatenate(part)
-        return ds.rebatch(batch)
+            for start, stop, group, load in spans
+        ).rebatch(batch)
 
     ds = tf.data.Dataset.counter(start=int(first_epoch), dtype=tf.int64).flat_map(epoch_dataset)
     finish = _finish_fn(rescale, preprocess)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.atomic import write_text_atomic
 from tasks.config import HeadSpec, Params, TopConfig
 from tasks.layout import Layout
 
@@ -190,8 +191,6 @@ def comparison_markdown(results: list[HeadResult], best: HeadResult, cfg: TopCon
 
 def write_history_csv(path: Path, results: list[HeadResult]) -> None:
     """``head,epoch,loss,accuracy,val_loss,val_accuracy`` rows (epochs 1-based) for ``dvc plots`` (atomic)."""
-    from tasks.atomic import write_text_atomic
-
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(HISTORY_COLUMNS)
@@ -215,7 +214,6 @@ def save_head(model: Any, spec: HeadSpec, directory: Path, info: dict[str, Any])
     the new json beside the old model, which :func:`load_head` refuses (hash mismatch) instead of pairing them;
     after (3): the new pair.
     """
-    from tasks.atomic import write_text_atomic
     from tasks.heads import publish_model, save_model_atomic
 
     path, info_path = directory / HEAD_FILE, directory / HEAD_INFO_FILE
@@ -294,8 +292,6 @@ def run_train_top(params: Params, layout: Layout) -> TopManifest:
         val_samples=len(val[0]),
         heads=[head_summary(r) for r in results],
     )
-    from tasks.atomic import write_text_atomic
-
     metrics = {
         "best_head": best.name,
         "val_loss": best.val_loss,
