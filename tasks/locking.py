@@ -63,6 +63,23 @@ def read_holder(path: Path) -> dict[str, object]:
     return raw if isinstance(raw, dict) else {}
 
 
+HOLDER_SETTLE_SECONDS = 2.0
+
+
+def _settled_holder(path: Path, settle: float = HOLDER_SETTLE_SECONDS) -> dict[str, object]:
+    """The holder record, waiting up to ``settle`` seconds for it to appear.
+
+    A holder writes its record just after it wins the lock, so a run that loses the race by milliseconds can find
+    the file still empty; a short wait lets the message name the holder's PID instead of ``?``.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        holder = read_holder(path)
+        if "pid" in holder or time.monotonic() >= deadline:
+            return holder
+        time.sleep(0.05)
+
+
 @contextmanager
 def workspace_lock(layout: Layout, *, wait: float = 0.0, command: str | None = None) -> Iterator[Path]:
     """Hold the workspace lock for the ``with`` body; raise :class:`LockHeldError` if it stays busy.
@@ -96,15 +113,16 @@ def workspace_lock(layout: Layout, *, wait: float = 0.0, command: str | None = N
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise LockHeldError(path, read_holder(path)) from None
+                    raise LockHeldError(path, _settled_holder(path)) from None
                 time.sleep(0.2)
         info = {
             "pid": os.getpid(),
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        record = json.dumps(info).encode()
+        os.pwrite(fd, record, 0)  # write, then cut: the file is never empty while held
+        os.ftruncate(fd, len(record))
         with _held_guard:
             _held[key] = 1
         try:

@@ -68,3 +68,32 @@ def test_wait_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="-1"):
         with workspace_lock(Layout(tmp_path), wait=-1):
             pass
+
+
+SLOW_WRITER = """
+import fcntl, json, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(0.5)  # the window between winning the lock and writing the record
+os.pwrite(fd, json.dumps({"pid": os.getpid(), "since": "now", "command": "slow writer"}).encode(), 0)
+time.sleep(60)
+"""
+
+
+def test_loser_of_a_close_race_still_names_the_holder(tmp_path: Path) -> None:
+    """A run that finds the lock taken but the record not yet written waits for the record (CI saw `pid ?`)."""
+    layout = Layout(tmp_path)
+    layout.lock_file.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, str(layout.lock_file)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with pytest.raises(LockHeldError) as info:
+            with workspace_lock(layout):
+                pass
+        assert f"pid {proc.pid}" in str(info.value) and "slow writer" in str(info.value)
+    finally:
+        proc.kill()
+        proc.wait()
