@@ -10,6 +10,7 @@ never meets (and never deletes) a file DVC does not know.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -90,6 +91,29 @@ class SyncPlan:
 
     def to_json(self) -> dict[str, list[str]]:
         return {"record": list(self.record), "pull": list(self.pull), "keep": list(self.keep)}
+
+
+def tree_fingerprint(folder: Path) -> str:
+    """A cheap fingerprint of every file below ``folder``: path, size and modification time (no content read).
+
+    DVC hashes a dependency folder when it commits, not when the stage ran; comparing this before a stage and
+    before ``dvc commit`` tells whether the folder changed in between. ``""`` for a missing folder.
+    """
+    if not folder.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for top, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(top, name)
+            try:
+                st = path.stat()
+            except OSError:  # vanished, or a broken link: its absence is part of the state
+                digest.update(f"{path.relative_to(folder)}\0missing\n".encode(errors="surrogateescape"))
+                continue
+            line = f"{path.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n"
+            digest.update(line.encode(errors="surrogateescape"))
+    return digest.hexdigest()
 
 
 def _changed_outs(entries: Any) -> dict[str, str]:

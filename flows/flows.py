@@ -193,6 +193,14 @@ def dvc_commit_allowed(layout: Layout, params_file: str | Path, overrides: list[
     return None
 
 
+def commit_targets(ran: list[str], *, data_changed: bool) -> list[str]:
+    """The stages a run may ``dvc commit``: those it ran, less the index when the data folder changed during the
+    run. DVC hashes a stage's deps when it commits; committing the index then would record files the index never
+    saw, ``dvc status`` would call it up to date, and the new images would wait for some later change. Stages
+    after the index are committed: they depend on ``index/index.csv``, which changes when the index reruns."""
+    return [name for name in ran if not (data_changed and name == "index")]
+
+
 def changed_stages(root: Path) -> set[str]:
     """The pipeline stages ``dvc status`` reports changed (deps, params or outs differ from ``dvc.lock``)."""
     return set(dvc_ops.status(root)) & set(STAGES)
@@ -248,9 +256,12 @@ def retrain(
     reports up to date are not run again (a stage runs when it is changed, judged again with ``dvc status NAME``
     once an upstream stage has run); the stages that ran are
     ``dvc commit``ted, so ``dvc status`` is clean afterwards and ``dvc repro`` a no-op. After the index, the run
-    skips cleanly when neither the data nor the params changed since the champion. ``force`` runs every stage and
-    gates the result even when nothing changed. Pushes the data and outputs last when a remote is configured.
+    skips cleanly when neither the data nor the params changed since the champion. When the data folder changed
+    during the run, the index stage is left uncommitted, so the next run indexes the new files. ``force`` runs
+    every stage and gates the result even when nothing changed. Pushes the data and outputs last when a remote is
+    configured.
     """
+    from tasks.features import data_root
     from tasks.model_registry import (
         data_version,
         git_commit,
@@ -296,6 +307,7 @@ def retrain(
             else:
                 up_to_date.append(name)
 
+        data_before = dvc_ops.tree_fingerprint(data_root(params))
         run_if_due("index")
         summary["index_hash"] = index_content_hash(layout)
         summary["ran"] = ran
@@ -308,7 +320,15 @@ def retrain(
             for name in STAGES[1:]:
                 run_if_due(name)
         if no_commit is None:
-            dvc_commit_task(root, ran)
+            data_changed = dvc_ops.tree_fingerprint(data_root(params)) != data_before
+            if data_changed and "index" in ran:
+                logger.warning(
+                    "%s changed during the run: the index stage is left uncommitted in dvc.lock, so the next "
+                    "run (or `dvc repro`) indexes the new files",
+                    data_root(params),
+                )
+            summary["data_changed_during_run"] = data_changed
+            dvc_commit_task(root, commit_targets(ran, data_changed=data_changed))
         summary["data_version"] = data_version(layout)
         summary["dvc_committed"] = no_commit is None
         if reason:

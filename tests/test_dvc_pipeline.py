@@ -470,3 +470,59 @@ def test_new_images_with_a_remote_are_recorded_and_pushed_never_pulled_over(
     assert len(list((repo / "data" / "images").rglob("*.png"))) == 21
     assert summary["ran"] == [] and summary["status"] == "skipped", summary
     assert _status(repo, env) == {}
+
+
+def test_tree_fingerprint_sees_added_removed_and_rewritten_files(tmp_path: Path) -> None:
+    from flows.dvc_ops import tree_fingerprint
+
+    folder = tmp_path / "images"
+    (folder / "red").mkdir(parents=True)
+    (folder / "red" / "a.png").write_bytes(b"a")
+    first = tree_fingerprint(folder)
+    assert first == tree_fingerprint(folder) and len(first) == 64  # stable while nothing changes
+    (folder / "blue").mkdir()
+    assert tree_fingerprint(folder) == first  # an empty folder holds no data (DVC hashes files)
+    (folder / "blue" / "b.png").write_bytes(b"b")
+    added = tree_fingerprint(folder)
+    assert added != first
+    os.utime(folder / "blue" / "b.png", ns=(1, 1))  # same bytes, touched: DVC would rehash it too
+    assert tree_fingerprint(folder) != added
+    (folder / "blue" / "b.png").unlink()
+    assert tree_fingerprint(folder) == first
+    assert tree_fingerprint(tmp_path / "missing") == ""
+
+
+@pytest.mark.slow
+def test_images_added_during_a_run_are_not_committed_as_indexed(
+    dvc_repo: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image dropped in while a run is past its index stage: DVC would hash it into the index stage's deps at
+    `dvc commit`, and the next run would find the index up to date and never index it. The run leaves the index
+    uncommitted instead; the next run indexes the new image and leaves `dvc status` clean."""
+    from imagegen import coloured_image, encode
+
+    import flows.flows as flows_module
+    from tasks.index import read_index
+
+    repo, env = dvc_repo
+    new_image = encode(coloured_image((20, 20, 220), size=32, seed=777), "PNG")
+    real_index = flows_module.STAGE_TASKS["index"]
+
+    def index_then_an_image_arrives(params, layout):  # noqa: ANN001, ANN202 - same signature as the stage task
+        manifest = real_index(params, layout)
+        (repo / "data" / "images" / "blue" / "arrived_late.png").write_bytes(new_image)
+        return manifest
+
+    monkeypatch.setitem(flows_module.STAGE_TASKS, "index", index_then_an_image_arrives)
+    first = _retrain(repo, env)
+    assert first["ran"] == list(STAGES) and first["data_changed_during_run"] is True
+    assert len(read_index(Layout(repo))) == 20  # the index ran before the image arrived
+    assert set(_status(repo, env)) == {"index", "data.dvc"}  # stale, as it is: the next run must index it
+    monkeypatch.setitem(flows_module.STAGE_TASKS, "index", real_index)
+
+    second = _retrain(repo, env)
+    assert second["dvc_sync"]["record"] == ["data.dvc"] and second["data_changed_during_run"] is False
+    assert "index" in second["ran"] and second["status"] != "skipped"
+    index = read_index(Layout(repo))
+    assert len(index) == 21 and hashlib.sha256(new_image).hexdigest() in set(index["sha256"])
+    assert _status(repo, env) == {}
