@@ -307,7 +307,7 @@ def retrain(
             else:
                 up_to_date.append(name)
 
-        data_before = dvc_ops.tree_fingerprint(data_root(params))
+        data_before = dvc_ops.tree_fingerprint(data_root(params)) if no_commit is None else ""
         run_if_due("index")
         summary["index_hash"] = index_content_hash(layout)
         summary["ran"] = ran
