@@ -307,7 +307,8 @@ def retrain(
             else:
                 up_to_date.append(name)
 
-        data_before = dvc_ops.tree_fingerprint(data_root(params)) if no_commit is None else ""
+        images = data_root(params)
+        data_before = dvc_ops.tree_fingerprint(images) if no_commit is None else ""
         run_if_due("index")
         summary["index_hash"] = index_content_hash(layout)
         summary["ran"] = ran
@@ -320,12 +321,12 @@ def retrain(
             for name in STAGES[1:]:
                 run_if_due(name)
         if no_commit is None:
-            data_changed = dvc_ops.tree_fingerprint(data_root(params)) != data_before
+            data_changed = dvc_ops.tree_fingerprint(images) != data_before
             if data_changed and "index" in ran:
                 logger.warning(
                     "%s changed during the run: the index stage is left uncommitted in dvc.lock, so the next "
                     "run (or `dvc repro`) indexes the new files",
-                    data_root(params),
+                    images,
                 )
             summary["data_changed_during_run"] = data_changed
             dvc_commit_task(root, commit_targets(ran, data_changed=data_changed))

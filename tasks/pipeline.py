@@ -175,12 +175,11 @@ def _source_columns(
     width = rows["width"].to_numpy(np.int64) if "width" in rows else np.zeros(n, np.int64)
     height = rows["height"].to_numpy(np.int64) if "height" in rows else np.zeros(n, np.int64)
     orientation = rows["orientation"].to_numpy(np.int32) if "orientation" in rows else np.ones(n, np.int32)
-    known_jpeg = (
-        np.asarray([str(f).upper() == "JPEG" for f in rows["format"]], dtype=bool)
-        if "format" in rows
-        else np.zeros(n, bool)
-    )
-    is_jpeg = known_jpeg if "format" in rows else np.ones(n, bool)  # unknown format: a JPEG may be reduced
+    if "format" in rows:
+        known_jpeg = np.asarray([str(f).upper() == "JPEG" for f in rows["format"]], dtype=bool)
+        is_jpeg = known_jpeg
+    else:  # unknown format: a JPEG may be reduced, but the format is sniffed per image
+        known_jpeg, is_jpeg = np.zeros(n, bool), np.ones(n, bool)
     ratio = np.asarray(
         [
             jpeg_ratio(int(w), int(h), image_size, crop_to_aspect_ratio) if j else 1
