@@ -104,5 +104,15 @@ class Layout:
         return self.root / "reports"
 
     @property
+    def runs_dir(self) -> Path:
+        """Per-run records (timings, throughput, cache details): kept out of ``metrics/`` so that
+        ``dvc metrics show`` and ``dvc exp show`` list only the figures that judge a model."""
+        return self.reports_dir / "runs"
+
+    def run_record(self, stage: str) -> Path:
+        """``reports/runs/<stage>.json``: what the last run of ``stage`` took (seconds, images/s, cache details)."""
+        return self.runs_dir / f"{stage}.json"
+
+    @property
     def lock_file(self) -> Path:
         return self.root / ".retrainflow.lock"
