@@ -40,7 +40,9 @@ def report(progress: Reporter | None, step: Step) -> None:
         progress(step)
 
 
-def counter(progress: Reporter | None, task: str, total: int | None, unit: str = "img") -> Callable[[int], None]:
+def counter(
+    progress: Reporter | None, task: str, total: int | None, unit: str = "img"
+) -> Callable[[int], None]:
     """A ``(done) -> None`` callback for loops that count units: each call reports ``done`` of ``total``; the call
     that reaches ``total`` is the final one."""
 
