@@ -8,9 +8,10 @@ Validation happens up front and every problem is reported with its key path and 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, get_args
@@ -28,14 +29,25 @@ from pydantic import (
 from pydantic_core import core_schema
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
+OVERRIDE_SOURCE = "--set override"  # how problems that a KEY=VALUE override caused are labelled
 
 
 class ParamsError(ValueError):
-    """A params file or override is invalid; ``problems`` lists one ``key.path: message`` line each."""
+    """A params file or override is invalid; ``problems`` lists one ``key.path: message`` line each.
 
-    def __init__(self, problems: list[str], source: str = "params"):
+    The message labels each problem with where it came from: ``invalid params.yaml:`` (``source``) or
+    ``invalid --set override:`` for the lines in ``overridden`` (the problems an override caused).
+    """
+
+    def __init__(self, problems: list[str], source: str = "params", *, overridden: Collection[str] = ()):
         self.problems = problems
-        super().__init__(f"invalid {source}:\n  " + "\n  ".join(problems))
+        self.source = source
+        self.overridden = [p for p in problems if p in overridden]
+        own = [p for p in problems if p not in overridden]
+        blocks = [(OVERRIDE_SOURCE, self.overridden), (source, own)]
+        super().__init__(
+            "\n".join(f"invalid {label}:\n  " + "\n  ".join(lines) for label, lines in blocks if lines)
+        )
 
 
 class _KeyProblem(ValueError):
@@ -131,15 +143,28 @@ class DataConfig(_Section):
     follow_symlinks: bool = False
     workers: int = Field(0, ge=0)
 
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _class_list(cls, value: Any) -> Any:
+        """A list of names or one comma-separated string (``--set data.classes=cats,dogs``), names stripped."""
+        if isinstance(value, str):
+            value = [name.strip() for name in value.split(",")]
+            if not all(value):
+                raise ValueError("expected comma-separated class names, with no empty name")
+        if isinstance(value, list | tuple):
+            names = [name for name in value if isinstance(name, str)]
+            if any(not name.strip() for name in names):
+                raise ValueError("expected class names that are not empty")
+            if len(set(names)) != len(names):
+                raise ValueError("expected unique names")
+        return value
+
     @model_validator(mode="after")
     def _csv_needs_file(self) -> DataConfig:
         if self.source == "csv" and self.csv is None:
             raise _KeyProblem("csv", "required when data.source is 'csv'", None)
-        if self.classes is not None:
-            if len(self.classes) < 2:
-                raise _KeyProblem("classes", "expected at least 2 classes", list(self.classes))
-            if len(set(self.classes)) != len(self.classes):
-                raise _KeyProblem("classes", "expected unique names", list(self.classes))
+        if self.classes is not None and len(self.classes) < 2:
+            raise _KeyProblem("classes", "expected at least 2 classes", list(self.classes))
         return self
 
 
@@ -489,7 +514,8 @@ def _clean_msg(msg: str) -> str:
 def _format_errors(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        parts = [p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        loc = ".".join(str(p) for p in parts)
         msg = _clean_msg(e["msg"])
         got = e.get("input")
         problem = (e.get("ctx") or {}).get("error")
@@ -499,8 +525,41 @@ def _format_errors(err: ValidationError) -> list[str]:
         line = f"{loc or '<root>'}: {msg}"
         if msg != "unknown key" or got is not None:
             line += f", got {got!r}"
+        if msg == "unknown key":
+            line += _did_you_mean(parts)
         lines.append(line)
     return lines
+
+
+def _did_you_mean(loc: list[str | int]) -> str:
+    """``; did you mean 'top.epochs'?`` for an unknown key close to a valid key of its section, else ``""``."""
+    keys = _section_keys(loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1) if keys else []
+    if not close:
+        return ""
+    return f"; did you mean {'.'.join(str(p) for p in (*loc[:-1], close[0]))!r}?"
+
+
+def _section_keys(path: list[str | int]) -> list[str]:
+    """The valid keys of the section at ``path`` below :class:`Params` (list positions skipped), or []."""
+    model: type[BaseModel] | None = Params
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        model = _model_in(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The section model a field holds (itself, or inside ``X | None`` / ``tuple[X, ...]``), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -511,7 +570,9 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ParamsError([f"{dotted}: cannot set a key inside {part!r}, which is {child!r}"], "override")
+            raise ParamsError(
+                [f"{dotted}: cannot set a key inside {part!r}, which is {child!r}"], OVERRIDE_SOURCE
+            )
         node = child
     node[parts[-1]] = value
 
@@ -521,7 +582,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ParamsError([f"{item!r}: expected KEY.PATH=VALUE"], "override")
+            raise ParamsError([f"{item!r}: expected KEY.PATH=VALUE"], OVERRIDE_SOURCE)
         key, raw = item.split("=", 1)
         _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     return tree
@@ -558,5 +619,37 @@ def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         raise ParamsError([f"{path}: not valid YAML ({err})"], str(path)) from None
     if not isinstance(raw, dict):
         raise ParamsError([f"<root>: expected a mapping of sections, got {raw!r}"], str(path))
-    merged = _merge(raw, parse_overrides(overrides))
-    return params_from_dict(merged, source=str(path))
+    tree = parse_overrides(overrides)
+    try:
+        return params_from_dict(_merge(raw, tree), source=str(path))
+    except ParamsError as err:
+        if not tree:
+            raise
+        caused = _caused_by_overrides(err.problems, raw, tree)
+        raise ParamsError(err.problems, err.source, overridden=caused) from None
+
+
+def _caused_by_overrides(problems: list[str], raw: dict[str, Any], tree: dict[str, Any]) -> list[str]:
+    """The problem lines an override caused: about a key an override set (or one above or below it), or absent
+    when the file is validated without the overrides (``--set data.source=csv`` -> ``data.csv: required``)."""
+    try:
+        params_from_dict(raw)
+        file_alone: set[str] = set()
+    except ParamsError as err:
+        file_alone = set(err.problems)
+    set_paths = list(_leaf_paths(tree))
+    caused = []
+    for line in problems:
+        key = tuple(line.split(": ", 1)[0].split("."))
+        touched = any(key[: len(p)] == p[: len(key)] for p in set_paths)
+        if touched or line not in file_alone:
+            caused.append(line)
+    return caused
+
+
+def _leaf_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            yield from _leaf_paths(value, (*prefix, key))
+        else:
+            yield (*prefix, key)

@@ -39,8 +39,18 @@ GRID_KEYS = (
             "augment.zoom_range: expected a number in [0, 1) or a [low, high] pair, got 'big'",
         ),
         ({"top": {"lr": -1}}, "top.lr: expected greater than 0, got -1"),
-        ({"top": {"lrr": 1}}, "top.lrr: unknown key, got 1"),
-        ({"nonsense": {}}, "nonsense: unknown key, got {}"),
+        ({"top": {"lrr": 1}}, "top.lrr: unknown key, got 1; did you mean 'top.lr'?"),
+        ({"top": {"epoch": 3}}, "top.epoch: unknown key, got 3; did you mean 'top.epochs'?"),
+        ({"tpo": {}}, "tpo: unknown key, got {}; did you mean 'top'?"),
+        (
+            {"top": {"heads": [{"name": "a", "unit": 3}]}},
+            "top.heads.0.unit: unknown key, got 3; did you mean 'top.heads.0.units'?",
+        ),
+        (
+            {"data": {"split": {"tran": 1}}},
+            "data.split.tran: unknown key, got 1; did you mean 'data.split.train'?",
+        ),
+        ({"nonsense": {}}, "nonsense: unknown key, got {}"),  # nothing close: no suggestion
         (
             {"base": {"name": "alexnet"}},
             f"base.name: expected one of {sorted(BASE_MODELS)}, got 'alexnet'",
@@ -106,6 +116,16 @@ GRID_KEYS = (
         ({"data": {"source": "csv"}}, "data.csv: required when data.source is 'csv', got None"),
         ({"data": {"classes": ["a"]}}, "data.classes: expected at least 2 classes, got ['a']"),
         ({"data": {"classes": ["a", "b", "a"]}}, "data.classes: expected unique names, got ['a', 'b', 'a']"),
+        ({"data": {"classes": "a, b,a"}}, "data.classes: expected unique names, got 'a, b,a'"),
+        (
+            {"data": {"classes": "a,,b"}},
+            "data.classes: expected comma-separated class names, with no empty name, got 'a,,b'",
+        ),
+        ({"data": {"classes": "solo"}}, "data.classes: expected at least 2 classes, got ['solo']"),
+        (
+            {"data": {"classes": ["a", " "]}},
+            "data.classes: expected class names that are not empty, got ['a', ' ']",
+        ),
         # heads: a bad head is reported once, without a second line about the tuple's length
         (
             {"top": {"heads": [{"name": "a", "units": [0]}]}},
@@ -150,8 +170,48 @@ def test_overrides_are_parsed_as_yaml_and_merged(tmp_path):
 
 
 def test_override_without_equals_is_rejected():
-    with pytest.raises(ParamsError, match="expected KEY.PATH=VALUE"):
+    with pytest.raises(ParamsError, match="expected KEY.PATH=VALUE") as err:
         parse_overrides(["top.lr"])
+    assert str(err.value).startswith("invalid --set override:")
+
+
+def test_classes_as_a_comma_separated_string(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("{}\n")
+    assert load_params(path, ["data.classes=cats,dogs"]).data.classes == ("cats", "dogs")
+    assert load_params(path, ["data.classes= cats , dogs "]).data.classes == ("cats", "dogs")
+    assert load_params(path, ["data.classes=[cats, dogs]"]).data.classes == ("cats", "dogs")
+
+
+def test_problems_are_labelled_with_where_they_came_from(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"top": {"lr": 0.5}}))
+    with pytest.raises(ParamsError) as err:
+        load_params(path, ["top.epoch=3"])
+    assert str(err.value) == (
+        "invalid --set override:\n  top.epoch: unknown key, got 3; did you mean 'top.epochs'?"
+    )
+    # a problem the override caused elsewhere (the CSV becomes required) is the override's too
+    with pytest.raises(ParamsError) as err:
+        load_params(path, ["data.source=csv"])
+    assert str(err.value).startswith("invalid --set override:\n  data.csv: required")
+    # the file's own problems keep the file's label; each line appears once, under its source
+    path.write_text(yaml.safe_dump({"top": {"lr": -1}}))
+    with pytest.raises(ParamsError) as err:
+        load_params(path, ["finetune.momentum=2"])
+    assert err.value.overridden == ["finetune.momentum: expected less than 1, got 2"]
+    assert str(err.value) == (
+        "invalid --set override:\n  finetune.momentum: expected less than 1, got 2\n"
+        f"invalid {path}:\n  top.lr: expected greater than 0, got -1"
+    )
+    # an override of the bad key itself is labelled as the override
+    with pytest.raises(ParamsError) as err:
+        load_params(path, ["top.lr=-2"])
+    assert str(err.value) == "invalid --set override:\n  top.lr: expected greater than 0, got -2"
+    # without overrides, the file's label only
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert str(err.value) == f"invalid {path}:\n  top.lr: expected greater than 0, got -1"
 
 
 def test_params_are_frozen_and_hash_is_stable_per_section():

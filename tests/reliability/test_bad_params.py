@@ -181,6 +181,29 @@ def test_override_syntax_errors(workdir: Path) -> None:
         assert "Traceback" not in result.output
 
 
+def test_override_problems_are_labelled_as_the_override_with_a_suggestion(workdir: Path) -> None:
+    """A ``--set`` typo is the override's, not the params file's, and names the key that was probably meant."""
+    result = _invoke(workdir, "index", "--set", "top.epoch=3")
+    assert result.exit_code == 2, result.output
+    text = flat(result.output)
+    assert "invalid --set override:" in text and "invalid params.yaml" not in text, text
+    assert "top.epoch: unknown key, got 3; did you mean 'top.epochs'?" in text, text
+    assert not (workdir / "index").exists()
+
+
+def test_params_file_problems_keep_the_file_label(workdir: Path) -> None:
+    raw = tiny_dict()
+    raw["top"]["epoch"] = 3
+    write_params(workdir, raw)
+    result = _invoke(workdir, "index", "--set", "finetune.momentum=2")
+    assert result.exit_code == 2, result.output
+    text = flat(result.output)
+    file_part = text[text.index(f"invalid {workdir / 'params.yaml'}:") :]
+    override_part = text[text.index("invalid --set override:") : text.index(file_part)]
+    assert "finetune.momentum" in override_part and "top.epoch" not in override_part, text
+    assert "top.epoch: unknown key, got 3; did you mean 'top.epochs'?" in file_part, text
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [("- just\n- a list\n", "expected a mapping of sections"), ("seed: [unclosed\n", "not valid YAML")],
