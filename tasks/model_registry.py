@@ -4,10 +4,12 @@ The registry is one JSON file (``layout.model_registry``)::
 
     {"version": 1, "champion": "<candidate id or null>", "candidates": [{...}, ...]}
 
-Each candidate records the data version (the ``data.dvc`` hash, or the index content hash without DVC), the
-params hash (``Params.section_hash()``), the git commit, the test metrics, whether it was promoted and why.
-The gate (:func:`gate`) is a pure function; :func:`run_promote` applies it to the candidate the pipeline just
-produced, copies a promoted model to ``layout.champion_dir`` and appends the record.
+Each candidate records the data version (:func:`data_version`: ``dvc:<md5>`` of ``data.dvc`` when ``data.root``
+lies inside the folder it tracks, else ``index:<index content hash>``), the params hash
+(``Params.section_hash()``), the git commit, the test metrics, the sha256 of its ``.keras`` file and of its
+metrics, whether it was promoted and why. The gate (:func:`gate`) is a pure function; :func:`run_promote` applies it
+to the candidate the pipeline just produced, copies a promoted model to ``layout.champion_dir`` and appends the
+record. Promotion is idempotent: a candidate whose model and metrics are already recorded is not recorded again.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class Candidate:
     model_path: str | None = None
     flow_run_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    model_sha256: str | None = None  # the .keras file's; None in records written before it was kept
+    metrics_sha256: str | None = None  # of the evaluate metrics, as :func:`metrics_sha256` computes it
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class PromoteManifest:
     champion_score: float | None
     champion: str | None
     registry: str
+    already_registered: bool = False  # the same model and metrics were recorded before: nothing was written
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,16 +213,27 @@ def record(layout: Layout, candidate: Candidate) -> Registry:
 
 
 # ------------------------------------------------------------------------------------------ identity facts
-def data_dvc_hash(dvc_file: Path) -> str | None:
-    """The md5 recorded in a ``.dvc`` file (``outs[0].md5``), or None when absent/unreadable."""
+def _dvc_out(dvc_file: Path) -> dict[str, Any] | None:
+    """``outs[0]`` of a ``.dvc`` file, or None when the file is absent or unreadable."""
     if not dvc_file.is_file():
         return None
     try:
-        raw = yaml.safe_load(dvc_file.read_text()) or {}
-        md5 = raw["outs"][0]["md5"]
+        out = (yaml.safe_load(dvc_file.read_text()) or {})["outs"][0]
     except (yaml.YAMLError, KeyError, IndexError, TypeError):
         return None
+    return out if isinstance(out, dict) else None
+
+
+def data_dvc_hash(dvc_file: Path) -> str | None:
+    """The md5 recorded in a ``.dvc`` file (``outs[0].md5``), or None when absent/unreadable."""
+    md5 = (_dvc_out(dvc_file) or {}).get("md5")
     return str(md5) if md5 else None
+
+
+def dvc_tracked_folder(dvc_file: Path) -> Path | None:
+    """The folder a ``.dvc`` file tracks (``outs[0].path``, relative to the ``.dvc`` file's folder), absolute."""
+    path = (_dvc_out(dvc_file) or {}).get("path")
+    return (dvc_file.parent / str(path)).resolve() if path else None
 
 
 def index_content_hash(layout: Layout) -> str:
@@ -233,10 +249,18 @@ def index_content_hash(layout: Layout) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def data_version(layout: Layout) -> str:
-    """``layout.data_dvc`` md5 when the workspace has one, else ``index:<index content hash>``."""
+def data_version(layout: Layout, data_root: Path | None = None) -> str:
+    """What the indexed data is: ``dvc:<md5>`` (``layout.data_dvc``'s hash) when ``data_root`` (``data.root`` as
+    the index read it) lies inside the folder that file tracks, else ``index:<index content hash>``.
+
+    Without ``data_root`` nothing says the index read the DVC-tracked folder, so the index hash is used.
+    """
     md5 = data_dvc_hash(layout.data_dvc)
-    return md5 if md5 else f"index:{index_content_hash(layout)}"
+    tracked = dvc_tracked_folder(layout.data_dvc)
+    if md5 and tracked is not None and data_root is not None:
+        if Path(data_root).resolve().is_relative_to(tracked):
+            return f"dvc:{md5}"
+    return f"index:{index_content_hash(layout)}"
 
 
 def git_commit(root: Path) -> str | None:
@@ -318,6 +342,55 @@ def _activate_champion(layout: Layout, candidate_id: str) -> None:
     os.replace(tmp, link)
 
 
+def model_sha256(layout: Layout) -> str:
+    """sha256 of the candidate's ``.keras`` file (what the registry recognises a model by)."""
+    from tasks.bases import sha256_file
+
+    path = layout.candidate_model
+    if not path.is_file():
+        raise RegistryError(f"{path}: candidate model not found; run finetune first")
+    return sha256_file(path)
+
+
+def metrics_sha256(metrics: dict[str, Any]) -> str:
+    """sha256 of the evaluate metrics as canonical JSON (sorted keys): the same figures give the same hash."""
+    return hashlib.sha256(json.dumps(metrics, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def champion_score(registry: Registry, metric: str) -> float | None:
+    """The champion's test ``metric`` (None without a champion)."""
+    champ = registry.champion_entry()
+    if champ is None:
+        return None
+    return champ.score if champ.metric == metric else candidate_score(champ.metrics, metric)
+
+
+def registered(registry: Registry, model_hash: str, metrics_hash: str) -> Candidate | None:
+    """The record of the same model with the same metrics, when the registry already has one."""
+    for cand in registry.candidates:
+        if cand.model_sha256 == model_hash and cand.metrics_sha256 == metrics_hash:
+            return cand
+    return None
+
+
+def _already_registered(
+    layout: Layout, registry: Registry, cand: Candidate, metric: str, score: float
+) -> PromoteManifest:
+    """The manifest of a promotion that found its candidate recorded already (nothing written)."""
+    verdict = "promoted" if cand.promoted else "rejected"
+    return PromoteManifest(
+        candidate_id=cand.id,
+        promoted=cand.promoted,
+        reason=f"already registered as {cand.id} ({verdict}): the same model and metrics; nothing recorded",
+        metric=metric,
+        score=score,
+        champion_score=champion_score(registry, metric),
+        champion=registry.champion,
+        registry=str(layout.model_registry),
+        already_registered=True,
+    )
+
+
 def new_candidate_id(now: datetime, params_hash: str) -> str:
     """``20261122T031500Z-<params hash[:6]>``: sortable and readable."""
     return f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{params_hash[:6]}"
@@ -337,17 +410,21 @@ def run_promote(
     ``commit`` is the git commit the candidate was produced from, as captured by the caller before the run's own
     writes (see :func:`git_commit`); None captures it now. A promoted candidate's ``model_path`` is its immutable
     copy ``champions/<id>/model.keras`` (``models/champion`` is a link that moves with the next promotion).
+
+    Idempotent: when the registry already records this model (the ``.keras`` file's sha256) with these metrics,
+    nothing is written and the manifest says ``already registered as <id> (promoted|rejected)``.
     """
+    from tasks.features import data_root
+
     metrics = metrics if metrics is not None else read_evaluate_metrics(layout)
     cfg = params.evaluate
     score = candidate_score(metrics, cfg.metric)
     reg = read_registry(layout)
-    champ = reg.champion_entry()
-    champ_score = None
-    if champ is not None:
-        champ_score = (
-            champ.score if champ.metric == cfg.metric else candidate_score(champ.metrics, cfg.metric)
-        )
+    model_hash, metrics_hash = model_sha256(layout), metrics_sha256(metrics)
+    earlier = registered(reg, model_hash, metrics_hash)
+    if earlier is not None:
+        return _already_registered(layout, reg, earlier, cfg.metric, score)
+    champ_score = champion_score(reg, cfg.metric)
     decision = gate(score, champ_score, cfg)
     params_hash = params.section_hash()
     now = datetime.now(UTC)
@@ -355,7 +432,7 @@ def run_promote(
     cand = Candidate(
         id=cand_id,
         created_at=now.isoformat(timespec="seconds"),
-        data_version=data_version(layout),
+        data_version=data_version(layout, data_root(params)),
         index_hash=index_content_hash(layout),
         params_hash=params_hash,
         git_commit=commit if commit is not None else git_commit(layout.root),
@@ -368,6 +445,8 @@ def run_promote(
         model_path=str(champion_model(layout, cand_id)) if decision.promote else None,
         flow_run_id=flow_run_id,
         extra=dict(extra or {}),
+        model_sha256=model_hash,
+        metrics_sha256=metrics_hash,
     )
     # Order matters for a kill at any point: (1) the immutable copy, (2) the registry (the commit point),
     # (3) the link swap. Before (2) the old champion stands; after it, read_registry repairs a stale link.

@@ -205,3 +205,66 @@ def test_promote_records_the_commit_it_is_given_else_captures_it(tmp_path: Path)
     (layout.metrics_dir / "evaluate.json").write_text(json.dumps({"test_accuracy": 0.9}))  # a tracked edit
     run_promote(params, layout)
     assert [c.git_commit for c in read_registry(layout).candidates] == ["0123abcd", f"{head}+dirty"]
+
+
+def test_promoting_the_same_candidate_twice_records_it_once(tmp_path: Path) -> None:
+    params = params_from_dict({"evaluate": {"min_accuracy": 0.5}, "base": {"weights": "none"}})
+    layout = _workspace(tmp_path, 0.80)
+    first = run_promote(params, layout)
+    again = run_promote(params, layout)
+    assert first.promoted and not first.already_registered
+    assert again.already_registered and again.candidate_id == first.candidate_id and again.promoted
+    assert again.reason.startswith(f"already registered as {first.candidate_id} (promoted)")
+    reg = read_registry(layout)
+    assert [c.id for c in reg.candidates] == [first.candidate_id] and reg.champion == first.candidate_id
+    assert [p.name for p in layout.champions_dir.iterdir()] == [first.candidate_id]  # not copied again
+    # new metrics for the same model (e.g. a new test split) are a new evaluation: recorded
+    (layout.metrics_dir / "evaluate.json").write_text(json.dumps({"test_accuracy": 0.85}))
+    third = run_promote(params, layout)
+    assert not third.already_registered and len(read_registry(layout).candidates) == 2
+
+
+def test_promote_command_twice_says_already_registered_and_exits_0(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    _workspace(tmp_path, 0.9)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("base: {weights: none}\nevaluate: {min_accuracy: 0.95}\n")
+    runner = CliRunner()
+    args = ["promote", "-p", str(params_file), "-w", str(tmp_path)]
+    first = json.loads(runner.invoke(app, args).stdout)
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert f"already registered as {first['candidate_id']} (rejected)" in second.stdout
+    assert len(read_registry(Layout(tmp_path)).candidates) == 1
+
+
+def test_data_version_is_the_dvc_hash_only_for_data_inside_the_tracked_folder(tmp_path: Path) -> None:
+    from tasks.model_registry import data_version, index_content_hash
+
+    layout = _workspace(tmp_path, 0.8)
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: abc123.dir\n  path: data\n")
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    index = f"index:{index_content_hash(layout)}"
+    assert data_version(layout, tmp_path / "data" / "images") == "dvc:abc123.dir"
+    assert data_version(layout, tmp_path / "data") == "dvc:abc123.dir"
+    assert data_version(layout, tmp_path / "elsewhere") == index
+    assert data_version(layout, tmp_path / "data-other") == index  # a sibling with the same prefix
+    assert data_version(layout) == index  # nothing says the index read the tracked folder
+    (tmp_path / "data.dvc").unlink()
+    assert data_version(layout, tmp_path / "data" / "images") == index
+
+
+def test_promote_records_the_data_version_of_the_data_it_indexed(tmp_path: Path) -> None:
+    layout = _workspace(tmp_path, 0.8)
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: abc123.dir\n  path: data\n")
+    outside = params_from_dict({"base": {"weights": "none"}, "data": {"root": str(tmp_path / "mine")}})
+    inside = params_from_dict({"base": {"weights": "none"}, "data": {"root": str(tmp_path / "data" / "x")}})
+    run_promote(outside, layout)
+    assert read_registry(layout).candidates[-1].data_version.startswith("index:")
+    (layout.metrics_dir / "evaluate.json").write_text(json.dumps({"test_accuracy": 0.9}))
+    run_promote(inside, layout)
+    assert read_registry(layout).candidates[-1].data_version == "dvc:abc123.dir"
