@@ -2,10 +2,18 @@
 
 Functions here are called from inside a flow or task run (Prefect attaches the artifact to it). Rendering is
 split from publishing: ``*_markdown`` / ``*_rows`` are pure and unit-testable.
+
+The dashboard cannot open the workspace's files (a ``file://`` link from an http page is blocked, and the server
+serves no files), so the run summary embeds the report images as ``data:`` URIs: both Prefect 3.8.8 UIs (``/``
+and ``/v2``) render ``![alt](data:image/png;base64,...)`` in a markdown artifact (checked with a real server and
+headless Chromium), and the API took a 5 MB markdown artifact. Each image is flattened to RGB and downscaled to
+:data:`EMBED_MAX_WIDTH`; a lossless PNG is kept for charts, a JPEG where the PNG is large (photo grids).
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +23,14 @@ from uuid import UUID
 from tasks.layout import Layout
 
 PER_CLASS_FIELDS = ("precision", "recall", "f1")
+EMBED_MAX_WIDTH = 800
+# a lossless PNG up to this size is kept (charts stay crisp); above it the smaller of PNG and JPEG
+EMBED_PNG_MAX_BYTES = 128_000
+EMBED_JPEG_QUALITY = 85
+# base64 characters of all the images one summary embeds; images past it are named by path instead
+EMBED_TOTAL_CHARS = 2_000_000
+# the evaluate stage's PNGs first, in reading order; any other PNG in reports/ after them, by name
+REPORT_ORDER = ("training_curves.png", "confusion_matrix.png", "predictions.png")
 
 
 # ----------------------------------------------------------------------------------------------- pure parts
@@ -60,14 +76,72 @@ def index_counts_markdown(layout: Layout) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(summary: Mapping[str, Any], layout: Layout) -> str:
-    """The run summary: data version, image counts, per-stage manifests, reports, and the promotion decision."""
-    out = ["# retrainflow run summary", ""]
+def per_class_markdown(metrics: Mapping[str, Any], split: str = "test") -> str:
+    """A markdown table of :func:`per_class_rows` (empty string when the metrics have no per-class fields)."""
+    rows = per_class_rows(metrics, split)
+    if not rows:
+        return ""
+    lines = [f"| class | {' | '.join(PER_CLASS_FIELDS)} |", "|---|" + "---:|" * len(PER_CLASS_FIELDS)]
+    lines += [
+        f"| {_fmt(row['class'])} | " + " | ".join(_fmt(row.get(f, "")) for f in PER_CLASS_FIELDS) + " |"
+        for row in rows
+    ]
+    overall = [
+        f"{label} {_fmt(metrics[key])}"
+        for label, key in ((f"{split} accuracy", f"{split}_accuracy"), ("macro F1", f"{split}_macro_f1"))
+        if isinstance(metrics.get(key), int | float)
+    ]
+    return "\n".join(([", ".join(overall), ""] if overall else []) + lines)
+
+
+def _evaluate_metrics(layout: Layout) -> dict[str, Any]:
+    """``metrics/evaluate.json`` when the workspace has a readable one, else ``{}`` (the summary still renders)."""
+    from tasks.model_registry import RegistryError, read_evaluate_metrics
+
+    try:
+        return read_evaluate_metrics(layout)
+    except (RegistryError, OSError, ValueError):
+        return {}
+
+
+def _without_verdict(reason: Any) -> str:
+    """``"skipped: data unchanged"`` -> ``"data unchanged"``: the status is said once, by the caller."""
+    text = str(reason or "").strip()
+    head, sep, rest = text.partition(": ")
+    return rest if sep and head in ("skipped", "promoted", "rejected") else text
+
+
+def summary_title(summary: Mapping[str, Any]) -> str:
+    """One line for the artifact's description and heading: ``retrain skipped: <reason>`` for a skipped run (so a
+    scheduled run that trained nothing does not read like a retrain), ``retrain <status>: <reason>`` otherwise."""
     status = summary.get("status", "?")
+    reason = _without_verdict(summary.get("reason"))
+    return f"retrain {status}: {reason}" if reason else f"retrain {status}"
+
+
+def summary_markdown(
+    summary: Mapping[str, Any], layout: Layout, *, embed_images: bool = True, max_width: int = EMBED_MAX_WIDTH
+) -> str:
+    """The run summary: status, data version, image counts, per-stage manifests, the promotion decision, per-class
+    test metrics, the comparison reports and the report images (embedded as ``data:`` URIs unless
+    ``embed_images`` is false).
+
+    A skipped run trained nothing: its heading says ``skipped: <reason>`` and it shows no metrics or reports (the
+    workspace's are an earlier run's)."""
+    status = summary.get("status", "?")
+    skipped = status == "skipped"
+    title = summary_title(summary)
+    out = [f"# {title}" if skipped else "# retrainflow run summary", ""]
     out.append(f"**Status:** {status}  ")
     for key in ("reason", "data_version", "index_hash", "params_hash", "git_commit", "flow_run_id"):
         if summary.get(key) is not None:
             out.append(f"**{key.replace('_', ' ')}:** `{summary[key]}`  ")
+    if skipped:
+        out += [
+            "",
+            "Nothing was trained, evaluated or promoted in this run; the champion is unchanged. The metrics and "
+            "reports in the workspace are from the run that trained it: see that run's summary.",
+        ]
     promote = summary.get("promote")
     if isinstance(promote, Mapping):
         verdict = "PROMOTED" if promote.get("promoted") else "NOT promoted"
@@ -77,6 +151,10 @@ def summary_markdown(summary: Mapping[str, Any], layout: Layout) -> str:
             f"{_fmt(promote.get('score'))}; champion before: {_fmt(promote.get('champion_score'))}; "
             f"champion now: `{promote.get('champion')}`"
         )
+    if not skipped:
+        per_class = per_class_markdown(_evaluate_metrics(layout))
+        if per_class:
+            out += ["", "## Per-class test metrics", "", per_class]
     counts = index_counts_markdown(layout)
     if counts:
         out += ["", "## Images", "", counts]
@@ -89,7 +167,9 @@ def summary_markdown(summary: Mapping[str, Any], layout: Layout) -> str:
             continue
         out += ["", f"## {name}", "", "| field | value |", "|---|---|"]
         out += [f"| {k} | {_fmt(v)} |" for k, v in items]
-    for title, path in (
+    if skipped:
+        return "\n".join(out) + "\n"
+    for title_, path in (
         ("Head comparison", layout.reports_dir / "top_comparison.md"),
         ("Top-only vs fine-tuned", layout.reports_dir / "model_comparison.md"),
     ):
@@ -97,11 +177,70 @@ def summary_markdown(summary: Mapping[str, Any], layout: Layout) -> str:
             body = "\n".join(
                 ("##" + line) if line.startswith("#") else line for line in path.read_text().splitlines()
             )
-            out += ["", f"## {title}", "", body.strip()[:20_000]]
-    pngs = report_pngs(layout)
-    if pngs:
-        out += ["", "## Reports", ""] + [f"- `{p}`" for p in pngs]
+            out += ["", f"## {title_}", "", body.strip()[:20_000]]
+    reports = reports_markdown(layout, embed=embed_images, max_width=max_width)
+    if reports:
+        out += ["", reports]
     return "\n".join(out) + "\n"
+
+
+def image_data_uri(path: Path, max_width: int = EMBED_MAX_WIDTH) -> str:
+    """``data:image/...;base64,...`` of the image at ``path``: flattened onto white, at most ``max_width`` px wide,
+    a lossless PNG when that is at most :data:`EMBED_PNG_MAX_BYTES`, else the smaller of the PNG and a JPEG."""
+    from PIL import Image
+
+    with Image.open(path) as src:
+        src.load()
+        if src.mode in ("RGBA", "LA", "P"):
+            rgba = src.convert("RGBA")
+            image = Image.new("RGB", rgba.size, "white")
+            image.paste(rgba, mask=rgba.getchannel("A"))
+        else:
+            image = src.convert("RGB")
+    if image.width > max_width:
+        image = image.resize(
+            (max_width, max(1, round(image.height * max_width / image.width))), Image.LANCZOS
+        )
+    png = io.BytesIO()
+    image.save(png, "PNG", optimize=True)
+    data, mime = png.getvalue(), "image/png"
+    if len(data) > EMBED_PNG_MAX_BYTES:
+        jpeg = io.BytesIO()
+        image.save(jpeg, "JPEG", quality=EMBED_JPEG_QUALITY, optimize=True)
+        if len(jpeg.getvalue()) < len(data):
+            data, mime = jpeg.getvalue(), "image/jpeg"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def reports_markdown(
+    layout: Layout, *, embed: bool = True, max_width: int = EMBED_MAX_WIDTH, budget: int = EMBED_TOTAL_CHARS
+) -> str:
+    """``## Reports``: each report PNG as an embedded image (``### name``, the image, its workspace path), in
+    :data:`REPORT_ORDER`; past ``budget`` base64 characters, or when ``embed`` is false or an image cannot be
+    read, the PNG is named by path only. Empty string when there are no PNG reports."""
+    pngs = report_pngs(layout)
+    if not pngs:
+        return ""
+    rank = {name: i for i, name in enumerate(REPORT_ORDER)}
+    pngs.sort(key=lambda p: (rank.get(p.name, len(rank)), p.name))
+    out = ["## Reports"]
+    used = 0
+    for png in pngs:
+        uri = ""
+        note = ""
+        if embed:
+            try:
+                uri = image_data_uri(png, max_width)
+            except (OSError, ValueError) as err:
+                note = f" (not embedded: {err})"
+            if uri and used + len(uri) > budget:
+                uri, note = "", f" (not embedded: over the {budget:,}-character budget for images)"
+        out += ["", f"### {png.stem.replace('_', ' ')}", ""]
+        if uri:
+            used += len(uri)
+            out += [f"![{png.stem}]({uri})", ""]
+        out.append(f"`{png}`{note}")
+    return "\n".join(out)
 
 
 def report_pngs(layout: Layout) -> list[Path]:
@@ -168,25 +307,32 @@ def publish_metrics_table(metrics: Mapping[str, Any]) -> None:
         )
 
 
-def publish_summary(summary: Mapping[str, Any], layout: Layout) -> None:
-    """Markdown artifact ``run-summary``."""
+def publish_summary(summary: Mapping[str, Any], layout: Layout) -> UUID:
+    """Markdown artifact ``run-summary`` (the report images embedded); its description is :func:`summary_title`,
+    e.g. ``retrain skipped: <reason>``. Returns the artifact's id (its dashboard page is
+    ``<UI>/artifacts/artifact/<id>``)."""
     from prefect.artifacts import create_markdown_artifact
 
-    create_markdown_artifact(
+    return create_markdown_artifact(
         markdown=summary_markdown(summary, layout),
         key="run-summary",
-        description=f"retrain: {summary.get('status')}",
+        description=summary_title(summary),
     )
 
 
 def publish_report_links(layout: Layout) -> list[Path]:
-    """One link artifact per PNG report (``file://`` URLs of the workspace files)."""
+    """One link artifact per PNG report (``file://`` URLs of the workspace files). A browser does not open a
+    ``file://`` link from the dashboard's http page: the links name the files for whoever is on the machine that
+    ran the flow; the images themselves are embedded in the ``run-summary`` artifact."""
     from prefect.artifacts import create_link_artifact
 
     pngs = report_pngs(layout)
     for png in pngs:
         create_link_artifact(
-            link=png.as_uri(), link_text=png.name, key=artifact_key("report", png.stem), description=str(png)
+            link=png.as_uri(),
+            link_text=png.name,
+            key=artifact_key("report", png.stem),
+            description=f"`{png}` on the machine that ran the flow (the run-summary artifact shows the image)",
         )
     return pngs
 
