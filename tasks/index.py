@@ -17,6 +17,7 @@ import json
 import os
 import stat
 import tempfile
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -30,6 +31,8 @@ from tasks.config import DataConfig, Params, SplitFractions
 from tasks.images import ImageInfo, ImageRejected, inspect_image
 from tasks.layout import Layout
 from tasks.locking import pid_alive
+from tasks.progress import Reporter, Step
+from tasks.progress import report as send_step
 
 COLUMNS = (
     "path",
@@ -46,7 +49,11 @@ COLUMNS = (
 SPLITS = ("train", "val", "test")
 # OS junk: skipped and reported, never validated (hidden names starting with "." are skipped too).
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r", "__macosx", "$recycle.bin"})
-PROGRESS_MIN_FILES = 200  # show a progress bar from this many files on
+# Validation progress: a Step when the count advanced by this share of the total or this long passed,
+# whichever comes first (and a final one at the end).
+PROGRESS_FRACTION = 0.01
+PROGRESS_SECONDS = 0.2
+EXAMPLES_SHOWN = 3  # example paths per reason in a dataset-level error
 # No encoded image within data.max_pixels is larger than this many bytes per pixel (16-bit RGBA PNG stored raw is
 # 8, an MPO holds two pictures) plus room for metadata (EXIF, ICC, XMP, thumbnails): a bigger file is rejected
 # before it is read, so a multi-gigabyte file named .jpg never lands in memory.
@@ -188,8 +195,7 @@ def scan_directory(root: Path, cfg: DataConfig, findings: _Findings) -> tuple[li
     Hidden files and OS junk are skipped; symlinks are followed only when ``cfg.follow_symlinks`` and only while
     they stay inside ``root``; a folder reached twice (symlink loop) is visited once.
     """
-    if not root.is_dir():
-        raise DatasetError(f"data.root: expected a folder with one subfolder per class, got {str(root)!r}")
+    _check_root(root, "a folder with one subfolder per class")
     real_root = root.resolve()
     candidates: list[Candidate] = []
     class_folders: list[str] = []
@@ -267,7 +273,30 @@ def scan_directory(root: Path, cfg: DataConfig, findings: _Findings) -> tuple[li
         return True
 
     walk(root, "")
+    if not class_folders:
+        raise DatasetError(
+            f"data.root: expected a folder with one subfolder per class, got {str(root)!r} "
+            f"({_without_class_folders(findings)})"
+        )
     return candidates, class_folders
+
+
+def _check_root(root: Path, expected: str) -> None:
+    """``data.root`` must be an existing folder: say which of the two it is not."""
+    if not root.exists():
+        where = f" ({os.path.abspath(root)})" if not root.is_absolute() else ""
+        raise DatasetError(f"data.root: folder does not exist, got {str(root)!r}{where}")
+    if not root.is_dir():
+        raise DatasetError(f"data.root: expected {expected}, got {str(root)!r} (it is a file, not a folder)")
+
+
+def _without_class_folders(findings: _Findings) -> str:
+    """What a data root without class folders holds instead (its top-level entries), for the error message."""
+    top = [e for e in (*findings.skipped, *findings.rejects) if "/" not in e["path"]]
+    if not top:
+        return "it is empty"
+    hint = "; put each class's images in a subfolder named after the class"
+    return "it has no class subfolders; at its top level: " + _grouped(top, "reason") + hint
 
 
 def _cell(value: Any) -> str:
@@ -315,8 +344,7 @@ def scan_table(frame: pd.DataFrame, root: Path, cfg: DataConfig, findings: _Find
             f"CSV/DataFrame is missing column(s) {missing} (data.path_column={cfg.path_column!r}, "
             f"data.label_column={cfg.label_column!r}); columns present: {[str(c) for c in frame.columns]}"
         )
-    if not root.is_dir():
-        raise DatasetError(f"data.root: expected the folder the CSV paths are relative to, got {str(root)!r}")
+    _check_root(root, "the folder the CSV paths are relative to")
     root_abs = Path(os.path.abspath(root))
     real_root = root.resolve()
     labels_by_path: dict[str, list[tuple[int, str]]] = defaultdict(list)
@@ -500,16 +528,53 @@ def _split_warnings(counts: dict[str, dict[str, int]], cfg: DataConfig) -> list[
     return warnings
 
 
+def _grouped(entries: list[dict[str, str]], key: str) -> str:
+    """``not_image: 2, e.g. 'a/x.txt', 'a/y.txt'; empty: 1, e.g. 'b/z.jpg'`` (most frequent first)."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for entry in entries:
+        groups[entry[key]].append(entry["path"])
+    ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))
+    return "; ".join(
+        f"{name}: {len(paths)}, e.g. " + ", ".join(repr(p) for p in sorted(paths)[:EXAMPLES_SHOWN])
+        for name, paths in ordered
+    )
+
+
+def _why_none(findings: _Findings) -> str:
+    """Why no image was kept: the rejects by kind and the skipped files by reason, with example paths."""
+    parts = []
+    if findings.rejects:
+        parts.append(f"{len(findings.rejects)} rejected - {_grouped(findings.rejects, 'kind')}")
+    if findings.skipped:
+        parts.append(f"{len(findings.skipped)} skipped - {_grouped(findings.skipped, 'reason')}")
+    if findings.conflicts:
+        parts.append(f"{len(findings.conflicts)} label conflict(s), every copy excluded")
+    return " | ".join(parts) or "the class folders hold no files"
+
+
+def _progress_counter(progress: Reporter | None, total: int) -> Callable[[int], None]:
+    """A ``(newly done) -> None`` callback reporting ``Step("index", done, total)`` when the count advanced by
+    :data:`PROGRESS_FRACTION` of the total or :data:`PROGRESS_SECONDS` passed, and at the total (final)."""
+    every = max(1, int(total * PROGRESS_FRACTION))
+    state = {"done": 0, "shown": 0, "at": time.monotonic()}
+
+    def advance(n: int) -> None:
+        state["done"] += n
+        done, now = state["done"], time.monotonic()
+        if done >= total or done - state["shown"] >= every or now - state["at"] >= PROGRESS_SECONDS:
+            state["shown"], state["at"] = done, now
+            send_step(progress, Step("index", done, total, "img", final=done >= total))
+
+    return advance
+
+
 def build_index(
-    source: Path | pd.DataFrame,
-    cfg: DataConfig,
-    *,
-    on_total: Callable[[int], None] | None = None,
-    on_done: Callable[[int], None] | None = None,
+    source: Path | pd.DataFrame, cfg: DataConfig, *, progress: Reporter | None = None
 ) -> IndexResult:
     """Scan ``source`` (a class-folder directory, a CSV file, or a DataFrame whose paths are relative to
     ``cfg.root``), validate every file, and return the table, classes and report. Raises :class:`DatasetError`
-    when the dataset as a whole is unusable. ``on_total``/``on_done`` feed a progress bar.
+    when the dataset as a whole is unusable. ``progress`` receives ``Step("index", done, total, "img")``
+    events while files are validated (the last one final).
     """
     findings = _Findings()
     folders: list[str] = []
@@ -534,9 +599,10 @@ def build_index(
 
     if candidates:
         import tensorflow  # noqa: F401  (load the decoder's library before the progress bar starts counting)
-    if on_total is not None:
-        on_total(len(candidates))
-    checked = validate_all(candidates, cfg.max_pixels, _workers(cfg), on_done)
+    send_step(progress, Step("index", 0, len(candidates), "img", final=not candidates))
+    checked = validate_all(
+        candidates, cfg.max_pixels, _workers(cfg), _progress_counter(progress, len(candidates))
+    )
     for item in checked:
         if item.info is None:
             findings.reject(item.candidate.rel, item.kind, item.reason)
@@ -544,14 +610,8 @@ def build_index(
 
     names = _class_names([c.label for c in candidates] + folders, cfg)
     if not kept:
-        by_kind = ", ".join(
-            f"{k}: {n}" for k, n in sorted(Counter(r["kind"] for r in findings.rejects).items())
-        )
-        raise DatasetError(
-            f"no valid images found in {str(source) if kind != 'dataframe' else 'the DataFrame'} "
-            f"({len(findings.rejects)} rejected{' - ' + by_kind if by_kind else ''}; "
-            f"{len(findings.skipped)} skipped)"
-        )
+        where = str(source) if kind != "dataframe" else "the DataFrame"
+        raise DatasetError(f"no valid images found in {where} ({_why_none(findings)})")
     per_class = Counter(r.candidate.label for r in kept)
     if len(names) < 2:
         raise DatasetError(f"only one class found ({list(names)}); a classifier needs at least 2")
@@ -699,60 +759,28 @@ def read_classes(layout: Layout) -> ClassInfo:
     return ClassInfo(tuple(names), str(raw.get("class_mode", "categorical")))
 
 
-# ------------------------------------------------------------------------------------------------ summary
-def print_summary(result: IndexResult, console: Any) -> None:
-    """A readable summary: counts per class per split, rejects by kind, duplicates, conflicts, warnings."""
-    from rich.table import Table
-
-    report = result.report
-    table = Table(
-        title=f"index: {report['images']} images, {len(report['classes'])} classes ({report['class_mode']})"
-    )
-    table.add_column("class")
-    for split in (*SPLITS, "total"):
-        table.add_column(split, justify="right")
-    for name in report["classes"]:
-        c = report["counts"][name]
-        table.add_row(name, *(str(c[s]) for s in (*SPLITS, "total")))
-    table.add_row("[bold]all[/]", *(str(report["splits"][s]) for s in SPLITS), f"[bold]{report['images']}[/]")
-    console.print(table)
-    rejects = report["rejects"]
-    if rejects:
-        by_kind = ", ".join(f"{k}: {n}" for k, n in report["rejects_by_kind"].items())
-        console.print(f"[yellow]rejected {len(rejects)} file(s)[/] ({by_kind})", highlight=False)
-        for r in rejects[:10]:
-            console.print(f"  {r['path']}: {r['reason']}", highlight=False, markup=False)
-        if len(rejects) > 10:
-            console.print(f"  ... and {len(rejects) - 10} more (see index_report.json)")
-    if report["skipped"]:
-        console.print(f"skipped {len(report['skipped'])} hidden/junk/stray file(s)")
-    if report["duplicates"]:
-        dropped = sum(len(d["dropped"]) for d in report["duplicates"])
-        console.print(f"duplicates: {len(report['duplicates'])} group(s), {dropped} extra copy(ies) dropped")
-    if report["duplicate_rows"]:
-        console.print(f"duplicate CSV rows: {len(report['duplicate_rows'])} path(s) listed more than once")
-    if report["conflicts"]:
-        console.print(
-            f"[red]label conflicts: {len(report['conflicts'])}[/] (same file under different labels; "
-            "every copy excluded)"
-        )
-        for c in report["conflicts"][:10]:
-            where = c.get("paths") or {c["path"]: "/".join(c["labels"])}
-            console.print("  " + ", ".join(f"{p} [{lab}]" for p, lab in where.items()), markup=False)
-    for w in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
-
-
 # ---------------------------------------------------------------------------------------------- the stage
 def _source_for(cfg: DataConfig, dataframe: pd.DataFrame | None) -> Path | pd.DataFrame:
     if dataframe is not None:
         return dataframe
     if cfg.source == "csv":
         assert cfg.csv is not None  # enforced by DataConfig
-        if not Path(cfg.csv).is_file():
-            raise DatasetError(f"data.csv: file not found, got {str(cfg.csv)!r}")
-        return Path(cfg.csv)
+        return find_csv(cfg.csv, cfg.root)
+    _check_root(Path(cfg.root), "a folder with one subfolder per class")  # a file here is no CSV source
     return Path(cfg.root)
+
+
+def find_csv(csv: Path, root: Path) -> Path:
+    """The CSV file ``data.csv`` names: an absolute path as is; a relative one in the current folder first,
+    then inside ``data.root`` (``--set data.csv=labels.csv`` for ``my_images/labels.csv``). The error names
+    every place looked at."""
+    csv = Path(csv).expanduser()
+    places = [csv] if csv.is_absolute() else [Path(os.path.abspath(csv)), Path(os.path.abspath(root)) / csv]
+    for place in places:
+        if place.is_file():
+            return place
+    looked = ", ".join(str(p) for p in places)
+    raise DatasetError(f"data.csv: file not found, got {str(csv)!r} (looked for {looked})")
 
 
 def run_index(
@@ -760,43 +788,17 @@ def run_index(
     layout: Layout,
     dataframe: pd.DataFrame | None = None,
     *,
-    console: Any = None,
+    progress: Reporter | None = None,
 ) -> IndexManifest:
-    """The index stage: scan + validate (progress bar on long scans), write the three outputs, print a summary.
+    """The index stage: scan + validate, write the three outputs, return the manifest (nothing is printed).
 
-    ``dataframe`` (paths relative to ``params.data.root``) replaces the configured source. ``console``: a rich
-    console for the progress bar and summary (default: stderr).
+    ``dataframe`` (paths relative to ``params.data.root``) replaces the configured source. ``progress``
+    receives ``Step("index", done, total, "img")`` events while the files are validated (see
+    :func:`build_index`).
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = console if console is not None else Console(stderr=True)
     cfg = params.data
-    source = _source_for(cfg, dataframe)
-    progress = Progress(
-        TextColumn("validating images"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
-    task_id = progress.add_task("validate", total=None)
-    shown: list[bool] = []
-
-    def on_total(n: int) -> None:
-        progress.update(task_id, total=n)
-        if n >= PROGRESS_MIN_FILES:  # a bar only where the scan is long enough to need one
-            progress.start()
-            shown.append(True)
-
-    try:
-        result = build_index(source, cfg, on_total=on_total, on_done=lambda n: progress.advance(task_id, n))
-    finally:
-        if shown:
-            progress.stop()
+    result = build_index(_source_for(cfg, dataframe), cfg, progress=progress)
     write_index(result, layout)
-    print_summary(result, console)
     report = result.report
     return IndexManifest(
         index_table=str(layout.index_table),

@@ -29,6 +29,7 @@ from tasks.index import (
     run_index,
 )
 from tasks.layout import Layout
+from tasks.progress import Step
 
 
 def cfg(root: Path, **kw) -> DataConfig:
@@ -345,20 +346,149 @@ def test_csv_with_byte_order_mark(tmp_path):
     assert len(result.table) == 4
 
 
-def test_progress_bar_and_summary_on_a_terminal(tmp_path, monkeypatch):
-    import io
-
-    from rich.console import Console
-
-    import tasks.index
-
-    monkeypatch.setattr(tasks.index, "PROGRESS_MIN_FILES", 4)
+def test_run_index_reports_progress_steps_and_prints_nothing(tmp_path, capsys):
     root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
     (root / "red" / "bad.jpg").write_bytes(b"<html></html>")
-    out = io.StringIO()
-    console = Console(file=out, force_terminal=True, width=120)
-    run_index(Params(data=cfg(root)), Layout(tmp_path / "ws"), console=console)
-    text = out.getvalue()
-    assert "validating images" in text
-    assert "index: 6 images, 2 classes (binary)" in text
-    assert "red/bad.jpg: text or HTML, not an image" in text
+    steps: list[Step] = []
+    manifest = run_index(Params(data=cfg(root)), Layout(tmp_path / "ws"), progress=steps.append)
+    assert manifest.images == 6 and manifest.rejects == 1
+    assert steps[0] == Step("index", 0, 7, "img")
+    assert steps[-1] == Step("index", 7, 7, "img", final=True)
+    assert [s.final for s in steps].count(True) == 1
+    assert [s.done for s in steps] == sorted(s.done for s in steps)
+    assert {(s.task, s.total, s.unit) for s in steps} == {("index", 7, "img")}
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""  # display is the CLI's
+
+
+def test_progress_steps_are_throttled_to_one_percent_or_a_fifth_of_a_second(monkeypatch):
+    import tasks.index
+
+    clock = [100.0]
+    monkeypatch.setattr(tasks.index.time, "monotonic", lambda: clock[0])
+    steps: list[Step] = []
+    advance = tasks.index._progress_counter(steps.append, 1000)
+    for _ in range(1000):  # a fast run: the clock stands still
+        advance(1)
+    assert [s.done for s in steps] == list(range(10, 1001, 10))  # every 1 %
+    assert steps[-1].final and not any(s.final for s in steps[:-1])
+    steps.clear()
+    advance = tasks.index._progress_counter(steps.append, 1000)
+    for _ in range(5):  # a slow run: 0.25 s per image, each one is shown
+        clock[0] += 0.25
+        advance(1)
+    assert [s.done for s in steps] == [1, 2, 3, 4, 5]
+    steps.clear()
+    advance = tasks.index._progress_counter(steps.append, 1000)
+    for _ in range(5):  # 0.125 s per image: every other one
+        clock[0] += 0.125
+        advance(1)
+    assert [s.done for s in steps] == [2, 4]
+
+
+def test_no_progress_listener_is_fine_and_an_empty_scan_closes_at_once(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "red").mkdir(parents=True)
+    (root / "blue").mkdir()
+    steps: list[Step] = []
+    with pytest.raises(DatasetError, match="no valid images"):
+        build_index(root, cfg(root), progress=steps.append)
+    assert steps == [Step("index", 0, 0, "img", final=True)]
+
+
+# ------------------------------------------------------------------------------------- newcomer messages
+def test_data_root_that_does_not_exist_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError) as err:
+        build_index(Path("my_images"), cfg(Path("my_images")))
+    assert str(err.value) == f"data.root: folder does not exist, got 'my_images' ({tmp_path / 'my_images'})"
+    with pytest.raises(DatasetError, match="data.root: folder does not exist"):
+        run_index(Params(data=cfg(tmp_path / "nowhere")), Layout(tmp_path / "ws"))
+
+
+def test_data_root_that_is_a_file_or_has_no_class_folders_says_why(tmp_path):
+    a_file = write(tmp_path / "notes.txt", b"hello")
+    with pytest.raises(DatasetError) as err:
+        run_index(Params(data=cfg(a_file)), Layout(tmp_path / "ws"))
+    assert str(err.value) == (
+        f"data.root: expected a folder with one subfolder per class, got {str(a_file)!r} "
+        "(it is a file, not a folder)"
+    )
+    flat = make_class_folders(tmp_path / "flat", ["red"], per_class=4)
+    for f in (flat / "red").iterdir():
+        f.rename(flat / f.name)
+    (flat / "red").rmdir()
+    write(flat / ".DS_Store", b"\0")
+    with pytest.raises(DatasetError) as err:
+        build_index(flat, cfg(flat))
+    message = str(err.value)
+    assert message.startswith(f"data.root: expected a folder with one subfolder per class, got {str(flat)!r}")
+    assert "it has no class subfolders" in message
+    assert (
+        "file at the top level, not inside a class folder: 4, e.g. 'red_0.png', 'red_1.png', 'red_2.png'"
+        in (message)
+    )
+    assert "hidden file or folder: 1, e.g. '.DS_Store'" in message
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"subfolder per class, got '.*empty' \(it is empty\)"):
+        build_index(tmp_path / "empty", cfg(tmp_path / "empty"))
+    with pytest.raises(DatasetError, match="folder does not exist"):
+        build_index(pd.DataFrame({"path": ["a.png"], "label": ["a"]}), cfg(tmp_path / "gone"))
+
+
+def test_no_valid_images_says_why_each_file_was_skipped_or_rejected(tmp_path):
+    root = tmp_path / "imgs"
+    for name in (".a.png", ".b.png", "Thumbs.db"):
+        write(root / "red" / name, b"\0")
+    write(root / "blue" / "page.jpg", b"<html></html>")
+    with pytest.raises(DatasetError) as err:
+        build_index(root, cfg(root))
+    message = str(err.value)
+    assert "1 rejected - not_image: 1, e.g. 'blue/page.jpg'" in message
+    assert (
+        "3 skipped - hidden file or folder: 2, e.g. 'red/.a.png', 'red/.b.png'; OS junk file: 1, e.g. "
+        in (message)
+    )
+    assert "\n" not in message
+
+
+# --------------------------------------------------------------------------------------- where data.csv is
+def _csv_inside_root(tmp_path: Path) -> Path:
+    root = make_class_folders(tmp_path / "my_images", ["red", "blue"], per_class=2)
+    lines = ["path,label"] + [f"{c}/{c}_{i}.png,{c}" for c in ("red", "blue") for i in range(2)]
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_relative_csv_is_found_inside_data_root(tmp_path, monkeypatch):
+    """The README's ``--set data.csv=labels.csv --set data.root=my_images``: the CSV is in the image folder."""
+    _csv_inside_root(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    params = Params(data=cfg(Path("my_images"), source="csv", csv=Path("labels.csv")))
+    manifest = run_index(params, Layout(tmp_path / "ws"))
+    assert manifest.images == 4
+    assert json.loads(Layout(tmp_path / "ws").index_report.read_text())["source"] == "csv"
+
+
+def test_relative_csv_in_the_current_folder_comes_first(tmp_path, monkeypatch):
+    _csv_inside_root(tmp_path)
+    (tmp_path / "labels.csv").write_text("path,label\nred/red_0.png,red\nblue/blue_0.png,blue\n")
+    monkeypatch.chdir(tmp_path)
+    params = Params(data=cfg(Path("my_images"), source="csv", csv=Path("labels.csv")))
+    assert run_index(params, Layout(tmp_path / "ws")).images == 2
+
+
+def test_csv_not_found_names_every_place_looked_at(tmp_path, monkeypatch):
+    root = make_class_folders(tmp_path / "my_images", ["red", "blue"], per_class=2)
+    monkeypatch.chdir(tmp_path)
+    params = Params(data=cfg(Path("my_images"), source="csv", csv=Path("labels.csv")))
+    with pytest.raises(DatasetError) as err:
+        run_index(params, Layout(tmp_path / "ws"))
+    assert str(err.value) == (
+        f"data.csv: file not found, got 'labels.csv' "
+        f"(looked for {tmp_path / 'labels.csv'}, {root / 'labels.csv'})"
+    )
+    absent = tmp_path / "elsewhere" / "labels.csv"
+    with pytest.raises(DatasetError) as err:
+        run_index(Params(data=cfg(root, source="csv", csv=absent)), Layout(tmp_path / "ws"))
+    assert str(err.value) == f"data.csv: file not found, got {str(absent)!r} (looked for {absent})"
