@@ -327,6 +327,40 @@ def test_cli_index_reports_unusable_dataset_without_traceback(tmp_path: Path) ->
     assert not (tmp_path / "index" / "index.csv").exists()
 
 
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("missing", "error: data.root: folder does not exist, got 'data/images' ({root})"),
+        (
+            "flat",
+            "it has no class subfolders; at its top level: file at the top level, not inside a class folder: "
+            "3, e.g. 'red_0.png', 'red_1.png', 'red_2.png'; put each class's images in a subfolder",
+        ),
+        ("hidden_only", "no valid images found in data/images (2 skipped - hidden file or folder: 2, e.g. "),
+    ],
+)
+def test_cli_index_says_what_is_wrong_with_the_image_folder(
+    tmp_path: Path, layout: str, message: str
+) -> None:
+    """A newcomer's mistakes (real subprocess): each exits 1 with one line that says why, no traceback."""
+    root = tmp_path / "data" / "images"
+    if layout == "flat":  # the photos dropped straight into data.root, no class folders
+        make_class_folders(tmp_path / "tmp", ["red"], per_class=3, size=32)
+        root.mkdir(parents=True)
+        for f in (tmp_path / "tmp" / "red").iterdir():
+            f.rename(root / f.name)
+    if layout == "hidden_only":
+        for name in ("red/.a.png", "blue/.b.png"):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(b"\0")
+    write_params(tmp_path, tiny_dict())
+    proc = cli(["index"], tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message.format(root=root) in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_csv_source_blank_labels_duplicates_missing_paths(tmp_path: Path) -> None:
     """The CSV cases, through `retrainflow index` in a subprocess: the run completes, each row is accounted for."""
     root = make_class_folders(tmp_path / "data" / "images", ["red", "blue"], per_class=4, size=32)
