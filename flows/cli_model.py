@@ -2,6 +2,8 @@
 
 Stage commands run the plain ``run_<stage>(params, layout)`` under the workspace lock (as ``retrainflow index``
 does); ``retrainflow run`` chains them inside Prefect flows. TensorFlow is imported only inside the commands.
+Long steps (finetune epochs, evaluate and predict images) report ``tasks.progress.Step`` events, drawn here by
+``flows.console.progress_display``. Each command ends with one line saying what it wrote.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from flows.cli_common import (
     locked,
     print_error,
 )
-from tasks.config import Params
 from tasks.layout import Layout
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the stage manifest as JSON on stdout.")]
@@ -42,6 +43,26 @@ def default_model(layout: Layout) -> Path:
     return champion if champion.is_file() else layout.candidate_model
 
 
+def model_or_exit(model: Path | None, layout: Layout) -> Path:
+    """``--model`` when given, else :func:`default_model`; exit 1 with a one-line reason when that file is missing
+    (never a complaint about the classes file beside a model that does not exist)."""
+    if model is not None:
+        if not model.is_file():
+            print_error("error", f"model file not found: {model}")
+            raise typer.Exit(EXIT_FAILED)
+        return model
+    found = default_model(layout)
+    if not found.is_file():
+        champion = layout.champion_dir / layout.candidate_model.name
+        print_error(
+            "error",
+            f"no model found: expected {champion} or {layout.candidate_model}; run `retrainflow run` (or `make "
+            "demo`) first, or pass --model",
+        )
+        raise typer.Exit(EXIT_FAILED)
+    return found
+
+
 def _manifest_dict(manifest: Any) -> dict[str, Any]:
     import dataclasses
 
@@ -50,23 +71,34 @@ def _manifest_dict(manifest: Any) -> dict[str, Any]:
 
 def _run_stage(
     command: str,
-    runner: Callable[[Params, Layout], Any],
+    runner: Callable[..., Any],
     params_file: Path,
     overrides: list[str] | None,
     workdir: Path,
     as_json: bool,
     summary: Callable[[Any], str],
+    *,
+    progress: bool = False,
 ) -> None:
-    """Load params, hold the workspace lock, run the stage; missing inputs and bad values exit 1 with the reason."""
+    """Load params, hold the workspace lock, run the stage; missing inputs and bad values exit 1 with the reason.
+
+    ``progress``: the runner takes ``progress=`` (a :data:`tasks.progress.Reporter`): its steps are drawn on
+    stderr while it runs."""
+    from flows.console import progress_display
+
     loaded = load_or_exit(params_file, overrides)
     layout = layout_for(workdir)
     # OSError: a full disk, a permission, a missing file
     with locked(layout, f"retrainflow {command}", [((OSError, ValueError), EXIT_FAILED)]):
-        manifest = runner(loaded, layout)
+        if progress:
+            with progress_display(console) as reporter:
+                manifest = runner(loaded, layout, progress=reporter)
+        else:
+            manifest = runner(loaded, layout)
     if as_json:
         typer.echo(json.dumps(_manifest_dict(manifest), indent=2))
     else:
-        console.print(summary(manifest), highlight=False)
+        console.print(summary(manifest), highlight=False, soft_wrap=True)
 
 
 @app.command("train-top")
@@ -114,14 +146,14 @@ def finetune_cmd(
 
     def summary(m: Any) -> str:
         if m.skipped:
-            return f"finetune skipped (finetune.epochs 0): wrote the top-only model to {m.model_file}"
+            return f"finetune skipped (finetune.epochs 0): {m.decision}; wrote {m.model_file}"
         resumed = f", resumed after epoch {m.resumed_from_epoch}" if m.resumed_from_epoch else ""
         return (
-            f"fine-tuned {len(m.trainable_layers)} base layers for {m.epochs_run} epochs{resumed}: val loss "
-            f"{m.top_only_val_loss:.4f} -> {m.val_loss:.4f} (best epoch {m.best_epoch}); wrote {m.model_file}"
+            f"fine-tuned {len(m.trainable_layers)} base layers for {m.epochs_run} epochs{resumed}; {m.decision}; "
+            f"wrote {m.model_file}"
         )
 
-    _run_stage("finetune", run_finetune, params, set_, workdir, as_json, summary)
+    _run_stage("finetune", run_finetune, params, set_, workdir, as_json, summary, progress=True)
 
 
 @app.command("evaluate")
@@ -149,6 +181,7 @@ def evaluate_cmd(
             f"test accuracy {m.test_accuracy:.4f} (top-only {m.top_only_test_accuracy:.4f}), macro F1 "
             f"{m.test_macro_f1:.4f} on {m.test_images} images; reports in {Path(m.reports[0]).parent}"
         ),
+        progress=True,
     )
 
 
@@ -166,7 +199,11 @@ def predict_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 32,
     workdir: WorkdirOpt = Path("."),
 ) -> None:
-    """Predict the class of image files and folders; a file that cannot be decoded gets a row with an error."""
+    """Predict the class of image files and folders; a file that cannot be decoded gets a row with an error.
+
+    Exits 1 when no file could be predicted (the predictions, error rows only, are still written).
+    """
+    from flows.console import progress_display
     from tasks.predict import OUTPUT_FORMATS, format_predictions, predict_paths
 
     if fmt not in OUTPUT_FORMATS:
@@ -174,10 +211,13 @@ def predict_cmd(
         raise typer.Exit(EXIT_PARAMS)
     from tasks.heads import read_bundle_classes
 
-    model_file = model if model is not None else default_model(layout_for(workdir))
+    model_file = model_or_exit(model, layout_for(workdir))
     try:
         names, _ = read_bundle_classes(model_file)
-        predictions = predict_paths(model_file, [str(p) for p in paths], batch_size=batch_size)
+        with progress_display(console) as reporter:
+            predictions = predict_paths(
+                model_file, [str(p) for p in paths], batch_size=batch_size, progress=reporter
+            )
     except (OSError, ValueError) as err:  # OSError: a full disk, a permission, a missing file
         print_error("error", err)
         raise typer.Exit(EXIT_FAILED) from None
@@ -187,8 +227,26 @@ def predict_cmd(
         output.write_text(text)
     else:
         typer.echo(text, nl=False)
-    errors = sum(1 for p in predictions if p.error)
-    console.print(f"{len(predictions)} files, {errors} with errors", highlight=False)
+    failed = [p for p in predictions if p.error]
+    where = str(output) if output is not None else "stdout"
+    if len(failed) == len(predictions):
+        print_error("error", _nothing_predicted(predictions, [str(p) for p in paths]))
+        raise typer.Exit(EXIT_FAILED)
+    failures = f"; {len(failed)} failed (see the error column)" if failed else ""
+    console.print(
+        f"predicted {len(predictions) - len(failed)} of {len(predictions)} files{failures}; wrote {fmt} to {where}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def _nothing_predicted(predictions: list[Any], paths: list[str]) -> str:
+    """Why predict produced nothing: no file found, or every file failed (the first error named)."""
+    if not predictions:
+        return f"no files found in {', '.join(paths)}"
+    first = predictions[0]
+    return f"none of the {len(predictions)} files could be predicted (first: {first.path}: {first.error})"
 
 
 @app.command("export")
@@ -211,11 +269,13 @@ def export_cmd(
     from tasks.predict import export_saved_model
 
     layout = layout_for(workdir)
-    model_file = model if model is not None else default_model(layout)
+    model_file = model_or_exit(model, layout)
     target = output if output is not None else layout.models_dir / "export" / model_file.parent.name
     try:
         written = export_saved_model(model_file, target)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print_error("error", err)
         raise typer.Exit(EXIT_FAILED) from None
-    console.print(f"exported {model_file} to {written}", highlight=False)
+    console.print(
+        f"exported {model_file} to {written} (SavedModel + classes.json)", highlight=False, soft_wrap=True
+    )

@@ -5,9 +5,11 @@ ROC AUC for binary, confusion matrix. Each model is fed test / val images the wa
 its input size with the resize interpolation its bundle records (``classes.json``), the top-only model at its own
 input size with the interpolation its features were computed with (``image.interpolation``).
 
-Outputs (each written atomically): flat ``metrics/evaluate.json`` (DVC metrics), ``plots/confusion.csv``
-(``actual,predicted`` rows for ``dvc plots``), ``reports/evaluation.json`` (the full nested results),
-``reports/model_comparison.md`` and PNGs in ``reports/`` (see :mod:`tasks.reports`).
+Outputs (each written atomically): flat ``metrics/evaluate.json`` (DVC metrics: model-quality figures only),
+``plots/confusion.csv`` (``actual,predicted`` rows for ``dvc plots``), ``reports/evaluation.json`` (the full nested
+results), ``reports/model_comparison.md`` (with which weights fine-tuning kept and why), PNGs in ``reports/`` (see
+:mod:`tasks.reports`; the predictions grid is class-balanced, :class:`Preview`) and ``layout.run_record("evaluate")``
+(seconds, images/s, the files written). Progress: ``Step("evaluate", images done, total)``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ import numpy as np
 from tasks.atomic import write_text_atomic
 from tasks.config import Params
 from tasks.layout import Layout
+from tasks.progress import Reporter, Step, report
 
 EPSILON = 1e-7  # the clip Keras applies to probabilities in cross-entropy
 
@@ -168,24 +171,69 @@ PREDICTIONS_PNG = "predictions.png"
 MODEL_LABELS = {"candidate": "fine-tuned (candidate)", "top_only": "top-only"}
 
 
+@dataclass(frozen=True)
+class Shown:
+    """One preview image: its position in the split, the model's input pixels, true and predicted class."""
+
+    position: int
+    image: np.ndarray
+    actual: int
+    predicted: int
+    confidence: float
+
+    @property
+    def wrong(self) -> bool:
+        return self.actual != self.predicted
+
+
 @dataclass
 class Preview:
-    """Up to ``limit`` mistakes and ``limit`` correct predictions, kept while streaming the test split."""
+    """The predictions grid, class-balanced: ``limit`` images dealt round-robin over the true classes (class
+    order), each class mixing mistakes and correct predictions where it has both. Deterministic.
+
+    Fed while the test split streams; after each offer only the images the grid would show now are kept (an image
+    left out never comes back as more arrive: a new image only takes slots away from the others, or lands in its
+    own class's queue before them), so memory stays at ``limit + 1`` images.
+    """
 
     limit: int
-    wrong: list[tuple[int, np.ndarray, int, int, float]]
-    right: list[tuple[int, np.ndarray, int, int, float]]
+    kept: dict[tuple[int, bool], list[Shown]] = field(default_factory=dict)
 
     def offer(self, position: int, image: np.ndarray, actual: int, predicted: int, confidence: float) -> None:
-        bucket = self.wrong if actual != predicted else self.right
-        if len(bucket) < self.limit:
-            bucket.append((position, np.clip(image, 0, 255).astype(np.uint8), actual, predicted, confidence))
+        if self.limit <= 0:
+            return
+        shown = Shown(position, np.clip(image, 0, 255).astype(np.uint8), actual, predicted, confidence)
+        self.kept.setdefault((actual, shown.wrong), []).append(shown)
+        dealt = {item.position for item in self._dealt()}
+        kept = {key: [item for item in bucket if item.position in dealt] for key, bucket in self.kept.items()}
+        self.kept = {key: bucket for key, bucket in kept.items() if bucket}
 
-    def chosen(self) -> list[tuple[int, np.ndarray, int, int, float]]:
-        """Mistakes first (up to half the grid, more if there are too few correct ones), in split order."""
-        n_wrong = min(len(self.wrong), max(self.limit // 2, self.limit - len(self.right)))
-        picked = self.wrong[:n_wrong] + self.right[: self.limit - n_wrong]
-        return sorted(picked, key=lambda item: item[0])
+    def classes(self) -> list[int]:
+        """The true classes that have a kept image, in class order."""
+        return sorted({actual for actual, _ in self.kept})
+
+    def _queue(self, actual: int) -> list[Shown]:
+        """One class's images in the order it is dealt them: mistakes and correct ones alternating (split order
+        within each kind), a mistake first for even class ids and a correct one first for odd (so a grid with one
+        slot per class mixes too); what one kind lacks the other fills."""
+        wrong, right = self.kept.get((actual, True), []), self.kept.get((actual, False), [])
+        first, second = (wrong, right) if actual % 2 == 0 else (right, wrong)
+        n = min(len(first), len(second))
+        return (
+            [item for pair in zip(first[:n], second[:n], strict=True) for item in pair]
+            + first[n:]
+            + second[n:]
+        )
+
+    def _dealt(self) -> list[Shown]:
+        """Up to ``limit`` images, one per class per round, in class order."""
+        queues = [self._queue(actual) for actual in self.classes()]
+        rounds = max((len(q) for q in queues), default=0)
+        return [q[r] for r in range(rounds) for q in queues if r < len(q)][: self.limit]
+
+    def chosen(self) -> list[Shown]:
+        """The grid's images, grouped by true class, in split order within a class."""
+        return sorted(self._dealt(), key=lambda item: (item.actual, item.position))
 
 
 @dataclass(frozen=True)
@@ -205,9 +253,14 @@ class EvaluateManifest:
 
 
 def predict_split(
-    models: dict[str, Any], dataset: Any, class_ids: np.ndarray, preview: Preview | None
+    models: dict[str, Any],
+    dataset: Any,
+    class_ids: np.ndarray,
+    preview: Preview | None,
+    seen: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every model's outputs over one pass of ``dataset`` (image batches); feeds ``preview`` with the first model's."""
+    """Every model's outputs over one pass of ``dataset`` (image batches); feeds ``preview`` with the first model's;
+    ``seen(n)`` after each batch of ``n`` images."""
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in models}
     position = 0
     first = next(iter(models))
@@ -222,7 +275,10 @@ def predict_split(
                 preview.offer(
                     position + i, images[i], int(class_ids[position + i]), pred, float(probs[i, pred])
                 )
-        position += int(np.asarray(batch).shape[0])
+        size = int(np.asarray(batch).shape[0])
+        position += size
+        if seen is not None:
+            seen(size)
     return {name: np.concatenate(chunks) if chunks else np.zeros((0, 1)) for name, chunks in outputs.items()}
 
 
@@ -242,21 +298,36 @@ class ModelInput:
         shape = model.input_shape
         return cls(model, (int(shape[1]), int(shape[2])), interpolation, crop_to_aspect_ratio)
 
+    @property
+    def input_key(self) -> tuple[tuple[int, int], str, bool]:
+        """How its images are made: models with the same key share one pass of the input pipeline."""
+        return self.image_size, self.interpolation, self.crop_to_aspect_ratio
+
+
+def input_passes(models: dict[str, ModelInput]) -> int:
+    """How many passes of the input pipeline :func:`evaluate_split` makes over a split."""
+    return len({entry.input_key for entry in models.values()})
+
 
 def evaluate_split(
-    models: dict[str, ModelInput], rows: Any, root: Path, batch_size: int, preview: Preview | None
+    models: dict[str, ModelInput],
+    rows: Any,
+    root: Path,
+    batch_size: int,
+    preview: Preview | None,
+    seen: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Every model's outputs on ``rows``, each fed images resized as in its training (size, interpolation, crop).
 
-    Models that agree on both share one pass of the input pipeline. ``preview`` gets the first model's inputs.
+    Models that agree on both share one pass of the input pipeline. ``preview`` gets the first model's inputs;
+    ``seen(n)`` is called after each batch of ``n`` images of each pass.
     """
     from tasks.pipeline import view_dataset
 
     ids = rows["class_id"].to_numpy()
     groups: dict[tuple[tuple[int, int], str, bool], dict[str, Any]] = {}
     for name, entry in models.items():
-        key = (entry.image_size, entry.interpolation, entry.crop_to_aspect_ratio)
-        groups.setdefault(key, {})[name] = entry.model
+        groups.setdefault(entry.input_key, {})[name] = entry.model
     first = next(iter(models))
     outputs: dict[str, np.ndarray] = {}
     for (size, interpolation, crop), group in groups.items():
@@ -268,7 +339,7 @@ def evaluate_split(
             interpolation=interpolation,
             crop_to_aspect_ratio=crop,
         )
-        outputs.update(predict_split(group, dataset, ids, preview if first in group else None))
+        outputs.update(predict_split(group, dataset, ids, preview if first in group else None, seen))
     return {name: outputs[name] for name in models}
 
 
@@ -293,8 +364,12 @@ def score_of(metrics: SplitMetrics, metric: str) -> float:
     return float(SCORE_METRICS[metric](metrics))
 
 
-def comparison_markdown(results: dict[str, dict[str, SplitMetrics]]) -> str:
-    """One table: the top-only model against the fine-tuned candidate, on test (and val)."""
+def comparison_markdown(
+    results: dict[str, dict[str, SplitMetrics]], decision: tuple[str, str] | None = None
+) -> str:
+    """One table: the top-only model against the fine-tuned candidate, on test (and val); then, when known
+    (``decision``: finetune's ``(kept, sentence)``, :func:`tasks.finetune.read_decision`), which weights the
+    candidate holds and why."""
     lines = [
         "# Top-only vs fine-tuned",
         "",
@@ -311,6 +386,10 @@ def comparison_markdown(results: dict[str, dict[str, SplitMetrics]]) -> str:
             f"| {MODEL_LABELS[name]} | {cell(test.accuracy)} | {cell(test.loss)} | {cell(test.macro_f1)} | "
             f"{cell(test.roc_auc)} | {cell(val.accuracy if val else None)} | {cell(val.loss if val else None)} |"
         )
+    if decision is not None:
+        kept, sentence = decision
+        same = " (the two rows are the same weights)" if kept == "top-only" else ""
+        lines += ["", f"**Candidate:** {sentence}{same}."]
     return "\n".join(lines) + "\n"
 
 
@@ -322,50 +401,39 @@ def write_confusion_csv(
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def run_evaluate(params: Params, layout: Layout) -> EvaluateManifest:
-    """Evaluate the candidate and the top-only model on test (and val); write metrics, plots data and reports."""
-    from tasks.finetune import data_root, load_top_model, split_rows
-    from tasks.heads import load_bundle
-    from tasks.index import read_classes, read_index
-    from tasks.reports import plot_confusion, plot_prediction_grid, plot_training_curves, read_history_csv
-    from tasks.train_top import TOP_HISTORY_FILE, read_head_info
+def _load_models(params: Params, layout: Layout, names: tuple[str, ...]) -> tuple[dict[str, ModelInput], str]:
+    """The candidate (first: the prediction grid shows its inputs) and the top-only model, each with how its
+    inputs are made; and the candidate's recorded sha256 (to match finetune's run record)."""
+    from tasks.finetune import load_top_model
+    from tasks.heads import load_bundle, read_bundle_model_sha256
 
-    start = time.perf_counter()
-    cfg = params.evaluate
-    classes = read_classes(layout)
-    names = tuple(classes.names)
     candidate = load_bundle(layout.candidate_model)
     if candidate.names != names:
         raise ValueError(
             f"the candidate model's classes {list(candidate.names)!r} differ from the index's {list(names)!r}"
         )
     top_only, _, _ = load_top_model(params, layout)
-    models = {  # the candidate first: the prediction grid shows its inputs
+    models = {
         "candidate": ModelInput.of(candidate.model, candidate.interpolation, candidate.crop_to_aspect_ratio),
         "top_only": ModelInput.of(top_only, params.image.interpolation, params.image.crop_to_aspect_ratio),
     }
-    index = read_index(layout)
-    root = data_root(params)
-    preview = Preview(cfg.preview_images, [], [])
-    results: dict[str, dict[str, SplitMetrics]] = {name: {} for name in models}
-    test_predictions = np.zeros((0, len(names)))
-    counts: dict[str, int] = {}
-    for split in ("test", "val"):
-        rows = split_rows(index, split)
-        counts[split] = len(rows)
-        if len(rows) == 0:
-            if split == "test":
-                raise ValueError("evaluate needs test images, got 0 rows in the test split of the index")
-            continue
-        ids = rows["class_id"].to_numpy()
-        outputs = evaluate_split(models, rows, root, cfg.batch_size, preview if split == "test" else None)
-        for name, out in outputs.items():
-            results[name][split] = compute_metrics(out, ids, names)
-        if split == "test":
-            test_predictions = probability_matrix(outputs["candidate"], len(names))
-            test_ids = ids
+    return models, read_bundle_model_sha256(layout.candidate_model)
 
-    flat: dict[str, Any] = {"metric": cfg.metric}
+
+def _image_counter(progress: Reporter | None, total: int) -> Callable[[int], None]:
+    """A ``seen(n)`` callback adding up images and reporting ``Step("evaluate", done, total)``."""
+    done = [0]
+
+    def seen(n: int) -> None:
+        done[0] += n
+        report(progress, Step("evaluate", done[0], total, "img", final=done[0] >= total))
+
+    return seen
+
+
+def flat_metrics(results: dict[str, dict[str, SplitMetrics]], metric: str) -> dict[str, Any]:
+    """``metrics/evaluate.json``: the candidate's split figures, the top-only model's (``top_only_*``), the score."""
+    flat: dict[str, Any] = {"metric": metric}
     for split, metrics in results["candidate"].items():
         flat.update(metrics.flat(split))
     for split, metrics in results["top_only"].items():
@@ -373,21 +441,21 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluateManifest:
             value = value_of(metrics)
             if value is not None:
                 flat[f"top_only_{split}_{key}"] = value
-    score = score_of(results["candidate"]["test"], cfg.metric)
-    flat["score"] = score
-    write_text_atomic(layout.metrics_dir / EVALUATE_METRICS_FILE, json.dumps(flat, indent=2) + "\n")
-    write_confusion_csv(layout.plots_dir / CONFUSION_FILE, test_ids, test_predictions.argmax(axis=1), names)
+    flat["score"] = score_of(results["candidate"]["test"], metric)
+    return flat
+
+
+def _write_pngs(
+    layout: Layout, results: dict[str, dict[str, SplitMetrics]], names: tuple[str, ...], preview: Preview
+) -> list[Path]:
+    """Training curves, the test confusion matrix and the (class-balanced) predictions grid."""
+    from tasks.finetune import FINETUNE_HISTORY_FILE
+    from tasks.reports import plot_confusion, plot_prediction_grid, plot_training_curves, read_history_csv
+    from tasks.train_top import TOP_HISTORY_FILE, read_head_info
 
     reports = layout.reports_dir
-    reports.mkdir(parents=True, exist_ok=True)
-    details = {name: {split: asdict(m) for split, m in splits.items()} for name, splits in results.items()}
-    write_text_atomic(
-        reports / DETAILS_FILE, json.dumps({"classes": list(names), **details}, indent=2) + "\n"
-    )
-    write_text_atomic(reports / COMPARISON_FILE, comparison_markdown(results))
-    from tasks.finetune import FINETUNE_HISTORY_FILE
-
-    written = [
+    chosen = preview.chosen()  # written even when empty (evaluate.preview_images: 0): it is a DVC output
+    return [
         plot_training_curves(
             read_history_csv(layout.plots_dir / TOP_HISTORY_FILE),
             read_head_info(layout)["spec"]["name"],
@@ -397,29 +465,91 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluateManifest:
         plot_confusion(
             results["candidate"]["test"].confusion, names, reports / CONFUSION_PNG, "Test confusion matrix"
         ),
-    ]
-    chosen = preview.chosen()  # written even when empty (evaluate.preview_images: 0): it is a DVC output
-    written.append(
         plot_prediction_grid(
-            [c[1] for c in chosen],
-            [names[c[2]] for c in chosen],
-            [names[c[3]] for c in chosen],
-            [c[4] for c in chosen],
+            [c.image for c in chosen],
+            [names[c.actual] for c in chosen],
+            [names[c.predicted] for c in chosen],
+            [c.confidence for c in chosen],
             reports / PREDICTIONS_PNG,
             "" if chosen else "no preview images (evaluate.preview_images: 0)",
+        ),
+    ]
+
+
+def run_evaluate(params: Params, layout: Layout, *, progress: Reporter | None = None) -> EvaluateManifest:
+    """Evaluate the candidate and the top-only model on test (and val); write metrics, plots data and reports.
+
+    ``progress`` gets ``Step("evaluate", images done, total)`` (each pass of the input pipeline counts)."""
+    from tasks.finetune import data_root, read_decision, split_rows
+    from tasks.index import read_classes, read_index
+    from tasks.reports import write_run_record
+
+    start = time.perf_counter()
+    cfg = params.evaluate
+    names = tuple(read_classes(layout).names)
+    models, model_sha256 = _load_models(params, layout, names)
+    index = read_index(layout)
+    root = data_root(params)
+    splits = {split: split_rows(index, split) for split in ("test", "val")}
+    if len(splits["test"]) == 0:
+        raise ValueError("evaluate needs test images, got 0 rows in the test split of the index")
+    total = sum(len(rows) for rows in splits.values()) * input_passes(models)
+    seen = _image_counter(progress, total)
+    preview = Preview(cfg.preview_images)
+    results: dict[str, dict[str, SplitMetrics]] = {name: {} for name in models}
+    test_candidate = np.zeros((0, len(names)))
+    for split, rows in splits.items():
+        if len(rows) == 0:
+            continue
+        ids = rows["class_id"].to_numpy()
+        outputs = evaluate_split(
+            models, rows, root, cfg.batch_size, preview if split == "test" else None, seen
         )
+        for name, out in outputs.items():
+            results[name][split] = compute_metrics(out, ids, names)
+        if split == "test":
+            test_candidate = probability_matrix(outputs["candidate"], len(names))
+
+    flat = flat_metrics(results, cfg.metric)
+    write_text_atomic(layout.metrics_dir / EVALUATE_METRICS_FILE, json.dumps(flat, indent=2) + "\n")
+    test_ids = splits["test"]["class_id"].to_numpy()
+    write_confusion_csv(layout.plots_dir / CONFUSION_FILE, test_ids, test_candidate.argmax(axis=1), names)
+
+    reports = layout.reports_dir
+    reports.mkdir(parents=True, exist_ok=True)
+    details = {
+        name: {split: asdict(m) for split, m in by_split.items()} for name, by_split in results.items()
+    }
+    write_text_atomic(
+        reports / DETAILS_FILE, json.dumps({"classes": list(names), **details}, indent=2) + "\n"
     )
+    decision = read_decision(layout, model_sha256)
+    write_text_atomic(reports / COMPARISON_FILE, comparison_markdown(results, decision))
+    written = [*_write_pngs(layout, results, names, preview), reports / COMPARISON_FILE]
+    seconds = time.perf_counter() - start
     test = results["candidate"]["test"]
     val = results["candidate"].get("val")
-    return EvaluateManifest(
+    manifest = EvaluateManifest(
         metric=cfg.metric,
-        score=score,
+        score=flat["score"],
         test_accuracy=test.accuracy,
         test_macro_f1=test.macro_f1,
         top_only_test_accuracy=results["top_only"]["test"].accuracy,
         val_accuracy=val.accuracy if val else None,
-        test_images=counts["test"],
-        val_images=counts.get("val", 0),
-        reports=[p.as_posix() for p in written] + [(reports / COMPARISON_FILE).as_posix()],
-        seconds=round(time.perf_counter() - start, 3),
+        test_images=len(splits["test"]),
+        val_images=len(splits["val"]),
+        reports=[p.as_posix() for p in written],
+        seconds=round(seconds, 3),
     )
+    write_run_record(
+        layout.run_record("evaluate"),
+        {
+            "seconds": manifest.seconds,
+            "images_evaluated": total,
+            "images_per_second": round(total / seconds, 2) if seconds > 0 else None,
+            "model_file": layout.candidate_model.as_posix(),
+            "model_sha256": model_sha256,
+            "reports": manifest.reports,
+        },
+    )
+    return manifest

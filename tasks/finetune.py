@@ -18,8 +18,10 @@ plus this module's early-stopping state (best val loss, its weights, patience co
 ``layout.finetune_checkpoints`` and are removed on success. ``finetune.epochs: 0`` skips training: the top-only
 model (same full-model form) is the result.
 
-Outputs: ``layout.candidate_model`` + ``classes.json`` beside it, ``metrics/finetune.json``,
-``plots/finetune_history.csv``.
+Outputs: ``layout.candidate_model`` + ``classes.json`` beside it, ``metrics/finetune.json`` (model-quality figures
+only, :data:`FINETUNE_METRIC_KEYS`), ``plots/finetune_history.csv`` and ``layout.run_record("finetune")`` (seconds,
+resume, trainable layers, and :func:`weights_decision`'s sentence saying which weights were kept and why).
+Progress: one :class:`tasks.progress.Step` per epoch (``tasks.progress.keras_epochs``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import numpy as np
 from tasks.atomic import write_text_atomic
 from tasks.config import FinetuneConfig, Params
 from tasks.layout import Layout
+from tasks.progress import Reporter, keras_epochs
 
 FINETUNE_METRICS_FILE = "finetune.json"
 FINETUNE_HISTORY_FILE = "finetune_history.csv"
@@ -57,11 +60,32 @@ class FinetuneManifest:
     resumed_from_epoch: int  # 0 for a fresh run
     top_only_val_loss: float | None
     top_only_val_accuracy: float | None
-    val_loss: float | None
+    val_loss: float | None  # of the weights kept
     val_accuracy: float | None
+    best_tried_epoch: (
+        int | None
+    )  # the fine-tuning epoch with the lowest val loss, kept or not (None: none ran)
+    best_tried_val_loss: float | None
+    kept: str  # "top-only" or "fine-tuned"
+    decision: str  # which weights were kept and why, with the figures (:func:`weights_decision`)
     trainable_layers: list[str]
     trainable_params: int
     seconds: float
+
+
+# the manifest fields metrics/finetune.json keeps (what judges the model; the rest goes to the run record)
+FINETUNE_METRIC_KEYS = (
+    "skipped",
+    "epochs_run",
+    "best_epoch",
+    "top_only_val_loss",
+    "top_only_val_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "best_tried_epoch",
+    "best_tried_val_loss",
+    "trainable_params",
+)
 
 
 # ------------------------------------------------------------------------------------------ model building
@@ -239,6 +263,58 @@ def write_history_csv(path: Path, rows: list[dict[str, str]]) -> None:
             writer.writerow([r.get(c, "") for c in HISTORY_COLUMNS])
 
 
+def best_tried(history: list[dict[str, str]]) -> tuple[int, float] | None:
+    """``(epoch, val loss)`` of the fine-tuning epoch with the lowest val loss (the first on ties), None without
+    epoch rows."""
+    tried = [(int(r["epoch"]), float(r["val_loss"])) for r in history if r.get("val_loss") not in (None, "")]
+    return min(tried, key=lambda item: (item[1], item[0])) if tried else None
+
+
+def _percent(fraction: float) -> str:
+    return f"{fraction * 100:.3g}%"
+
+
+def weights_decision(
+    *,
+    skipped: bool,
+    best_epoch: int,
+    top_only_val_loss: float | None,
+    val_loss: float | None,
+    tried: tuple[int, float] | None,
+    min_improvement: float,
+) -> str:
+    """One sentence: which weights the candidate holds (top-only or a fine-tuning epoch's) and why, with the
+    val losses that decided it (:func:`improves`' rule)."""
+    if skipped:
+        return "kept the top-only weights: fine-tuning was skipped (finetune.epochs 0)"
+    by = f" by {_percent(min_improvement)}" if min_improvement > 0 else ""
+    if best_epoch == 0:
+        best = f" (best epoch {tried[0]}: {tried[1]:.4f})" if tried else ""
+        return f"kept the top-only weights: no fine-tuning epoch lowered val loss {top_only_val_loss:.4f}{by}{best}"
+    drop = 1.0 - val_loss / top_only_val_loss if top_only_val_loss else 0.0
+    margin = (
+        f", more than finetune.min_improvement {_percent(min_improvement)}" if min_improvement > 0 else ""
+    )
+    return (
+        f"kept the fine-tuned weights of epoch {best_epoch}: val loss {top_only_val_loss:.4f} -> {val_loss:.4f} "
+        f"({_percent(drop)} lower{margin})"
+    )
+
+
+def read_decision(layout: Layout, model_sha256: str | None) -> tuple[str, str] | None:
+    """``(kept, sentence)`` of the last finetune run (its run record: "top-only" or "fine-tuned", and
+    :func:`weights_decision`'s sentence) when that run wrote the model whose sha256 is ``model_sha256``; None
+    when there is no record or it describes another model."""
+    try:
+        record = json.loads(layout.run_record("finetune").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or model_sha256 is None or record.get("model_sha256") != model_sha256:
+        return None
+    kept, decision = record.get("kept"), record.get("decision")
+    return (kept, decision) if isinstance(kept, str) and isinstance(decision, str) else None
+
+
 # ------------------------------------------------------------------------------------------------ datasets
 def data_root(params: Params) -> Path:
     """The image folder the index paths are relative to (the index and features stages' rule)."""
@@ -360,13 +436,16 @@ def finetune_model(
     work_dir: Path,
     seed: int,
     fingerprint: str = "",
+    *,
+    progress: Reporter | None = None,
 ) -> dict[str, Any]:
     """Unfreeze, compile and fit ``model`` in place (resuming from ``work_dir`` if a killed run left state there).
 
     ``train(first_epoch)`` builds ``(repeating dataset, steps per epoch)`` starting at that epoch (a resumed fit
     continues the shuffle and augmentation sequence where the killed one stopped), ``val`` is a finite labelled
     dataset. Returns a summary;
-    the model ends with the best weights (possibly the starting ones, "epoch 0").
+    the model ends with the best weights (possibly the starting ones, "epoch 0"). ``progress`` gets one
+    ``Step("finetune", epoch, cfg.epochs, "epoch")`` per finished epoch.
     """
     import keras
 
@@ -389,7 +468,8 @@ def finetune_model(
         _load_weights(model, state_dir / "best.npz")
         epochs_ran: list[int] = []
     else:
-        dataset, steps = train(resume_epoch(backup_dir) if resumed else 0)
+        first_epoch = resume_epoch(backup_dir) if resumed else 0
+        dataset, steps = train(first_epoch)
         history = model.fit(
             dataset,
             steps_per_epoch=steps,
@@ -400,6 +480,7 @@ def finetune_model(
                 keras.callbacks.CSVLogger(str(log_file), append=True),
                 resumable_early_stopping(state_dir, cfg.patience, cfg.min_improvement),
                 keras.callbacks.BackupAndRestore(str(backup_dir)),
+                keras_epochs(progress, "finetune", cfg.epochs, first_epoch),
             ],
             verbose=0,
         )
@@ -417,8 +498,10 @@ def finetune_model(
     }
 
 
-def run_finetune(params: Params, layout: Layout) -> FinetuneManifest:
-    """Build the full model from the trained head, fine-tune it (unless ``finetune.epochs`` is 0) and save it."""
+def run_finetune(params: Params, layout: Layout, *, progress: Reporter | None = None) -> FinetuneManifest:
+    """Build the full model from the trained head, fine-tune it (unless ``finetune.epochs`` is 0) and save it.
+
+    ``progress`` gets one :class:`tasks.progress.Step` per epoch (task "finetune", unit "epoch")."""
     from tasks.heads import save_bundle
     from tasks.index import read_classes, read_index
 
@@ -488,6 +571,7 @@ def run_finetune(params: Params, layout: Layout) -> FinetuneManifest:
             work_dir,
             params.seed,
             run_fingerprint(params, layout),
+            progress=progress,
         )
         history = summary["history"]
     save_bundle(
@@ -499,24 +583,65 @@ def run_finetune(params: Params, layout: Layout) -> FinetuneManifest:
         params.image.crop_to_aspect_ratio,
     )
     shutil.rmtree(work_dir, ignore_errors=True)
+    manifest = _manifest(layout, cfg, summary, history, time.perf_counter() - start)
+    _write_outputs(layout, manifest, history, cfg)
+    return manifest
+
+
+def _manifest(
+    layout: Layout,
+    cfg: FinetuneConfig,
+    summary: dict[str, Any],
+    history: list[dict[str, str]],
+    seconds: float,
+) -> FinetuneManifest:
     state = summary["state"]
-    manifest = FinetuneManifest(
+    tried = best_tried(history)
+    best_epoch = int(state["best_epoch"])
+    decision = weights_decision(
+        skipped=cfg.epochs == 0,
+        best_epoch=best_epoch,
+        top_only_val_loss=state.get("top_only_val_loss"),
+        val_loss=state.get("best_val_loss"),
+        tried=tried,
+        min_improvement=cfg.min_improvement,
+    )
+    return FinetuneManifest(
         model_file=layout.candidate_model.as_posix(),
         skipped=cfg.epochs == 0,
         epochs_run=int(state["epochs_done"]),
-        best_epoch=int(state["best_epoch"]),
+        best_epoch=best_epoch,
         resumed_from_epoch=int(summary["resumed_from_epoch"]),
         top_only_val_loss=state.get("top_only_val_loss"),
         top_only_val_accuracy=state.get("top_only_val_accuracy"),
         val_loss=state.get("best_val_loss"),
         val_accuracy=state.get("best_val_accuracy"),
+        best_tried_epoch=tried[0] if tried else None,
+        best_tried_val_loss=tried[1] if tried else None,
+        kept="top-only" if best_epoch == 0 else "fine-tuned",
+        decision=decision,
         trainable_layers=list(summary["trainable_layers"]),
         trainable_params=int(summary["trainable_params"]),
-        seconds=round(time.perf_counter() - start, 3),
+        seconds=round(seconds, 3),
     )
-    layout.metrics_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {k: v for k, v in asdict(manifest).items() if k not in ("trainable_layers", "model_file")}
+
+
+def _write_outputs(
+    layout: Layout, manifest: FinetuneManifest, history: list[dict[str, str]], cfg: FinetuneConfig
+) -> None:
+    """metrics/finetune.json (model-quality figures), the history CSV and the run record (the rest, with the
+    saved model's sha256 so evaluate can tell the record describes the model it reads)."""
+    from tasks.heads import read_bundle_model_sha256
+    from tasks.reports import write_run_record
+
+    fields = asdict(manifest)
+    metrics = {key: fields[key] for key in FINETUNE_METRIC_KEYS}
     metrics["trainable_layers"] = len(manifest.trainable_layers)
+    layout.metrics_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(layout.metrics_dir / FINETUNE_METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     write_history_csv(layout.plots_dir / FINETUNE_HISTORY_FILE, history)
-    return manifest
+    record = {key: value for key, value in fields.items() if key not in FINETUNE_METRIC_KEYS}
+    record.update(
+        min_improvement=cfg.min_improvement, model_sha256=read_bundle_model_sha256(layout.candidate_model)
+    )
+    write_run_record(layout.run_record("finetune"), record)

@@ -338,6 +338,14 @@ def read_bundle_interpolation(path: Path) -> str:
     return _interpolation_of(*_read_classes_file(path))
 
 
+def read_bundle_model_sha256(path: Path) -> str | None:
+    """The sha256 of the ``.keras`` file that the ``classes.json`` beside ``path`` records (None for bundles saved
+    before it was recorded)."""
+    _, raw = _read_classes_file(path)
+    value = raw.get("model_sha256") if isinstance(raw, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def read_bundle_classes(path: Path) -> tuple[tuple[str, ...], str]:
     """``(names, class_mode)`` from the ``classes.json`` beside the model file ``path``."""
     return _classes_of(*_read_classes_file(path))

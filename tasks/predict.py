@@ -4,7 +4,7 @@ The model is one ``.keras`` file with ``classes.json`` beside it, loaded with Ke
 (recursively, hidden files skipped) are checked with the index stage's checks (:func:`tasks.images.inspect_image`)
 and fed in batches through the same input pipeline as evaluation (:func:`tasks.pipeline.view_dataset`, the one
 decoder :func:`tasks.images.decode_rgb`); a file that cannot be read or decoded gets a row with an ``error``
-instead of stopping the run.
+instead of stopping the run. Progress: ``Step("predict", files done, total)`` after each batch.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from tasks.config import DataConfig
+from tasks.progress import Reporter, counter
 
 # the same decompression-bomb guard as the index stage: data.max_pixels' default (one place: tasks/config.py)
 DEFAULT_MAX_PIXELS: int = DataConfig.model_fields["max_pixels"].default
@@ -156,13 +157,17 @@ def predict_files(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     interpolation: str = "bilinear",
     crop_to_aspect_ratio: bool = False,
+    progress: Reporter | None = None,
 ) -> list[Prediction]:
     """One :class:`Prediction` per file, in order; unreadable or undecodable files get an ``error``.
-    ``interpolation`` and ``crop_to_aspect_ratio``: the resize the model was trained with (its bundle's)."""
+    ``interpolation`` and ``crop_to_aspect_ratio``: the resize the model was trained with (its bundle's).
+    ``progress`` gets ``Step("predict", done, total)``: files that failed their check count as done at once,
+    the others after their batch."""
     resize = {"interpolation": interpolation, "crop_to_aspect_ratio": crop_to_aspect_ratio}
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     files = list(files)
+    advance = counter(progress, "predict", len(files))
     image_size = (int(model.input_shape[1]), int(model.input_shape[2]))
     results: dict[int, Prediction] = {}
     good: list[tuple[int, _Checked]] = []
@@ -185,10 +190,15 @@ def predict_files(
                     results[item[0]] = Prediction(path=str(files[item[0]]), error=_short_error(err))
         for (i, _), output in pairs:
             results[i] = _to_prediction(files[i], output, names)
+        advance(len(files) - len(good) + start + len(chunk))
+    if not good:
+        advance(len(files))
     return [results[i] for i in range(len(files))]
 
 
-def predict_paths(model_file: Path, paths: Sequence[str | Path], *, batch_size: int = 32) -> list[Prediction]:
+def predict_paths(
+    model_file: Path, paths: Sequence[str | Path], *, batch_size: int = 32, progress: Reporter | None = None
+) -> list[Prediction]:
     """Load ``model_file`` (safe mode, classes beside it) and predict every file under ``paths``."""
     from tasks.heads import load_bundle
 
@@ -200,6 +210,7 @@ def predict_paths(model_file: Path, paths: Sequence[str | Path], *, batch_size: 
         batch_size=batch_size,
         interpolation=bundle.interpolation,
         crop_to_aspect_ratio=bundle.crop_to_aspect_ratio,
+        progress=progress,
     )
 
 

@@ -1,4 +1,5 @@
-"""PNG reports a person would rather look at: training curves, confusion matrix, a grid of predictions.
+"""PNG reports a person would rather look at: training curves, confusion matrix, a grid of predictions; and the
+per-run records (``reports/runs/<stage>.json``: timings and details kept out of ``metrics/``).
 
 Drawn with matplotlib's object API (``matplotlib.figure.Figure``, rendered by Agg): no pyplot, no global figure
 state, no display needed. matplotlib is imported inside the functions.
@@ -7,10 +8,20 @@ state, no display needed. matplotlib is imported inside the functions.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from tasks.atomic import write_text_atomic
+
+
+def write_run_record(path: Path, record: Mapping[str, Any]) -> Path:
+    """Write a stage's run record (``layout.run_record(stage)``) atomically as indented JSON."""
+    write_text_atomic(path, json.dumps(dict(record), indent=2, default=str) + "\n")
+    return path
 
 
 def read_history_csv(path: Path) -> list[dict[str, str]]:

@@ -177,8 +177,9 @@ def test_each_model_is_fed_at_its_own_size_with_its_own_interpolation(test_rows,
         "candidate": ModelInput.of(candidate, "nearest", True),  # as its bundle records
         "top_only": ModelInput.of(top_only, "bilinear", False),  # as its features were computed
     }
-    preview = Preview(10, [], [])
-    out = evaluate_split(models, rows, root, 2, preview)
+    preview = Preview(10)
+    seen: list[int] = []
+    out = evaluate_split(models, rows, root, 2, preview, seen.append)
     assert list(out) == ["candidate", "top_only"] and all(v.shape == (5, 1) for v in out.values())
 
     def pixels(size, interpolation, crop=False):
@@ -196,8 +197,9 @@ def test_each_model_is_fed_at_its_own_size_with_its_own_interpolation(test_rows,
     np.testing.assert_array_equal(np.concatenate(top_only.batches), pixels(48, "bilinear"))
     assert not np.array_equal(pixels(32, "nearest"), pixels(32, "bilinear"))  # the interpolation matters
     assert not np.array_equal(pixels(32, "nearest", crop=True), pixels(32, "nearest"))  # and the crop
-    shown = [item[1] for item in preview.right + preview.wrong]
+    shown = [item.image for item in preview.chosen()]
     assert len(shown) == 5 and all(image.shape == (32, 32, 3) for image in shown)  # the candidate's inputs
+    assert seen == [2, 2, 1, 2, 2, 1]  # each batch of each of the two input pipeline passes
 
     # models that agree on size and interpolation share one pass of the input pipeline
     calls = []
@@ -214,3 +216,82 @@ def test_each_model_is_fed_at_its_own_size_with_its_own_interpolation(test_rows,
     }
     evaluate_split(same, rows, root, 2, None)
     assert calls == [((32, 32), "nearest")]
+
+
+def _offer_split(preview: Preview, truth: list[int], mistakes: set[int]) -> None:
+    """Offer a test split: image ``i`` has true class ``truth[i]``, predicted wrong when ``i`` is in ``mistakes``."""
+    for i, actual in enumerate(truth):
+        predicted = 1 - actual if i in mistakes else actual
+        preview.offer(i, np.full((4, 4, 3), i, np.uint8), actual, predicted, 0.9)
+
+
+def test_prediction_grid_is_class_balanced_and_mixes_right_and_wrong():
+    """cats_vs_dogs: cats first in split order, one mistake on a dog; the old grid showed that mistake and six
+    correct cats, and no correctly classified dog."""
+    truth = [0] * 20 + [1] * 20
+    preview = Preview(6)
+    _offer_split(preview, truth, mistakes={3, 5, 21})
+    chosen = preview.chosen()
+    assert [c.actual for c in chosen] == [0, 0, 0, 1, 1, 1]  # round-robin: three of each class
+    dogs = [c for c in chosen if c.actual == 1]
+    assert any(c.wrong for c in dogs) and any(not c.wrong for c in dogs)  # a correct dog and the wrong one
+    cats = [c for c in chosen if c.actual == 0]
+    assert any(c.wrong for c in cats) and any(not c.wrong for c in cats)
+    assert [c.position for c in chosen] == [0, 3, 5, 20, 21, 22]  # grouped by class, split order within
+    again = Preview(6)
+    _offer_split(again, truth, mistakes={3, 5, 21})
+    assert [c.position for c in again.chosen()] == [c.position for c in chosen]  # deterministic
+
+
+def test_prediction_grid_fills_from_other_classes_and_keeps_few_images():
+    three = Preview(8)
+    _offer_split(three, [0] * 10 + [1] * 10 + [2] * 1, mistakes=set())
+    chosen = three.chosen()
+    assert len(chosen) == 8 and [c.actual for c in chosen].count(2) == 1  # class 2 has one image: others fill
+    assert (
+        sum(len(bucket) for bucket in three.kept.values()) <= 2 * 8
+    )  # memory bounded by the grid, not the split
+    many = Preview(4)  # more classes than slots: the first four classes, one image each, kinds mixed
+    _offer_split(many, [c for c in range(50) for _ in range(3)], mistakes={0, 4, 7, 10})
+    picked = many.chosen()
+    assert [c.actual for c in picked] == [0, 1, 2, 3] and len(many.classes()) <= 4
+    assert {c.wrong for c in picked} == {True, False}
+    assert Preview(0).chosen() == []
+
+
+def test_comparison_says_which_weights_were_kept():
+    from tasks.evaluate import comparison_markdown
+
+    m = compute_metrics(np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 1]), ("a", "b"))
+    results = {"candidate": {"test": m, "val": m}, "top_only": {"test": m, "val": m}}
+    sentence = (
+        "kept the top-only weights: no fine-tuning epoch lowered val loss 0.0327 by 5% (best epoch 2: 0.0315)"
+    )
+    text = comparison_markdown(results, ("top-only", sentence))
+    assert f"**Candidate:** {sentence} (the two rows are the same weights)." in text
+    tuned = comparison_markdown(results, ("fine-tuned", "kept the fine-tuned weights of epoch 1: ..."))
+    assert "kept the fine-tuned weights of epoch 1" in tuned and "same weights" not in tuned
+    assert "Candidate" not in comparison_markdown(
+        results
+    )  # unknown (no matching finetune record): nothing said
+
+
+def test_streaming_preview_picks_what_the_whole_split_would_give():
+    """Pruning while streaming keeps exactly what dealing from every image of the split at once would pick."""
+    from tasks.evaluate import Shown
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n, classes, limit = int(rng.integers(1, 60)), int(rng.integers(2, 6)), int(rng.integers(1, 13))
+        truth = rng.integers(0, classes, n).tolist()
+        mistakes = set(np.flatnonzero(rng.random(n) < 0.3).tolist())
+        streamed = Preview(limit)
+        _offer_split(streamed, truth, mistakes)
+        everything: dict[tuple[int, bool], list[Shown]] = {}
+        for i, actual in enumerate(truth):
+            predicted = 1 - actual if i in mistakes else actual
+            shown = Shown(i, np.zeros((1, 1, 3), np.uint8), actual, predicted, 0.9)
+            everything.setdefault((actual, shown.wrong), []).append(shown)
+        whole = Preview(limit, everything).chosen()
+        assert [c.position for c in streamed.chosen()] == [c.position for c in whole], trial
+        assert len(whole) == min(limit, n)

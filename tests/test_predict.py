@@ -206,3 +206,90 @@ def test_predict_uses_the_index_stages_pixel_limit():
     from tasks.predict import DEFAULT_MAX_PIXELS
 
     assert DEFAULT_MAX_PIXELS == params_from_dict({}).data.max_pixels
+
+
+def test_cli_predict_exits_1_when_no_file_could_be_predicted(bundle_path, folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "preds.csv"
+    args = ["predict", str(folder / "broken.png"), str(folder / "notes.txt"), "--model", str(bundle_path)]
+    failed = runner.invoke(app, [*args, "-o", str(out)])
+    assert failed.exit_code == 1, failed.output
+    reason = [line for line in failed.output.splitlines() if line.startswith("error:")]
+    assert (
+        len(reason) == 1
+        and "none of the 2 files could be predicted" in reason[0]
+        and "broken.png" in reason[0]
+    )
+    assert len(out.read_text().splitlines()) == 3  # the error rows are still written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = runner.invoke(app, ["predict", str(empty), "--model", str(bundle_path)])
+    assert nothing.exit_code == 1 and f"no files found in {empty}" in nothing.output
+
+
+def test_cli_predict_partial_failures_exit_0_and_say_how_many_failed(bundle_path, folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    out = tmp_path / "preds.json"
+    result = CliRunner().invoke(
+        app, ["predict", str(folder), "--model", str(bundle_path), "-f", "json", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last == f"predicted 4 of 6 files; 2 failed (see the error column); wrote json to {out}"
+
+
+def test_predict_and_export_in_an_empty_workspace_say_no_model_was_found(tmp_path, folder):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    for args in (["predict", str(folder)], ["export"]):
+        result = runner.invoke(app, [*args, "-w", str(tmp_path)], env={"COLUMNS": "300"})
+        assert result.exit_code == 1, result.output
+        text = " ".join(result.output.split())
+        assert (
+            f"error: no model found: expected {tmp_path}/models/champion/model.keras or "
+            f"{tmp_path}/models/candidate/model.keras; run `retrainflow run` (or `make demo`) first, or pass --model"
+        ) in text, result.output
+        assert "classes" not in text
+    missing = runner.invoke(app, ["predict", str(folder), "--model", str(tmp_path / "nope.keras")])
+    assert missing.exit_code == 1 and f"model file not found: {tmp_path / 'nope.keras'}" in missing.output
+
+
+def test_predict_reports_files_done_after_each_batch(tiny_model, folder):
+    from tasks.predict import expand_paths, predict_files
+    from tasks.progress import Step
+
+    model, _ = tiny_model
+    steps: list[Step] = []
+    files = expand_paths([folder])  # 6 files, 2 of them fail their check
+    preds = predict_files(model, NAMES, files, batch_size=3, progress=steps.append)
+    assert sum(p.error is None for p in preds) == 4
+    assert [(s.task, s.done, s.total, s.final) for s in steps] == [
+        ("predict", 5, 6, False),
+        ("predict", 6, 6, True),
+    ]
+
+
+def test_cli_export_ends_with_what_it_wrote(bundle_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    target = tmp_path / "served"
+    result = CliRunner().invoke(
+        app, ["export", "--model", str(bundle_path), "-o", str(target)], env={"COLUMNS": "300"}
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        result.output.strip().splitlines()[-1]
+        == f"exported {bundle_path} to {target} (SavedModel + classes.json)"
+    )
