@@ -4,14 +4,14 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 SHARED ?= ../shared
+# `retrainflow` sets its own quiet, offline defaults (flows/cli_defaults.py: TF log level, no analytics, the
+# .keras_home weights cache); make only exports what its own direct `dvc` calls need.
 export DVC_NO_ANALYTICS := 1
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export TF_CPP_MIN_LOG_LEVEL := 2
 # Offline ImageNet weights: a local Keras cache filled from ../shared/weights when that folder exists.
 KERAS_HOME ?= $(CURDIR)/.keras_home
 export KERAS_HOME
 
-.PHONY: setup demo demo-data test lint format bench keras-home clean
+.PHONY: setup demo demo-data test lint format bench keras-home clean repro
 
 setup: $(VENV)/.installed keras-home
 
@@ -33,13 +33,14 @@ DEMO_DATA ?= $(SHARED)/datasets/cats_vs_dogs
 # exactly, and then DVC records the run (`dvc status` clean); runs with overrides are never committed to DVC.
 DEMO_SET ?= --set augment.passes=1 --set top.epochs=15 --set finetune.epochs=1
 
-# The whole pipeline on the demo data as the Prefect `retrain` flow, then where everything is.
+# The whole pipeline on the demo data as the Prefect `retrain` flow, then where everything is. The run reports to
+# a local Prefect server (a running `make dashboard`, else one started for the run and stopped after it).
 demo: export PATH := $(abspath $(BIN)):$(PATH)
 demo: setup demo-data
 	@[ -d .dvc ] || { $(BIN)/dvc init -q && $(BIN)/dvc config core.analytics false \
 	  && $(BIN)/dvc config core.check_update false && echo "initialised DVC (.dvc/)"; }
 	$(BIN)/dvc add -q data
-	$(BIN)/retrainflow run $(DEMO_SET)
+	$(BIN)/retrainflow run --with-server $(DEMO_SET)
 	@echo; echo "== test metrics (metrics/evaluate.json; all: dvc metrics show)"
 	@$(BIN)/python -c "import json; m = json.load(open('metrics/evaluate.json')); \
 	  [print(f'  {k:<28} {m[k]:.4f}') for k in sorted(m) if k.startswith(('test_', 'top_only_test_')) and isinstance(m[k], float)]"
@@ -48,6 +49,12 @@ demo: setup demo-data
 	@echo "plots:    plots/*.csv  (render: dvc plots show -> dvc_plots/index.html)"
 	@echo "reports:  $$(ls reports/*.png reports/*.md 2>/dev/null | tr '\n' ' ')"
 	@echo "registry: models/registry.json  (retrainflow registry)"
+	@echo "dashboard: make dashboard, then open the flow run link above (http://127.0.0.1:$(DASHBOARD_PORT))"
+
+# `dvc repro` with every stage reporting to one Prefect server (a running dashboard, else one started for it).
+repro: export PATH := $(abspath $(BIN)):$(PATH)
+repro: setup
+	$(BIN)/python -m flows.prefect_server -- $(BIN)/dvc repro
 
 # The demo images: a copy of ../shared/datasets/cats_vs_dogs (see README for getting it elsewhere).
 demo-data:

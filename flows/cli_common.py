@@ -94,10 +94,32 @@ def show_params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
     typer.echo(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False))
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"retrainflow {version('retrainflow')}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def main() -> None:
+def main(
+    ctx: typer.Context,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show TensorFlow's own log lines (hidden by default).")
+    ] = False,
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
     """Reproducible, scheduled transfer learning for image classification.
 
     Stages: index -> features -> train-top -> finetune -> evaluate (-> promote). Each reads params.yaml
     (``--params``), accepts ``--set key.path=value`` overrides, and writes under ``--workdir``.
     """
+    from flows import cli_defaults
+
+    cli_defaults.apply(cli_defaults.process_defaults(), verbose=verbose)
+    if not verbose and ctx.invoked_subcommand not in cli_defaults.WITHOUT_TENSORFLOW:
+        cli_defaults.import_tensorflow_quietly()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -22,9 +22,14 @@ from flows.cli_common import (
     layout_for,
     load_or_exit,
     locked,
+    print_error,
 )
 from flows.cli_features import stage_failures
 from flows.dvc_ops import DvcError
+from tasks.layout import Layout
+
+if TYPE_CHECKING:
+    from flows.prefect_server import PrefectApi
 
 STAGE_NAMES = ("index", "features", "train_top", "finetune", "evaluate")
 
@@ -41,6 +46,44 @@ def _stage_name(name: str) -> str:
     return normal
 
 
+@contextmanager
+def prefect_api(layout: Layout, *, start_server: bool = False) -> Iterator[PrefectApi]:
+    """The Prefect API this command's flow runs report to (``flows.prefect_server``); one clear ``error:`` line
+    and exit 1 when there is none, never a traceback."""
+    from flows.prefect_server import PrefectApiError, choose_api, is_startup_timeout, reporting_to
+
+    try:
+        api = choose_api(start_server=start_server)
+        if api.origin == "started":
+            console.print(
+                f"starting a Prefect server for this run: {api.ui_url} (log {layout.prefect_server_log})"
+            )
+        with reporting_to(api, log_file=layout.prefect_server_log) as chosen:
+            yield chosen
+    except PrefectApiError as err:
+        print_error("error", err)
+        raise typer.Exit(EXIT_FAILED) from None
+    except RuntimeError as err:
+        if not is_startup_timeout(err):
+            raise
+        from flows.prefect_server import startup_timeout_message
+
+        print_error("error", startup_timeout_message())
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+def run_summary_line(summary: dict[str, Any], layout: Layout) -> str:
+    """One line for the end of ``retrainflow run``: what happened, the score, and which model file to use."""
+    status = summary.get("status", "?")
+    if status == "skipped":
+        return f"retrain skipped: {summary.get('reason')}"
+    promote = summary.get("promote") or {}
+    score = promote.get("score")
+    figure = f"test {promote.get('metric')} {score:.4f}; " if isinstance(score, float) else ""
+    model = layout.champion_dir if promote.get("promoted") else layout.candidate_dir
+    return f"retrain {status}: {figure}candidate {promote.get('candidate_id')} in {model / 'model.keras'}"
+
+
 @app.command("run")
 def run_cmd(
     params: ParamsOpt = Path("params.yaml"),
@@ -49,17 +92,39 @@ def run_cmd(
     force: Annotated[
         bool, typer.Option("--force", help="Retrain even if data and params are unchanged.")
     ] = False,
+    with_server: Annotated[
+        bool,
+        typer.Option(
+            "--with-server",
+            help="Start a local Prefect server (API + dashboard) on 127.0.0.1:4200 for this run when none is "
+            "running, and stop it at the end; the run stays in Prefect's database (`retrainflow dashboard`).",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
 ) -> None:
-    """Run the whole pipeline as the Prefect `retrain` flow (index -> ... -> evaluate -> promote)."""
+    """Run the whole pipeline as the Prefect `retrain` flow (index -> ... -> evaluate -> promote).
+
+    Reports to the Prefect API in PREFECT_API_URL, else to a local server on 127.0.0.1:4200 when one is running
+    (`retrainflow dashboard`), else to a temporary local API. Ends with one line: what the run wrote and where
+    to see it in the dashboard.
+    """
     load_or_exit(params, set_)  # validate before paying for a Prefect API
     layout = layout_for(workdir)
-    from flows.flows import retrain
+    with (
+        locked(layout, "retrainflow run", stage_failures(DvcError)),
+        prefect_api(layout, start_server=with_server) as api,
+    ):
+        from flows.flows import retrain
 
-    with locked(layout, "retrainflow run", stage_failures(DvcError)):
         summary = retrain(
             params_file=str(params), overrides=list(set_ or []), force=force, workdir=str(workdir)
         )
-    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "stages"}, indent=2, default=str))
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in summary.items() if k != "stages"}, indent=2, default=str))
+    console.print(run_summary_line(summary, layout), highlight=False, soft_wrap=True)
+    link = api.flow_run_link(summary.get("flow_run_id"))
+    if link:
+        console.print(f"flow run: {link}", highlight=False, soft_wrap=True)
 
 
 @app.command("stage")
@@ -69,13 +134,17 @@ def stage_cmd(
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path("."),
 ) -> None:
-    """Run one stage inside its Prefect flow (the command each `dvc.yaml` stage runs)."""
+    """Run one stage inside its Prefect flow (the command each `dvc.yaml` stage runs).
+
+    Reports to the same Prefect API as `retrainflow run`: under `dvc repro`, run `retrainflow dashboard` (or
+    `make dashboard`) first so every stage shares one server instead of starting a temporary one each.
+    """
     stage = _stage_name(name)
     load_or_exit(params, set_)
     layout = layout_for(workdir)
-    from flows.flows import STAGE_FLOWS
+    with locked(layout, f"retrainflow stage {stage}", stage_failures(DvcError)), prefect_api(layout):
+        from flows.flows import STAGE_FLOWS
 
-    with locked(layout, f"retrainflow stage {stage}", stage_failures(DvcError)):
         manifest = STAGE_FLOWS[stage](
             params_file=str(params), overrides=list(set_ or []), workdir=str(workdir)
         )
@@ -102,9 +171,10 @@ def serve_cmd(
     except ValueError as err:
         console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(EXIT_PARAMS) from None
-    serve_retrain(
-        cron, name=name, params_file=params, overrides=list(set_ or []), workdir=workdir, force=force
-    )
+    with prefect_api(layout_for(workdir)):
+        serve_retrain(
+            cron, name=name, params_file=params, overrides=list(set_ or []), workdir=workdir, force=force
+        )
 
 
 @app.command("dashboard")
@@ -116,22 +186,13 @@ def dashboard_cmd(
     if not 0 < port < 65536:
         console.print(f"[bold red]error:[/] expected a port in 1..65535, got {port}", soft_wrap=True)
         raise typer.Exit(EXIT_PARAMS)
+    from flows.prefect_server import api_url_for, server_command, server_env
+
     url = f"http://{host}:{port}"
     typer.echo(f"Prefect dashboard: {url}")
-    typer.echo(f"Point runs at it:  export PREFECT_API_URL={url}/api")
-    prefect = Path(sys.executable).with_name("prefect")
-    cmd = [
-        str(prefect) if prefect.exists() else "prefect",
-        "server",
-        "start",
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    typer.echo(f"Point runs at it:  export PREFECT_API_URL={api_url_for(host, port)}")
     try:
-        raise typer.Exit(subprocess.call(cmd, env=env))
+        raise typer.Exit(subprocess.call(server_command(host, port), env=server_env(host, port)))
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
 

@@ -8,7 +8,7 @@ every epoch, and at its end, so a long step is never silent. Stage logic only ca
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,10 +64,10 @@ def plain_line(step: Step, elapsed: float) -> str:
 
 
 class _Display:
-    """The reporter behind :func:`progress_display`: one bar (or line stream) per task name."""
+    """The reporter behind :func:`progress_display` and :func:`log_display`: one bar (or line stream) per task."""
 
-    def __init__(self, console: Console, bars: Any):
-        self.console = console
+    def __init__(self, emit: Callable[[str], None], bars: Any = None):
+        self.emit = emit  # where plain lines go
         self.bars = bars  # a started rich Progress, or None for plain lines
         self.tasks: dict[str, _Task] = {}
 
@@ -88,7 +88,7 @@ class _Display:
         due = step.final or step.unit == "epoch" or fraction - state.last_line >= LINE_EVERY
         if due:
             state.last_line = fraction
-            self.console.print(plain_line(step, elapsed), markup=False, highlight=False, soft_wrap=True)
+            self.emit(plain_line(step, elapsed))
 
     def _bar(self, step: Step, state: _Task, elapsed: float) -> None:
         fields = {
@@ -115,7 +115,7 @@ def progress_display(console: Console | None = None, *, enabled: bool | None = N
         yield lambda step: None
         return
     if not console.is_terminal:
-        yield _Display(console, None)
+        yield _Display(lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -128,7 +128,13 @@ def progress_display(console: Console | None = None, *, enabled: bool | None = N
         TextColumn("{task.fields[info]}"),
     )
     with Progress(*columns, console=console, transient=False) as bars:
-        yield _Display(console, bars)
+        yield _Display(console.print, bars)
+
+
+def log_display(log: Callable[[str], None]) -> Reporter:
+    """A reporter that writes plain progress lines (rate, ETA, figures) through ``log``, e.g. a Prefect run
+    logger's ``info``: inside flows the lines reach the terminal and the dashboard's logs alike."""
+    return _Display(log)
 
 
 def tee(*reporters: Reporter | None) -> Reporter | None:

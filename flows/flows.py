@@ -17,49 +17,57 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as runtime_flow_run
+from prefect.states import Completed, State
 
 from flows import artifacts, dvc_ops
+from flows.console import log_display, tee
 from tasks.config import DEFAULT_PARAMS_FILE, Params, load_params
 from tasks.layout import Layout
 from tasks.locking import workspace_lock
+from tasks.progress import Reporter
 
 STAGES: tuple[str, ...] = ("index", "features", "train_top", "finetune", "evaluate")
 
 
 # --------------------------------------------------------------------------------- the stages, lazily
-def _run_index(params: Params, layout: Layout) -> Any:
+# Each runner gets a progress reporter (tasks.progress): inside a flow, plain lines with a rate and an ETA go
+# through the run logger, so they reach the terminal and the dashboard's logs alike.
+def _run_index(params: Params, layout: Layout, progress: Reporter) -> Any:
     from tasks.index import run_index
 
-    return run_index(params, layout)
+    return run_index(params, layout, progress=progress)
 
 
-def _run_features(params: Params, layout: Layout) -> Any:
+def _run_features(params: Params, layout: Layout, progress: Reporter) -> Any:
     from tasks.features import run_features
 
-    progress_id = artifacts.start_progress(
-        "feature-extraction", "Feature extraction: images through the base"
+    artifact = artifacts.ProgressReporter(
+        artifacts.start_progress("feature-extraction", "Feature extraction: images through the base")
     )
-    manifest = run_features(params, layout, progress=artifacts.ProgressReporter(progress_id))
-    artifacts.update_progress(progress_id, 1.0)
+    manifest = run_features(
+        params, layout, progress=tee(progress, lambda step: artifact(step.done, step.total or 0))
+    )
+    artifact(1, 1)
+    get_run_logger().info("features: %s", manifest.summary())
     return manifest
 
 
-def _run_train_top(params: Params, layout: Layout) -> Any:
+def _run_train_top(params: Params, layout: Layout, progress: Reporter) -> Any:
     from tasks.train_top import run_train_top
 
-    return run_train_top(params, layout)
+    return run_train_top(params, layout, progress=progress)
 
 
-def _run_finetune(params: Params, layout: Layout) -> Any:
+def _run_finetune(params: Params, layout: Layout, progress: Reporter) -> Any:
     from tasks.finetune import run_finetune
 
-    return run_finetune(params, layout)
+    return run_finetune(params, layout, progress=progress)
 
 
-def _run_evaluate(params: Params, layout: Layout) -> Any:
+def _run_evaluate(params: Params, layout: Layout, progress: Reporter) -> Any:
     from tasks.evaluate import run_evaluate
 
-    manifest = run_evaluate(params, layout)
+    manifest = run_evaluate(params, layout, progress=progress)
     from tasks.model_registry import read_evaluate_metrics
 
     artifacts.publish_metrics_table(read_evaluate_metrics(layout))
@@ -67,7 +75,7 @@ def _run_evaluate(params: Params, layout: Layout) -> Any:
     return manifest
 
 
-STAGE_RUNNERS: dict[str, Callable[[Params, Layout], Any]] = {
+STAGE_RUNNERS: dict[str, Callable[[Params, Layout, Reporter], Any]] = {
     "index": _run_index,
     "features": _run_features,
     "train_top": _run_train_top,
@@ -84,7 +92,7 @@ def _make_stage_task(name: str):
     def stage(params: Params, layout: Layout) -> dict[str, Any]:
         logger = get_run_logger()
         logger.info("stage %s: workspace %s", name, layout.root)
-        manifest = artifacts.manifest_dict(runner(params, layout))
+        manifest = artifacts.manifest_dict(runner(params, layout, log_display(logger.info)))
         logger.info(
             "stage %s done: %s", name, {k: v for k, v in manifest.items() if not isinstance(v, dict | list)}
         )
@@ -247,7 +255,7 @@ def retrain(
     overrides: list[str] | None = None,
     force: bool = False,
     workdir: str = ".",
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """index -> features -> train_top -> finetune -> evaluate -> promote, under the workspace lock.
 
     In a DVC project, data the user changed in the workspace (images dropped into or removed from ``data/``) is
@@ -256,7 +264,8 @@ def retrain(
     reports up to date are not run again (a stage runs when it is changed, judged again with ``dvc status NAME``
     once an upstream stage has run); the stages that ran are
     ``dvc commit``ted, so ``dvc status`` is clean afterwards and ``dvc repro`` a no-op. After the index, the run
-    skips cleanly when neither the data nor the params changed since the champion. When the data folder changed
+    skips cleanly when neither the data nor the params changed since the champion (the flow run's state is then
+    named ``Skipped``; the call still returns the summary). When the data folder changed
     during the run, the index stage is left uncommitted, so the next run indexes the new files. ``force`` runs
     every stage and gates the result even when nothing changed. Pushes the data and outputs last when a remote is
     configured.
@@ -336,7 +345,8 @@ def retrain(
             logger.info(reason)
             summary.update(status="skipped", reason=reason)
             artifacts.publish_summary(summary, layout)
-            return summary
+            # a state of its own in the dashboard (type COMPLETED): a skipped run never looks like a retrain
+            return Completed(name="Skipped", message=reason, data=summary)
 
         summary["promote"] = promote_task(
             params,

@@ -114,5 +114,10 @@ class Layout:
         return self.runs_dir / f"{stage}.json"
 
     @property
+    def prefect_server_log(self) -> Path:
+        """The log of a Prefect server ``retrainflow run --with-server`` started for its run."""
+        return self.root / "cache" / "prefect-server.log"
+
+    @property
     def lock_file(self) -> Path:
         return self.root / ".retrainflow.lock"

@@ -148,8 +148,11 @@ def test_retrain_flow_completes_publishes_and_skips_unchanged(prefect_api: str, 
     assert reg.champion == reg.candidates[0].id
 
     # nothing changed since the champion: the next run skips cleanly, records no candidate
-    again = retrain(params_file=str(ws / "params.yaml"), workdir=str(ws))
+    skipped = retrain(params_file=str(ws / "params.yaml"), workdir=str(ws), return_state=True)
+    assert skipped.name == "Skipped" and skipped.is_completed(), skipped  # its own state in the dashboard
+    again = skipped.result()
     assert again["status"] == "skipped" and "unchanged" in again["reason"], again
+    assert skipped.message == again["reason"]
     assert again["ran"] == ["index"] and "promote" not in again  # no DVC here: the index tells what changed
     assert len(read_registry(Layout(ws)).candidates) == 1
 

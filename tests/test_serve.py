@@ -120,6 +120,9 @@ def test_prefect_yaml_deploys_to_a_work_pool() -> None:
 
 @pytest.mark.slow
 def test_dashboard_command_prints_url_and_serves(tmp_path: Path) -> None:
+    """The dashboard on another port than 4200 serves a UI that talks to that port, even with a
+    PREFECT_API_URL for 4200 in the environment (the UI once pointed there: "Can't connect to Server API")."""
+    import json
     import socket
     import urllib.request
 
@@ -128,10 +131,11 @@ def test_dashboard_command_prints_url_and_serves(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    env = {**server_env(tmp_path), "PREFECT_UI_ENABLED": "true", "PREFECT_API_URL": "http://127.0.0.1:4200/api"}
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("retrainflow")), "dashboard", "--port", str(port)],
         cwd=PROJECT,
-        env=server_env(tmp_path),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -148,10 +152,13 @@ def test_dashboard_command_prints_url_and_serves(tmp_path: Path) -> None:
                     healthy = resp.status == 200
             except OSError:
                 time.sleep(0.5)
+        assert healthy
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as resp:  # noqa: S310
+            ui_settings = json.loads(resp.read())
     finally:
         import os
         import signal
 
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
-    assert healthy
+    assert ui_settings["api_url"] == f"http://127.0.0.1:{port}/api"
