@@ -238,3 +238,141 @@ def test_an_epoch_replaces_the_best_only_by_the_relative_margin():
     assert FinetuneConfig().min_improvement == 0.05
     with pytest.raises(ValueError, match="min_improvement"):
         FinetuneConfig(min_improvement=1.0)
+
+
+def test_the_decision_says_which_weights_were_kept_with_the_figures():
+    from tasks.finetune import best_tried, weights_decision
+
+    history = [{"epoch": "1", "val_loss": "0.0340"}, {"epoch": "2", "val_loss": "0.0315"}]
+    assert best_tried(history) == (2, 0.0315) and best_tried([]) is None
+    kept_top = weights_decision(
+        skipped=False,
+        best_epoch=0,
+        top_only_val_loss=0.0327,
+        val_loss=0.0327,
+        tried=best_tried(history),
+        min_improvement=0.05,
+    )
+    assert kept_top == (
+        "kept the top-only weights: no fine-tuning epoch lowered val loss 0.0327 by 5% (best epoch 2: 0.0315)"
+    )
+    kept_tuned = weights_decision(
+        skipped=False,
+        best_epoch=2,
+        top_only_val_loss=0.0400,
+        val_loss=0.0300,
+        tried=(2, 0.03),
+        min_improvement=0.05,
+    )
+    assert kept_tuned == (
+        "kept the fine-tuned weights of epoch 2: val loss 0.0400 -> 0.0300 (25% lower, more than "
+        "finetune.min_improvement 5%)"
+    )
+    no_margin = weights_decision(
+        skipped=False, best_epoch=0, top_only_val_loss=0.5, val_loss=0.5, tried=(1, 0.6), min_improvement=0.0
+    )
+    assert (
+        no_margin
+        == "kept the top-only weights: no fine-tuning epoch lowered val loss 0.5000 (best epoch 1: 0.6000)"
+    )
+    skipped = weights_decision(
+        skipped=True, best_epoch=0, top_only_val_loss=None, val_loss=None, tried=None, min_improvement=0.05
+    )
+    assert skipped == "kept the top-only weights: fine-tuning was skipped (finetune.epochs 0)"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny workspace through train_top (random-weight MobileNet 0.25 at 32 px, 2 classes x 8 images), and
+    params whose finetune.min_improvement no epoch can beat (the top-only weights are kept)."""
+    from imagegen import make_class_folders
+
+    from tasks.config import params_from_dict
+    from tasks.features import run_features
+    from tasks.index import run_index
+    from tasks.layout import Layout
+    from tasks.train_top import run_train_top
+
+    root = tmp_path_factory.mktemp("ft_ws")
+    data = make_class_folders(root / "images", ["blue", "red"], per_class=8, size=32)
+    params = params_from_dict(
+        {
+            "seed": 3,
+            "data": {"root": str(data), "split": {"train": 0.5, "val": 0.25, "test": 0.25}},
+            "image": {"size": [32, 32]},
+            "augment": {"passes": 1},
+            "base": {"name": "mobilenet", "weights": "none", "alpha": 0.25},
+            "features": {"batch_size": 8, "shard_size": 8, "cache_dir": str(root / "cache")},
+            "top": {"heads": [{"name": "linear", "type": "linear"}], "epochs": 2, "batch_size": 8},
+            "finetune": {"epochs": 2, "unfreeze_blocks": 1, "batch_size": 8, "min_improvement": 0.99},
+            "evaluate": {"batch_size": 8, "preview_images": 4},
+        }
+    )
+    layout = Layout(root / "work")
+    run_index(params, layout)
+    run_features(params, layout, show_progress=False)
+    run_train_top(params, layout)
+    return params, layout
+
+
+def test_finetune_reports_epochs_keeps_metrics_narrow_and_records_the_run(trained):
+    import json
+
+    from tasks.finetune import FINETUNE_METRIC_KEYS, read_decision, run_finetune
+    from tasks.heads import read_bundle_model_sha256
+    from tasks.progress import Step
+
+    params, layout = trained
+    steps: list[Step] = []
+    manifest = run_finetune(params, layout, progress=steps.append)
+    assert [(s.task, s.done, s.total, s.unit) for s in steps] == [
+        ("finetune", 1, 2, "epoch"),
+        ("finetune", 2, 2, "epoch"),
+    ]
+    assert steps[-1].final and "val_loss" in steps[0].info
+    assert manifest.kept == "top-only" and manifest.best_epoch == 0 and manifest.best_tried_epoch in (1, 2)
+    assert manifest.decision.startswith(
+        f"kept the top-only weights: no fine-tuning epoch lowered val loss {manifest.top_only_val_loss:.4f} by 99% "
+        f"(best epoch {manifest.best_tried_epoch}: {manifest.best_tried_val_loss:.4f})"
+    )
+    metrics = json.loads((layout.metrics_dir / "finetune.json").read_text())
+    assert set(metrics) == {*FINETUNE_METRIC_KEYS, "trainable_layers"}
+    assert not {"seconds", "resumed_from_epoch", "model_file", "decision"} & set(metrics)
+    record = json.loads(layout.run_record("finetune").read_text())
+    assert record["seconds"] == manifest.seconds and record["decision"] == manifest.decision
+    assert record["model_sha256"] == read_bundle_model_sha256(layout.candidate_model)
+    assert read_decision(layout, record["model_sha256"]) == ("top-only", manifest.decision)
+    assert read_decision(layout, "another model") is None  # a record of another model is not believed
+
+
+def test_finetune_and_evaluate_commands_say_what_was_kept(trained):
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    params, layout = trained
+    params_file = layout.root / "params.yaml"
+    params_file.write_text(json.dumps(params.model_dump(mode="json")))  # JSON is YAML
+    runner = CliRunner()
+    args = ["-p", str(params_file), "-w", str(layout.root)]
+    tuned = runner.invoke(app, ["finetune", *args], env={"COLUMNS": "300"})
+    assert tuned.exit_code == 0, tuned.output
+    last = tuned.output.strip().splitlines()[-1]
+    assert "for 2 epochs; kept the top-only weights: no fine-tuning epoch lowered val loss" in last
+    assert last.endswith(f"; wrote {layout.candidate_model.as_posix()}")
+    assert "finetune 2/2 epoch" in tuned.output  # the progress display's plain lines (not a terminal)
+    evaluated = runner.invoke(app, ["evaluate", *args], env={"COLUMNS": "300"})
+    assert evaluated.exit_code == 0, evaluated.output
+    import re
+
+    assert re.search(r"^evaluate (\d+)/\1 img", evaluated.output, re.MULTILINE), evaluated.output
+    comparison = (layout.reports_dir / "model_comparison.md").read_text()
+    decision = json.loads(layout.run_record("finetune").read_text())["decision"]
+    assert f"**Candidate:** {decision} (the two rows are the same weights)." in comparison
+    record = json.loads(layout.run_record("evaluate").read_text())
+    assert record["images_evaluated"] > 0 and record["seconds"] > 0
+    metrics = json.loads((layout.metrics_dir / "evaluate.json").read_text())
+    assert not {"seconds", "images_per_second", "reports", "model_file"} & set(metrics)
+    assert {"test_accuracy", "top_only_test_accuracy", "score"} <= set(metrics)

@@ -160,3 +160,19 @@ def test_class_modes_have_one_definition():
     import tasks.pipeline
 
     assert tasks.heads.CLASS_MODES is tasks.pipeline.CLASS_MODES
+
+
+def test_bundle_model_sha256_is_the_saved_files(tmp_path):
+    import json
+
+    from tasks.bases import sha256_file
+    from tasks.heads import read_bundle_model_sha256, save_bundle
+
+    head = build_head(HeadSpec(name="lin", type="linear"), 4, "binary", 2)
+    path = save_bundle(head, tmp_path / "m" / "model.keras", ("a", "b"), "binary")
+    assert read_bundle_model_sha256(path) == sha256_file(path)
+    classes = path.parent / "classes.json"
+    record = json.loads(classes.read_text())
+    del record["model_sha256"]  # a bundle saved before the hash was recorded
+    classes.write_text(json.dumps(record))
+    assert read_bundle_model_sha256(path) is None
