@@ -109,8 +109,14 @@ def reporting_to(api: PrefectApi, *, log_file: Path) -> Iterator[PrefectApi]:
     """Run the body with Prefect reporting to ``api``: a ``started`` one is started first and stopped after;
     a found local server is set with Prefect's ``temporary_settings`` (Prefect reads its environment once, at
     import, so exporting ``PREFECT_API_URL`` now would not reach it)."""
-    if api.origin in ("configured", "temporary"):
+    if api.origin == "configured":
         yield api
+        return
+    if api.origin == "temporary":
+        try:
+            yield api
+        finally:
+            _stop_temporary_api()
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -171,6 +177,19 @@ def local_server(
         yield url
     finally:
         _stop(proc)
+
+
+def _stop_temporary_api() -> None:
+    """Stop Prefect's temporary API now, its log lines flushed first, rather than at interpreter exit: its
+    "Stopping temporary server" line then comes before the command's own last lines, not after them."""
+    if "prefect.server.api.server" not in sys.modules:  # no flow ran: nothing was started
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    if server.running:
+        _flush_logs()
+        server.stop()
 
 
 def _flush_logs() -> None:
