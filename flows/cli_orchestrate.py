@@ -133,6 +133,7 @@ def stage_cmd(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path("."),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the stage manifest as JSON on stdout.")] = False,
 ) -> None:
     """Run one stage inside its Prefect flow (the command each `dvc.yaml` stage runs).
 
@@ -148,7 +149,20 @@ def stage_cmd(
         manifest = STAGE_FLOWS[stage](
             params_file=str(params), overrides=list(set_ or []), workdir=str(workdir)
         )
-    typer.echo(json.dumps(manifest, indent=2, default=str))
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2, default=str))
+    console.print(stage_summary_line(stage, manifest), highlight=False, soft_wrap=True)
+
+
+def stage_summary_line(stage: str, manifest: dict[str, Any], fields: int = 6) -> str:
+    """``stage features done: computed 10, reused 0, ...``: the manifest's first scalar fields, paths shortened
+    to their file names."""
+    shown = [
+        f"{key} {Path(value).name if isinstance(value, str) and '/' in value else value}"
+        for key, value in manifest.items()
+        if isinstance(value, str | int | float | bool)
+    ]
+    return f"stage {stage} done: {', '.join(shown[:fields])}"
 
 
 @app.command("serve")

@@ -137,3 +137,12 @@ def test_run_reports_to_the_configured_server_and_links_the_run(tmp_path: Path) 
     summary = json.loads(proc.stdout)
     link = proc.stderr.strip().splitlines()[-1]
     assert link == f"flow run: {api.removesuffix('/api')}/runs/flow-run/{summary['flow_run_id']}"
+
+
+def test_stage_summary_line_is_short() -> None:
+    from flows.cli_orchestrate import stage_summary_line
+
+    line = stage_summary_line(
+        "features", {"manifest": "/ws/features/features.json", "computed": 10, "reused": 2, "views": {"a": 1}}
+    )
+    assert line == "stage features done: manifest features.json, computed 10, reused 2"
