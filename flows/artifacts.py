@@ -122,9 +122,9 @@ def summary_title(summary: Mapping[str, Any]) -> str:
 def summary_markdown(
     summary: Mapping[str, Any], layout: Layout, *, embed_images: bool = True, max_width: int = EMBED_MAX_WIDTH
 ) -> str:
-    """The run summary: status, data version, image counts, per-stage manifests, the promotion decision, per-class
-    test metrics, the comparison reports and the report images (embedded as ``data:`` URIs unless
-    ``embed_images`` is false).
+    """The run summary, most read first: status and versions, the promotion decision, per-class test metrics,
+    image counts, the report images (embedded as ``data:`` URIs unless ``embed_images`` is false), the comparison
+    reports, then each stage's manifest.
 
     A skipped run trained nothing: its heading says ``skipped: <reason>`` and it shows no metrics or reports (the
     workspace's are an earlier run's)."""
@@ -158,6 +158,19 @@ def summary_markdown(
     counts = index_counts_markdown(layout)
     if counts:
         out += ["", "## Images", "", counts]
+    if not skipped:
+        reports = reports_markdown(layout, embed=embed_images, max_width=max_width)
+        if reports:
+            out += ["", reports]
+        for heading, path in (
+            ("Head comparison", layout.reports_dir / "top_comparison.md"),
+            ("Top-only vs fine-tuned", layout.reports_dir / "model_comparison.md"),
+        ):
+            if path.is_file():
+                body = "\n".join(
+                    ("##" + line) if line.startswith("#") else line for line in path.read_text().splitlines()
+                )
+                out += ["", f"## {heading}", "", body.strip()[:20_000]]
     stages = summary.get("stages") or {}
     for name, manifest in stages.items():
         if not isinstance(manifest, Mapping):
@@ -167,20 +180,6 @@ def summary_markdown(
             continue
         out += ["", f"## {name}", "", "| field | value |", "|---|---|"]
         out += [f"| {k} | {_fmt(v)} |" for k, v in items]
-    if skipped:
-        return "\n".join(out) + "\n"
-    for title_, path in (
-        ("Head comparison", layout.reports_dir / "top_comparison.md"),
-        ("Top-only vs fine-tuned", layout.reports_dir / "model_comparison.md"),
-    ):
-        if path.is_file():
-            body = "\n".join(
-                ("##" + line) if line.startswith("#") else line for line in path.read_text().splitlines()
-            )
-            out += ["", f"## {title_}", "", body.strip()[:20_000]]
-    reports = reports_markdown(layout, embed=embed_images, max_width=max_width)
-    if reports:
-        out += ["", reports]
     return "\n".join(out) + "\n"
 
 

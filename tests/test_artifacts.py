@@ -136,6 +136,9 @@ def check_promoted_markdown(text: str, layout: Layout) -> None:
         assert row in text
     assert "| **all** | 30 | 15 | 15 | 60 |" in text  # image counts from index.csv
     assert "## Head comparison" in text and "## Top-only vs fine-tuned" in text
+    # most read first: the decision, per-class figures, counts, images, the comparisons, then stage details
+    order = ["## Promotion", "## Per-class", "## Images", "## Reports", "## Head comparison", "## features"]
+    assert [text.index(h) for h in order] == sorted(text.index(h) for h in order)
     images = embedded(text)
     assert set(images) == {"confusion_matrix", "predictions"}, set(images)
     # the chart: small, kept as a lossless PNG at its own size, transparency flattened onto white
