@@ -223,6 +223,7 @@ def promote_cmd(
     with locked(layout, "retrainflow promote", [(RegistryError, EXIT_FAILED)]):
         manifest = run_promote(loaded, layout)
     typer.echo(json.dumps(manifest.to_json(), indent=2))
+    console.print(f"promote: {manifest.reason}", highlight=False, soft_wrap=True)
 
 
 @app.command("registry")

@@ -117,7 +117,7 @@ STAGE_TASKS = {name: _make_stage_task(name) for name in STAGES}
 @task(
     name="promote",
     tags=["retrainflow", "stage:promote"],
-    retries=0,  # not idempotent: a retry would record the candidate twice
+    retries=0,  # a gate decision, not transient I/O (a repeat of the same candidate records nothing new)
     cache_policy=NO_CACHE,
 )
 def promote_task(params: Params, layout: Layout, extra: dict[str, Any], commit: str | None) -> dict[str, Any]:
@@ -339,7 +339,7 @@ def retrain(
                 )
             summary["data_changed_during_run"] = data_changed
             dvc_commit_task(root, commit_targets(ran, data_changed=data_changed))
-        summary["data_version"] = data_version(layout)
+        summary["data_version"] = data_version(layout, images)
         summary["dvc_committed"] = no_commit is None
         if reason:
             logger.info(reason)
