@@ -15,6 +15,7 @@ from flows.cli_common import (
     SetOpt,
     WorkdirOpt,
     app,
+    console,
     layout_for,
     load_or_exit,
     locked,
@@ -60,19 +61,29 @@ def features_cmd(
     """Compute the features of every view the index needs; only (image, view) pairs not cached go through the base.
 
     Train images get the clean view plus augment.passes augmented views, val and test the clean view. Writes
-    the cache (cache/features/<key>/ or features.cache_dir) and features/features.json; prints
-    "computed N, reused M". Needs `retrainflow index` first.
+    the cache (cache/features/<key>/ or features.cache_dir), features/features.json, metrics/features.json
+    (counts) and reports/runs/features.json (timings); ends with one line: "features <key>: computed N, reused M
+    (...); wrote ...". Needs `retrainflow index` first.
     """
     loaded = load_or_exit(params, set_)
     layout = layout_for(workdir)
+    from flows.console import progress_display
     from tasks.features import run_features
 
-    with locked(layout, "retrainflow features", stage_failures()):
-        manifest = run_features(loaded, layout, show_progress=not no_progress)
+    with (
+        locked(layout, "retrainflow features", stage_failures()),
+        progress_display(console, enabled=False if no_progress else None) as progress,
+    ):
+        manifest = run_features(loaded, layout, progress=progress)
+    for warning in manifest.warnings:
+        console.print("[yellow]warning:[/] ", end="")
+        console.print(warning, markup=False, highlight=False, soft_wrap=True)
     if as_json:
         typer.echo(json.dumps(manifest.to_json(), indent=2))
     else:
-        typer.echo(manifest.summary())
+        written = [Path(manifest.cache_dir) / manifest.cache_key, layout.features_manifest]
+        written += [layout.features_metrics, layout.run_record("features")]
+        typer.echo(f"{manifest.summary()}; wrote {', '.join(p.as_posix() for p in written)}")
 
 
 def _current_key(
@@ -128,7 +139,7 @@ def cache_list(
             f"{mark} {info.key:<34} {info.rows:>8} rows {info.shards:>5} shards {_human(info.bytes):>10}  {what}"
         )
     total = sum(info.bytes for info in keys)
-    typer.echo(f"{len(keys)} keys, {_human(total)}; * = used by the current params")
+    typer.echo(f"{len(keys)} keys, {_human(total)} in {root}; * = used by the current params")
 
 
 @cache_app.command("prune")
@@ -161,6 +172,6 @@ def cache_prune(
         )
     skipped = f", skipped {len(result.in_use)} in use" if result.in_use else ""
     typer.echo(
-        f"{verb} {len(result.removed)} keys, {_human(sum(i.bytes for i in result.removed))}{skipped}; "
-        f"kept {current}"
+        f"{verb} {len(result.removed)} keys, {_human(sum(i.bytes for i in result.removed))} from {root}"
+        f"{skipped}; kept {current}"
     )

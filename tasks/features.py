@@ -12,7 +12,10 @@ the sha256 of the weights actually loaded, the input size, the preprocessing (th
 interpolation and ``augment.rescale``), the pooling and the stored dtype; a row is addressed by (image sha256, view
 id), the view id carrying the augmentation policy hash and the pass. Because rescale is in the key, no view, the
 clean one included, is reused across rescale values. The stage looks up which pairs exist and computes only the
-missing ones, streaming them to shards (memory bounded), and reports "computed N, reused M".
+missing ones, streaming them to shards (memory bounded); the manifest's ``summary()`` says "computed N, reused M".
+
+Display is the caller's: progress goes out as ``tasks.progress.Step("features", done, total, "img")`` events, and
+warnings (damaged shards, float16 underflow) come back in the manifest; this module prints nothing.
 
 ``read_features`` gives the next stage float32 features of the rows of the current index.
 """
@@ -32,17 +35,27 @@ from tasks.bases import get_spec, load_base, resolve_image_size, weights_fingerp
 from tasks.config import Params
 from tasks.feature_cache import FeatureCache, KeySpec, Pair, ShardWriter, atomic_write_json
 from tasks.layout import Layout
+from tasks.progress import Reporter, counter
+from tasks.reports import write_run_record
 
 SPLITS = ("train", "val", "test")
 CLEAN = "clean"
 INDEX_COLUMNS = ("path", "label", "class_id", "split", "sha256")
-ProgressFn = Callable[[int, int], None]  # (pairs done, pairs to compute)
+STAGE = "features"  # the stage's name: its progress task and its run record (``layout.run_record``)
+RERUN = "run `retrainflow features` with the same params first"
 
 
 # ------------------------------------------------------------------------------------------- values
-# The manifest fields that describe the features themselves (``layout.features_manifest``); the rest are this
-# run's counts and timings (``layout.features_metrics``), kept out of the DVC dependency of train_top.
-STABLE_FIELDS = ("cache_key", "cache_dir", "key_spec", "views", "rows", "pairs", "content_hash")
+# The manifest fields that describe the features themselves (``layout.features_manifest``, the DVC dependency of
+# train_top); this run's counts (``layout.features_metrics``, a DVC metric); and the whole manifest with timings
+# and cache details goes to ``layout.run_record("features")``.
+STABLE_FIELDS = ("cache_key", "cache_dir", "key_spec", "views", "policies", "rows", "pairs", "content_hash")
+METRIC_FIELDS = ("pairs", "computed", "reused", "images_computed")
+
+
+class FeaturesMismatchError(ValueError):
+    """The cached features are not the ones the params ask for (other params, or another index): the message
+    names what differs and says to run the features stage."""
 
 
 @dataclass(frozen=True)
@@ -64,9 +77,15 @@ class FeaturesManifest:
     batch_size: int = 32
     shards_written: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    policies: dict[str, dict[str, Any]] = field(default_factory=dict)  # policy hash -> its fields (view ids)
+    warnings: list[str] = field(default_factory=list)  # for the caller to show (damaged shards, underflow)
 
     def summary(self) -> str:
-        return f"computed {self.computed}, reused {self.reused}"
+        """The run in one line: ``features <key>: computed N, reused M (P views of K images)``."""
+        return (
+            f"features {self.cache_key}: computed {self.computed}, reused {self.reused} "
+            f"({self.pairs} views of {sum(self.rows.values())} images)"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +94,11 @@ class FeaturesManifest:
         """The fields that change iff the features do (no counts, no timings)."""
         data = self.to_json()
         return {name: data[name] for name in STABLE_FIELDS}
+
+    def metrics_json(self) -> dict[str, Any]:
+        """This run's counts (``dvc metrics show``): no timings, no cache details."""
+        data = self.to_json()
+        return {name: data[name] for name in METRIC_FIELDS}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FeaturesManifest:
@@ -251,17 +275,17 @@ def run_features(
     layout: Layout,
     *,
     index: Any | None = None,
-    progress: ProgressFn | None = None,
-    show_progress: bool = True,
+    progress: Reporter | None = None,
+    show_progress: bool | None = None,
 ) -> FeaturesManifest:
     """Compute the missing features of the current index into the cache and write this run's manifest.
 
-    ``index`` replaces ``tasks.index.read_index(layout)`` (a DataFrame in the index's columns); ``progress`` is
-    called with (done, total) after every batch (e.g. a Prefect progress artifact).
+    ``index`` replaces ``tasks.index.read_index(layout)`` (a DataFrame in the index's columns); ``progress``
+    receives ``Step("features", done, total, "img")`` after every batch. ``show_progress`` is ignored (the display
+    is the caller's: it passes ``progress``), accepted until its last callers drop it. Writes the features
+    manifest, the metrics (counts) and the run record (timings, cache details); prints nothing.
     """
-    from rich.console import Console
-
-    console = Console(stderr=True)
+    del show_progress
     start = time.perf_counter()
     table = _load_index(layout, index)
     image_size = image_size_for(params)
@@ -275,14 +299,10 @@ def run_features(
     spec = key_spec_for(params, weights_sha)
     # held until the last shard is committed: `retrainflow cache prune` skips a key in use
     with FeatureCache.open(cache_root(params, layout), spec).in_use() as cache:
-        manifest = _compute(params, layout, table, cache, loaded, console, progress, show_progress, start)
-    atomic_write_json(layout.features_metrics, manifest.to_json())
+        manifest = _compute(params, layout, table, cache, loaded, progress, start)
+    atomic_write_json(layout.features_metrics, manifest.metrics_json())
+    write_run_record(layout.run_record(STAGE), manifest.to_json())
     atomic_write_json(layout.features_manifest, manifest.stable_json())
-    console.print(
-        f"features {spec.key}: {manifest.summary()} ({manifest.pairs} views of {len(table)} images)",
-        markup=False,
-        highlight=False,
-    )
     return manifest
 
 
@@ -292,9 +312,7 @@ def _compute(
     table: Any,
     cache: FeatureCache,
     loaded: Any,
-    console: Any,
-    progress: ProgressFn | None,
-    show_progress: bool,
+    progress: Reporter | None,
     start: float,
 ) -> FeaturesManifest:
     """Plan, look up and compute the missing views of ``table`` into ``cache`` (held in use); this run's manifest
@@ -304,11 +322,10 @@ def _compute(
     needed, views_by_split, plans, wanted = plan.needed, plan.views_by_split, plan.plans, plan.wanted
     all_pairs: list[Pair] = [(sha, view) for view, shas in wanted.items() for sha in shas]
     missing = set(cache.missing(all_pairs))
+    warnings = []
     if cache.broken:
-        console.print(
-            f"warning: {len(cache.broken)} damaged shard(s) in {cache.folder} skipped; their rows are recomputed",
-            markup=False,
-            highlight=False,
+        warnings.append(
+            f"{len(cache.broken)} damaged shard(s) in {cache.folder} skipped; their rows are recomputed"
         )
     reused = len(all_pairs) - len(missing)
 
@@ -325,9 +342,8 @@ def _compute(
         if loaded is None:
             loaded = load_base(params.base, image_size)
         t0 = time.perf_counter()
-        stats = _extract(
-            params, layout, table, todo, plans, loaded, cache, image_size, console, progress, show_progress
-        )
+        stats = _extract(params, table, todo, plans, loaded, cache, image_size, progress)
+        warnings += stats.pop("warnings")
         compute_seconds = time.perf_counter() - t0
 
     return FeaturesManifest(
@@ -346,29 +362,26 @@ def _compute(
         batch_size=params.features.batch_size,
         shards_written=int(stats.pop("shards_written")),
         extra=stats,
+        policies={policy.short_hash: policy.fields() for policy in _policies(params)},
+        warnings=warnings,
     )
 
 
 def _extract(
     params: Params,
-    layout: Layout,
     table: Any,
     todo: list[tuple[str, list[int]]],
     plans: dict[str, tuple[Any, int]],
     loaded: Any,
     cache: FeatureCache,
     image_size: tuple[int, int],
-    console: Any,
-    progress: ProgressFn | None,
-    show_progress: bool,
+    progress: Reporter | None,
 ) -> dict[str, Any]:
     """Stream the missing views through the base into shards; one tf.data pipeline across all views.
 
     Returns timing figures: the first batch (pipeline fill + tracing), the time the loop waited for input after
-    it (the base starving), the steady images/s, and the number of shards written.
+    it (the base starving), the steady images/s, the number of shards written, and ``warnings``.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     batch_size = params.features.batch_size
     root = data_root(params)
     datasets = []
@@ -401,42 +414,31 @@ def _extract(
     infer = _pool_fn(loaded.model, params.features.pooling, image_size)
     writer = ShardWriter(cache, params.features.shard_size)
     total = len(ids)
+    advance = counter(progress, STAGE, total, "img")
     done = 0
-    columns = (
-        TextColumn("[bold]features"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    stats = {"first_batch_seconds": 0.0, "input_wait_seconds": 0.0}
-    with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
-        task = bar.add_task("extract", total=total, rate="- img/s")
-        t0 = time.perf_counter()
-        batches = iter(dataset)
-        first_done = 0
-        while True:
-            waited = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                break
-            if done:  # after the first batch (pipeline fill + trace), time blocked on input = starvation
-                stats["input_wait_seconds"] += time.perf_counter() - waited
-            feats = infer(batch).numpy()
-            n = len(feats)
-            if done + n > total:
-                raise RuntimeError(f"the input pipeline yielded more than the {total} views requested")
-            writer.add(ids[done : done + n], feats)
-            if not done:
-                stats["first_batch_seconds"] = time.perf_counter() - t0
-                first_done = n
-                _warn_underflow(feats, params.features.dtype, console)
-            done += n
-            elapsed = time.perf_counter() - t0
-            bar.update(task, completed=done, rate=f"{done / elapsed:.1f} img/s" if elapsed > 0 else "- img/s")
-            if progress is not None:
-                progress(done, total)
+    stats: dict[str, Any] = {"first_batch_seconds": 0.0, "input_wait_seconds": 0.0}
+    warnings: list[str] = []
+    t0 = time.perf_counter()
+    batches = iter(dataset)
+    first_done = 0
+    while True:
+        waited = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            break
+        if done:  # after the first batch (pipeline fill + trace), time blocked on input = starvation
+            stats["input_wait_seconds"] += time.perf_counter() - waited
+        feats = infer(batch).numpy()
+        n = len(feats)
+        if done + n > total:
+            raise RuntimeError(f"the input pipeline yielded more than the {total} views requested")
+        writer.add(ids[done : done + n], feats)
+        if not done:
+            stats["first_batch_seconds"] = time.perf_counter() - t0
+            first_done = n
+            warnings += _underflow_warning(feats, params.features.dtype)
+        done += n
+        advance(done)
     writer.close()
     if done != total:
         raise RuntimeError(f"the input pipeline yielded {done} views, expected {total}")
@@ -445,18 +447,18 @@ def _extract(
         (done - first_done) / steady if done > first_done and steady > 0 else None
     )
     stats["shards_written"] = writer.shards
-    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}
+    rounded = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}
+    return {**rounded, "warnings": warnings}
 
 
-def _warn_underflow(feats: np.ndarray, dtype: str, console: Any) -> None:
+def _underflow_warning(feats: np.ndarray, dtype: str) -> list[str]:
     """A random-init base's pooled features are tiny (about 1e-17); float16 stores them as zeros. Say so."""
     if dtype == "float16" and np.any(feats) and not np.any(feats.astype(np.float16)):
-        console.print(
-            "warning: these features underflow float16 and are stored as zeros (a random-init base, "
-            "base.weights: none?); set features.dtype: float32",
-            markup=False,
-            highlight=False,
-        )
+        return [
+            "these features underflow float16 and are stored as zeros (a random-init base, "
+            "base.weights: none?); set features.dtype: float32"
+        ]
+    return []
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -475,31 +477,124 @@ def read_features(
     views: Literal["all", "clean"] = "all",
     *,
     index: Any | None = None,
+    stage: str = "read_features",
 ) -> FeatureSet:
     """Float32 features of ``split``'s rows of the current index, view by view (clean first) in index order.
 
-    The cache key comes from the last ``features`` run (its weights fingerprint) and must match ``params``:
-    features computed for another base, size, pooling or dtype raise a ValueError that says to rerun features.
+    The cache key comes from the last ``features`` run (its weights fingerprint) and must match ``params``, and the
+    views the params ask for must be among those computed: otherwise a :class:`FeaturesMismatchError` names each
+    param that differs (``<stage>: the features were computed with augment.passes=2 but the params say 3; run
+    ...``); rows of an index the features never saw raise it too.
     """
     view_plan = split_views(params, split, views)
     manifest = read_manifest(layout)
     spec = key_spec_for(params, manifest["key_spec"]["weights_sha256"])
-    if spec.key != manifest["cache_key"]:
-        raise ValueError(
-            f"features were computed for cache key {manifest['cache_key']}, but the current params give {spec.key} "
-            "(base, weights, size, interpolation, rescale, pooling or dtype changed): run `retrainflow features` "
-            "first"
-        )
+    needed = [view for view, _, _ in view_plan]
+    if spec.key != manifest["cache_key"] or not set(needed) <= set(manifest["views"].get(split, [])):
+        raise FeaturesMismatchError(mismatch_message(stage, params, manifest, spec))
     table = _load_index(layout, index)
     sub = table[table["split"] == split]
     shas = [str(s) for s in sub["sha256"]]
-    pairs = [(sha, view) for view, _, _ in view_plan for sha in shas]
+    pairs = [(sha, view) for view in needed for sha in shas]
     cache = FeatureCache.open(cache_root(params, layout), spec, create=False)
+    absent = cache.missing(pairs)
+    if absent:
+        raise FeaturesMismatchError(
+            f"{stage}: {len(absent)} of {len(pairs)} {split} (image, view) pairs of the current index are not in "
+            f"feature cache {spec.key} (the index changed since the features were computed?); {RERUN}"
+        )
     x = cache.read(pairs)
-    n_views = len(view_plan)
     return FeatureSet(
         x=x,
-        class_ids=np.tile(np.asarray(sub["class_id"], dtype=np.int64), n_views),
+        class_ids=np.tile(np.asarray(sub["class_id"], dtype=np.int64), len(view_plan)),
         sha256=np.asarray([p[0] for p in pairs]),
         view_ids=np.asarray([p[1] for p in pairs]),
     )
+
+
+# ------------------------------------------------------------------------------------------- mismatches
+# key spec field -> the param it comes from (preprocessing is split into its params by _preprocessing_params;
+# feature_dim follows base and alpha, weights_sha256 is the recorded one by construction)
+KEY_PARAMS = {
+    "base": "base.name",
+    "alpha": "base.alpha",
+    "image_size": "image.size",
+    "pooling": "features.pooling",
+    "dtype": "features.dtype",
+    "format": "feature cache format",
+}
+Difference = tuple[str, Any, Any]  # (param, value the features were computed with, value the params give)
+
+
+def mismatch_message(stage: str, params: Params, manifest: dict[str, Any], spec: KeySpec) -> str:
+    """``<stage>: the features were computed with K=old but the params say new; run ...`` for the params whose
+    values differ between the features manifest and ``params`` (``spec``: the key spec ``params`` give)."""
+    diffs = _key_differences(manifest["key_spec"], spec.as_json()) or _augment_differences(manifest, params)
+    if not diffs:
+        return (
+            f"{stage}: the features were computed for cache key {manifest['cache_key']} with views "
+            f"{manifest['views']}, which the params (key {spec.key}) do not match; {RERUN}"
+        )
+    if len(diffs) == 1:
+        name, old, new = diffs[0]
+        said = f"{name}={_shown(old)} but the params say {_shown(new)}"
+    else:
+        said = (
+            ", ".join(f"{name}={_shown(old)}" for name, old, _ in diffs)
+            + " but the params say "
+            + ", ".join(f"{name}={_shown(new)}" for name, _, new in diffs)
+        )
+    return f"{stage}: the features were computed with {said}; {RERUN}"
+
+
+def _shown(value: Any) -> str:
+    """A value as it is written in params.yaml / ``--set`` (strings bare, the rest as YAML flow)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _preprocessing_params(preprocessing: str) -> dict[str, Any]:
+    """The params inside a :func:`preprocessing_id`: ``<mode>/<interpolation>[/crop][/rescale=<f>]``."""
+    parts = preprocessing.split("/")
+    rescale = next((float(p.split("=", 1)[1]) for p in parts if p.startswith("rescale=")), None)
+    return {
+        "image.interpolation": parts[1] if len(parts) > 1 else None,
+        "image.crop_to_aspect_ratio": "crop" in parts[2:],
+        "augment.rescale": rescale,
+    }
+
+
+def _key_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[Difference]:
+    diffs = [
+        (param, recorded.get(name), current[name])
+        for name, param in KEY_PARAMS.items()
+        if recorded.get(name) != current[name]
+    ]
+    old = _preprocessing_params(recorded.get("preprocessing", ""))
+    new = _preprocessing_params(current["preprocessing"])
+    diffs += [(param, old[param], new[param]) for param in new if old[param] != new[param]]
+    return diffs
+
+
+def _augment_differences(manifest: dict[str, Any], params: Params) -> list[Difference]:
+    """augment.passes, or the augment.* fields of the policy, that differ from the features' train views."""
+    recorded = [v for v in manifest["views"].get("train", []) if v != CLEAN]
+    passes_of = {
+        h: sum(1 for v in recorded if v.split(":")[0] == h) for h in {v.split(":")[0] for v in recorded}
+    }
+    old_passes = max(passes_of.values(), default=0)
+    policies = _policies(params)
+    new_passes = params.augment.passes if policies else 0
+    diffs: list[Difference] = []
+    if old_passes != new_passes:
+        diffs.append(("augment.passes", old_passes, new_passes))
+    new_hashes = [p.short_hash for p in policies]
+    if not (old_passes and new_passes) or set(passes_of) == set(new_hashes):
+        return diffs
+    fields = manifest.get("policies", {})
+    if len(passes_of) == 1 == len(policies) and next(iter(passes_of)) in fields:
+        old_fields, new_fields = fields[next(iter(passes_of))], policies[0].fields()
+        changed = [
+            (f"augment.{k}", old_fields.get(k), v) for k, v in new_fields.items() if old_fields.get(k) != v
+        ]
+        return diffs + (changed or [("augment policy", next(iter(passes_of)), new_hashes[0])])
+    return diffs + [("augment policies (augment.grid)", sorted(passes_of), sorted(new_hashes))]

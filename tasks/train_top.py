@@ -3,8 +3,11 @@
 Training uses every cached training view (clean + augmented passes); validation uses the clean val view.
 Each head in ``params.top.heads`` is trained with the optimizer / lr / epochs / batch size of ``params.top`` and
 early stopping on val loss (best weights restored); the best head by ``top.select_metric`` is saved to
-``layout.top_dir`` (``head.keras`` + ``head.json``). Outputs: ``metrics/top.json``, ``reports/top_comparison.md``,
-``plots/top_history.csv``. Seeded by ``params.seed``: two runs on the same features give the same heads.
+``layout.top_dir`` (``head.keras`` + ``head.json``). Outputs: ``metrics/top.json`` (the heads' figures),
+``reports/top_comparison.md``, ``plots/top_history.csv`` (every head's epochs, one table), ``plots/top_heads/<head>.csv``
+(the same rows, one file per head: ``dvc plots`` draws each head as its own series) and the run record
+``reports/runs/train_top.json`` (seconds, the feature cache key). Seeded by ``params.seed``: two runs on the same
+features give the same heads. Progress: one ``Step("train_top <head>", epoch, epochs, "epoch")`` per epoch.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,13 +26,17 @@ import numpy as np
 from tasks.atomic import write_text_atomic
 from tasks.config import HeadSpec, Params, TopConfig
 from tasks.layout import Layout
+from tasks.progress import Reporter, keras_epochs
 
+STAGE = "train_top"  # the stage's name: its progress tasks, its errors and its run record
 HEAD_FILE = "head.keras"
 HEAD_INFO_FILE = "head.json"
 TOP_METRICS_FILE = "top.json"
 TOP_REPORT_FILE = "top_comparison.md"
 TOP_HISTORY_FILE = "top_history.csv"
+TOP_HEADS_DIR = "top_heads"  # under plots/: <head>.csv per head
 HISTORY_COLUMNS = ("head", "epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a head name that is also a plain file name
 
 
 @dataclass(frozen=True)
@@ -87,8 +95,11 @@ def train_head(
     num_classes: int,
     cfg: TopConfig,
     seed: int,
+    progress: Reporter | None = None,
 ) -> tuple[Any, HeadResult]:
-    """Train one head on ``(features, encoded labels)`` pairs; return the model (best weights) and its result."""
+    """Train one head on ``(features, encoded labels)`` pairs; return the model (best weights) and its result.
+
+    ``progress`` receives one ``Step("train_top <head>", epoch, cfg.epochs, "epoch")`` per epoch."""
     import keras
 
     from tasks.heads import build_head, output_spec
@@ -115,7 +126,7 @@ def train_head(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         shuffle=True,
-        callbacks=[stop],
+        callbacks=[stop, keras_epochs(progress, f"{STAGE} {spec.name}", cfg.epochs)],
         verbose=0,
     )
     seconds = time.perf_counter() - start
@@ -155,12 +166,13 @@ def train_heads(
     num_classes: int,
     cfg: TopConfig,
     seed: int,
+    progress: Reporter | None = None,
 ) -> tuple[Any, HeadResult, list[HeadResult]]:
     """Train every head of ``cfg.heads`` (same seed each); return (best model, best result, all results)."""
     models: dict[str, Any] = {}
     results: list[HeadResult] = []
     for spec in cfg.heads:
-        model, result = train_head(spec, train, val, class_mode, num_classes, cfg, seed)
+        model, result = train_head(spec, train, val, class_mode, num_classes, cfg, seed, progress)
         models[spec.name] = model
         results.append(result)
     best = select_best(results, cfg.select_metric)
@@ -189,15 +201,45 @@ def comparison_markdown(results: list[HeadResult], best: HeadResult, cfg: TopCon
     return "\n".join(lines) + "\n"
 
 
-def write_history_csv(path: Path, results: list[HeadResult]) -> None:
-    """``head,epoch,loss,accuracy,val_loss,val_accuracy`` rows (epochs 1-based) for ``dvc plots`` (atomic)."""
+def _history_rows(r: HeadResult) -> list[list[Any]]:
+    """``epoch, loss, accuracy, val_loss, val_accuracy`` per epoch of one head (epochs 1-based)."""
+    return [[i + 1, *(f"{r.history[k][i]:.6g}" for k in HISTORY_COLUMNS[2:])] for i in range(r.epochs)]
+
+
+def _csv_text(header: tuple[str, ...], rows: list[list[Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")
-    writer.writerow(HISTORY_COLUMNS)
-    for r in results:
-        for i in range(r.epochs):
-            writer.writerow([r.name, i + 1, *(f"{r.history[k][i]:.6g}" for k in HISTORY_COLUMNS[2:])])
-    write_text_atomic(path, buf.getvalue())
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_history_csv(path: Path, results: list[HeadResult]) -> None:
+    """``head,epoch,loss,accuracy,val_loss,val_accuracy`` rows of every head, one table (atomic)."""
+    rows = [[r.name, *row] for r in results for row in _history_rows(r)]
+    write_text_atomic(path, _csv_text(HISTORY_COLUMNS, rows))
+
+
+def write_head_csvs(folder: Path, results: list[HeadResult]) -> list[Path]:
+    """``<folder>/<head>.csv`` per head (``epoch,loss,accuracy,val_loss,val_accuracy``): ``dvc plots`` colours
+    series by file, so each head is its own series. CSVs of heads no longer trained are removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / f"{r.name}.csv" for r in results]
+    for r, path in zip(results, written, strict=True):
+        write_text_atomic(path, _csv_text(HISTORY_COLUMNS[1:], _history_rows(r)))
+    for stale in set(folder.glob("*.csv")) - set(written):
+        stale.unlink()
+    return written
+
+
+def check_head_names(cfg: TopConfig) -> None:
+    """Every head name is a plain file name (it names ``plots/top_heads/<head>.csv``)."""
+    bad = [h.name for h in cfg.heads if not FILE_NAME.fullmatch(h.name)]
+    if bad:
+        raise ValueError(
+            f"top.heads: head names name files (plots/{TOP_HEADS_DIR}/<name>.csv): expected letters, digits, "
+            f"'_', '-' and '.', not starting with '.', '_' or '-', got {bad!r}"
+        )
 
 
 def head_summary(r: HeadResult) -> dict[str, Any]:
@@ -248,15 +290,21 @@ def load_head(layout: Layout) -> Any:
     return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
-def run_train_top(params: Params, layout: Layout) -> TopManifest:
-    """Train the candidate heads on the cached features and write the best head, metrics and reports."""
+def run_train_top(params: Params, layout: Layout, *, progress: Reporter | None = None) -> TopManifest:
+    """Train the candidate heads on the cached features and write the best head, metrics and reports.
+
+    ``progress`` receives each head's epochs (``Step("train_top <head>", ...)``). Features computed with other
+    params than ``params`` raise ``tasks.features.FeaturesMismatchError`` (a ValueError) naming the params."""
     from tasks.features import read_features
     from tasks.index import read_classes
     from tasks.pipeline import encode_labels
+    from tasks.reports import write_run_record
 
+    start = time.perf_counter()
+    check_head_names(params.top)
     classes = read_classes(layout)
-    train_set = read_features(params, layout, "train", views="all")
-    val_set = read_features(params, layout, "val", views="clean")
+    train_set = read_features(params, layout, "train", views="all", stage=STAGE)
+    val_set = read_features(params, layout, "val", views="clean", stage=STAGE)
 
     def encoded(fs: Any) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(fs.x, dtype=np.float32)
@@ -264,7 +312,9 @@ def run_train_top(params: Params, layout: Layout) -> TopManifest:
 
     train, val = encoded(train_set), encoded(val_set)
     cfg = params.top
-    model, best, results = train_heads(train, val, classes.class_mode, classes.num_classes, cfg, params.seed)
+    model, best, results = train_heads(
+        train, val, classes.class_mode, classes.num_classes, cfg, params.seed, progress
+    )
     spec = next(h for h in cfg.heads if h.name == best.name)
     feature_dim = int(train[0].shape[1])
     head_path = save_head(
@@ -292,17 +342,45 @@ def run_train_top(params: Params, layout: Layout) -> TopManifest:
         val_samples=len(val[0]),
         heads=[head_summary(r) for r in results],
     )
-    metrics = {
-        "best_head": best.name,
-        "val_loss": best.val_loss,
-        "val_accuracy": best.val_accuracy,
-        "train_samples": manifest.train_samples,
-        "val_samples": manifest.val_samples,
-        "heads": {
-            r.name: {k: v for k, v in head_summary(r).items() if k not in ("name", "type")} for r in results
-        },
-    }
-    write_text_atomic(layout.metrics_dir / TOP_METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(
+        layout.metrics_dir / TOP_METRICS_FILE, json.dumps(top_metrics(manifest), indent=2) + "\n"
+    )
     write_text_atomic(layout.reports_dir / TOP_REPORT_FILE, comparison_markdown(results, best, cfg))
     write_history_csv(layout.plots_dir / TOP_HISTORY_FILE, results)
+    write_head_csvs(layout.plots_dir / TOP_HEADS_DIR, results)
+    record = top_run_record(manifest, features_key(layout), time.perf_counter() - start)
+    write_run_record(layout.run_record(STAGE), record)
     return manifest
+
+
+# per-head figures that judge a head (metrics/top.json); its seconds go to the run record
+HEAD_METRICS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy", "epochs", "best_epoch", "params")
+
+
+def top_metrics(manifest: TopManifest) -> dict[str, Any]:
+    """``metrics/top.json``: the best head and every head's figures, no timings or paths."""
+    return {
+        "best_head": manifest.best_head,
+        "val_loss": manifest.val_loss,
+        "val_accuracy": manifest.val_accuracy,
+        "train_samples": manifest.train_samples,
+        "val_samples": manifest.val_samples,
+        "heads": {h["name"]: {k: h[k] for k in HEAD_METRICS} for h in manifest.heads},
+    }
+
+
+def top_run_record(manifest: TopManifest, cache_key: str, seconds: float) -> dict[str, Any]:
+    """``reports/runs/train_top.json``: what the run took (seconds, per head) and what it read and wrote."""
+    return {
+        "seconds": round(seconds, 3),
+        "head_seconds": {h["name"]: h["seconds"] for h in manifest.heads},
+        "features_cache_key": cache_key,
+        "head_file": manifest.head_file,
+    }
+
+
+def features_key(layout: Layout) -> str:
+    """The feature cache key the heads were trained on (the features manifest's, checked by read_features)."""
+    from tasks.features import read_manifest
+
+    return str(read_manifest(layout)["cache_key"])

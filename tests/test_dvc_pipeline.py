@@ -3,7 +3,8 @@
 A fresh `dvc repro` runs every stage (index and features too) and a second is a no-op; each stage lists exactly
 the params it reads (features.batch_size reruns only features, computing nothing; evaluate.tolerance, the gate's,
 reruns nothing), and `retrainflow run` agrees with DVC on what is stale; `dvc exp run -S top.lr=...` reruns only
-train_top and what follows; `dvc plots show` renders the curves and the confusion data; a Prefect `retrain` run
+train_top and what follows; `dvc plots show` renders each head's curves as its own series, the confusion data and
+the PNG reports (image plots, which the HTML shows offline: its vega scripts come from a CDN); a Prefect `retrain` run
 leaves `dvc status` clean; with a remote, images dropped into data/ are recorded and pushed, never pulled over.
 """
 
@@ -27,6 +28,7 @@ from prefect_api import client_env, local_server
 from test_flows import TINY_PARAMS
 
 from tasks.layout import Layout
+from tasks.train_top import TOP_HEADS_DIR
 
 PROJECT = Path(__file__).resolve().parents[1]
 DVC_YAML = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
@@ -91,6 +93,8 @@ def test_outs_match_layout() -> None:
         layout.top_dir,
         layout.candidate_dir,
         layout.metrics_dir / "evaluate.json",
+        layout.plots_dir / TOP_HEADS_DIR,
+        *(layout.run_record(stage) for stage in STAGES[1:]),
     ):
         assert path.as_posix() in outs, path
     roots = [layout.index_dir, layout.features_manifest.parent, layout.features_cache, layout.models_dir]
@@ -140,15 +144,25 @@ def test_evaluate_outs_hold_every_report_it_writes() -> None:
     assert (layout.metrics_dir / evaluate.EVALUATE_METRICS_FILE).as_posix() in outs
 
 
+IMAGE_PLOTS = ("reports/training_curves.png", "reports/confusion_matrix.png", "reports/predictions.png")
+
+
 def test_plots_have_axes_and_metrics_are_git_tracked() -> None:
-    plots = {next(iter(p)): p[next(iter(p))] for p in DVC_YAML["plots"]}
+    plots = {
+        p if isinstance(p, str) else next(iter(p)): None if isinstance(p, str) else p[next(iter(p))]
+        for p in DVC_YAML["plots"]
+    }
     assert plots["confusion"]["template"] == "confusion"
     assert plots["confusion"]["y"] == {"plots/confusion.csv": "actual"}
     plots_files = {"plots/top_history.csv", "plots/finetune_history.csv", "plots/confusion.csv"}
-    for plot_csv in ("plots/top_history.csv", "plots/finetune_history.csv"):
+    for plot_csv in (f"plots/{TOP_HEADS_DIR}", "plots/finetune_history.csv"):
         assert plots[plot_csv]["x"] == "epoch" and "val_accuracy" in plots[plot_csv]["y"]
+    assert "plots/top_history.csv" not in plots  # its rows mix the heads; top_heads/ has one file per head
+    for png in IMAGE_PLOTS:  # the evaluate stage's PNGs, so `dvc plots show` draws something offline
+        assert plots[png] is None and png in _outs(DVC_YAML["stages"]["evaluate"])
     small = {"metrics/features.json", "metrics/top.json", "metrics/finetune.json", "metrics/evaluate.json"}
-    small |= plots_files
+    small |= plots_files | {f"plots/{TOP_HEADS_DIR}"}
+    small |= {f"reports/runs/{stage}.json" for stage in STAGES[1:]}
     for stage in DVC_YAML["stages"].values():
         for item in stage.get("outs", []) + stage.get("metrics", []):
             if isinstance(item, dict) and next(iter(item)) in small:
@@ -223,9 +237,15 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+TWO_HEADS = [{"name": "linear", "type": "linear"}, {"name": "dense8", "type": "dense", "units": [8]}]
+
+
 def full_tiny_params() -> dict:
-    """The project's params.yaml (DVC needs every key a stage lists) with the tiny test values on top."""
-    return _deep_merge(yaml.safe_load((PROJECT / "params.yaml").read_text()), TINY_PARAMS)
+    """The project's params.yaml (DVC needs every key a stage lists) with the tiny test values on top (and two
+    heads, whose curves `dvc plots` must keep apart)."""
+    params = _deep_merge(yaml.safe_load((PROJECT / "params.yaml").read_text()), TINY_PARAMS)
+    params["top"]["heads"] = TWO_HEADS
+    return params
 
 
 def _set_param(repo: Path, section: str, key: str, value: object) -> None:
@@ -305,7 +325,9 @@ def test_fresh_repro_runs_every_stage_and_params_rerun_only_their_readers(
     _set_param(repo, "features", "batch_size", 4)
     assert _ran(_run([*DVC, "repro"], repo, env)) == ["features"]
     metrics = json.loads((repo / "metrics" / "features.json").read_text())
-    assert metrics["computed"] == 0 and metrics["batch_size"] == 4 and metrics["reused"] == metrics["pairs"]
+    assert metrics["computed"] == 0 and metrics["reused"] == metrics["pairs"] and "seconds" not in metrics
+    record = json.loads((repo / "reports" / "runs" / "features.json").read_text())
+    assert record["batch_size"] == 4 and record["seconds"] > 0 and "key_spec" in record
     assert (repo / "features" / "features.json").read_bytes() == features_json
     lock_after = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     for name in ("index", "train_top", "finetune", "evaluate"):
@@ -365,9 +387,26 @@ def test_prefect_run_then_dvc_agrees_and_param_change_reruns_only_downstream(
     assert yaml.safe_load((repo / "params.yaml").read_text())["top"]["lr"] == 0.02
     assert _ran(_run([*DVC, "repro"], repo, env)) == []
 
-    # 3. dvc plots renders the training curves and the confusion matrix from the CSVs the stages wrote
+    # 3. dvc plots renders the training curves (each head its own series: its own file), the confusion matrix
+    #    and the PNG reports; the HTML page shows the PNGs as <img> files beside it (no network needed)
     shown = json.loads(_run([*DVC, "plots", "show", "--json"], repo, env))["data"]
-    assert set(shown) == {"plots/top_history.csv", "plots/finetune_history.csv", "confusion"}
+    heads = [f"plots/{TOP_HEADS_DIR}/{h['name']}.csv" for h in TWO_HEADS]
+    assert set(shown) == {*heads, "plots/finetune_history.csv", "confusion", *IMAGE_PLOTS}
+    for png in IMAGE_PLOTS:
+        (image,) = shown[png]
+        assert image["type"] == "image" and Path(image["url"]).is_file()
+    _run([*DVC, "plots", "show", "-o", "page"], repo, env)
+    page = (repo / "page" / "index.html").read_text()
+    for png in IMAGE_PLOTS:
+        src = f"static/workspace_{png.replace('/', '_')}"
+        assert f'<img src="{src}"' in page and (repo / "page" / src).is_file(), png
+    history = _csv_rows(repo / "plots" / "top_history.csv")
+    for head, plot_id in zip(TWO_HEADS, heads, strict=True):
+        values = _plot_values(shown, plot_id)
+        rows = [r for r in history if r["head"] == head["name"]]
+        assert len(rows) == 2 and {v["filename"] for v in values} == {plot_id}  # nothing of the other head
+        drawn = [(v["epoch"], float(v["dvc_inferred_y_value"])) for v in values if v["field"] == "val_loss"]
+        assert drawn == [(r["epoch"], float(r["val_loss"])) for r in rows], head
     confusion = _plot_values(shown, "confusion")
     expected = _csv_rows(repo / "plots" / "confusion.csv")
     assert Counter((v["actual"], v["predicted"]) for v in confusion) == Counter(
@@ -375,7 +414,7 @@ def test_prefect_run_then_dvc_agrees_and_param_change_reruns_only_downstream(
     )
     test_count = json.loads((repo / "metrics" / "evaluate.json").read_text())["test_count"]
     assert len(confusion) == test_count and {v["actual"] for v in confusion} == {"red", "blue"}
-    for csv_name, epochs in (("top_history.csv", 2), ("finetune_history.csv", 1)):
+    for csv_name, epochs in (("finetune_history.csv", 1),):
         values = _plot_values(shown, f"plots/{csv_name}")
         rows = _csv_rows(repo / "plots" / csv_name)
         assert len(rows) == epochs, csv_name

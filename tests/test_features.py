@@ -125,24 +125,32 @@ def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.Ca
     total = c["train"] * 3 + c["val"] + c["test"]
 
     # 1. first run computes every view: clean + 2 augmented per train image, clean for val/test
-    first = run_features(params, layout, index=index, show_progress=False)
+    first = run_features(params, layout, index=index)
     assert (first.computed, first.reused, first.pairs) == (total, 0, total)
-    assert json.loads(layout.features_metrics.read_text())["computed"] == total
+    metrics = json.loads(layout.features_metrics.read_text())  # counts only: `dvc metrics show` stays narrow
+    assert metrics == {"pairs": total, "computed": total, "reused": 0, "images_computed": len(index)}
+    record = json.loads(layout.run_record("features").read_text())  # timings and cache details
+    assert record["seconds"] > 0 and record["key_spec"] == first.key_spec and record["shards_written"] > 0
+    assert record["cache_dir"] == first.cache_dir and record["images_per_second"] > 0
     stable_bytes = layout.features_manifest.read_bytes()
     stable = json.loads(stable_bytes)
     assert "computed" not in stable and "seconds" not in stable and stable["cache_key"] == first.cache_key
-    assert f"computed {total}, reused 0" in capsys.readouterr().err
+    assert (
+        first.summary()
+        == f"features {first.cache_key}: computed {total}, reused 0 ({total} views of 20 images)"
+    )
+    assert capsys.readouterr().err == ""  # display is the caller's: the stage prints nothing
     assert first.views["train"][0] == "clean" and len(first.views["train"]) == 3
     assert first.views["val"] == ["clean"]
 
     # 2. a second run computes nothing and asks the input pipeline for nothing
     recorder.calls.clear()
-    second = run_features(params, layout, index=index, show_progress=False)
+    second = run_features(params, layout, index=index)
     assert (second.computed, second.reused) == (0, total)
     assert recorder.calls == [] and second.content_hash == first.content_hash
     assert layout.features_manifest.read_bytes() == stable_bytes  # DVC sees no change: train_top is not rerun
     assert json.loads(layout.features_metrics.read_text())["computed"] == 0
-    assert f"computed 0, reused {total}" in capsys.readouterr().err
+    assert f"computed 0, reused {total}" in second.summary() and capsys.readouterr().err == ""
 
     # 3. +10% images (2 of 20): only their views are computed
     new_files = []
@@ -154,7 +162,7 @@ def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.Ca
     assert len(new) == 2 and set(grown["sha256"]) > set(index["sha256"])
     new_views = sum(3 if s == "train" else 1 for s in new["split"])
     recorder.calls.clear()
-    third = run_features(params, layout, index=grown, show_progress=False)
+    third = run_features(params, layout, index=grown)
     assert (third.computed, third.reused) == (new_views, total)
     assert {sha for _, sha in recorder.asked()} == set(new["sha256"])
 
@@ -162,7 +170,7 @@ def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.Ca
     other = tiny_params(
         root, top={"lr": 0.5, "epochs": 3}, finetune={"unfreeze_blocks": 5}, evaluate={"batch_size": 4}
     )
-    fourth = run_features(other, layout, index=grown, show_progress=False)
+    fourth = run_features(other, layout, index=grown)
     assert (fourth.computed, fourth.cache_key) == (0, first.cache_key)
 
     # 5. another augmentation recomputes exactly the augmented views, never the clean ones
@@ -170,33 +178,35 @@ def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.Ca
     all_views = c["train"] * 3 + c["val"] + c["test"]
     recorder.calls.clear()
     aug = tiny_params(root, augment={"rotation_range": 20})
-    fifth = run_features(aug, layout, index=grown, show_progress=False)
+    fifth = run_features(aug, layout, index=grown)
     assert (fifth.computed, fifth.reused) == (c["train"] * 2, all_views - c["train"] * 2)
     assert all(view != "clean" for view, _ in recorder.asked())
     assert fifth.cache_key == first.cache_key
 
     # 6. another base recomputes everything under a new key
     base = tiny_params(root, augment={"rotation_range": 20}, base={"name": "mobilenet_v2", "alpha": 0.35})
-    sixth = run_features(base, layout, index=grown, show_progress=False)
+    sixth = run_features(base, layout, index=grown)
     assert (sixth.computed, sixth.reused) == (all_views, 0) and sixth.cache_key != first.cache_key
 
     # 7. the same index with no augmented passes needs only clean views: all cached
     clean_only = tiny_params(root, augment={"passes": 0})
-    seventh = run_features(clean_only, layout, index=grown, show_progress=False)
+    seventh = run_features(clean_only, layout, index=grown)
     assert (seventh.computed, seventh.reused) == (0, len(grown))
 
 
 def test_read_features_shapes_order_and_guard(workspace, recorder: Recorder):
-    from tasks.features import read_features, run_features
+    from tasks.features import FeaturesMismatchError, read_features, run_features
+    from tasks.progress import Step
 
     root, layout = workspace
     index = hand_index(root)
     params = tiny_params(root)
-    seen: list[tuple[int, int]] = []
-    manifest = run_features(
-        params, layout, index=index, progress=lambda *a: seen.append(a), show_progress=False
-    )
-    assert seen[-1] == (manifest.computed, manifest.computed) and seen == sorted(seen)
+    seen: list[Step] = []
+    manifest = run_features(params, layout, index=index, progress=seen.append)
+    assert {(s.task, s.total, s.unit) for s in seen} == {("features", manifest.computed, "img")}
+    done = [s.done for s in seen]
+    assert done == sorted(done) and done[-1] == manifest.computed and len(done) > 1
+    assert [s.final for s in seen] == [False] * (len(seen) - 1) + [True]
     n_train = int((index["split"] == "train").sum())
     train = read_features(params, layout, "train", "all", index=index)
     assert train.x.shape == (n_train * 3, 256) and train.x.dtype == np.float32
@@ -214,7 +224,9 @@ def test_read_features_shapes_order_and_guard(workspace, recorder: Recorder):
 
     with pytest.raises(ValueError, match="run `retrainflow features`"):
         read_features(tiny_params(root, features={"pooling": "max"}), layout, "val", index=index)
-    with pytest.raises(KeyError, match="run `retrainflow features`"):  # new augmentation: not computed yet
+    with pytest.raises(
+        FeaturesMismatchError, match=r"augment\.rotation_range=10\.0 but the params say 30\.0"
+    ):
         read_features(tiny_params(root, augment={"rotation_range": 30}), layout, "train", index=index)
     with pytest.raises(ValueError, match="split.*'holdout'"):
         read_features(params, layout, "holdout", index=index)
@@ -227,7 +239,7 @@ def test_clean_view_features_equal_the_model_output(workspace, recorder: Recorde
     root, layout = workspace
     index = hand_index(root)
     params = tiny_params(root, features={"pooling": "max"})
-    run_features(params, layout, index=index, show_progress=False)
+    run_features(params, layout, index=index)
     got = read_features(params, layout, "test", "clean", index=index)
 
     rows = index[index["split"] == "test"].reset_index(drop=True)
@@ -250,10 +262,10 @@ def test_crop_to_aspect_ratio_reaches_every_view_and_is_part_of_the_key(workspac
     index = hand_index(root)
     stretched = tiny_params(root, image={"size": [32, 32], "crop_to_aspect_ratio": False})
     cropped = tiny_params(root, image={"size": [32, 32], "crop_to_aspect_ratio": True})
-    first = run_features(stretched, layout, index=index, show_progress=False)
+    first = run_features(stretched, layout, index=index)
     assert set(recorder.crops) == {False} and "/crop" not in first.key_spec["preprocessing"]
     recorder.crops.clear()
-    second = run_features(cropped, layout, index=index, show_progress=False)
+    second = run_features(cropped, layout, index=index)
     assert second.cache_key != first.cache_key and second.key_spec["preprocessing"].endswith("/crop")
     assert (second.computed, second.reused) == (first.pairs, 0) and set(recorder.crops) == {True}
 
@@ -266,10 +278,10 @@ def test_rescale_scales_every_view_before_the_base_and_is_part_of_the_key(worksp
     index = hand_index(root)
     plain = tiny_params(root, features={"pooling": "max"})
     halved = tiny_params(root, features={"pooling": "max"}, augment={"rescale": 0.5})
-    first = run_features(plain, layout, index=index, show_progress=False)
+    first = run_features(plain, layout, index=index)
     recorder.calls.clear()
     recorder.rescales.clear()
-    second = run_features(halved, layout, index=index, show_progress=False)
+    second = run_features(halved, layout, index=index)
     # a new key: nothing is reused across rescale values, the clean view included
     assert second.cache_key != first.cache_key and "rescale=0.5" in second.key_spec["preprocessing"]
     assert (second.computed, second.reused) == (first.pairs, 0)
@@ -289,9 +301,7 @@ def test_rescale_scales_every_view_before_the_base_and_is_part_of_the_key(worksp
     scale = np.abs(expected).max()
     got = read_features(halved, layout, "test", "clean", index=index).x
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * scale)
-    assert (
-        run_features(plain, layout, index=index, show_progress=False).computed == 0
-    )  # its own key, still cached
+    assert run_features(plain, layout, index=index).computed == 0  # its own key, still cached
     unscaled = read_features(plain, layout, "test", "clean", index=index).x
     np.testing.assert_allclose(unscaled, base_features(pixels), rtol=1e-4, atol=1e-4 * scale)
     assert np.abs(got - unscaled).max() > 0.01 * scale  # the factor really changed the features
@@ -308,7 +318,7 @@ root, ws, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
 tasks.features._view_dataset = T.view_source
 params = T.tiny_params(T.Path(root), features={{"batch_size": 4, "shard_size": 4}})
 tasks.features.run_features(params, Layout(T.Path(ws)), index=T.hand_index(T.Path(root)),
-                            progress=lambda done, total: time.sleep(delay), show_progress=False)
+                            progress=lambda step: time.sleep(delay))
 """
 
 
@@ -348,11 +358,11 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(workspace, tmp_path
     assert not layout.features_manifest.exists()  # the kill landed mid-extraction
     committed = sum(s["rows"] for s in json.loads(manifest.read_text())["shards"])
 
-    resumed = run_features(params, layout, index=index, show_progress=False)
+    resumed = run_features(params, layout, index=index)
     assert resumed.reused >= committed > 0 and resumed.computed == resumed.pairs - resumed.reused
 
     clean_ws = Layout(tmp_path / "uninterrupted")
-    run_features(params, clean_ws, index=index, show_progress=False)
+    run_features(params, clean_ws, index=index)
     for split in ("train", "val", "test"):
         a = read_features(params, layout, split, index=index)
         b = read_features(params, clean_ws, split, index=index)
@@ -370,12 +380,12 @@ def test_real_mobilenet_weights_by_path(workspace, recorder: Recorder):
     index = hand_index(root)
     weights = shared_path("weights", "mobilenet_2_5_224_tf_no_top.h5")
     params = tiny_params(root, base={"weights": str(weights)}, augment={"passes": 1})
-    first = run_features(params, layout, index=index, show_progress=False)
+    first = run_features(params, layout, index=index)
     assert first.key_spec["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert first.computed == first.pairs and first.reused == 0
-    again = run_features(params, layout, index=index, show_progress=False)
+    again = run_features(params, layout, index=index)
     assert (again.computed, again.reused) == (0, first.pairs)
-    random = run_features(tiny_params(root, augment={"passes": 1}), layout, index=index, show_progress=False)
+    random = run_features(tiny_params(root, augment={"passes": 1}), layout, index=index)
     assert random.cache_key != first.cache_key and random.computed == random.pairs
 
     # pretrained features separate the two colour classes with a nearest-centroid rule on clean views
@@ -407,17 +417,24 @@ def test_cli_features_then_cache_list_and_prune(tmp_path: Path):
         return result.stdout
 
     run("index")
-    first = run("features", "--no-progress")
-    assert first.strip().startswith("computed ") and first.strip().endswith(", reused 0")
-    computed = int(first.split()[1].rstrip(","))
-    assert computed > 16  # 16 images: train ones have 3 views
-    assert run("features", "--no-progress").strip() == f"computed 0, reused {computed}"
+    first = run("features", "--no-progress").strip()
+    assert first.startswith("features ") and "\n" not in first  # one summary line of what it wrote
+    key = first.split()[1].rstrip(":")
+    computed = int(first.split("computed ")[1].split(",")[0])
+    assert computed > 16 and f"computed {computed}, reused 0 ({computed} views of 16 images)" in first
+    ws = (tmp_path / "ws").as_posix()
+    assert first.endswith(
+        f"; wrote {ws}/cache/features/{key}, {ws}/features/features.json, {ws}/metrics/features.json, "
+        f"{ws}/reports/runs/features.json"
+    )
+    assert f"computed 0, reused {computed} " in run("features", "--no-progress")
     other = run("features", "--no-progress", "--set", "features.pooling=max", "--json")
     assert json.loads(other)["computed"] == computed
 
     listing = run("cache", "list")
     current = [line for line in listing.splitlines() if line.startswith("* ")]
     assert len(current) == 1 and f"{computed} rows" in current[0] and "2 keys" in listing
+    assert listing.splitlines()[-1].startswith("2 keys, ") and f" in {ws}/cache/features;" in listing
     current_key = current[0].split()[1]
     keys = {entry["key"] for entry in json.loads(run("cache", "list", "--json"))}
     assert len(keys) == 2 and current_key in keys
@@ -425,10 +442,14 @@ def test_cli_features_then_cache_list_and_prune(tmp_path: Path):
 
     dry = run("cache", "prune", "--dry-run")
     assert f"would remove {stale}" in dry and (tmp_path / "ws" / "cache" / "features" / stale).is_dir()
-    assert f"removed {stale}" in run("cache", "prune")
+    pruned = run("cache", "prune").splitlines()
+    assert f"removed {stale}" in pruned[0]
+    assert pruned[-1].startswith("removed 1 keys, ") and pruned[-1].endswith(
+        f"{ws}/cache/features; kept {key}"
+    )
     assert not (tmp_path / "ws" / "cache" / "features" / stale).exists()
     assert {e["key"] for e in json.loads(run("cache", "list", "--json"))} == {current_key}
-    assert run("features", "--no-progress").strip() == f"computed 0, reused {computed}"
+    assert f"computed 0, reused {computed} " in run("features", "--no-progress")
 
 
 def test_float16_underflow_of_a_random_base_is_reported(workspace, recorder, capsys: pytest.CaptureFixture):
@@ -437,13 +458,15 @@ def test_float16_underflow_of_a_random_base_is_reported(workspace, recorder, cap
     root, layout = workspace
     index = hand_index(root).iloc[:6].reset_index(drop=True)
     params = tiny_params(root, features={"dtype": "float16", "cache_dir": "elsewhere"}, augment={"passes": 0})
-    manifest = run_features(params, layout, index=index, show_progress=False)
+    manifest = run_features(params, layout, index=index)
     assert manifest.computed == 6 and manifest.key_spec["dtype"] == "float16"
     assert (
         layout.root / "elsewhere" / manifest.cache_key / "manifest.json"
     ).is_file()  # relative to workspace
     assert not layout.features_cache.exists()
-    assert "underflow float16" in capsys.readouterr().err
+    (warning,) = manifest.warnings  # for the caller to show; the stage prints nothing
+    assert "underflow float16" in warning and capsys.readouterr().err == ""
+    assert json.loads(layout.run_record("features").read_text())["warnings"] == [warning]
     split = index["split"].iloc[0]
     assert read_features(params, layout, split, index=index).x.dtype == np.float32
 
@@ -534,3 +557,56 @@ def test_cache_prune_takes_the_workspace_lock_and_skips_a_key_in_use(tmp_path: P
     result = runner.invoke(app, args)
     assert result.exit_code == 0 and f"removed {busy.key}" in result.stdout, result.output
     assert list_keys(root) == []
+
+
+def test_cache_keys_are_those_of_earlier_releases():
+    """Existing caches stay valid: the key of a given spec never changes (a rerun computes nothing)."""
+    from tasks.features import key_spec_for, preprocessing_id
+
+    params = tiny_params(Path("/data"))
+    assert (key_spec_for(params, "ab" * 32).key, preprocessing_id(params)) == (
+        "mobilenet-a5da02ef4046ce66",
+        "tf/bilinear/crop",
+    )
+    scaled = tiny_params(Path("/data"), augment={"rescale": 0.5}, image={"crop_to_aspect_ratio": False})
+    assert key_spec_for(scaled, "ab" * 32).key == "mobilenet-20337f93d344e692"
+
+
+def test_features_of_other_params_name_each_param_that_differs(workspace, recorder: Recorder):
+    """train_top with other params than the features stage had: one line naming the params, a ValueError (the
+    CLI's one-line error), instead of a KeyError about (sha256, view) pairs."""
+    from tasks.features import RERUN, FeaturesMismatchError, read_features, run_features
+
+    root, layout = workspace
+    index = hand_index(root)
+    run_features(tiny_params(root), layout, index=index)
+
+    def refused(split: str = "train", **sections: dict[str, Any]) -> str:
+        with pytest.raises(FeaturesMismatchError) as err:
+            read_features(tiny_params(root, **sections), layout, split, index=index, stage="train_top")
+        assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
+        return str(err.value)
+
+    assert refused(augment={"passes": 3}) == (
+        f"train_top: the features were computed with augment.passes=2 but the params say 3; {RERUN}"
+    )
+    assert "image.size=[32, 32] but the params say [48, 48]" in refused(image={"size": 48})
+    assert "augment.rescale=null but the params say 0.5" in refused("val", augment={"rescale": 0.5})
+    assert "image.interpolation=bilinear but the params say nearest" in refused(
+        image={"interpolation": "nearest"}
+    )
+    assert refused("val", features={"pooling": "max", "dtype": "float16"}).startswith(
+        "train_top: the features were computed with features.pooling=avg, features.dtype=float32 but the params "
+        "say features.pooling=max, features.dtype=float16;"
+    )
+    assert "augment.seed=0 but the params say 5" in refused(augment={"seed": 5})
+    # fewer passes than computed: every view it needs is cached
+    assert len(read_features(tiny_params(root, augment={"passes": 1}), layout, "train", index=index)) > 0
+
+    grown = pd.concat([index, index.iloc[[0]].assign(sha256="f" * 64, path="red/extra.png")])
+    split = index["split"].iloc[0]
+    with pytest.raises(
+        FeaturesMismatchError,
+        match=f"{3 if split == 'train' else 1} of .* {split} .* not in feature cache .* index changed",
+    ):
+        read_features(tiny_params(root), layout, split, index=grown.reset_index(drop=True), stage="train_top")

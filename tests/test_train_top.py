@@ -137,3 +137,103 @@ def test_head_and_its_json_stay_paired_when_a_save_is_killed_between_them(tmp_pa
     legacy = {k: v for k, v in read_head_info(layout).items() if k != "model_sha256"}
     (layout.top_dir / HEAD_INFO_FILE).write_text(json.dumps(legacy))
     load_head(layout)
+
+
+# ------------------------------------------------------------------------------------ the stage on features
+@pytest.fixture
+def featured(tmp_path):
+    """A workspace whose index and features ran (tiny random base, 2 augmented passes), and its params file."""
+    import yaml
+    from imagegen import make_class_folders
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    root = make_class_folders(tmp_path / "images", ["blue", "red"], per_class=8, size=40)
+    raw = {
+        "data": {"root": str(root), "min_per_split": 0},
+        "image": {"size": 32},
+        "base": {"name": "mobilenet", "alpha": 0.25, "weights": "none"},
+        "features": {"batch_size": 8, "dtype": "float32"},
+        "augment": {"passes": 2, "rotation_range": 10},
+        "top": {
+            "epochs": 3,
+            "patience": 5,
+            "heads": [{"name": "linear", "type": "linear"}, {"name": "small", "type": "dense", "units": [8]}],
+        },
+    }
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    common = ["--params", str(params_file), "--workdir", str(tmp_path / "ws")]
+    for command in ("index", "features"):
+        result = CliRunner().invoke(
+            app, [command, *common, *(["--no-progress"] if command == "features" else [])]
+        )
+        assert result.exit_code == 0, result.output
+    return tmp_path / "ws", params_file, common
+
+
+def test_run_train_top_reports_epochs_per_head_and_keeps_timings_out_of_metrics(featured):
+    import csv
+    import json
+
+    from tasks.config import load_params
+    from tasks.layout import Layout
+    from tasks.progress import Step
+    from tasks.train_top import TOP_HEADS_DIR, run_train_top
+
+    ws, params_file, _ = featured
+    layout = Layout(ws)
+    stale = layout.plots_dir / TOP_HEADS_DIR / "gone.csv"  # a head of an earlier run
+    stale.parent.mkdir(parents=True)
+    stale.write_text("epoch\n")
+    seen: list[Step] = []
+    manifest = run_train_top(load_params(params_file), layout, progress=seen.append)
+
+    for head in ("linear", "small"):
+        steps = [s for s in seen if s.task == f"train_top {head}"]
+        assert [s.done for s in steps] == [1, 2, 3] and {(s.total, s.unit) for s in steps} == {(3, "epoch")}
+        assert steps[-1].final and "val_loss" in steps[0].info
+    metrics = json.loads((layout.metrics_dir / "top.json").read_text())
+    assert set(metrics["heads"]) == {"linear", "small"}
+    assert "seconds" not in json.dumps(metrics) and "head_file" not in metrics
+    record = json.loads(layout.run_record("train_top").read_text())
+    assert record["seconds"] > 0 and set(record["head_seconds"]) == {"linear", "small"}
+    assert record["features_cache_key"] == json.loads(layout.features_manifest.read_text())["cache_key"]
+    assert record["head_file"] == manifest.head_file
+
+    # one CSV per head, the same rows as the one table (dvc plots colours series by file)
+    per_head = sorted(p.name for p in (layout.plots_dir / TOP_HEADS_DIR).iterdir())
+    assert per_head == ["linear.csv", "small.csv"]  # the stale one is gone
+    with (layout.plots_dir / "top_history.csv").open(newline="") as fh:
+        table = list(csv.DictReader(fh))
+    with (layout.plots_dir / TOP_HEADS_DIR / "small.csv").open(newline="") as fh:
+        small = list(csv.DictReader(fh))
+    assert small == [{k: v for k, v in r.items() if k != "head"} for r in table if r["head"] == "small"]
+    assert len(small) == 3
+
+
+def test_train_top_with_other_params_than_the_features_is_one_clear_line(featured):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    ws, _, common = featured
+    result = CliRunner().invoke(app, ["train-top", *common, "--set", "augment.passes=3"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines == [
+        "error: train_top: the features were computed with augment.passes=2 but the params say 3; run "
+        "`retrainflow features` with the same params first"
+    ]
+    assert not (ws / "models" / "top").exists()
+
+
+def test_head_names_that_cannot_name_a_file_are_refused_before_training(tmp_path):
+    from tasks.config import params_from_dict
+    from tasks.layout import Layout
+    from tasks.train_top import run_train_top
+
+    params = params_from_dict({"top": {"heads": [{"name": "a/b", "type": "linear"}]}})
+    with pytest.raises(ValueError, match=r"top\.heads: .*got \['a/b'\]"):
+        run_train_top(params, Layout(tmp_path))
