@@ -319,23 +319,6 @@ def publish_summary(summary: Mapping[str, Any], layout: Layout) -> UUID:
     )
 
 
-def publish_report_links(layout: Layout) -> list[Path]:
-    """One link artifact per PNG report (``file://`` URLs of the workspace files). A browser does not open a
-    ``file://`` link from the dashboard's http page: the links name the files for whoever is on the machine that
-    ran the flow; the images themselves are embedded in the ``run-summary`` artifact."""
-    from prefect.artifacts import create_link_artifact
-
-    pngs = report_pngs(layout)
-    for png in pngs:
-        create_link_artifact(
-            link=png.as_uri(),
-            link_text=png.name,
-            key=artifact_key("report", png.stem),
-            description=f"`{png}` on the machine that ran the flow (the run-summary artifact shows the image)",
-        )
-    return pngs
-
-
 def manifest_dict(manifest: Any) -> dict[str, Any]:
     """A stage manifest (dataclass, pydantic model, mapping) as a JSON-able dict."""
     import dataclasses

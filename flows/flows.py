@@ -70,8 +70,7 @@ def _run_evaluate(params: Params, layout: Layout, progress: Reporter) -> Any:
     manifest = run_evaluate(params, layout, progress=progress)
     from tasks.model_registry import read_evaluate_metrics
 
-    artifacts.publish_metrics_table(read_evaluate_metrics(layout))
-    artifacts.publish_report_links(layout)
+    artifacts.publish_metrics_table(read_evaluate_metrics(layout))  # the report images go in the run summary
     return manifest
 
 
