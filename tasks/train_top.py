@@ -353,8 +353,9 @@ def run_train_top(params: Params, layout: Layout, *, progress: Reporter | None =
     return manifest
 
 
-# per-head figures that judge a head (metrics/top.json); its seconds go to the run record
-HEAD_METRICS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy", "epochs", "best_epoch", "params")
+# per-head figures that compare heads in `dvc metrics show` / `dvc exp show` (metrics/top.json); the rest of each
+# head's summary (train figures, epochs, params, seconds) is in the run record and reports/top_comparison.md
+HEAD_METRICS = ("val_loss", "val_accuracy")
 
 
 def top_metrics(manifest: TopManifest) -> dict[str, Any]:
@@ -370,10 +371,11 @@ def top_metrics(manifest: TopManifest) -> dict[str, Any]:
 
 
 def top_run_record(manifest: TopManifest, cache_key: str, seconds: float) -> dict[str, Any]:
-    """``reports/runs/train_top.json``: what the run took (seconds, per head) and what it read and wrote."""
+    """``reports/runs/train_top.json``: what the run took (seconds; each head's whole summary, its seconds
+    included) and what it read and wrote."""
     return {
         "seconds": round(seconds, 3),
-        "head_seconds": {h["name"]: h["seconds"] for h in manifest.heads},
+        "heads": {h["name"]: {k: v for k, v in h.items() if k != "name"} for h in manifest.heads},
         "features_cache_key": cache_key,
         "head_file": manifest.head_file,
     }

@@ -195,10 +195,12 @@ def test_run_train_top_reports_epochs_per_head_and_keeps_timings_out_of_metrics(
         assert [s.done for s in steps] == [1, 2, 3] and {(s.total, s.unit) for s in steps} == {(3, "epoch")}
         assert steps[-1].final and "val_loss" in steps[0].info
     metrics = json.loads((layout.metrics_dir / "top.json").read_text())
-    assert set(metrics["heads"]) == {"linear", "small"}
+    assert set(metrics["heads"]) == {"linear", "small"}  # narrow: `dvc exp show` gets 2 columns a head
+    assert metrics["heads"]["small"] == {k: manifest.heads[1][k] for k in ("val_loss", "val_accuracy")}
     assert "seconds" not in json.dumps(metrics) and "head_file" not in metrics
     record = json.loads(layout.run_record("train_top").read_text())
-    assert record["seconds"] > 0 and set(record["head_seconds"]) == {"linear", "small"}
+    assert record["seconds"] > 0 and set(record["heads"]) == {"linear", "small"}
+    assert record["heads"]["small"]["seconds"] > 0 and record["heads"]["small"]["epochs"] == 3
     assert record["features_cache_key"] == json.loads(layout.features_manifest.read_text())["cache_key"]
     assert record["head_file"] == manifest.head_file
 
