@@ -1,0 +1,75 @@
+"""What the stages feed the base, resolved once from the params (timm's ``resolve_data_config``).
+
+Every stage and pipeline function that reads images takes one :class:`Inputs` instead of loose ``image_size``,
+``interpolation``, ``crop_to_aspect_ratio``, ``rescale`` ... parameters, so the rules that turn params into
+these values live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tasks.bases import BaseSpec
+    from tasks.config import Params
+    from tasks.layout import Layout
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The resolved input settings of a run.
+
+    ``image_size`` (height, width) fed to the base; ``interpolation`` and ``crop_to_aspect_ratio`` of the resize;
+    ``rescale`` applied to every view (``augment.rescale``); ``preprocessing_id`` names all of that plus the
+    base's preprocessing mode (part of the feature cache key); ``data_root`` is the folder the index paths are
+    relative to; ``cache_root`` the feature cache; ``base`` the registry entry and ``alpha`` its resolved width.
+    """
+
+    image_size: tuple[int, int]
+    interpolation: str
+    crop_to_aspect_ratio: bool
+    rescale: float | None
+    preprocessing_id: str
+    data_root: Path
+    cache_root: Path
+    base: BaseSpec
+    alpha: float | None
+
+
+def resolve_inputs(params: Params, layout: Layout) -> Inputs:
+    """The one place that derives the input settings from ``params`` (and the workspace ``layout``)."""
+    from tasks.bases import get_spec, resolve_image_size
+
+    spec = get_spec(params.base.name)
+    return Inputs(
+        image_size=resolve_image_size(params.image.size, spec),
+        interpolation=params.image.interpolation,
+        crop_to_aspect_ratio=params.image.crop_to_aspect_ratio,
+        rescale=params.augment.rescale,
+        preprocessing_id=preprocessing_id(params, spec),
+        data_root=Path(params.data.root),
+        cache_root=cache_root(params, layout),
+        base=spec,
+        alpha=spec.resolve_alpha(params.base.alpha),
+    )
+
+
+def preprocessing_id(params: Params, spec: BaseSpec) -> str:
+    """What happens to pixels between decoding and the base: ``<base's mode>/<interpolation>``, plus ``/crop``
+    with ``image.crop_to_aspect_ratio`` and ``/rescale=<factor>`` when ``augment.rescale`` is set (a stretched,
+    unscaled input keeps the id, and so every existing key, unchanged)."""
+    out = f"{spec.preprocess_mode}/{params.image.interpolation}"
+    if params.image.crop_to_aspect_ratio:
+        out += "/crop"
+    rescale = params.augment.rescale
+    return out if rescale is None else f"{out}/rescale={float(rescale)!r}"
+
+
+def cache_root(params: Params, layout: Layout) -> Path:
+    """``features.cache_dir`` when set (relative paths resolve against the workspace), else the layout's."""
+    cfg_dir = params.features.cache_dir
+    if cfg_dir is None:
+        return layout.features_cache
+    return cfg_dir if cfg_dir.is_absolute() else layout.root / cfg_dir
