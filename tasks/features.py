@@ -418,6 +418,7 @@ def _extract(
     done = 0
     stats: dict[str, Any] = {"first_batch_seconds": 0.0, "input_wait_seconds": 0.0}
     warnings: list[str] = []
+    advance(0)  # the display shows the total and starts its clock before the pipeline fills
     t0 = time.perf_counter()
     batches = iter(dataset)
     first_done = 0
