@@ -119,7 +119,7 @@ def main() -> None:
             }
         )
         start = time.perf_counter()
-        manifest = run_features(cfg, layout, index=index, show_progress=False)
+        manifest = run_features(cfg, layout, index=index)
         stage_wall.seconds.append(time.perf_counter() - start)
         assert manifest.computed == n and manifest.reused == 0, manifest.summary()
         stage_rates.append(float(manifest.images_per_second or 0.0))
@@ -131,7 +131,7 @@ def main() -> None:
     cached = Timing("features stage, cached rerun", n)
     for _ in range(3):
         start = time.perf_counter()
-        manifest = run_features(cfg, layout, index=index, show_progress=False)
+        manifest = run_features(cfg, layout, index=index)
         cached.seconds.append(time.perf_counter() - start)
         assert manifest.computed == 0 and manifest.reused == n, manifest.summary()
 

@@ -110,8 +110,9 @@ def train_top_cmd(
 ) -> None:
     """Train every head in top.heads on the cached features; keep the best by top.select_metric.
 
-    Writes models/top/ (head.keras, head.json), metrics/top.json, reports/top_comparison.md and
-    plots/top_history.csv. Needs `retrainflow index` and `retrainflow features` first.
+    Writes models/top/ (head.keras, head.json), metrics/top.json, reports/top_comparison.md,
+    plots/top_history.csv, plots/top_heads/<head>.csv and reports/runs/train_top.json. Needs `retrainflow index`
+    and `retrainflow features` first.
     """
     from tasks.train_top import run_train_top
 
@@ -126,6 +127,7 @@ def train_top_cmd(
             f"best head {m.best_head}: val loss {m.val_loss:.4f}, val accuracy {m.val_accuracy:.4f} "
             f"({len(m.heads)} heads compared; see reports/top_comparison.md)"
         ),
+        progress=True,
     )
 
 

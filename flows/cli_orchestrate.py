@@ -133,7 +133,9 @@ def stage_cmd(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path("."),
-    as_json: Annotated[bool, typer.Option("--json", help="Print the stage manifest as JSON on stdout.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the stage manifest as JSON on stdout.")
+    ] = False,
 ) -> None:
     """Run one stage inside its Prefect flow (the command each `dvc.yaml` stage runs).
 

@@ -48,7 +48,10 @@ def _run_features(params: Params, layout: Layout, progress: Reporter) -> Any:
         params, layout, progress=tee(progress, lambda step: artifact(step.done, step.total or 0))
     )
     artifact(1, 1)
-    get_run_logger().info("features: %s", manifest.summary())
+    logger = get_run_logger()
+    logger.info(manifest.summary())
+    for warning in manifest.warnings:
+        logger.warning(warning)
     return manifest
 
 

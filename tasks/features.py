@@ -276,16 +276,13 @@ def run_features(
     *,
     index: Any | None = None,
     progress: Reporter | None = None,
-    show_progress: bool | None = None,
 ) -> FeaturesManifest:
     """Compute the missing features of the current index into the cache and write this run's manifest.
 
     ``index`` replaces ``tasks.index.read_index(layout)`` (a DataFrame in the index's columns); ``progress``
-    receives ``Step("features", done, total, "img")`` after every batch. ``show_progress`` is ignored (the display
-    is the caller's: it passes ``progress``), accepted until its last callers drop it. Writes the features
+    receives ``Step("features", done, total, "img")`` after every batch (the display is the caller's). Writes the features
     manifest, the metrics (counts) and the run record (timings, cache details); prints nothing.
     """
-    del show_progress
     start = time.perf_counter()
     table = _load_index(layout, index)
     image_size = image_size_for(params)

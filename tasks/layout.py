@@ -45,12 +45,14 @@ class Layout:
     @property
     def features_manifest(self) -> Path:
         """What the features ARE for this index (cache key, views, content hash): changes iff the features do,
-        so DVC reruns train_top only then. This run's counts and timings go to :attr:`features_metrics`."""
+        so DVC reruns train_top only then. This run's counts go to :attr:`features_metrics`, its timings to
+        ``run_record("features")``."""
         return self.root / "features" / "features.json"
 
     @property
     def features_metrics(self) -> Path:
-        """The last features run: computed / reused counts, seconds, images/s (a DVC metric, not a dependency)."""
+        """The last features run's counts: pairs, computed, reused, images computed (a DVC metric, not a dependency);
+        its timings and cache details are in ``run_record("features")``."""
         return self.metrics_dir / "features.json"
 
     # ---- train_top / finetune

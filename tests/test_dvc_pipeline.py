@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 from prefect_api import client_env, local_server
-from test_flows import TINY_PARAMS
+from workspaces import TINY_PARAMS
 
 from tasks.layout import Layout
 from tasks.train_top import TOP_HEADS_DIR

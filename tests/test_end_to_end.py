@@ -62,7 +62,7 @@ def workspace(tmp_path_factory):
     layout = Layout(root / "work")
     params = tiny_params(data, weights)
     run_index(params, layout)
-    run_features(params, layout, show_progress=False)
+    run_features(params, layout)
     top = run_train_top(params, layout)
     ft = run_finetune(params, layout)
     ev = run_evaluate(params, layout)

@@ -310,7 +310,7 @@ def trained(tmp_path_factory):
     )
     layout = Layout(root / "work")
     run_index(params, layout)
-    run_features(params, layout, show_progress=False)
+    run_features(params, layout)
     run_train_top(params, layout)
     return params, layout
 

@@ -11,12 +11,13 @@ from uuid import UUID
 
 import pytest
 from prefect_api import client_env, local_server
-from workspaces import TINY_PARAMS, make_workspace  # noqa: F401  (TINY_PARAMS: test_dvc_pipeline's import)
+from workspaces import make_workspace
 
 from flows.artifacts import artifact_key, per_class_rows, summary_markdown
 from tasks.layout import Layout
 
 PROJECT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="session")
 def prefect_api() -> str:

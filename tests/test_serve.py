@@ -131,7 +131,11 @@ def test_dashboard_command_prints_url_and_serves(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**server_env(tmp_path), "PREFECT_UI_ENABLED": "true", "PREFECT_API_URL": "http://127.0.0.1:4200/api"}
+    env = {
+        **server_env(tmp_path),
+        "PREFECT_UI_ENABLED": "true",
+        "PREFECT_API_URL": "http://127.0.0.1:4200/api",
+    }
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("retrainflow")), "dashboard", "--port", str(port)],
         cwd=PROJECT,

@@ -119,7 +119,7 @@ def stage_runner(stage: str) -> Callable[[Any, Any], Any]:
     if stage == "features":
         from tasks.features import run_features
 
-        return lambda params, layout: run_features(params, layout, show_progress=False)
+        return lambda params, layout: run_features(params, layout)
     if stage == "train_top":
         from tasks.train_top import run_train_top
 

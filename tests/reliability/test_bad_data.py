@@ -103,7 +103,7 @@ def messy_run(tmp_path_factory):
     params = tiny_params(root, data={"follow_symlinks": True}, augment={"passes": 0})
     layout = Layout(tmp / "work")
     index = run_index(params, layout)
-    features = run_features(params, layout, show_progress=False)
+    features = run_features(params, layout)
     top = run_train_top(params, layout)
     ft = run_finetune(params, layout)
     return params, layout, good, bad, index, features, top, ft
@@ -284,7 +284,7 @@ def test_one_pixel_images_train(tmp_path: Path) -> None:
     params = tiny_params(root, augment={"passes": 1, "rotation_range": 30})
     layout = Layout(tmp_path / "work")
     assert run_index(params, layout).images == 8
-    run_features(params, layout, show_progress=False)
+    run_features(params, layout)
     assert np.isfinite(read_features(params, layout, "train").x).all()
 
 

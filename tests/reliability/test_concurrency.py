@@ -160,7 +160,7 @@ def test_two_workspaces_share_one_feature_cache(tmp_path: Path) -> None:
     reference = Layout(tmp_path / "reference")
     run_index(params, reference)
     params_private = load_params(params_file, [f"features.cache_dir={tmp_path / 'private'}"])
-    run_features(params_private, reference, show_progress=False)
+    run_features(params_private, reference)
     for work in works:
         for split in ("train", "val", "test"):
             np.testing.assert_array_equal(

@@ -67,7 +67,7 @@ def dataset(tmp_path_factory):
     params = tiny_params(root)
     reference = Layout(tmp / "reference")
     run_index(params, reference)
-    run_features(params, reference, show_progress=False)
+    run_features(params, reference)
     return root, params, features_by_split(params, reference)
 
 
@@ -83,14 +83,14 @@ def test_enospc_during_shard_write_then_rerun(dataset, tmp_path, monkeypatch, fa
     full = DiskFull(fail_at)
     monkeypatch.setattr(np, "save", full)
     with pytest.raises(OSError, match="No space left") as err:
-        run_features(params, layout, show_progress=False)
+        run_features(params, layout)
     monkeypatch.setattr(np, "save", REAL_SAVE)
     assert full.failed and err.value.errno == errno.ENOSPC
     cache = cache_root(params, layout)
     assert leftover_temp_files(layout.root) == [], "a half-written temp file was left behind"
     assert not layout.features_manifest.exists(), "the run's manifest was written although it failed"
 
-    manifest = run_features(params, layout, show_progress=False)
+    manifest = run_features(params, layout)
     check_cache_consistent(cache)
     assert manifest.computed + manifest.reused == manifest.pairs
     got = features_by_split(params, layout)

@@ -102,7 +102,7 @@ def test_kill_during_features(reference, tmp_path) -> None:
         check_cache_consistent(
             cache_root(params, layout), orphans_allowed=True
         )  # nothing half-written listed
-        run_features(params, layout, show_progress=False)
+        run_features(params, layout)
         for split in ("train", "val", "test"):
             np.testing.assert_array_equal(
                 read_features(params, layout, split).x, read_features(params, ref, split).x, err_msg=where
