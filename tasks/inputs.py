@@ -18,24 +18,36 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class Inputs:
-    """The resolved input settings of a run.
+class ImageSpec:
+    """How a decoded image becomes the pixels a model sees: what the input pipeline needs, and all it needs.
 
-    ``image_size`` (height, width) fed to the base; ``interpolation`` and ``crop_to_aspect_ratio`` of the resize;
-    ``rescale`` applied to every view (``augment.rescale``); ``preprocessing_id`` names all of that plus the
-    base's preprocessing mode (part of the feature cache key); ``data_root`` is the folder the index paths are
-    relative to; ``cache_root`` the feature cache; ``base`` the registry entry and ``alpha`` its resolved width.
+    ``size`` (height, width); ``interpolation`` and ``crop_to_aspect_ratio`` of the resize; ``rescale`` applied
+    to every view (``augment.rescale``). A saved model's bundle records the same fields (predict builds its
+    ``ImageSpec`` from there, not from params).
     """
 
-    image_size: tuple[int, int]
-    interpolation: str
-    crop_to_aspect_ratio: bool
-    rescale: float | None
+    size: tuple[int, int]
+    interpolation: str = "bilinear"
+    crop_to_aspect_ratio: bool = False
+    rescale: float | None = None
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The resolved input settings of a run: the ``image`` spec; ``preprocessing_id`` names it plus the base's
+    preprocessing mode (part of the feature cache key); ``data_root`` is the folder the index paths are relative
+    to; ``cache_root`` the feature cache; ``base`` the registry entry and ``alpha`` its resolved width."""
+
+    image: ImageSpec
     preprocessing_id: str
     data_root: Path
     cache_root: Path
     base: BaseSpec
     alpha: float | None
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.image.size
 
 
 def resolve_inputs(params: Params, layout: Layout) -> Inputs:
@@ -44,10 +56,12 @@ def resolve_inputs(params: Params, layout: Layout) -> Inputs:
 
     spec = get_spec(params.base.name)
     return Inputs(
-        image_size=resolve_image_size(params.image.size, spec),
-        interpolation=params.image.interpolation,
-        crop_to_aspect_ratio=params.image.crop_to_aspect_ratio,
-        rescale=params.augment.rescale,
+        image=ImageSpec(
+            size=resolve_image_size(params.image.size, spec),
+            interpolation=params.image.interpolation,
+            crop_to_aspect_ratio=params.image.crop_to_aspect_ratio,
+            rescale=params.augment.rescale,
+        ),
         preprocessing_id=preprocessing_id(params, spec),
         data_root=Path(params.data.root),
         cache_root=cache_root(params, layout),
