@@ -4,7 +4,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 SHARED ?= ../shared
-# `retrainflow` sets its own quiet, offline defaults (flows/cli_defaults.py: TF log level, no analytics, the
+# `retrainflow` sets its own quiet, offline defaults (flows/cli/defaults.py: TF log level, no analytics, the
 # .keras_home weights cache); make only exports what its own direct `dvc` calls need.
 export DVC_NO_ANALYTICS := 1
 # Offline ImageNet weights: a local Keras cache filled from ../shared/weights when that folder exists.
@@ -54,7 +54,7 @@ demo: setup demo-data
 # `dvc repro` with every stage reporting to one Prefect server (a running dashboard, else one started for it).
 repro: export PATH := $(abspath $(BIN)):$(PATH)
 repro: setup
-	$(BIN)/python -m flows.prefect_server -- $(BIN)/dvc repro
+	$(BIN)/python -m flows.cli.prefect_api -- $(BIN)/dvc repro
 
 # The demo images: a copy of ../shared/datasets/cats_vs_dogs (see README for getting it elsewhere).
 demo-data:

@@ -12,7 +12,8 @@ import pytest
 from prefect_api import local_server
 from workspaces import make_workspace
 
-from flows import cli_defaults, prefect_server
+from flows.cli import defaults as cli_defaults
+from flows.cli import prefect_api as prefect_server
 
 PROJECT = Path(__file__).resolve().parents[1]
 RETRAINFLOW = Path(sys.executable).with_name("retrainflow")
@@ -140,7 +141,7 @@ def test_run_reports_to_the_configured_server_and_links_the_run(tmp_path: Path) 
 
 
 def test_stage_summary_line_is_short() -> None:
-    from flows.cli_orchestrate import stage_summary_line
+    from flows.cli.orchestrate import stage_summary_line
 
     line = stage_summary_line(
         "features", {"manifest": "/ws/features/features.json", "computed": 10, "reused": 2, "views": {"a": 1}}

@@ -11,9 +11,9 @@ from conftest import shared_path
 from imagegen import make_class_folders
 from typer.testing import CliRunner
 
-import flows.cli_index  # noqa: F401  (registers the command on the shared app)
-from flows.cli_common import app
-from flows.cli_index import index_overrides, summary_line
+import flows.cli.index  # noqa: F401  (registers the command on the shared app)
+from flows.cli.common import app
+from flows.cli.index import index_overrides, summary_line
 from tasks.index import read_classes, read_index
 from tasks.layout import Layout
 
@@ -117,8 +117,8 @@ def test_progress_bar_and_summary_on_a_terminal(tmp_path, monkeypatch):
     from rich.console import Console
 
     out = io.StringIO()
-    monkeypatch.setattr(flows.cli_index, "console", Console(file=out, force_terminal=True, width=150))
-    monkeypatch.setattr(flows.cli_index, "PROGRESS_MIN_FILES", 4)
+    monkeypatch.setattr(flows.cli.index, "console", Console(file=out, force_terminal=True, width=150))
+    monkeypatch.setattr(flows.cli.index, "PROGRESS_MIN_FILES", 4)
     root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
     (root / "red" / "bad.jpg").write_bytes(b"<html></html>")
     write_junk = root / ".DS_Store"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from flows.cli_common import (
+from flows.cli.common import (
     EXIT_FAILED,
     ParamsOpt,
     SetOpt,

@@ -118,7 +118,7 @@ def main(
     Stages: index -> features -> train-top -> finetune -> evaluate (-> promote). Each reads params.yaml
     (``--params``), accepts ``--set key.path=value`` overrides, and writes under ``--workdir``.
     """
-    from flows import cli_defaults
+    from flows.cli import defaults as cli_defaults
 
     cli_defaults.apply(cli_defaults.process_defaults(), verbose=verbose)
     if not verbose and ctx.invoked_subcommand not in cli_defaults.WITHOUT_TENSORFLOW:

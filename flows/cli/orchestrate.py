@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from flows.cli_common import (
+from flows.cli.common import (
     EXIT_FAILED,
     EXIT_PARAMS,
     ParamsOpt,
@@ -24,12 +24,12 @@ from flows.cli_common import (
     locked,
     print_error,
 )
-from flows.cli_features import stage_failures
+from flows.cli.features import stage_failures
 from flows.dvc_ops import DvcError
 from tasks.layout import Layout
 
 if TYPE_CHECKING:
-    from flows.prefect_server import PrefectApi
+    from flows.cli.prefect_api import PrefectApi
 
 STAGE_NAMES = ("index", "features", "train_top", "finetune", "evaluate")
 
@@ -48,9 +48,9 @@ def _stage_name(name: str) -> str:
 
 @contextmanager
 def prefect_api(layout: Layout, *, start_server: bool = False) -> Iterator[PrefectApi]:
-    """The Prefect API this command's flow runs report to (``flows.prefect_server``); one clear ``error:`` line
+    """The Prefect API this command's flow runs report to (``flows.cli.prefect_api``); one clear ``error:`` line
     and exit 1 when there is none, never a traceback."""
-    from flows.prefect_server import PrefectApiError, choose_api, is_startup_timeout, reporting_to
+    from flows.cli.prefect_api import PrefectApiError, choose_api, is_startup_timeout, reporting_to
 
     try:
         api = choose_api(start_server=start_server)
@@ -66,7 +66,7 @@ def prefect_api(layout: Layout, *, start_server: bool = False) -> Iterator[Prefe
     except RuntimeError as err:
         if not is_startup_timeout(err):
             raise
-        from flows.prefect_server import startup_timeout_message
+        from flows.cli.prefect_api import startup_timeout_message
 
         print_error("error", startup_timeout_message())
         raise typer.Exit(EXIT_FAILED) from None
@@ -202,7 +202,7 @@ def dashboard_cmd(
     if not 0 < port < 65536:
         console.print(f"[bold red]error:[/] expected a port in 1..65535, got {port}", soft_wrap=True)
         raise typer.Exit(EXIT_PARAMS)
-    from flows.prefect_server import api_url_for, server_command, server_env
+    from flows.cli.prefect_api import api_url_for, server_command, server_env
 
     url = f"http://{host}:{port}"
     typer.echo(f"Prefect dashboard: {url}")

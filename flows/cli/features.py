@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import (
+from flows.cli.common import (
     EXIT_FAILED,
     Failures,
     ParamsOpt,

@@ -251,12 +251,12 @@ def startup_timeout_message() -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m flows.prefect_server -- COMMAND ...``: run COMMAND with every Prefect client in it reporting to
+    """``python -m flows.cli.prefect_api -- COMMAND ...``: run COMMAND with every Prefect client in it reporting to
     one server (a running local one, else one started for the command and stopped after); ``make repro`` runs
     ``dvc repro`` this way, so its stages share one API instead of starting a temporary one each."""
     command = argv[argv.index("--") + 1 :] if "--" in argv else argv
     if not command:
-        print("usage: python -m flows.prefect_server -- COMMAND [ARGS...]", file=sys.stderr)
+        print("usage: python -m flows.cli.prefect_api -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     try:

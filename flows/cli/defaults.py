@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from flows.prefect_server import EPHEMERAL_STARTUP_TIMEOUT
+from flows.cli.prefect_api import EPHEMERAL_STARTUP_TIMEOUT
 
 KERAS_HOME_DIR = ".keras_home"  # what `make setup` fills from ../shared/weights (offline ImageNet weights)
 QUIET = {
@@ -28,7 +28,7 @@ WITHOUT_TENSORFLOW = frozenset({"params", "dashboard", "registry", "cache"})
 
 def project_root() -> Path:
     """The folder this package is installed from (an editable install: the project checkout)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def keras_home(candidates: list[Path]) -> Path | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from flows.cli_common import ParamsOpt, SetOpt, WorkdirOpt, app, console, layout_for
+from flows.cli.common import ParamsOpt, SetOpt, WorkdirOpt, app, console, layout_for
 
 STATUS_STYLE = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]"}
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.cli_common import (
+from flows.cli.common import (
     EXIT_FAILED,
     EXIT_PARAMS,
     ParamsOpt,

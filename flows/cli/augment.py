@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import ParamsOpt, SetOpt, WorkdirOpt, app, console, layout_for, load_or_exit
+from flows.cli.common import ParamsOpt, SetOpt, WorkdirOpt, app, console, layout_for, load_or_exit
 
 
 @app.command("augment-preview")
