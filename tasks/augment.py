@@ -1,7 +1,10 @@
 """Augmentation policies with ImageDataGenerator's vocabulary and semantics, applied as ONE resampling per image.
 
 A policy (:class:`AugmentPolicy`) is a frozen value built from ``params.augment``; its ``short_hash`` names it in
-view ids (``"<hash>:<pass>"``, ``"clean"`` for the un-augmented view) and in the feature cache.
+view ids (``"<hash>:<pass>"``, ``"clean"`` for the un-augmented view) and in the feature cache. It has no defaults
+of its own: a field left out takes the value of the config schema's default (``AugmentConfig()``, which is
+``params.yaml``'s), converted by the one rule :func:`policy_from_config` uses. :data:`NO_AUGMENTATION` is the
+policy that changes nothing (ImageDataGenerator's own defaults), the baseline of :meth:`AugmentPolicy.describe`.
 
 Semantics follow Keras' legacy ``ImageDataGenerator.get_random_transform`` / ``apply_transform`` (resize to the
 target size first, then the affine transform with scipy's fill modes, then channel shift, flips, brightness):
@@ -66,24 +69,57 @@ _EDGE_EPS = 1e-3  # px: a sample this close to a whole pixel is snapped to it (c
 _SLOTS = ("theta", "tx", "ty", "shear", "zx", "zy", "flip_h", "flip_v", "channel", "brightness")
 
 
+def _zoom_pair(value: float | tuple[float, float]) -> tuple[float, float]:
+    if isinstance(value, int | float):
+        return (1.0 - float(value), 1.0 + float(value))
+    return (float(value[0]), float(value[1]))
+
+
+def _policy_values(cfg: AugmentConfig) -> dict[str, Any]:
+    """The policy's fields (all but ``name``) for ``cfg``: the one conversion from config to policy."""
+    return {
+        "seed": cfg.seed,
+        "rotation_range": float(cfg.rotation_range),
+        "width_shift_range": float(cfg.width_shift_range),
+        "height_shift_range": float(cfg.height_shift_range),
+        "shear_range": float(cfg.shear_range),
+        "zoom_range": _zoom_pair(cfg.zoom_range),
+        "channel_shift_range": float(cfg.channel_shift_range),
+        "brightness_range": None if cfg.brightness_range is None else tuple(map(float, cfg.brightness_range)),
+        "horizontal_flip": bool(cfg.horizontal_flip),
+        "vertical_flip": bool(cfg.vertical_flip),
+        "fill_mode": cfg.fill_mode,
+        "cval": float(cfg.cval),
+        "rescale": None if cfg.rescale is None else float(cfg.rescale),
+    }
+
+
+# The schema's defaults (AugmentConfig's model fields, i.e. params.yaml's values), as policy fields: the only
+# defaults a policy has.
+_SCHEMA = _policy_values(AugmentConfig())
+
+
 @dataclass(frozen=True)
 class AugmentPolicy:
-    """One augmentation policy: ImageDataGenerator's parameters plus the seed of its random draws."""
+    """One augmentation policy: ImageDataGenerator's parameters plus the seed of its random draws.
+
+    Build it with :func:`policy_from_config`; a field left out takes the config schema's default (see the module
+    docstring), never a value of its own."""
 
     name: str = "default"
-    seed: int = 0
-    rotation_range: float = 0.0
-    width_shift_range: float = 0.0
-    height_shift_range: float = 0.0
-    shear_range: float = 0.0
-    zoom_range: tuple[float, float] = (1.0, 1.0)
-    channel_shift_range: float = 0.0
-    brightness_range: tuple[float, float] | None = None
-    horizontal_flip: bool = False
-    vertical_flip: bool = False
-    fill_mode: str = "nearest"
-    cval: float = 0.0
-    rescale: float | None = None
+    seed: int = _SCHEMA["seed"]
+    rotation_range: float = _SCHEMA["rotation_range"]
+    width_shift_range: float = _SCHEMA["width_shift_range"]
+    height_shift_range: float = _SCHEMA["height_shift_range"]
+    shear_range: float = _SCHEMA["shear_range"]
+    zoom_range: tuple[float, float] = _SCHEMA["zoom_range"]
+    channel_shift_range: float = _SCHEMA["channel_shift_range"]
+    brightness_range: tuple[float, float] | None = _SCHEMA["brightness_range"]
+    horizontal_flip: bool = _SCHEMA["horizontal_flip"]
+    vertical_flip: bool = _SCHEMA["vertical_flip"]
+    fill_mode: str = _SCHEMA["fill_mode"]
+    cval: float = _SCHEMA["cval"]
+    rescale: float | None = _SCHEMA["rescale"]
 
     def __post_init__(self) -> None:
         if self.fill_mode not in FILL_MODES:
@@ -138,42 +174,41 @@ class AugmentPolicy:
         )
 
     def describe(self) -> str:
-        """A short human caption: the non-default parameters."""
-        default = AugmentPolicy()
+        """A short human caption: the parameters that differ from :data:`NO_AUGMENTATION`."""
         parts = [
             f"{k}={v}"
             for k, v in asdict(self).items()
-            if k not in ("name", "seed") and v != getattr(default, k)
+            if k not in ("name", "seed") and v != getattr(NO_AUGMENTATION, k)
         ]
         return ", ".join(parts) or "no augmentation"
-
-
-def _zoom_pair(value: float | tuple[float, float]) -> tuple[float, float]:
-    if isinstance(value, int | float):
-        return (1.0 - float(value), 1.0 + float(value))
-    return (float(value[0]), float(value[1]))
 
 
 def policy_from_config(cfg: AugmentConfig, name: str = "default") -> AugmentPolicy:
     """The policy described by ``params.augment`` (its grid, if any, is ignored: see :func:`expand_grid`)."""
     if not isinstance(cfg, AugmentConfig):
         raise TypeError(f"policy_from_config: expected an AugmentConfig, got {type(cfg).__name__}: {cfg!r}")
-    return AugmentPolicy(
-        name=name,
-        seed=cfg.seed,
-        rotation_range=float(cfg.rotation_range),
-        width_shift_range=float(cfg.width_shift_range),
-        height_shift_range=float(cfg.height_shift_range),
-        shear_range=float(cfg.shear_range),
-        zoom_range=_zoom_pair(cfg.zoom_range),
-        channel_shift_range=float(cfg.channel_shift_range),
-        brightness_range=None if cfg.brightness_range is None else tuple(map(float, cfg.brightness_range)),
-        horizontal_flip=bool(cfg.horizontal_flip),
-        vertical_flip=bool(cfg.vertical_flip),
-        fill_mode=cfg.fill_mode,
-        cval=float(cfg.cval),
-        rescale=None if cfg.rescale is None else float(cfg.rescale),
-    )
+    return AugmentPolicy(name=name, **_policy_values(cfg))
+
+
+# The policy that changes nothing: ImageDataGenerator()'s own defaults (no ranges, no flips, 'nearest' fill with
+# cval 0, no rescale), stated as a config. Captions (describe) name what a policy does beyond it.
+NO_AUGMENTATION = policy_from_config(
+    AugmentConfig(
+        rotation_range=0,
+        width_shift_range=0,
+        height_shift_range=0,
+        shear_range=0,
+        zoom_range=0,
+        channel_shift_range=0,
+        brightness_range=None,
+        horizontal_flip=False,
+        vertical_flip=False,
+        fill_mode="nearest",
+        cval=0,
+        rescale=None,
+    ),
+    name="none",
+)
 
 
 def _grid_value_label(value: Any) -> str:

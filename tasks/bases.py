@@ -2,7 +2,10 @@
 
 ``BASE_MODELS`` is an explicit dict: each :class:`BaseSpec` holds its constructor and preprocess function (small
 wrappers that import Keras lazily, so importing this module, as ``tasks.config`` does, never imports TensorFlow),
-its default input size, feature size, named blocks and accepted ``alpha`` values.
+its default input size, feature size, named blocks and accepted ``alpha`` values. The dependency is one-way:
+``tasks.config`` validates ``base.name`` / ``base.alpha`` against this registry, and this module never imports
+``tasks.config``; the functions that load a base take any object with ``name``, ``weights`` and ``alpha``
+(:class:`BaseChoice`, which ``tasks.config.BaseConfig`` satisfies).
 
 Named blocks are layer-name prefixes, first to last, verified against the Keras 3.15 models. A layer belongs to a
 block when its name is the prefix or starts with ``prefix + "_"``; a block spans from its first such layer to the
@@ -21,20 +24,32 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from tasks.config import BaseConfig
+from typing import Any, Protocol
 
 RANDOM_INIT_SEED = 1234  # weights "none": every build of the same architecture gets the same arrays
 _GCS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+class BaseChoice(Protocol):
+    """Which base to load and with which weights: ``params.base`` (``tasks.config.BaseConfig``) or any object with
+    these three attributes. Typed here so that this module does not import the config (the registry is what
+    the config validates against, never the other way round)."""
+
+    @property
+    def name(self) -> str: ...  # a key of BASE_MODELS
+
+    @property
+    def weights(self) -> str: ...  # "imagenet", "none" or the path of a weights file
+
+    @property
+    def alpha(self) -> float | None: ...  # a width multiplier of the base, or None for its default
 
 
 class WeightsUnavailableError(RuntimeError):
     """ImageNet weights are neither in the Keras cache nor downloadable (offline)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WeightsFile:
     """The file ``keras.applications`` uses for ImageNet weights (no top) and where it comes from."""
 
@@ -125,37 +140,40 @@ def _square_rows(image_size: tuple[int, int], known: Sequence[int]) -> int:
 def _file_mobilenet_v2(alpha: float, image_size: tuple[int, int]) -> WeightsFile:
     rows = _square_rows(image_size, (96, 128, 160, 192, 224))
     name = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}_no_top.h5"
-    return WeightsFile(name, _GCS + "mobilenet_v2/" + name)
+    return WeightsFile(name=name, url=_GCS + "mobilenet_v2/" + name)
 
 
 def _file_mobilenet(alpha: float, image_size: tuple[int, int]) -> WeightsFile:
     rows = _square_rows(image_size, (128, 160, 192, 224))
     text = {1.0: "1_0", 0.75: "7_5", 0.5: "5_0", 0.25: "2_5"}[float(alpha)]
     name = f"mobilenet_{text}_{rows}_tf_no_top.h5"
-    return WeightsFile(name, _GCS + "mobilenet/" + name)
+    return WeightsFile(name=name, url=_GCS + "mobilenet/" + name)
 
 
 def _file_efficientnet_b0(alpha: float, image_size: tuple[int, int]) -> WeightsFile:
     name = "efficientnetb0_notop.h5"
     return WeightsFile(
-        name, "https://storage.googleapis.com/keras-applications/" + name, "50bc09e76180e00e4465e1a485ddc09d"
+        name=name,
+        url="https://storage.googleapis.com/keras-applications/" + name,
+        md5="50bc09e76180e00e4465e1a485ddc09d",
     )
 
 
 def _file_resnet50(alpha: float, image_size: tuple[int, int]) -> WeightsFile:
     name = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    return WeightsFile(name, _GCS + "resnet/" + name, "4d473c1dd8becc155b73f8504c6f6626")
+    return WeightsFile(name=name, url=_GCS + "resnet/" + name, md5="4d473c1dd8becc155b73f8504c6f6626")
 
 
 def _file_vgg16(alpha: float, image_size: tuple[int, int]) -> WeightsFile:
     name = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    return WeightsFile(name, _GCS + "vgg16/" + name, "6d6bbae143d832006294945121d1f1fc")
+    return WeightsFile(name=name, url=_GCS + "vgg16/" + name, md5="6d6bbae143d832006294945121d1f1fc")
 
 
 # ------------------------------------------------------------------------------------------------ registry
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BaseSpec:
-    """What the pipeline needs to know about one keras.applications architecture."""
+    """What the pipeline needs to know about one keras.applications architecture (built with keywords only,
+    timm's default-cfg style: an entry reads as a table of named facts)."""
 
     name: str
     constructor: Callable[
@@ -194,7 +212,7 @@ class BaseSpec:
             return self.feature_dim if alpha <= 1.0 else int(self.feature_dim * alpha)
         return int(self.feature_dim * alpha)
 
-    def build(self, cfg: BaseConfig, image_size: tuple[int, int]) -> Any:
+    def build(self, cfg: BaseChoice, image_size: tuple[int, int]) -> Any:
         """The base (include_top=False, no pooling) with ``cfg.weights`` loaded; see :func:`load_base`."""
         return load_base(cfg, image_size).model
 
@@ -218,51 +236,58 @@ _VGG16_BLOCKS = tuple(f"block{i}" for i in range(1, 6))
 
 BASE_MODELS: dict[str, BaseSpec] = {
     "mobilenet_v2": BaseSpec(
-        "mobilenet_v2",
-        _mobilenet_v2,
-        _preprocess_mobilenet_v2,
-        "tf",
-        (224, 224),
-        1280,
-        _MOBILENET_V2_BLOCKS,
-        _file_mobilenet_v2,
+        name="mobilenet_v2",
+        constructor=_mobilenet_v2,
+        preprocess=_preprocess_mobilenet_v2,
+        preprocess_mode="tf",
+        default_size=(224, 224),
+        feature_dim=1280,
+        blocks=_MOBILENET_V2_BLOCKS,
+        imagenet_file=_file_mobilenet_v2,
         alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4),
         default_alpha=1.0,
     ),
     "mobilenet": BaseSpec(
-        "mobilenet",
-        _mobilenet,
-        _preprocess_mobilenet,
-        "tf",
-        (224, 224),
-        1024,
-        _MOBILENET_BLOCKS,
-        _file_mobilenet,
+        name="mobilenet",
+        constructor=_mobilenet,
+        preprocess=_preprocess_mobilenet,
+        preprocess_mode="tf",
+        default_size=(224, 224),
+        feature_dim=1024,
+        blocks=_MOBILENET_BLOCKS,
+        imagenet_file=_file_mobilenet,
         alphas=(0.25, 0.5, 0.75, 1.0),
         default_alpha=1.0,
     ),
     "efficientnet_b0": BaseSpec(
-        "efficientnet_b0",
-        _efficientnet_b0,
-        _preprocess_efficientnet,
-        "none",  # EfficientNet rescales and normalises inside the model
-        (224, 224),
-        1280,
-        _EFFICIENTNET_B0_BLOCKS,
-        _file_efficientnet_b0,
+        name="efficientnet_b0",
+        constructor=_efficientnet_b0,
+        preprocess=_preprocess_efficientnet,
+        preprocess_mode="none",  # EfficientNet rescales and normalises inside the model
+        default_size=(224, 224),
+        feature_dim=1280,
+        blocks=_EFFICIENTNET_B0_BLOCKS,
+        imagenet_file=_file_efficientnet_b0,
     ),
     "resnet50": BaseSpec(
-        "resnet50",
-        _resnet50,
-        _preprocess_resnet50,
-        "caffe",
-        (224, 224),
-        2048,
-        _RESNET50_BLOCKS,
-        _file_resnet50,
+        name="resnet50",
+        constructor=_resnet50,
+        preprocess=_preprocess_resnet50,
+        preprocess_mode="caffe",
+        default_size=(224, 224),
+        feature_dim=2048,
+        blocks=_RESNET50_BLOCKS,
+        imagenet_file=_file_resnet50,
     ),
     "vgg16": BaseSpec(
-        "vgg16", _vgg16, _preprocess_vgg16, "caffe", (224, 224), 512, _VGG16_BLOCKS, _file_vgg16
+        name="vgg16",
+        constructor=_vgg16,
+        preprocess=_preprocess_vgg16,
+        preprocess_mode="caffe",
+        default_size=(224, 224),
+        feature_dim=512,
+        blocks=_VGG16_BLOCKS,
+        imagenet_file=_file_vgg16,
     ),
 }
 
@@ -344,7 +369,7 @@ def imagenet_weights_path(spec: BaseSpec, alpha: float | None, image_size: tuple
     return Path(got)
 
 
-def weights_source(cfg: BaseConfig, image_size: tuple[int, int]) -> Path | None:
+def weights_source(cfg: BaseChoice, image_size: tuple[int, int]) -> Path | None:
     """The weights file ``cfg.weights`` refers to (``None`` for a random init). Validates name and alpha."""
     spec = get_spec(cfg.name)
     alpha = spec.resolve_alpha(cfg.alpha)
@@ -358,7 +383,7 @@ def weights_source(cfg: BaseConfig, image_size: tuple[int, int]) -> Path | None:
     return path
 
 
-def weights_fingerprint(cfg: BaseConfig, image_size: tuple[int, int]) -> str:
+def weights_fingerprint(cfg: BaseChoice, image_size: tuple[int, int]) -> str:
     """sha256 of the weights this config loads, without building the model when they come from a file."""
     path = weights_source(cfg, image_size)
     if path is not None:
@@ -366,7 +391,7 @@ def weights_fingerprint(cfg: BaseConfig, image_size: tuple[int, int]) -> str:
     return load_base(cfg, image_size).weights_sha256
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoadedBase:
     model: Any  # keras.Model, include_top=False, no pooling, frozen (trainable=False)
     spec: BaseSpec
@@ -398,7 +423,7 @@ def seeded_init(arrays: Sequence[Any], seed: int) -> list[Any]:
     return out
 
 
-def load_base(cfg: BaseConfig, image_size: tuple[int, int]) -> LoadedBase:
+def load_base(cfg: BaseChoice, image_size: tuple[int, int]) -> LoadedBase:
     """Build the base at ``image_size`` with its weights; ``weights_sha256`` fingerprints what was loaded."""
     spec = get_spec(cfg.name)
     alpha = spec.resolve_alpha(cfg.alpha)
@@ -421,7 +446,7 @@ def load_base(cfg: BaseConfig, image_size: tuple[int, int]) -> LoadedBase:
             model = spec.constructor(weights=str(path), **kwargs)
         digest = sha256_file(path)
     model.trainable = False
-    return LoadedBase(model, spec, digest, alpha, path)
+    return LoadedBase(model=model, spec=spec, weights_sha256=digest, alpha=alpha, weights_file=path)
 
 
 def block_layer_names(model: Any, spec: BaseSpec, last_n: int) -> list[str]:

@@ -4,6 +4,10 @@ Every stage receives a :class:`Params` (or one of its sections); no other module
 Validation happens up front and every problem is reported with its key path and the value received, e.g.::
 
     augment.zoom_range: expected a number in [0, 1) or a [low, high] pair, got 'big'
+
+The schema's defaults are the one source of defaults, and they are ``params.yaml``'s values: the file states every
+key with the value given here (``tests/test_params_defaults.py`` fails when the two differ), and the augmentation
+policy (``tasks.augment.AugmentPolicy``) takes its defaults from :class:`AugmentConfig`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import core_schema
+
+# the registry of base names and alphas; one-way (tasks.bases imports no tasks module) and no TensorFlow
+from tasks.bases import BASE_MODELS
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 OVERRIDE_SOURCE = "--set override"  # how problems that a KEY=VALUE override caused are labelled
@@ -172,7 +179,7 @@ class DataConfig(_Section):
 class ImageConfig(_Section):
     """Input size fed to the base; ``null`` size means the base's default."""
 
-    size: tuple[int, int] | None = None
+    size: tuple[int, int] | None = (224, 224)
     interpolation: Literal["bilinear", "nearest"] = "bilinear"
     # Centre-crop every image to the target's aspect ratio before resizing (Keras' crop_to_aspect_ratio) instead
     # of stretching it: on cats_vs_dogs (500x375 photos to 224x224) val loss fell 20% (BENCHMARKS.md).
@@ -244,16 +251,16 @@ class AugmentConfig(_Section):
 
     passes: int = Field(2, ge=0, le=100)
     seed: int = Field(0, ge=0)
-    rotation_range: float = Field(0.0, ge=0, le=360)
-    width_shift_range: float = Field(0.0, ge=0)
-    height_shift_range: float = Field(0.0, ge=0)
-    shear_range: float = Field(0.0, ge=0, le=90)
-    zoom_range: float | tuple[float, float] = 0.0
+    rotation_range: float = Field(15.0, ge=0, le=360)
+    width_shift_range: float = Field(0.1, ge=0)
+    height_shift_range: float = Field(0.1, ge=0)
+    shear_range: float = Field(10.0, ge=0, le=90)
+    zoom_range: float | tuple[float, float] = 0.2
     channel_shift_range: float = Field(0.0, ge=0, le=255)
     brightness_range: tuple[float, float] | None = None
-    horizontal_flip: bool = False
+    horizontal_flip: bool = True
     vertical_flip: bool = False
-    fill_mode: FillMode = "nearest"
+    fill_mode: FillMode = "reflect"
     cval: float = 0.0
     rescale: float | None = None
     grid: FrozenMapping | None = None  # read-only: the config is frozen all the way down
@@ -335,8 +342,6 @@ class BaseConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known(cls, value: str) -> str:
-        from tasks.bases import BASE_MODELS  # registry lives with the models; imported lazily (no TF here)
-
         if value not in BASE_MODELS:
             raise ValueError(f"expected one of {sorted(BASE_MODELS)}")
         return value
@@ -344,8 +349,6 @@ class BaseConfig(_Section):
     @model_validator(mode="after")
     def _alpha_fits_the_base(self) -> BaseConfig:
         """``alpha`` is one of the width multipliers the base has (the registry's list), or null."""
-        from tasks.bases import BASE_MODELS
-
         spec = BASE_MODELS[self.name]
         if self.alpha is not None and not spec.alphas:
             raise _KeyProblem(

@@ -3,12 +3,15 @@ ImageDataGenerator on tiny images; parameter draws; policies, hashes, view ids a
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from tasks.augment import (
     CLEAN_VIEW,
     FILL_MODES,
+    NO_AUGMENTATION,
     AugmentPolicy,
     ViewParameters,
     aspect_crop,
@@ -26,6 +29,11 @@ from tasks.augment import (
 from tasks.config import AugmentConfig, ParamsError, params_from_dict
 
 N = 5  # tiny square images: centre pixel 2
+
+
+def make_policy(**changes) -> AugmentPolicy:
+    """:data:`NO_AUGMENTATION` with ``changes``: exactly the parameters a test names, nothing from params.yaml."""
+    return replace(NO_AUGMENTATION, name="test", **changes)
 
 
 def ramp(n: int = N) -> np.ndarray:
@@ -341,7 +349,7 @@ def test_very_long_images_are_resampled_too():
 
 # ------------------------------------------------------------------------------------------------ draws
 def test_draw_parameters_follow_image_data_generator_ranges():
-    policy = AugmentPolicy(
+    policy = make_policy(
         rotation_range=15,
         width_shift_range=0.1,
         height_shift_range=3,  # pixels when >= 1
@@ -363,12 +371,12 @@ def test_draw_parameters_follow_image_data_generator_ranges():
     )
     assert lowest.flip_h and not highest.flip_h and not lowest.flip_v  # vertical flip disabled
     assert lowest.channel == pytest.approx(-20) and highest.brightness == pytest.approx(1.5)
-    none = draw_parameters(AugmentPolicy(), (0.3,) * 10, (40, 60))
+    none = draw_parameters(NO_AUGMENTATION, (0.3,) * 10, (40, 60))
     assert none == ViewParameters()
 
 
 def test_zoom_factors_are_independent():
-    policy = AugmentPolicy(zoom_range=(0.5, 1.5))
+    policy = make_policy(zoom_range=(0.5, 1.5))
     draws = [draw_parameters(policy, view_uniforms(f"{i:064x}", 0, 0), (8, 8)) for i in range(200)]
     zx = np.array([d.zx for d in draws])
     zy = np.array([d.zy for d in draws])
@@ -387,12 +395,12 @@ def test_view_uniforms_are_a_pure_function_of_sha_seed_and_pass():
 
 def test_render_view_is_deterministic_and_clean_without_policy():
     image = (ramp(8) * 3).astype(np.uint8)
-    policy = AugmentPolicy(rotation_range=40, zoom_range=(0.7, 1.3), horizontal_flip=True, fill_mode="wrap")
+    policy = make_policy(rotation_range=40, zoom_range=(0.7, 1.3), horizontal_flip=True, fill_mode="wrap")
     one = render_view(image, "aa" * 32, 3, policy, image_size=(6, 6))
     np.testing.assert_array_equal(one, render_view(image, "aa" * 32, 3, policy, image_size=(6, 6)))
     assert not np.array_equal(one, render_view(image, "aa" * 32, 4, policy, image_size=(6, 6)))
     clean = render_view(image, "aa" * 32, 0, None, image_size=(6, 6))
-    np.testing.assert_array_equal(clean, render_view(image, "aa" * 32, 9, AugmentPolicy(), image_size=(6, 6)))
+    np.testing.assert_array_equal(clean, render_view(image, "aa" * 32, 9, NO_AUGMENTATION, image_size=(6, 6)))
     assert one.dtype == np.float32 and one.shape == (6, 6, 3)
 
 
@@ -400,14 +408,14 @@ def test_render_view_is_deterministic_and_clean_without_policy():
 def test_uint8_rendering_matches_float_rendering(fill_mode):
     """The pipeline keeps uint8 views (4x less to batch) when nothing photometric happens: same pixels +-1."""
     image = np.random.default_rng(2).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-    policy = AugmentPolicy(
+    policy = make_policy(
         rotation_range=30, zoom_range=(0.7, 1.3), shear_range=10, fill_mode=fill_mode, cval=9
     )
     kept = render_view(image, "ef" * 32, 1, policy, image_size=(10, 12), keep_uint8=True)
     exact = render_view(image.astype(np.float32), "ef" * 32, 1, policy, image_size=(10, 12))
     assert kept.dtype == np.uint8 and exact.dtype == np.float32
     assert np.abs(kept.astype(np.float32) - exact).max() <= 1.0
-    photo = AugmentPolicy(rotation_range=30, brightness_range=(0.5, 1.5))
+    photo = make_policy(rotation_range=30, brightness_range=(0.5, 1.5))
     assert render_view(image, "ef" * 32, 1, photo, image_size=(10, 12), keep_uint8=True).dtype == np.float32
 
 
@@ -423,20 +431,22 @@ def test_policy_from_config_uses_image_data_generator_vocabulary():
 
 def test_short_hash_is_stable_and_covers_every_visual_field_and_the_seed():
     policy = policy_from_config(AugmentConfig())
-    # a literal: the hash must not change across runs, machines or Python versions
-    assert policy.short_hash == "2d4a69782fde"
+    # literals: the hash must not change across runs, machines or Python versions (nor when defaults move: these
+    # are the hashes of params.yaml's policy and of the policy that changes nothing, as in earlier releases)
+    assert policy.short_hash == "40ea51065981"
+    assert NO_AUGMENTATION.short_hash == "2d4a69782fde"
     assert len(policy.short_hash) == 12
     assert policy_from_config(AugmentConfig(), name="other").short_hash == policy.short_hash
     variants = {
         "seed": 1,
         "rotation_range": 1,
-        "width_shift_range": 0.1,
-        "height_shift_range": 0.1,
+        "width_shift_range": 0.2,
+        "height_shift_range": 0.2,
         "shear_range": 1,
         "zoom_range": 0.1,
         "channel_shift_range": 1,
         "brightness_range": [0.9, 1.1],
-        "horizontal_flip": True,
+        "horizontal_flip": False,
         "vertical_flip": True,
         "fill_mode": "wrap",
         "cval": 3,
@@ -450,13 +460,30 @@ def test_short_hash_is_stable_and_covers_every_visual_field_and_the_seed():
 
 
 def test_view_id():
-    policy = AugmentPolicy(rotation_range=5)
+    policy = make_policy(rotation_range=5)
     assert view_id(None, 0) == CLEAN_VIEW == "clean"
     assert view_id(policy, 2) == f"{policy.short_hash}:2"
     with pytest.raises(ValueError, match="-1"):
         view_id(policy, -1)
     with pytest.raises(TypeError, match="AugmentPolicy"):
         view_id("policy", 0)
+
+
+def test_policy_has_no_defaults_of_its_own():
+    """A field left out is the config schema's default (params.yaml's value), converted as the config is."""
+    assert AugmentPolicy() == policy_from_config(AugmentConfig())
+    assert AugmentPolicy(name="x", rotation_range=5) == policy_from_config(
+        AugmentConfig(rotation_range=5), name="x"
+    )
+    assert NO_AUGMENTATION.describe() == "no augmentation" and not NO_AUGMENTATION.is_geometric
+
+
+def test_describe_names_what_differs_from_no_augmentation():
+    assert policy_from_config(AugmentConfig()).describe() == (
+        "rotation_range=15.0, width_shift_range=0.1, height_shift_range=0.1, shear_range=10.0, "
+        "zoom_range=(0.8, 1.2), horizontal_flip=True, fill_mode=reflect"
+    )
+    assert make_policy(vertical_flip=True, cval=3.0).describe() == "vertical_flip=True, cval=3.0"
 
 
 def test_policy_validates_its_fields():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import hashlib
 import subprocess
 import sys
@@ -11,8 +13,10 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
+import tasks.bases
 from tasks.bases import (
     BASE_MODELS,
+    BaseSpec,
     WeightsUnavailableError,
     block_layer_names,
     block_starts,
@@ -35,6 +39,65 @@ def test_registry_has_the_five_bases_and_config_validates_against_it():
         assert spec.name == name and spec.default_size == (224, 224) and spec.blocks
     with pytest.raises(ParamsError, match="base.name"):
         params_from_dict({"base": {"name": "inception"}})
+
+
+# name -> (preprocess mode, default size, feature dim, blocks: count, first, last, alphas, default alpha, min size)
+REGISTRY = {
+    "mobilenet_v2": (
+        "tf",
+        (224, 224),
+        1280,
+        19,
+        "Conv1",
+        "Conv_1",
+        (0.35, 0.5, 0.75, 1.0, 1.3, 1.4),
+        1.0,
+        32,
+    ),
+    "mobilenet": ("tf", (224, 224), 1024, 14, "conv1", "conv_dw_13", (0.25, 0.5, 0.75, 1.0), 1.0, 32),
+    "efficientnet_b0": ("none", (224, 224), 1280, 18, "stem", "top", (), None, 32),
+    "resnet50": ("caffe", (224, 224), 2048, 17, "conv1", "conv5_block3", (), None, 32),
+    "vgg16": ("caffe", (224, 224), 512, 5, "block1", "block5", (), None, 32),
+}
+
+
+def test_registry_entries_keep_their_facts():
+    assert set(BASE_MODELS) == set(REGISTRY)
+    for name, spec in BASE_MODELS.items():
+        facts = (
+            spec.preprocess_mode,
+            spec.default_size,
+            spec.feature_dim,
+            len(spec.blocks),
+            spec.blocks[0],
+            spec.blocks[-1],
+            spec.alphas,
+            spec.default_alpha,
+            spec.min_size,
+        )
+        assert facts == REGISTRY[name], name
+        assert callable(spec.constructor) and callable(spec.preprocess) and callable(spec.imagenet_file)
+
+
+def test_registry_entries_are_frozen_and_built_with_keywords_only():
+    spec = BASE_MODELS["vgg16"]
+    values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(BaseSpec)}
+    assert BaseSpec(**values) == spec
+    with pytest.raises(TypeError):
+        BaseSpec(*values.values())  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.feature_dim = 1  # type: ignore[misc]
+
+
+def test_the_registry_does_not_import_the_config():
+    """One-way: tasks.config validates against the registry; tasks.bases imports no tasks module at all (not
+    lazily, not under TYPE_CHECKING), and loads a base from anything with name, weights and alpha."""
+    tree = ast.parse(Path(tasks.bases.__file__).read_text())
+    imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m == "tasks" or m.startswith("tasks.")}
+    choice = type("Choice", (), {"name": "mobilenet", "weights": "none", "alpha": 0.25})()
+    assert tasks.bases.weights_source(choice, (32, 32)) is None
 
 
 def test_importing_the_registry_does_not_import_tensorflow():
