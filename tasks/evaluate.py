@@ -14,7 +14,6 @@ results), ``reports/model_comparison.md`` (with which weights fine-tuning kept a
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.atomic import write_text_atomic
+from tasks.atomic import atomic_write_json, atomic_write_text
 from tasks.config import Params
 from tasks.layout import Layout
 from tasks.progress import Reporter, Step, report
@@ -161,13 +160,6 @@ def compute_metrics(predictions: np.ndarray, class_ids: np.ndarray, names: tuple
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-EVALUATE_METRICS_FILE = "evaluate.json"
-CONFUSION_FILE = "confusion.csv"
-DETAILS_FILE = "evaluation.json"
-COMPARISON_FILE = "model_comparison.md"
-CURVES_PNG = "training_curves.png"
-CONFUSION_PNG = "confusion_matrix.png"
-PREDICTIONS_PNG = "predictions.png"
 MODEL_LABELS = {"candidate": "fine-tuned (candidate)", "top_only": "top-only"}
 
 
@@ -398,7 +390,7 @@ def write_confusion_csv(
 ) -> None:
     """``actual,predicted`` class-name rows, one per test image (``dvc plots`` draws the confusion matrix)."""
     lines = ["actual,predicted"] + [f"{names[a]},{names[p]}" for a, p in zip(actual, predicted, strict=True)]
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _load_models(params: Params, layout: Layout, names: tuple[str, ...]) -> tuple[dict[str, ModelInput], str]:
@@ -449,28 +441,26 @@ def _write_pngs(
     layout: Layout, results: dict[str, dict[str, SplitMetrics]], names: tuple[str, ...], preview: Preview
 ) -> list[Path]:
     """Training curves, the test confusion matrix and the (class-balanced) predictions grid."""
-    from tasks.finetune import FINETUNE_HISTORY_FILE
     from tasks.reports import plot_confusion, plot_prediction_grid, plot_training_curves, read_history_csv
-    from tasks.train_top import TOP_HISTORY_FILE, read_head_info
+    from tasks.train_top import read_head_info
 
-    reports = layout.reports_dir
     chosen = preview.chosen()  # written even when empty (evaluate.preview_images: 0): it is a DVC output
     return [
         plot_training_curves(
-            read_history_csv(layout.plots_dir / TOP_HISTORY_FILE),
+            read_history_csv(layout.top_history),
             read_head_info(layout)["spec"]["name"],
-            read_history_csv(layout.plots_dir / FINETUNE_HISTORY_FILE),
-            reports / CURVES_PNG,
+            read_history_csv(layout.finetune_history),
+            layout.training_curves_png,
         ),
         plot_confusion(
-            results["candidate"]["test"].confusion, names, reports / CONFUSION_PNG, "Test confusion matrix"
+            results["candidate"]["test"].confusion, names, layout.confusion_png, "Test confusion matrix"
         ),
         plot_prediction_grid(
             [c.image for c in chosen],
             [names[c.actual] for c in chosen],
             [names[c.predicted] for c in chosen],
             [c.confidence for c in chosen],
-            reports / PREDICTIONS_PNG,
+            layout.predictions_png,
             "" if chosen else "no preview images (evaluate.preview_images: 0)",
         ),
     ]
@@ -511,21 +501,17 @@ def run_evaluate(params: Params, layout: Layout, *, progress: Reporter | None = 
             test_candidate = probability_matrix(outputs["candidate"], len(names))
 
     flat = flat_metrics(results, cfg.metric)
-    write_text_atomic(layout.metrics_dir / EVALUATE_METRICS_FILE, json.dumps(flat, indent=2) + "\n")
+    atomic_write_json(layout.evaluate_metrics, flat)
     test_ids = splits["test"]["class_id"].to_numpy()
-    write_confusion_csv(layout.plots_dir / CONFUSION_FILE, test_ids, test_candidate.argmax(axis=1), names)
+    write_confusion_csv(layout.confusion_csv, test_ids, test_candidate.argmax(axis=1), names)
 
-    reports = layout.reports_dir
-    reports.mkdir(parents=True, exist_ok=True)
     details = {
         name: {split: asdict(m) for split, m in by_split.items()} for name, by_split in results.items()
     }
-    write_text_atomic(
-        reports / DETAILS_FILE, json.dumps({"classes": list(names), **details}, indent=2) + "\n"
-    )
+    atomic_write_json(layout.evaluation_details, {"classes": list(names), **details})
     decision = read_decision(layout, model_sha256)
-    write_text_atomic(reports / COMPARISON_FILE, comparison_markdown(results, decision))
-    written = [*_write_pngs(layout, results, names, preview), reports / COMPARISON_FILE]
+    atomic_write_text(layout.model_comparison, comparison_markdown(results, decision))
+    written = [*_write_pngs(layout, results, names, preview), layout.model_comparison]
     seconds = time.perf_counter() - start
     test = results["candidate"]["test"]
     val = results["candidate"].get("val")

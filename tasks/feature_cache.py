@@ -10,7 +10,8 @@ Layout under the cache root (``layout.features_cache`` or ``features.cache_dir``
     <key>/.in_use                        held shared by every features run writing the key, for its whole run
                                          (:meth:`FeatureCache.in_use`); ``prune_keys`` needs it exclusively
 
-Every file is written atomically (temp file in the same folder, fsync, rename, fsync of the folder). A shard is
+Every file is written atomically by :mod:`tasks.atomic` (temp file in the same folder, fsync, rename, fsync of the
+folder). A shard is
 committed by adding it to the manifest after both of its files are in place, so a run killed at any moment leaves
 at worst orphan files that no reader sees (they are removed later). Arrays are read with ``allow_pickle=False``.
 No TensorFlow here.
@@ -26,14 +27,14 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
-from tasks.atomic import fsync_dir
+from tasks.atomic import TMP_PREFIX, atomic_write, atomic_write_json, temp_writer_pid
 from tasks.locking import pid_alive
 
 CACHE_FORMAT = 1
@@ -42,7 +43,6 @@ MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
 LOCK_FILE = ".lock"
 IN_USE_FILE = ".in_use"
-TMP_PREFIX = ".tmp-"
 
 Pair = tuple[str, str]  # (image sha256, view id)
 
@@ -79,37 +79,14 @@ def cache_key(spec: KeySpec) -> str:
 
 
 # ------------------------------------------------------------------------------------------ atomic files
-def _tmp_path(path: Path) -> Path:
-    return path.parent / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}"
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Run ``write`` on a temp file beside ``path``, fsync, rename over ``path``: readers see the old file or
-    the whole new one, never a part; a failed or killed writer leaves ``path`` as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        with tmp.open("wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(path, lambda fh: fh.write(data))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """``np.save`` (no pickle) through a temp file + fsync + rename."""
-    _atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
+    """``np.save`` (no pickle) through :func:`tasks.atomic.atomic_write` (shard names are unique: no sweep)."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+
+    atomic_write(path, write, sweep=False)
 
 
 def _flock_stable(path: Path, operation: int) -> int:
@@ -151,11 +128,11 @@ def _locked(folder: Path) -> Iterator[None]:
 
 def _writer_pid(name: str) -> int | None:
     """PID encoded in a shard or temp file name (``<time>-<pid>-<rand>...`` / ``.tmp-<pid>-...``)."""
-    stem = name[len(TMP_PREFIX) :] if name.startswith(TMP_PREFIX) else name
-    parts = stem.split("-")
-    idx = 0 if name.startswith(TMP_PREFIX) else 1
+    if name.startswith(TMP_PREFIX):
+        return temp_writer_pid(name)
+    parts = name.split("-")
     try:
-        return int(parts[idx])
+        return int(parts[1])
     except (IndexError, ValueError):
         return None
 

@@ -31,9 +31,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from tasks.atomic import atomic_write_json
 from tasks.bases import get_spec, load_base, resolve_image_size, weights_fingerprint
 from tasks.config import Params
-from tasks.feature_cache import FeatureCache, KeySpec, Pair, ShardWriter, atomic_write_json
+from tasks.feature_cache import FeatureCache, KeySpec, Pair, ShardWriter
 from tasks.layout import Layout
 from tasks.progress import Reporter, counter
 from tasks.reports import write_run_record

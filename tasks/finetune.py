@@ -27,6 +27,7 @@ Progress: one :class:`tasks.progress.Step` per epoch (``tasks.progress.keras_epo
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import shutil
@@ -38,13 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from tasks.atomic import write_text_atomic
+from tasks.atomic import atomic_write, atomic_write_json, atomic_write_text
 from tasks.config import FinetuneConfig, Params
 from tasks.layout import Layout
 from tasks.progress import Reporter, keras_epochs
 
-FINETUNE_METRICS_FILE = "finetune.json"
-FINETUNE_HISTORY_FILE = "finetune_history.csv"
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 POOLING_LAYERS = {"avg": "GlobalAveragePooling2D", "max": "GlobalMaxPooling2D"}
 
@@ -157,14 +156,15 @@ def set_trainable(model: Any, base: Any, spec: Any, cfg: FinetuneConfig) -> list
 
 # -------------------------------------------------------------------------------------------- resumability
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(data))
+    atomic_write_text(path, json.dumps(data))
 
 
 def _save_weights_atomic(model: Any, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    with tmp.open("wb") as fh:
-        np.savez(fh, *model.get_weights())
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as fh:
+            np.savez(fh, *model.get_weights())
+
+    atomic_write(path, write)
 
 
 def _load_weights(model: Any, path: Path) -> None:
@@ -254,13 +254,13 @@ def read_epoch_log(path: Path) -> list[dict[str, str]]:
 
 
 def write_history_csv(path: Path, rows: list[dict[str, str]]) -> None:
-    """``epoch,loss,accuracy,val_loss,val_accuracy`` (header only when fine-tuning was skipped)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(HISTORY_COLUMNS)
-        for r in rows:
-            writer.writerow([r.get(c, "") for c in HISTORY_COLUMNS])
+    """``epoch,loss,accuracy,val_loss,val_accuracy`` (header only when fine-tuning was skipped), atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(HISTORY_COLUMNS)
+    for r in rows:
+        writer.writerow([r.get(c, "") for c in HISTORY_COLUMNS])
+    atomic_write_text(path, buf.getvalue())
 
 
 def best_tried(history: list[dict[str, str]]) -> tuple[int, float] | None:
@@ -390,12 +390,10 @@ def run_fingerprint(params: Params, layout: Layout) -> str:
     """What a resumable run must share with the killed one: its params, the trained head and the index."""
     import hashlib
 
-    from tasks.train_top import HEAD_FILE
-
     digest = hashlib.sha256(
         params.section_hash("seed", "data", "image", "augment", "base", "features", "finetune").encode()
     )
-    for path in (layout.top_dir / HEAD_FILE, layout.index_table):
+    for path in (layout.top_head_model, layout.index_table):
         digest.update(path.read_bytes() if path.is_file() else b"-")
     return digest.hexdigest()[:16]
 
@@ -638,8 +636,8 @@ def _write_outputs(
     metrics = {key: fields[key] for key in FINETUNE_METRIC_KEYS}
     metrics["trainable_layers"] = len(manifest.trainable_layers)
     layout.metrics_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(layout.metrics_dir / FINETUNE_METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
-    write_history_csv(layout.plots_dir / FINETUNE_HISTORY_FILE, history)
+    atomic_write_json(layout.finetune_metrics, metrics)
+    write_history_csv(layout.finetune_history, history)
     record = {key: value for key, value in fields.items() if key not in FINETUNE_METRIC_KEYS}
     record.update(
         min_improvement=cfg.min_improvement, model_sha256=read_bundle_model_sha256(layout.candidate_model)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,11 @@ from typing import Any
 
 import keras
 
-from tasks.atomic import TMP_SUFFIX, fsync_dir, write_text_atomic
+from tasks.atomic import Staged, atomic_write_json, stage
 from tasks.augment import INTERPOLATIONS
 from tasks.bases import sha256_file
 from tasks.config import HeadSpec
+from tasks.layout import Layout
 from tasks.pipeline import CLASS_MODES
 
 
@@ -171,28 +171,36 @@ def iter_layers(model: Any) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------- the saved model bundle
-MODEL_CLASSES_FILE = "classes.json"
-
-
-def save_model_atomic(model: Any, path: Path) -> tuple[Path, str]:
-    """Save ``model`` to the fixed temp name ``<stem>.tmp.keras`` beside ``path``; return it and its sha256.
-
-    The caller publishes it with ``os.replace(tmp, path)`` once whatever must describe it is written.
-    """
+def save_model_atomic(model: Any, path: Path) -> tuple[Staged, str]:
+    """Save ``model`` to a temp ``.keras`` file beside ``path`` (:func:`tasks.atomic.stage`: saved, fsynced, not
+    yet in place); return it and its sha256. The caller publishes it with :func:`publish_model` once whatever must
+    describe it is written."""
     if path.suffix != ".keras":
         raise ValueError(f"model path: expected a .keras file, got {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + TMP_SUFFIX + ".keras")
-    model.save(tmp)
-    with tmp.open("rb+") as fh:
-        os.fsync(fh.fileno())
-    return tmp, sha256_file(tmp)
+    staged = stage(path, lambda tmp: model.save(tmp))
+    return staged, sha256_file(staged.tmp)
 
 
-def publish_model(tmp: Path, path: Path) -> None:
+def publish_model(staged: Staged, path: Path) -> None:
     """The commit of a model save: rename the temp file over ``path`` (and make the rename durable)."""
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if Path(staged.path) != Path(path):
+        raise ValueError(f"publish_model: the staged file is for {staged.path}, not {path}")
+    staged.commit()
+
+
+def save_described_model(model: Any, path: Path, describe: Callable[[str], object]) -> Path:
+    """Save ``model`` to ``path`` with a description file that records its sha256, so a kill never pairs a new
+    model with an old description: (1) the model saved to a temp file and hashed (:func:`save_model_atomic`);
+    (2) ``describe(sha256)`` writes the description (atomically); (3) :func:`publish_model`, the commit. An error
+    before (3) removes the temp file (a kill leaves it to the next save's sweep)."""
+    staged, sha = save_model_atomic(model, path)  # (1)
+    try:
+        describe(sha)  # (2)
+        publish_model(staged, path)  # (3)
+    except BaseException:
+        staged.discard()
+        raise
+    return path
 
 
 def check_model_hash(model_file: Path, info_file: Path, recorded: Any, rerun: str) -> None:
@@ -246,8 +254,8 @@ def write_classes_file(
     """Write ``folder/classes.json`` atomically: the one writer of that format (:func:`save_bundle`, the SavedModel
     export). Validates everything before writing anything."""
     record = classes_record(names, class_mode, interpolation, model_sha256, crop_to_aspect_ratio)
-    path = Path(folder) / MODEL_CLASSES_FILE
-    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+    path = Layout.bundle_classes(folder)
+    atomic_write_json(path, record)
     return path
 
 
@@ -288,21 +296,22 @@ def save_bundle(
     classes_record(
         names, class_mode, interpolation, crop_to_aspect_ratio=crop_to_aspect_ratio
     )  # (0) validate
-    tmp, sha = save_model_atomic(model, path)  # (1)
-    write_classes_file(
-        path.parent,
-        names,
-        class_mode,
-        interpolation,
-        model_sha256=sha,
-        crop_to_aspect_ratio=crop_to_aspect_ratio,
-    )  # (2)
-    publish_model(tmp, path)  # (3)
-    return path
+    return save_described_model(  # (1)-(3)
+        model,
+        path,
+        lambda sha: write_classes_file(
+            path.parent,
+            names,
+            class_mode,
+            interpolation,
+            model_sha256=sha,
+            crop_to_aspect_ratio=crop_to_aspect_ratio,
+        ),
+    )
 
 
 def _read_classes_file(path: Path) -> tuple[Path, Any]:
-    file = Path(path).parent / MODEL_CLASSES_FILE
+    file = Layout.bundle_classes(Path(path).parent)
     if not file.is_file():
         raise FileNotFoundError(f"{file}: the classes file beside the model is missing")
     return file, json.loads(file.read_text())

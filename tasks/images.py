@@ -1,4 +1,4 @@
-"""The ONE image decoder (``decode_rgb``) and the checks the index stage runs on every file.
+"""The ONE image decoder (``decode_rgb``) and the ONE per-file check (``check_image_file``, index and predict).
 
 ``decode_rgb`` is used by index validation, the training input pipeline and predict, so all three see the same
 upright RGB uint8 pixels:
@@ -19,6 +19,7 @@ TensorFlow is imported lazily: importing this module costs nothing until a decod
 
 from __future__ import annotations
 
+import hashlib
 import io
 import numbers
 import re
@@ -38,6 +39,11 @@ ACCEPTED_FORMATS: dict[str, str] = {
     "WEBP": "WEBP",
 }
 JPEG_RATIOS = (1, 2, 4, 8)
+# No encoded image within data.max_pixels is larger than this many bytes per pixel (16-bit RGBA PNG stored raw is
+# 8, an MPO holds two pictures) plus room for metadata (EXIF, ICC, XMP, thumbnails): a bigger file is rejected
+# before it is read, so a multi-gigabyte file named .jpg never lands in memory.
+MAX_BYTES_PER_PIXEL = 16
+MAX_METADATA_BYTES = 8 * 1024 * 1024
 EXIF_ORIENTATION_TAG = 0x0112
 _BMP_MODES = ("RGB", "RGBA", "L")  # what TF's BMP decoder returns correctly (24/32-bit, 8-bit grey)
 
@@ -290,6 +296,43 @@ def inspect_image(contents: bytes, max_pixels: int) -> ImageInfo:
     if orientation in (5, 6, 7, 8):  # transposing orientations: the upright image is height x width
         width, height = height, width
     return ImageInfo(format=fmt, width=width, height=height, orientation=orientation, mode=mode)
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file that can hold an image of at most ``max_pixels`` pixels (see MAX_BYTES_PER_PIXEL)."""
+    return max_pixels * MAX_BYTES_PER_PIXEL + MAX_METADATA_BYTES
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """A file that passed :func:`check_image_file`: its content hash, size in bytes and header facts."""
+
+    path: Path
+    sha256: str
+    size: int
+    info: ImageInfo
+
+
+def check_image_file(path: str | Path, *, max_pixels: int) -> CheckedImage:
+    """The ONE per-file check, shared by the index stage and predict: a file larger than any image within
+    ``max_pixels`` could be is rejected from its size without being read; then its bytes are hashed and
+    :func:`inspect_image` runs (header against ``max_pixels``, the decompression-bomb guard, then the real decode).
+
+    Raises :class:`ImageRejected` (``kind``, ``reason``) for a file that must not reach a model, ``OSError`` when it
+    cannot be read.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    limit = max_file_bytes(max_pixels)
+    if size > limit:
+        raise ImageRejected(
+            f"file of {size} bytes is larger than an image within data.max_pixels={max_pixels} can be "
+            f"({limit} bytes); not read",
+            "too_large",
+        )
+    contents = path.read_bytes()
+    digest = hashlib.sha256(contents).hexdigest()
+    return CheckedImage(path, digest, len(contents), inspect_image(contents, max_pixels))
 
 
 def load_rgb(path: str | Path, ratio: int = 1) -> Any:

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
@@ -27,10 +26,10 @@ from typing import Any
 
 import pandas as pd
 
+from tasks.atomic import atomic_write, atomic_write_json
 from tasks.config import DataConfig, Params, SplitFractions
-from tasks.images import ImageInfo, ImageRejected, inspect_image
+from tasks.images import ImageInfo, ImageRejected, check_image_file
 from tasks.layout import Layout
-from tasks.locking import pid_alive
 from tasks.progress import Reporter, Step
 from tasks.progress import report as send_step
 
@@ -54,11 +53,6 @@ JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r", "__
 PROGRESS_FRACTION = 0.01
 PROGRESS_SECONDS = 0.2
 EXAMPLES_SHOWN = 3  # example paths per reason in a dataset-level error
-# No encoded image within data.max_pixels is larger than this many bytes per pixel (16-bit RGBA PNG stored raw is
-# 8, an MPO holds two pictures) plus room for metadata (EXIF, ICC, XMP, thumbnails): a bigger file is rejected
-# before it is read, so a multi-gigabyte file named .jpg never lands in memory.
-MAX_BYTES_PER_PIXEL = 16
-MAX_METADATA_BYTES = 8 * 1024 * 1024
 
 
 class DatasetError(ValueError):
@@ -412,38 +406,18 @@ class _Checked:
     reason: str = ""
 
 
-def max_file_bytes(max_pixels: int) -> int:
-    """The largest file that can hold an image of at most ``max_pixels`` pixels (see MAX_BYTES_PER_PIXEL)."""
-    return max_pixels * MAX_BYTES_PER_PIXEL + MAX_METADATA_BYTES
-
-
 def check_file(candidate: Candidate, max_pixels: int) -> _Checked:
-    """Read, hash and really decode one file; never raises for a bad file (the reason is returned).
-
-    A file larger than any image within ``max_pixels`` could be is rejected from its size, without reading it.
-    """
+    """:func:`tasks.images.check_image_file` on one candidate; never raises for a bad file (the reason is
+    returned). A file larger than any image within ``max_pixels`` could be is rejected from its size, unread."""
     try:
-        size = candidate.full.stat().st_size
-        limit = max_file_bytes(max_pixels)
-        if size > limit:
-            return _Checked(
-                candidate,
-                size=size,
-                kind="too_large",
-                reason=f"file of {size} bytes is larger than an image within data.max_pixels={max_pixels} can be "
-                f"({limit} bytes); not read",
-            )
-        contents = candidate.full.read_bytes()
+        checked = check_image_file(candidate.full, max_pixels=max_pixels)
     except OSError as err:
         return _Checked(candidate, kind="unreadable", reason=f"cannot read: {err.strerror or err}")
-    digest = hashlib.sha256(contents).hexdigest()
-    try:
-        info = inspect_image(contents, max_pixels)
     except ImageRejected as err:
-        return _Checked(candidate, digest, len(contents), kind=err.kind, reason=err.reason)
+        return _Checked(candidate, kind=err.kind, reason=err.reason)
     except Exception as err:  # an unforeseen failure on one file must not stop the whole run
-        return _Checked(candidate, digest, len(contents), kind="error", reason=f"{type(err).__name__}: {err}")
-    return _Checked(candidate, digest, len(contents), info)
+        return _Checked(candidate, kind="error", reason=f"{type(err).__name__}: {err}")
+    return _Checked(candidate, checked.sha256, checked.size, checked.info)
 
 
 def validate_all(
@@ -671,46 +645,13 @@ def build_index(
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace`` (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temp_files(paths: Iterable[Path]) -> list[Path]:
-    """Delete the temp files :func:`atomic_write_text` left for ``paths`` when its writer was killed.
-
-    Temp names carry the writer's PID (``.<name>.<pid>.<random>.tmp``); files of a live writer are kept.
-    """
-    removed = []
-    for path in paths:
-        if not path.parent.is_dir():
-            continue
-        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-            pid_text = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
-            pid = int(pid_text) if pid_text.isdigit() else None
-            if pid is None or pid == os.getpid() or not pid_alive(pid):
-                tmp.unlink(missing_ok=True)
-                removed.append(tmp)
-    return removed
-
-
 def write_index(result: IndexResult, layout: Layout) -> None:
-    """Write ``index.csv``, ``classes.json`` and ``index_report.json`` atomically (removing the temp files of an
-    earlier, killed writer first). :func:`read_index` checks that the table and the classes file agree."""
-    remove_stale_temp_files((layout.index_table, layout.classes_file, layout.index_report))
-    atomic_write_text(layout.index_table, result.table.to_csv(index=False, lineterminator="\n"))
-    atomic_write_text(layout.classes_file, json.dumps(result.classes.to_dict(), indent=2) + "\n")
-    atomic_write_text(layout.index_report, json.dumps(result.report, indent=2, ensure_ascii=False) + "\n")
+    """Write ``index.csv``, ``classes.json`` and ``index_report.json`` through :mod:`tasks.atomic` (which removes the
+    temp files of an earlier, killed writer first). :func:`read_index` checks that the table and the classes file
+    agree."""
+    atomic_write(layout.index_table, lambda tmp: result.table.to_csv(tmp, index=False, lineterminator="\n"))
+    atomic_write_json(layout.classes_file, result.classes.to_dict())
+    atomic_write_json(layout.index_report, result.report, ensure_ascii=False)
 
 
 def read_index(layout: Layout) -> pd.DataFrame:

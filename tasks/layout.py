@@ -73,6 +73,22 @@ class Layout:
     def candidate_model(self) -> Path:
         return self.candidate_dir / "model.keras"
 
+    @staticmethod
+    def bundle_classes(folder: Path) -> Path:
+        """``classes.json`` of a saved model bundle in ``folder`` (beside its ``.keras`` file, or in a SavedModel
+        export): the class order and resize rule (``tasks.heads.write_classes_file``)."""
+        return Path(folder) / "classes.json"
+
+    @property
+    def top_head_model(self) -> Path:
+        """The best head train_top saved (``.keras``, features in, probabilities out)."""
+        return self.top_dir / "head.keras"
+
+    @property
+    def top_head_info(self) -> Path:
+        """``head.json`` beside the head: its spec, class info, feature dim, base and the model file's sha256."""
+        return self.top_dir / "head.json"
+
     @property
     def finetune_checkpoints(self) -> Path:
         """Keras BackupAndRestore folder: a killed finetune resumes from its last finished epoch."""
@@ -92,6 +108,18 @@ class Layout:
     def model_registry(self) -> Path:
         return self.models_dir / "registry.json"
 
+    def champion_folder(self, candidate_id: str) -> Path:
+        """``champions/<id>/``: a promoted candidate's immutable copy of ``candidate_dir``."""
+        return self.champions_dir / candidate_id
+
+    def champion_model(self, candidate_id: str) -> Path:
+        """``champions/<id>/model.keras``: the model file of a promoted candidate (the registry's model_path)."""
+        return self.champion_folder(candidate_id) / self.candidate_model.name
+
+    def champion_record(self, candidate_id: str) -> Path:
+        """``champions/<id>/champion.json``: the registry record of the candidate, beside its copy."""
+        return self.champion_folder(candidate_id) / "champion.json"
+
     # ---- reports
     @property
     def metrics_dir(self) -> Path:
@@ -110,6 +138,81 @@ class Layout:
         """Per-run records (timings, throughput, cache details): kept out of ``metrics/`` so that
         ``dvc metrics show`` and ``dvc exp show`` list only the figures that judge a model."""
         return self.reports_dir / "runs"
+
+    # train_top
+    @property
+    def top_metrics(self) -> Path:
+        """The best head and every head's val figures (a DVC metric)."""
+        return self.metrics_dir / "top.json"
+
+    @property
+    def top_report(self) -> Path:
+        """The heads compared, one Markdown table."""
+        return self.reports_dir / "top_comparison.md"
+
+    @property
+    def top_history(self) -> Path:
+        """Every head's epochs in one table (``head,epoch,...``): read by evaluate's training curves."""
+        return self.plots_dir / "top_history.csv"
+
+    @property
+    def top_heads_plots(self) -> Path:
+        """``plots/top_heads/``: one ``<head>.csv`` per head (DVC's series are per file)."""
+        return self.plots_dir / "top_heads"
+
+    def top_head_history(self, head: str) -> Path:
+        """``plots/top_heads/<head>.csv``: one head's epochs."""
+        return self.top_heads_plots / f"{head}.csv"
+
+    # finetune
+    @property
+    def finetune_metrics(self) -> Path:
+        """The fine-tuning figures and decision (a DVC metric)."""
+        return self.metrics_dir / "finetune.json"
+
+    @property
+    def finetune_history(self) -> Path:
+        """The fine-tuning epochs (``epoch,loss,accuracy,val_loss,val_accuracy``)."""
+        return self.plots_dir / "finetune_history.csv"
+
+    # evaluate
+    @property
+    def evaluate_metrics(self) -> Path:
+        """The candidate's test / val figures, the top-only model's and the score (what promotion reads)."""
+        return self.metrics_dir / "evaluate.json"
+
+    @property
+    def confusion_csv(self) -> Path:
+        """``actual,predicted`` per test image (``dvc plots``' confusion template)."""
+        return self.plots_dir / "confusion.csv"
+
+    @property
+    def evaluation_details(self) -> Path:
+        """Every figure of both models per split, per class included."""
+        return self.reports_dir / "evaluation.json"
+
+    @property
+    def model_comparison(self) -> Path:
+        """Top-only vs fine-tuned, and which weights the candidate kept (Markdown)."""
+        return self.reports_dir / "model_comparison.md"
+
+    @property
+    def training_curves_png(self) -> Path:
+        return self.reports_dir / "training_curves.png"
+
+    @property
+    def confusion_png(self) -> Path:
+        return self.reports_dir / "confusion_matrix.png"
+
+    @property
+    def predictions_png(self) -> Path:
+        """The class-balanced grid of test predictions."""
+        return self.reports_dir / "predictions.png"
+
+    # augment-preview (not a DVC stage)
+    def augment_preview(self, policy_hash: str) -> Path:
+        """``reports/augment_preview_<policy short hash>.png``."""
+        return self.reports_dir / f"augment_preview_{policy_hash}.png"
 
     def run_record(self, stage: str) -> Path:
         """``reports/runs/<stage>.json``: what the last run of ``stage`` took (seconds, images/s, cache details)."""

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from tasks.atomic import atomic_dir, atomic_symlink, atomic_write_json, remove_stale_temps_in
 from tasks.config import EvaluateConfig, Params
 from tasks.layout import Layout
 
@@ -188,15 +188,8 @@ def _reconcile_champion_link(layout: Layout, champion: str | None) -> None:
 
 
 def write_registry(layout: Layout, registry: Registry) -> Path:
-    """Write the registry atomically (temp file + rename)."""
-    path = layout.model_registry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".registry.", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(registry.to_json(), fh, indent=2, sort_keys=False)
-        fh.write("\n")
-    os.replace(tmp, path)
-    return path
+    """Write the registry atomically (:func:`tasks.atomic.atomic_write_json`)."""
+    return atomic_write_json(layout.model_registry, registry.to_json())
 
 
 def record(layout: Layout, candidate: Candidate) -> Registry:
@@ -301,7 +294,7 @@ def candidate_score(metrics: dict[str, Any], metric: str) -> float:
 
 def read_evaluate_metrics(layout: Layout) -> dict[str, Any]:
     """``metrics/evaluate.json`` as written by the evaluate stage."""
-    path = layout.metrics_dir / "evaluate.json"
+    path = layout.evaluate_metrics
     if not path.is_file():
         raise RegistryError(f"{path}: not found; run the evaluate stage first")
     raw = json.loads(path.read_text())
@@ -311,35 +304,35 @@ def read_evaluate_metrics(layout: Layout) -> dict[str, Any]:
 
 
 def champion_model(layout: Layout, candidate_id: str) -> Path:
-    """The immutable model file of a promoted candidate: ``champions/<id>/model.keras``."""
-    return layout.champions_dir / candidate_id / "model.keras"
+    """The immutable model file of a promoted candidate: ``layout.champion_model(id)``."""
+    return layout.champion_model(candidate_id)
 
 
 def _store_champion(layout: Layout, candidate: Candidate) -> Path:
-    """Copy the candidate model into its own immutable ``champions/<id>/`` (temp folder, then rename)."""
-    src_dir = layout.candidate_dir
-    if not (src_dir / "model.keras").is_file():
-        raise RegistryError(f"{src_dir / 'model.keras'}: candidate model not found; run finetune first")
-    final = layout.champions_dir / candidate.id
-    tmp = layout.champions_dir / f".{candidate.id}.{os.getpid()}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src_dir, tmp)
-    (tmp / "champion.json").write_text(json.dumps(asdict(candidate), indent=2) + "\n")
-    os.replace(tmp, final)
-    return final
+    """Copy the candidate bundle into its own immutable ``champions/<id>/`` with ``champion.json`` beside it
+    (:func:`tasks.atomic.atomic_dir`: built in a temp folder, fsynced, renamed into place)."""
+    if not layout.candidate_model.is_file():
+        raise RegistryError(f"{layout.candidate_model}: candidate model not found; run finetune first")
+    final = layout.champion_folder(candidate.id)
+    record = layout.champion_record(candidate.id).name
+    remove_stale_temps_in(layout.champions_dir)  # what killed promotions left (each had its own id)
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(layout.candidate_dir, tmp)
+        (tmp / record).write_text(
+            json.dumps(asdict(candidate), indent=2) + "\n"
+        )  # inside the folder's commit
+
+    return atomic_dir(final, fill)
 
 
 def _activate_champion(layout: Layout, candidate_id: str) -> None:
     """Point ``models/champion`` at ``champions/<id>`` with one atomic rename of a fresh symlink."""
     link = layout.champion_dir
-    tmp = link.with_name(f".champion.{os.getpid()}.tmp")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(Path(layout.champions_dir.name) / candidate_id, tmp)
     if link.is_dir() and not link.is_symlink():  # a folder from an older layout
         shutil.rmtree(link)
-    os.replace(tmp, link)
+    target = layout.champion_folder(candidate_id).relative_to(link.parent)
+    atomic_symlink(link, target)
 
 
 def model_sha256(layout: Layout) -> str:

@@ -1,7 +1,7 @@
 """Predict with a saved model (``retrainflow predict``) and export it as a TF SavedModel (``retrainflow export``).
 
 The model is one ``.keras`` file with ``classes.json`` beside it, loaded with Keras' safe mode. Files and folders
-(recursively, hidden files skipped) are checked with the index stage's checks (:func:`tasks.images.inspect_image`)
+(recursively, hidden files skipped) are checked with the index stage's check (:func:`tasks.images.check_image_file`)
 and fed in batches through the same input pipeline as evaluation (:func:`tasks.pipeline.view_dataset`, the one
 decoder :func:`tasks.images.decode_rgb`); a file that cannot be read or decoded gets a row with an ``error``
 instead of stopping the run. Progress: ``Step("predict", files done, total)`` after each batch.
@@ -10,11 +10,8 @@ instead of stopping the run. Progress: ``Step("predict", files done, total)`` af
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
-import os
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,14 +69,15 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def check_file(path: Path, max_pixels: int) -> _Checked:
-    """Read and check one file as the index stage does; raises ``OSError`` / ``ValueError`` with a reason."""
-    from tasks.images import inspect_image
+    """The index stage's check of one file (:func:`tasks.images.check_image_file`: the same size, pixel and
+    decode limits); raises ``OSError`` / ``ImageRejected`` (a ``ValueError``) with a reason."""
+    from tasks.images import check_image_file
 
-    contents = path.read_bytes()
-    info = inspect_image(contents, max_pixels)
+    checked = check_image_file(path, max_pixels=max_pixels)
+    info = checked.info
     return _Checked(
         path=path.resolve(),
-        sha256=hashlib.sha256(contents).hexdigest(),
+        sha256=checked.sha256,
         orientation=info.orientation,
         width=info.width,
         height=info.height,
@@ -234,19 +232,18 @@ def export_saved_model(model_file: Path, output_dir: Path) -> Path:
     """Export the ``.keras`` model as a TF SavedModel (``serve`` endpoint: float32 ``[B, H, W, 3]`` 0-255 in) with
     the bundle's ``classes.json`` (names, class mode, interpolation) beside it, written by the bundle's writer.
 
-    The export is built in a temp folder beside ``output_dir`` and renamed into place: a killed export leaves no
-    half-written SavedModel at ``output_dir``.
+    The export is built in a temp folder beside ``output_dir`` and renamed into place
+    (:func:`tasks.atomic.atomic_dir`): a killed export leaves no half-written SavedModel at ``output_dir``.
     """
+    from tasks.atomic import atomic_dir
     from tasks.heads import load_bundle, write_classes_file
 
     bundle = load_bundle(Path(model_file))
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"export: {output_dir} exists and is not empty; choose another --output")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)  # what a killed export left
-    try:
+
+    def fill(tmp: Path) -> None:
         bundle.model.export(str(tmp), format="tf_saved_model", verbose=False)
         write_classes_file(
             tmp,
@@ -255,7 +252,5 @@ def export_saved_model(model_file: Path, output_dir: Path) -> Path:
             bundle.interpolation,
             crop_to_aspect_ratio=bundle.crop_to_aspect_ratio,
         )
-        os.replace(tmp, output_dir)  # onto a missing or empty folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return output_dir
+
+    return atomic_dir(output_dir, fill)  # onto a missing or empty folder

@@ -128,6 +128,8 @@ def write_png(grid: np.ndarray, policy: AugmentPolicy, path: Path) -> Path:
     """Save the grid as a PNG (matplotlib, Agg) with the policy named in the caption."""
     import matplotlib
 
+    from tasks.reports import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -144,9 +146,10 @@ def write_png(grid: np.ndarray, policy: AugmentPolicy, path: Path) -> Path:
     caption = f"policy {policy.name} ({policy.short_hash}, seed {policy.seed}): {policy.describe()}"
     fig.suptitle("\n".join(textwrap.wrap(caption, width=int(18 * m) + 20)), fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -198,7 +201,7 @@ def run_preview(
             interpolation=params.image.interpolation,
             crop_to_aspect_ratio=params.image.crop_to_aspect_ratio,
         )
-        path = out if out is not None else layout.reports_dir / f"augment_preview_{policy.short_hash}.png"
+        path = out if out is not None else layout.augment_preview(policy.short_hash)
         written.append(str(write_png(grid, policy, path)))
     return PreviewManifest(
         files=tuple(written),

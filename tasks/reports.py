@@ -8,19 +8,18 @@ state, no display needed. matplotlib is imported inside the functions.
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tasks.atomic import write_text_atomic
+from tasks.atomic import atomic_write, atomic_write_json
 
 
 def write_run_record(path: Path, record: Mapping[str, Any]) -> Path:
     """Write a stage's run record (``layout.run_record(stage)``) atomically as indented JSON."""
-    write_text_atomic(path, json.dumps(dict(record), indent=2, default=str) + "\n")
+    atomic_write_json(path, dict(record), default=str)
     return path
 
 
@@ -32,10 +31,15 @@ def read_history_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def save_figure(fig: Any, out: Path, **savefig: Any) -> Path:
+    """``fig.savefig`` to a temp file, committed by :func:`tasks.atomic.atomic_write` (the format is ``out``'s
+    suffix, e.g. PNG)."""
+    fmt = Path(out).suffix.lstrip(".") or None
+    return atomic_write(out, lambda tmp: fig.savefig(tmp, format=fmt, **savefig))
+
+
 def _save(fig: object, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100, bbox_inches="tight")  # type: ignore[attr-defined]
-    return out
+    return save_figure(fig, out, dpi=100, bbox_inches="tight")
 
 
 def plot_training_curves(

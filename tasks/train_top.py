@@ -23,18 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from tasks.atomic import write_text_atomic
+from tasks.atomic import atomic_write_json, atomic_write_text
 from tasks.config import HeadSpec, Params, TopConfig
 from tasks.layout import Layout
 from tasks.progress import Reporter, keras_epochs
 
 STAGE = "train_top"  # the stage's name: its progress tasks, its errors and its run record
-HEAD_FILE = "head.keras"
-HEAD_INFO_FILE = "head.json"
-TOP_METRICS_FILE = "top.json"
-TOP_REPORT_FILE = "top_comparison.md"
-TOP_HISTORY_FILE = "top_history.csv"
-TOP_HEADS_DIR = "top_heads"  # under plots/: <head>.csv per head
 HISTORY_COLUMNS = ("head", "epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a head name that is also a plain file name
 
@@ -217,16 +211,17 @@ def _csv_text(header: tuple[str, ...], rows: list[list[Any]]) -> str:
 def write_history_csv(path: Path, results: list[HeadResult]) -> None:
     """``head,epoch,loss,accuracy,val_loss,val_accuracy`` rows of every head, one table (atomic)."""
     rows = [[r.name, *row] for r in results for row in _history_rows(r)]
-    write_text_atomic(path, _csv_text(HISTORY_COLUMNS, rows))
+    atomic_write_text(path, _csv_text(HISTORY_COLUMNS, rows))
 
 
-def write_head_csvs(folder: Path, results: list[HeadResult]) -> list[Path]:
-    """``<folder>/<head>.csv`` per head (``epoch,loss,accuracy,val_loss,val_accuracy``): ``dvc plots`` colours
-    series by file, so each head is its own series. CSVs of heads no longer trained are removed."""
+def write_head_csvs(layout: Layout, results: list[HeadResult]) -> list[Path]:
+    """``layout.top_head_history(head)`` per head (``epoch,loss,accuracy,val_loss,val_accuracy``): ``dvc plots``
+    colours series by file, so each head is its own series. CSVs of heads no longer trained are removed."""
+    folder = layout.top_heads_plots
     folder.mkdir(parents=True, exist_ok=True)
-    written = [folder / f"{r.name}.csv" for r in results]
+    written = [layout.top_head_history(r.name) for r in results]
     for r, path in zip(results, written, strict=True):
-        write_text_atomic(path, _csv_text(HISTORY_COLUMNS[1:], _history_rows(r)))
+        atomic_write_text(path, _csv_text(HISTORY_COLUMNS[1:], _history_rows(r)))
     for stale in set(folder.glob("*.csv")) - set(written):
         stale.unlink()
     return written
@@ -237,7 +232,7 @@ def check_head_names(cfg: TopConfig) -> None:
     bad = [h.name for h in cfg.heads if not FILE_NAME.fullmatch(h.name)]
     if bad:
         raise ValueError(
-            f"top.heads: head names name files (plots/{TOP_HEADS_DIR}/<name>.csv): expected letters, digits, "
+            f"top.heads: head names name files ({Layout().top_head_history('<name>')}): expected letters, digits, "
             f"'_', '-' and '.', not starting with '.', '_' or '-', got {bad!r}"
         )
 
@@ -247,29 +242,29 @@ def head_summary(r: HeadResult) -> dict[str, Any]:
     return {k: v for k, v in asdict(r).items() if k != "history"}
 
 
-def save_head(model: Any, spec: HeadSpec, directory: Path, info: dict[str, Any]) -> Path:
-    """Write ``head.keras`` and ``head.json`` (spec, class info, feature dim, base, and the sha256 of the model file)
-    into ``directory``.
+def save_head(model: Any, spec: HeadSpec, layout: Layout, info: dict[str, Any]) -> Path:
+    """Write ``layout.top_head_model`` and ``layout.top_head_info`` (spec, class info, feature dim, base, and the
+    sha256 of the model file), through :func:`tasks.heads.save_described_model`.
 
     Order, for a kill at any moment: (1) the model to a temp file, hashed; (2) ``head.json`` replaced (it records
     that hash); (3) the model renamed into place, the commit. Killed before (2): the old pair; between (2) and (3):
     the new json beside the old model, which :func:`load_head` refuses (hash mismatch) instead of pairing them;
     after (3): the new pair.
     """
-    from tasks.heads import publish_model, save_model_atomic
+    from tasks.heads import save_described_model
 
-    path, info_path = directory / HEAD_FILE, directory / HEAD_INFO_FILE
     record = {"spec": spec.model_dump(mode="json"), **info}
     json.dumps(record)  # not JSON-able: fail before writing anything
-    tmp, sha = save_model_atomic(model, path)  # (1)
-    write_text_atomic(info_path, json.dumps({**record, "model_sha256": sha}, indent=2) + "\n")  # (2)
-    publish_model(tmp, path)  # (3)
-    return path
+    return save_described_model(
+        model,
+        layout.top_head_model,
+        lambda sha: atomic_write_json(layout.top_head_info, {**record, "model_sha256": sha}),
+    )
 
 
 def read_head_info(layout: Layout) -> dict[str, Any]:
     """The ``head.json`` written by :func:`run_train_top` (raises if train_top has not run)."""
-    path = layout.top_dir / HEAD_INFO_FILE
+    path = layout.top_head_info
     if not path.is_file():
         raise FileNotFoundError(f"no trained head at {path}: run `retrainflow train-top` first")
     return json.loads(path.read_text())
@@ -282,11 +277,11 @@ def load_head(layout: Layout) -> Any:
 
     from tasks.heads import check_model_hash
 
-    path = layout.top_dir / HEAD_FILE
+    path = layout.top_head_model
     if not path.is_file():
         raise FileNotFoundError(f"no trained head at {path}: run `retrainflow train-top` first")
     info = read_head_info(layout)
-    check_model_hash(path, layout.top_dir / HEAD_INFO_FILE, info.get("model_sha256"), "retrainflow train-top")
+    check_model_hash(path, layout.top_head_info, info.get("model_sha256"), "retrainflow train-top")
     return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
@@ -320,7 +315,7 @@ def run_train_top(params: Params, layout: Layout, *, progress: Reporter | None =
     head_path = save_head(
         model,
         spec,
-        layout.top_dir,
+        layout,
         {
             "classes": list(classes.names),
             "class_mode": classes.class_mode,
@@ -342,12 +337,10 @@ def run_train_top(params: Params, layout: Layout, *, progress: Reporter | None =
         val_samples=len(val[0]),
         heads=[head_summary(r) for r in results],
     )
-    write_text_atomic(
-        layout.metrics_dir / TOP_METRICS_FILE, json.dumps(top_metrics(manifest), indent=2) + "\n"
-    )
-    write_text_atomic(layout.reports_dir / TOP_REPORT_FILE, comparison_markdown(results, best, cfg))
-    write_history_csv(layout.plots_dir / TOP_HISTORY_FILE, results)
-    write_head_csvs(layout.plots_dir / TOP_HEADS_DIR, results)
+    atomic_write_json(layout.top_metrics, top_metrics(manifest))
+    atomic_write_text(layout.top_report, comparison_markdown(results, best, cfg))
+    write_history_csv(layout.top_history, results)
+    write_head_csvs(layout, results)
     record = top_run_record(manifest, features_key(layout), time.perf_counter() - start)
     write_run_record(layout.run_record(STAGE), record)
     return manifest

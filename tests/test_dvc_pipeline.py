@@ -28,9 +28,9 @@ from prefect_api import client_env, local_server
 from workspaces import TINY_PARAMS
 
 from tasks.layout import Layout
-from tasks.train_top import TOP_HEADS_DIR
 
 PROJECT = Path(__file__).resolve().parents[1]
+TOP_HEADS_DIR = Layout(Path(".")).top_heads_plots.relative_to("plots").as_posix()
 DVC_YAML = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
 STAGES = ("index", "features", "train_top", "finetune", "evaluate")
 INFRA = {"config", "layout"}  # params and paths: tracked through `params` and the outs themselves
@@ -92,8 +92,13 @@ def test_outs_match_layout() -> None:
         layout.features_cache,
         layout.top_dir,
         layout.candidate_dir,
-        layout.metrics_dir / "evaluate.json",
-        layout.plots_dir / TOP_HEADS_DIR,
+        layout.evaluate_metrics,
+        layout.top_heads_plots,
+        layout.top_metrics,
+        layout.top_report,
+        layout.top_history,
+        layout.finetune_metrics,
+        layout.finetune_history,
         *(layout.run_record(stage) for stage in STAGES[1:]),
     ):
         assert path.as_posix() in outs, path
@@ -128,20 +133,18 @@ def test_stages_list_exactly_the_params_they_read() -> None:
 
 
 def test_evaluate_outs_hold_every_report_it_writes() -> None:
-    from tasks import evaluate
-
     layout = Layout(Path("."))
     outs = set(_outs(DVC_YAML["stages"]["evaluate"]))
-    for name in (
-        evaluate.DETAILS_FILE,
-        evaluate.COMPARISON_FILE,
-        evaluate.CURVES_PNG,
-        evaluate.CONFUSION_PNG,
+    for path in (
+        layout.evaluation_details,
+        layout.model_comparison,
+        layout.training_curves_png,
+        layout.confusion_png,
     ):
-        assert (layout.reports_dir / name).as_posix() in outs, name
-    assert (layout.reports_dir / evaluate.PREDICTIONS_PNG).as_posix() in outs
-    assert (layout.plots_dir / evaluate.CONFUSION_FILE).as_posix() in outs
-    assert (layout.metrics_dir / evaluate.EVALUATE_METRICS_FILE).as_posix() in outs
+        assert path.as_posix() in outs, path
+    assert layout.predictions_png.as_posix() in outs
+    assert layout.confusion_csv.as_posix() in outs
+    assert layout.evaluate_metrics.as_posix() in outs
 
 
 IMAGE_PLOTS = ("reports/training_curves.png", "reports/confusion_matrix.png", "reports/predictions.png")

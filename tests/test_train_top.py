@@ -109,33 +109,33 @@ def test_head_and_its_json_stay_paired_when_a_save_is_killed_between_them(tmp_pa
     import tasks.heads
     from tasks.heads import build_head, sha256_file
     from tasks.layout import Layout
-    from tasks.train_top import HEAD_FILE, HEAD_INFO_FILE, load_head, read_head_info, save_head
+    from tasks.train_top import load_head, read_head_info, save_head
 
     layout = Layout(tmp_path)
     spec = HEADS3[0]
     x = np.ones((2, 12), "float32")
     first = build_head(spec, 12, "categorical", 3)
-    save_head(first, spec, layout.top_dir, {"feature_dim": 12, "classes": ["a", "b", "c"]})
+    save_head(first, spec, layout, {"feature_dim": 12, "classes": ["a", "b", "c"]})
     info = read_head_info(layout)
-    assert info["model_sha256"] == sha256_file(layout.top_dir / HEAD_FILE) and info["feature_dim"] == 12
+    assert info["model_sha256"] == sha256_file(layout.top_head_model) and info["feature_dim"] == 12
     np.testing.assert_allclose(np.asarray(load_head(layout)(x)), np.asarray(first(x)), atol=1e-6)
-    assert sorted(p.name for p in layout.top_dir.iterdir()) == [HEAD_INFO_FILE, HEAD_FILE]
+    assert sorted(p.name for p in layout.top_dir.iterdir()) == [layout.top_head_info.name, layout.top_head_model.name]
 
     def killed(tmp, target):
         raise KeyboardInterrupt  # stands in for SIGKILL just before the model is renamed into place
 
     monkeypatch.setattr(tasks.heads, "publish_model", killed)
     with pytest.raises(KeyboardInterrupt):
-        save_head(build_head(spec, 16, "binary", 2), spec, layout.top_dir, {"feature_dim": 16})
+        save_head(build_head(spec, 16, "binary", 2), spec, layout, {"feature_dim": 16})
     monkeypatch.undo()
     assert read_head_info(layout)["feature_dim"] == 16  # the new json beside the old head ...
     with pytest.raises(ValueError, match="interrupted.*retrainflow train-top"):
         load_head(layout)  # ... is refused, never loaded as a pair
 
     # a head.json from before the hash was recorded is still accepted
-    save_head(first, spec, layout.top_dir, {"feature_dim": 12})
+    save_head(first, spec, layout, {"feature_dim": 12})
     legacy = {k: v for k, v in read_head_info(layout).items() if k != "model_sha256"}
-    (layout.top_dir / HEAD_INFO_FILE).write_text(json.dumps(legacy))
+    layout.top_head_info.write_text(json.dumps(legacy))
     load_head(layout)
 
 
@@ -180,11 +180,11 @@ def test_run_train_top_reports_epochs_per_head_and_keeps_timings_out_of_metrics(
     from tasks.config import load_params
     from tasks.layout import Layout
     from tasks.progress import Step
-    from tasks.train_top import TOP_HEADS_DIR, run_train_top
+    from tasks.train_top import run_train_top
 
     ws, params_file, _ = featured
     layout = Layout(ws)
-    stale = layout.plots_dir / TOP_HEADS_DIR / "gone.csv"  # a head of an earlier run
+    stale = layout.top_heads_plots / "gone.csv"  # a head of an earlier run
     stale.parent.mkdir(parents=True)
     stale.write_text("epoch\n")
     seen: list[Step] = []
@@ -205,11 +205,11 @@ def test_run_train_top_reports_epochs_per_head_and_keeps_timings_out_of_metrics(
     assert record["head_file"] == manifest.head_file
 
     # one CSV per head, the same rows as the one table (dvc plots colours series by file)
-    per_head = sorted(p.name for p in (layout.plots_dir / TOP_HEADS_DIR).iterdir())
+    per_head = sorted(p.name for p in (layout.top_heads_plots).iterdir())
     assert per_head == ["linear.csv", "small.csv"]  # the stale one is gone
     with (layout.plots_dir / "top_history.csv").open(newline="") as fh:
         table = list(csv.DictReader(fh))
-    with (layout.plots_dir / TOP_HEADS_DIR / "small.csv").open(newline="") as fh:
+    with (layout.top_heads_plots / "small.csv").open(newline="") as fh:
         small = list(csv.DictReader(fh))
     assert small == [{k: v for k, v in r.items() if k != "head"} for r in table if r["head"] == "small"]
     assert len(small) == 3

@@ -129,7 +129,7 @@ def test_kill_during_train_top(reference, tmp_path) -> None:
 @pytest.mark.slow
 def test_train_top_killed_while_saving_leaves_no_half_written_head(reference, tmp_path) -> None:
     """Kill at the moment the head's .keras file is opened for writing: the head on disk must still load."""
-    from tasks.train_top import HEAD_FILE, load_head
+    from tasks.train_top import load_head
 
     params_file, _, ref, events = reference
     n = events["train_top"].index("zip-open") + 1
@@ -142,7 +142,7 @@ def test_train_top_killed_while_saving_leaves_no_half_written_head(reference, tm
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert killed_line(n, "zip-open") in proc.stderr.decode()
     layout = Layout(work)
-    assert (layout.top_dir / HEAD_FILE).is_file()
+    assert layout.top_head_model.is_file()
     load_head(layout)  # the old head or the new one, never a torn file
     from tasks.train_top import read_head_info
 
