@@ -293,3 +293,31 @@ def test_cli_export_ends_with_what_it_wrote(bundle_path, tmp_path):
         result.output.strip().splitlines()[-1]
         == f"exported {bundle_path} to {target} (SavedModel + classes.json)"
     )
+
+
+def test_predict_rejects_the_files_the_index_rejects_for_size_and_pixels(tiny_model, tmp_path):
+    """One check (tasks.images.check_image_file) for both: a file too big for any image within data.max_pixels
+    (never read) and a header over data.max_pixels are reject rows in the index and error rows in predict."""
+    from tasks.images import max_file_bytes
+    from tasks.index import Candidate, check_file
+    from tasks.predict import predict_files
+
+    limit = 1000
+    coloured_image(CLASS_COLOURS["red"], 30, seed=1).save(tmp_path / "small.png")  # 900 pixels: kept
+    coloured_image(CLASS_COLOURS["blue"], 40, seed=2).save(
+        tmp_path / "over.png"
+    )  # 1600 pixels: over the limit
+    with (tmp_path / "huge.jpg").open(
+        "wb"
+    ) as fh:  # sparse: larger than any image within the limit, never read
+        fh.truncate(max_file_bytes(limit) + 1)
+    names = ("small.png", "over.png", "huge.jpg")
+    index_kinds = {
+        name: check_file(Candidate(rel=name, label="red", full=tmp_path / name), limit).kind for name in names
+    }
+    assert index_kinds == {"small.png": "", "over.png": "too_large", "huge.jpg": "too_large"}
+    preds = predict_files(tiny_model[0], NAMES, [tmp_path / n for n in names], max_pixels=limit)
+    by_name = {p.path.rsplit("/", 1)[-1]: p for p in preds}
+    assert by_name["small.png"].error is None and by_name["small.png"].label in NAMES
+    assert "exceeds data.max_pixels=1000" in by_name["over.png"].error and by_name["over.png"].label is None
+    assert "not read" in by_name["huge.jpg"].error and by_name["huge.jpg"].label is None

@@ -119,7 +119,10 @@ def test_head_and_its_json_stay_paired_when_a_save_is_killed_between_them(tmp_pa
     info = read_head_info(layout)
     assert info["model_sha256"] == sha256_file(layout.top_head_model) and info["feature_dim"] == 12
     np.testing.assert_allclose(np.asarray(load_head(layout)(x)), np.asarray(first(x)), atol=1e-6)
-    assert sorted(p.name for p in layout.top_dir.iterdir()) == [layout.top_head_info.name, layout.top_head_model.name]
+    assert sorted(p.name for p in layout.top_dir.iterdir()) == [
+        layout.top_head_info.name,
+        layout.top_head_model.name,
+    ]
 
     def killed(tmp, target):
         raise KeyboardInterrupt  # stands in for SIGKILL just before the model is renamed into place
