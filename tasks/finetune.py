@@ -41,7 +41,7 @@ import numpy as np
 
 from tasks.atomic import atomic_write, atomic_write_json, atomic_write_text
 from tasks.config import FinetuneConfig, Params
-from tasks.layout import Layout
+from tasks.layout import FinetuneWork, Layout
 from tasks.progress import Reporter, keras_epochs
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
@@ -182,10 +182,10 @@ def improves(val_loss: float, best_val_loss: float, min_improvement: float) -> b
     return val_loss < best_val_loss * (1.0 - min_improvement)
 
 
-def resumable_early_stopping(state_dir: Path, patience: int, min_improvement: float = 0.0) -> Any:
+def resumable_early_stopping(work: FinetuneWork, patience: int, min_improvement: float = 0.0) -> Any:
     """Early stopping on val loss that restores the best weights and survives a kill.
 
-    State (best val loss, best epoch, patience counter) and the best weights are files in ``state_dir``, written
+    State (best val loss, best epoch, patience counter) and the best weights are ``work``'s files, written
     after every epoch; a new ``fit`` continues from them. :func:`start_state` seeds them with "epoch 0".
     """
     import keras
@@ -196,12 +196,12 @@ def resumable_early_stopping(state_dir: Path, patience: int, min_improvement: fl
             self.state: dict[str, Any] = {}
 
         def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-            self.state = json.loads((state_dir / "state.json").read_text())
+            self.state = json.loads(work.state_file.read_text())
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             val_loss = float((logs or {})["val_loss"])
             if improves(val_loss, self.state["best_val_loss"], min_improvement):
-                _save_weights_atomic(self.model, state_dir / "best.npz")
+                _save_weights_atomic(self.model, work.best_weights)
                 self.state.update(
                     best_val_loss=val_loss,
                     best_val_accuracy=float((logs or {}).get("val_accuracy", float("nan"))),
@@ -212,24 +212,23 @@ def resumable_early_stopping(state_dir: Path, patience: int, min_improvement: fl
                 self.state["wait"] += 1
                 self.state["stopped"] = self.state["wait"] >= patience
             self.state["epochs_done"] = epoch + 1
-            _write_json_atomic(state_dir / "state.json", self.state)
+            _write_json_atomic(work.state_file, self.state)
             if self.state.get("stopped"):
                 self.model.stop_training = True
 
         def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-            _load_weights(self.model, state_dir / "best.npz")
+            _load_weights(self.model, work.best_weights)
             self.state["finished"] = True  # a kill from here on (while saving) resumes by loading best.npz
-            _write_json_atomic(state_dir / "state.json", self.state)
+            _write_json_atomic(work.state_file, self.state)
 
     return ResumableEarlyStopping()
 
 
 def start_state(
-    model: Any, state_dir: Path, val_loss: float, val_accuracy: float, fingerprint: str = ""
+    model: Any, work: FinetuneWork, val_loss: float, val_accuracy: float, fingerprint: str = ""
 ) -> None:
     """Seed the early-stopping state with the starting (top-only) model as epoch 0."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    _save_weights_atomic(model, state_dir / "best.npz")
+    _save_weights_atomic(model, work.best_weights)
     state = {
         "best_val_loss": val_loss,
         "best_val_accuracy": val_accuracy,
@@ -240,7 +239,7 @@ def start_state(
         "top_only_val_accuracy": val_accuracy,
         "fingerprint": fingerprint,
     }
-    _write_json_atomic(state_dir / "state.json", state)
+    _write_json_atomic(work.state_file, state)
 
 
 def read_epoch_log(path: Path) -> list[dict[str, str]]:
@@ -450,20 +449,21 @@ def finetune_model(
     keras.utils.set_random_seed(seed)
     trainable = set_trainable(model, base, spec, cfg)
     compile_for_finetune(model, cfg, class_mode, num_classes)
-    state_dir, backup_dir, log_file = work_dir / "state", work_dir / "backup", work_dir / "epochs.csv"
-    resumed = (state_dir / "state.json").is_file()
-    if resumed and json.loads((state_dir / "state.json").read_text()).get("fingerprint") != fingerprint:
+    work = FinetuneWork(Path(work_dir))
+    backup_dir, log_file = work.keras_backup, work.epoch_log
+    resumed = (work.state_file).is_file()
+    if resumed and json.loads(work.state_file.read_text()).get("fingerprint") != fingerprint:
         resumed = False  # state left by a run with other params, head or index: start over
     if resumed and not backup_is_readable(backup_dir):
         resumed = False  # killed while Keras wrote its backup: never read a torn file, start over
     if not resumed:
         shutil.rmtree(work_dir, ignore_errors=True)
         val_loss, val_accuracy = model.evaluate(val, verbose=0)
-        start_state(model, state_dir, float(val_loss), float(val_accuracy), fingerprint)
-    state = json.loads((state_dir / "state.json").read_text())
+        start_state(model, work, float(val_loss), float(val_accuracy), fingerprint)
+    state = json.loads(work.state_file.read_text())
     done = state.get("finished") or state.get("stopped") or state["epochs_done"] >= cfg.epochs
     if resumed and done:  # killed after training ended (e.g. while saving): the best weights are on disk
-        _load_weights(model, state_dir / "best.npz")
+        _load_weights(model, work.best_weights)
         epochs_ran: list[int] = []
     else:
         first_epoch = resume_epoch(backup_dir) if resumed else 0
@@ -476,14 +476,14 @@ def finetune_model(
             shuffle=False,  # training_dataset reshuffles every epoch itself
             callbacks=[
                 keras.callbacks.CSVLogger(str(log_file), append=True),
-                resumable_early_stopping(state_dir, cfg.patience, cfg.min_improvement),
+                resumable_early_stopping(work, cfg.patience, cfg.min_improvement),
                 keras.callbacks.BackupAndRestore(str(backup_dir)),
                 keras_epochs(progress, "finetune", cfg.epochs, first_epoch),
             ],
             verbose=0,
         )
         epochs_ran = list(history.epoch)
-        state = json.loads((state_dir / "state.json").read_text())
+        state = json.loads(work.state_file.read_text())
     resumed_from = 0
     if resumed:  # the first epoch this fit ran, i.e. how many epochs the killed run had finished
         resumed_from = int(epochs_ran[0]) if epochs_ran else int(state["epochs_done"])

@@ -11,6 +11,38 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
+class FinetuneWork:
+    """The files of a resumable fine-tuning run in ``folder`` (``Layout.finetune_work``): removed when the run
+    ends, read back when a killed run is resumed."""
+
+    folder: Path
+
+    @property
+    def state_dir(self) -> Path:
+        return self.folder / "state"
+
+    @property
+    def state_file(self) -> Path:
+        """Best val loss, best epoch, patience counter, epochs done, the run's fingerprint."""
+        return self.state_dir / "state.json"
+
+    @property
+    def best_weights(self) -> Path:
+        """The best weights so far (``np.savez`` of ``model.get_weights()``; "epoch 0" is the top-only model)."""
+        return self.state_dir / "best.npz"
+
+    @property
+    def keras_backup(self) -> Path:
+        """Keras ``BackupAndRestore``'s folder (its own file names inside)."""
+        return self.folder / "backup"
+
+    @property
+    def epoch_log(self) -> Path:
+        """Keras ``CSVLogger``'s per-epoch rows."""
+        return self.folder / "epochs.csv"
+
+
+@dataclass(frozen=True)
 class Layout:
     root: Path = Path(".")
 
@@ -93,6 +125,11 @@ class Layout:
     def finetune_checkpoints(self) -> Path:
         """Keras BackupAndRestore folder: a killed finetune resumes from its last finished epoch."""
         return self.root / "cache" / "finetune_backup"
+
+    @property
+    def finetune_work(self) -> FinetuneWork:
+        """The files inside :attr:`finetune_checkpoints`."""
+        return FinetuneWork(self.finetune_checkpoints)
 
     @property
     def champion_dir(self) -> Path:
