@@ -147,3 +147,84 @@ def test_stage_summary_line_is_short() -> None:
         "features", {"manifest": "/ws/features/features.json", "computed": 10, "reused": 2, "views": {"a": 1}}
     )
     assert line == "stage features done: manifest features.json, computed 10, reused 2"
+
+
+# ------------------------------------------------------------------------------------------------ the error map
+def _raise_in_preview(err: BaseException) -> BaseException:
+    """``err`` raised from a function whose frame looks like ``tasks/preview.py`` ``preview_policies``."""
+    namespace: dict[str, object] = {}
+    code = compile(
+        "def preview_policies(err):\n    raise err\n", str(PROJECT / "tasks" / "preview.py"), "exec"
+    )
+    exec(code, namespace)  # noqa: S102 - a fake raise site for the traceback, nothing user-supplied
+    try:
+        namespace["preview_policies"](err)  # type: ignore[operator]
+    except BaseException as raised:  # noqa: BLE001
+        return raised
+    raise AssertionError("not raised")
+
+
+def test_error_map_names_the_user_errors_and_their_codes() -> None:
+    import errno
+
+    from flows.cli.common import EXIT_FAILED, EXIT_LOCKED, EXIT_PARAMS, EXIT_WEIGHTS, user_error
+    from flows.dvc_ops import DvcError
+    from tasks.bases import WeightsUnavailableError
+    from tasks.config import ParamsError
+    from tasks.index import DatasetError
+    from tasks.locking import LockHeldError
+    from tasks.model_registry import RegistryError
+
+    def code(err: BaseException) -> int | None:
+        row = user_error(err)
+        return None if row is None else row.code
+
+    assert code(ParamsError("top.lr: expected > 0")) == EXIT_PARAMS
+    held = LockHeldError(Path(".retrainflow.lock"), {"pid": 1, "command": "retrainflow run"})
+    assert code(held) == EXIT_LOCKED and user_error(held).label == "busy"
+    assert code(WeightsUnavailableError("offline")) == EXIT_WEIGHTS
+    for err in (DatasetError("no images"), RegistryError("bad"), DvcError("dvc failed")):
+        assert code(err) == EXIT_FAILED
+    assert code(prefect_server.PrefectApiError("no api")) == EXIT_FAILED
+    assert code(OSError(errno.ENOSPC, "No space left on device")) == EXIT_FAILED
+    assert code(FileNotFoundError("no trained head at models/top")) == EXIT_FAILED
+    # bugs: no one-line error, the traceback shows
+    assert code(OSError(errno.EBADF, "Bad file descriptor")) is None
+    assert (
+        code(ValueError("a bug")) is None and code(KeyError("k")) is None and code(RuntimeError("x")) is None
+    )
+    # a plain ValueError is a user error only from the raise sites the error map lists
+    assert code(_raise_in_preview(ValueError("no policy named 'x'"))) == EXIT_FAILED
+
+
+def test_a_bug_in_a_command_shows_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import tasks.model_registry
+    from flows.cli import app
+
+    def broken(layout: object) -> None:
+        raise ValueError("a bug, not the user's")
+
+    monkeypatch.setattr(tasks.model_registry, "read_registry", broken)
+    result = CliRunner().invoke(app, ["registry", "-w", str(tmp_path)])
+    assert isinstance(result.exception, ValueError) and "error:" not in result.output
+
+    def unreadable(layout: object) -> None:
+        raise tasks.model_registry.RegistryError("models/registry.json: not JSON")
+
+    monkeypatch.setattr(tasks.model_registry, "read_registry", unreadable)
+    result = CliRunner().invoke(app, ["registry", "-w", str(tmp_path)])
+    assert result.exit_code == 1 and not isinstance(result.exception, ValueError)
+    assert "error: models/registry.json: not JSON" in result.output
+
+
+def test_every_command_runs_under_the_error_map() -> None:
+    from flows.cli import app
+    from flows.cli.common import App
+
+    typers = [app, *(group.typer_instance for group in app.registered_groups)]
+    assert all(isinstance(t, App) for t in typers)
+    commands = [c for t in typers for c in t.registered_commands]
+    assert len(commands) >= 15
+    assert all(hasattr(c.callback, "__wrapped__") for c in commands)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli.common import ParamsOpt, SetOpt, WorkdirOpt, app, console, layout_for, load_or_exit
+from flows.cli.common import ParamsOpt, SetOpt, WorkdirOpt, app, console, json_flag, layout_for, load_or_exit
 
 
 @app.command("augment-preview")
@@ -37,9 +37,7 @@ def augment_preview_cmd(
             "--out", "-o", help="PNG to write (one policy only). Default: reports/augment_preview_<hash>.png"
         ),
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print what was written as JSON on stdout.")
-    ] = False,
+    as_json: Annotated[bool, json_flag("Print what was written as JSON on stdout.")] = False,
 ) -> None:
     """Write a PNG grid of N images x (clean + M augmented views) for the augmentation policy in params.
 
@@ -47,18 +45,12 @@ def augment_preview_cmd(
 
     Example: retrainflow augment-preview -n 4 -m 6 --set augment.rotation_range=40 --set augment.fill_mode=wrap
     """
-    from rich.markup import escape
-
     from tasks.preview import run_preview
 
     loaded = load_or_exit(params, set_)
-    try:
-        manifest = run_preview(
-            loaded, layout_for(workdir), images=images, views=views, policy_name=policy, out=out
-        )
-    except (ValueError, FileNotFoundError) as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+    manifest = run_preview(
+        loaded, layout_for(workdir), images=images, views=views, policy_name=policy, out=out
+    )
     if as_json:
         typer.echo(json.dumps(manifest.to_dict(), indent=2))
     else:

@@ -9,33 +9,22 @@ from typing import Annotated
 import typer
 
 from flows.cli.common import (
-    EXIT_FAILED,
-    Failures,
+    EXIT_WEIGHTS,
+    App,
     ParamsOpt,
     SetOpt,
     WorkdirOpt,
     app,
     console,
+    json_flag,
     layout_for,
     load_or_exit,
     locked,
     print_error,
+    user_error,
 )
 
-EXIT_WEIGHTS = 4  # the base's weights are not available (offline, not cached)
-
-
-def stage_failures(*more: type[BaseException]) -> Failures:
-    """What the features stage (and so a stage or a run) fails with, and its exit code: weights unavailable 4;
-    a full disk, a permission, a missing file (OSError), unusable data (ValueError) or ``more`` 1."""
-    from tasks.bases import WeightsUnavailableError
-
-    return [(WeightsUnavailableError, EXIT_WEIGHTS), ((OSError, ValueError, *more), EXIT_FAILED)]
-
-
-cache_app = typer.Typer(
-    help="Inspect and prune the feature cache (one folder per cache key).", no_args_is_help=True
-)
+cache_app = App(help="Inspect and prune the feature cache (one folder per cache key).", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 
@@ -55,7 +44,7 @@ def features_cmd(
     workdir: WorkdirOpt = Path("."),
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the stage manifest (features/features.json) on stdout.")
+        bool, json_flag("Print the stage manifest (features/features.json) on stdout.")
     ] = False,
 ) -> None:
     """Compute the features of every view the index needs; only (image, view) pairs not cached go through the base.
@@ -71,7 +60,7 @@ def features_cmd(
     from tasks.features import run_features
 
     with (
-        locked(layout, "retrainflow features", stage_failures()),
+        locked(layout, "retrainflow features"),
         progress_display(console, enabled=False if no_progress else None) as progress,
     ):
         manifest = run_features(loaded, layout, progress=progress)
@@ -91,16 +80,19 @@ def _current_key(
 ) -> tuple[str | None, Path]:
     """(cache key of the current params, cache root): fingerprints the weights, builds nothing for files.
 
-    When the weights are unavailable: exit with the error, or (``required=False``) warn and give no key.
+    When the weights are unavailable (a user error of the error map): exit with the error, or
+    (``required=False``) warn and give no key.
     """
-    from tasks.bases import WeightsUnavailableError, weights_fingerprint
+    from tasks.bases import weights_fingerprint
     from tasks.features import cache_root, image_size_for, key_spec_for
 
     loaded = load_or_exit(params_file, overrides)
     root = cache_root(loaded, layout_for(workdir))
     try:
         sha = weights_fingerprint(loaded.base, image_size_for(loaded))
-    except (WeightsUnavailableError, OSError, ValueError) as err:
+    except Exception as err:
+        if user_error(err) is None:
+            raise
         print_error("error" if required else "warning", err)
         if required:
             raise typer.Exit(EXIT_WEIGHTS) from None
@@ -113,7 +105,7 @@ def cache_list(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path("."),
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: Annotated[bool, json_flag("Print JSON instead of a table.")] = False,
 ) -> None:
     """List the cache keys with their rows and size; `*` marks the key the current params use."""
     from tasks.feature_cache import list_keys
@@ -161,7 +153,7 @@ def cache_prune(
     if dry_run:  # reads only: no workspace lock, so it also works while a run holds it
         result = prune_keys(root, {current}, dry_run=True)
     else:
-        with locked(layout_for(workdir), "retrainflow cache prune", [(OSError, EXIT_FAILED)]):
+        with locked(layout_for(workdir), "retrainflow cache prune"):
             result = prune_keys(root, {current}, dry_run=False)
     verb = "would remove" if dry_run else "removed"
     for info in result.removed:

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from flows.cli.common import (
-    EXIT_FAILED,
     ParamsOpt,
     SetOpt,
     WorkdirOpt,
     app,
     console,
+    json_flag,
     layout_for,
     load_or_exit,
     locked,
@@ -97,8 +97,7 @@ def index_cmd(
         ),
     ] = None,
     as_json: Annotated[
-        bool,
-        typer.Option("--json", help="Print the stage manifest (paths written, counts) as JSON on stdout."),
+        bool, json_flag("Print the stage manifest (paths written, counts) as JSON on stdout.")
     ] = False,
 ) -> None:
     """Scan the images, really decode every file, and write index/index.csv, classes.json, index_report.json.
@@ -108,11 +107,11 @@ def index_cmd(
     Exit codes: 1 when the dataset as a whole is unusable (no images, one class, an empty class, missing CSV columns), 2 on invalid params, 3 when another run holds the workspace.
     """
     from flows.console import progress_display
-    from tasks.index import DatasetError, run_index
+    from tasks.index import run_index
 
     loaded = load_or_exit(params, [*(set_ or []), *index_overrides(root, csv, classes, workers)])
     layout = layout_for(workdir)
-    with locked(layout, "retrainflow index", [(DatasetError, EXIT_FAILED)]):
+    with locked(layout, "retrainflow index"):
         with progress_display(console) as show:
             manifest = run_index(loaded, layout, progress=long_steps_only(show, PROGRESS_MIN_FILES))
         print_summary(json.loads(Path(manifest.report_file).read_text(encoding="utf-8")), console)

@@ -18,6 +18,7 @@ import typer
 from flows.cli.common import (
     EXIT_FAILED,
     EXIT_PARAMS,
+    JsonOpt,
     ParamsOpt,
     SetOpt,
     WorkdirOpt,
@@ -30,7 +31,6 @@ from flows.cli.common import (
 )
 from tasks.layout import Layout
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the stage manifest as JSON on stdout.")]
 # Help texts go through rich markup: a literal "[default: ...]" must be escaped ("\\[") or rich eats it as a tag.
 MODEL_HELP = (
     r"A .keras model with classes.json beside it \[default: the promoted champion, else the candidate]."
@@ -80,7 +80,7 @@ def _run_stage(
     *,
     progress: bool = False,
 ) -> None:
-    """Load params, hold the workspace lock, run the stage; missing inputs and bad values exit 1 with the reason.
+    """Load params, hold the workspace lock, run the stage (a user error exits with the error map's code).
 
     ``progress``: the runner takes ``progress=`` (a :data:`tasks.progress.Reporter`): its steps are drawn on
     stderr while it runs."""
@@ -88,8 +88,7 @@ def _run_stage(
 
     loaded = load_or_exit(params_file, overrides)
     layout = layout_for(workdir)
-    # OSError: a full disk, a permission, a missing file
-    with locked(layout, f"retrainflow {command}", [((OSError, ValueError), EXIT_FAILED)]):
+    with locked(layout, f"retrainflow {command}"):
         if progress:
             with progress_display(console) as reporter:
                 manifest = runner(loaded, layout, progress=reporter)
@@ -214,15 +213,11 @@ def predict_cmd(
     from tasks.heads import read_bundle_classes
 
     model_file = model_or_exit(model, layout_for(workdir))
-    try:
-        names, _ = read_bundle_classes(model_file)
-        with progress_display(console) as reporter:
-            predictions = predict_paths(
-                model_file, [str(p) for p in paths], batch_size=batch_size, progress=reporter
-            )
-    except (OSError, ValueError) as err:  # OSError: a full disk, a permission, a missing file
-        print_error("error", err)
-        raise typer.Exit(EXIT_FAILED) from None
+    names, _ = read_bundle_classes(model_file)
+    with progress_display(console) as reporter:
+        predictions = predict_paths(
+            model_file, [str(p) for p in paths], batch_size=batch_size, progress=reporter
+        )
     text = format_predictions(predictions, names, fmt)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -273,11 +268,7 @@ def export_cmd(
     layout = layout_for(workdir)
     model_file = model_or_exit(model, layout)
     target = output if output is not None else layout.models_dir / "export" / model_file.parent.name
-    try:
-        written = export_saved_model(model_file, target)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print_error("error", err)
-        raise typer.Exit(EXIT_FAILED) from None
+    written = export_saved_model(model_file, target)
     console.print(
         f"exported {model_file} to {written} (SavedModel + classes.json)", highlight=False, soft_wrap=True
     )

@@ -12,20 +12,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from flows.cli.common import (
-    EXIT_FAILED,
     EXIT_PARAMS,
+    JsonOpt,
     ParamsOpt,
     SetOpt,
     WorkdirOpt,
     app,
     console,
+    json_flag,
     layout_for,
     load_or_exit,
     locked,
-    print_error,
 )
-from flows.cli.features import stage_failures
-from flows.dvc_ops import DvcError
 from tasks.layout import Layout
 
 if TYPE_CHECKING:
@@ -48,28 +46,18 @@ def _stage_name(name: str) -> str:
 
 @contextmanager
 def prefect_api(layout: Layout, *, start_server: bool = False) -> Iterator[PrefectApi]:
-    """The Prefect API this command's flow runs report to (``flows.cli.prefect_api``); one clear ``error:`` line
-    and exit 1 when there is none, never a traceback."""
-    from flows.cli.prefect_api import PrefectApiError, choose_api, is_startup_timeout, reporting_to
+    """The Prefect API this command's flow runs report to (``flows.cli.prefect_api``). None answering
+    (``PrefectApiError``) and Prefect's temporary API not starting in time are user errors of the error map:
+    one clear ``error:`` line and exit 1, never a traceback."""
+    from flows.cli.prefect_api import choose_api, reporting_to
 
-    try:
-        api = choose_api(start_server=start_server)
-        if api.origin == "started":
-            console.print(
-                f"starting a Prefect server for this run: {api.ui_url} (log {layout.prefect_server_log})"
-            )
-        with reporting_to(api, log_file=layout.prefect_server_log) as chosen:
-            yield chosen
-    except PrefectApiError as err:
-        print_error("error", err)
-        raise typer.Exit(EXIT_FAILED) from None
-    except RuntimeError as err:
-        if not is_startup_timeout(err):
-            raise
-        from flows.cli.prefect_api import startup_timeout_message
-
-        print_error("error", startup_timeout_message())
-        raise typer.Exit(EXIT_FAILED) from None
+    api = choose_api(start_server=start_server)
+    if api.origin == "started":
+        console.print(
+            f"starting a Prefect server for this run: {api.ui_url} (log {layout.prefect_server_log})"
+        )
+    with reporting_to(api, log_file=layout.prefect_server_log) as chosen:
+        yield chosen
 
 
 def run_summary_line(summary: dict[str, Any], layout: Layout) -> str:
@@ -100,7 +88,7 @@ def run_cmd(
             "running, and stop it at the end; the run stays in Prefect's database (`retrainflow dashboard`).",
         ),
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
+    as_json: Annotated[bool, json_flag("Print the run summary as JSON on stdout.")] = False,
 ) -> None:
     """Run the whole pipeline as the Prefect `retrain` flow (index -> ... -> evaluate -> promote).
 
@@ -111,7 +99,7 @@ def run_cmd(
     load_or_exit(params, set_)  # validate before paying for a Prefect API
     layout = layout_for(workdir)
     with (
-        locked(layout, "retrainflow run", stage_failures(DvcError)),
+        locked(layout, "retrainflow run"),
         prefect_api(layout, start_server=with_server) as api,
     ):
         from flows.flows import retrain
@@ -133,9 +121,7 @@ def stage_cmd(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path("."),
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the stage manifest as JSON on stdout.")
-    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run one stage inside its Prefect flow (the command each `dvc.yaml` stage runs).
 
@@ -145,7 +131,7 @@ def stage_cmd(
     stage = _stage_name(name)
     load_or_exit(params, set_)
     layout = layout_for(workdir)
-    with locked(layout, f"retrainflow stage {stage}", stage_failures(DvcError)), prefect_api(layout):
+    with locked(layout, f"retrainflow stage {stage}"), prefect_api(layout):
         from flows.flows import STAGE_FLOWS
 
         manifest = STAGE_FLOWS[stage](
@@ -182,11 +168,7 @@ def serve_cmd(
     from flows.deploy import serve_retrain, validate_cron
 
     load_or_exit(params, set_)
-    try:
-        validate_cron(cron)
-    except ValueError as err:
-        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
-        raise typer.Exit(EXIT_PARAMS) from None
+    validate_cron(cron)  # a bad expression: exit 2 (the error map's user ValueErrors)
     with prefect_api(layout_for(workdir)):
         serve_retrain(
             cron, name=name, params_file=params, overrides=list(set_ or []), workdir=workdir, force=force
@@ -218,11 +200,11 @@ def promote_cmd(
     params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, workdir: WorkdirOpt = Path(".")
 ) -> None:
     """Gate the current candidate (metrics/evaluate.json) against the champion and record it in the registry."""
-    from tasks.model_registry import RegistryError, run_promote
+    from tasks.model_registry import run_promote
 
     loaded = load_or_exit(params, set_)
     layout = layout_for(workdir)
-    with locked(layout, "retrainflow promote", [(RegistryError, EXIT_FAILED)]):
+    with locked(layout, "retrainflow promote"):
         manifest = run_promote(loaded, layout)
     typer.echo(json.dumps(manifest.to_json(), indent=2))
     console.print(f"promote: {manifest.reason}", highlight=False, soft_wrap=True)
@@ -231,7 +213,7 @@ def promote_cmd(
 @app.command("registry")
 def registry_cmd(
     workdir: WorkdirOpt = Path("."),
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw registry JSON.")] = False,
+    as_json: Annotated[bool, json_flag("Print the raw registry JSON.")] = False,
 ) -> None:
     """List every candidate model: when, data version, params hash, score, promoted or not and why."""
     from tasks.model_registry import read_registry
