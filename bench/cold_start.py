@@ -4,7 +4,7 @@ Each case runs `retrainflow run` on a tiny generated workspace in a fresh proces
 byte-code cache, none written: every module is compiled from source, as in a fresh venv) and a fresh
 PREFECT_HOME (a new SQLite database and its migrations), while ``--hog`` processes spin on the CPU:
 - ``prefect default 20 s``: Prefect's temporary API with Prefect's own start-up timeout (what `make demo` had);
-- ``retrainflow default``: the temporary API with the CLI's cold-start timeout (flows/cli_defaults.py);
+- ``retrainflow default``: the temporary API with the CLI's cold-start timeout (flows/cli/defaults.py);
 - ``--with-server``: the local `prefect server` that `make demo` now starts and stops.
 It prints, per case, the exit code, the wall time and the last line; the baseline (Prefect's default) is measured
 in the same run. Usage: ``.venv/bin/python bench/cold_start.py [--hog 2] [--repeats 1]``.

@@ -142,7 +142,7 @@ def test_export_saved_model_serves_the_same_outputs(bundle_path, tmp_path):
 
 
 def test_default_model_is_the_champion_when_promoted(tmp_path):
-    from flows.cli_model import default_model
+    from flows.cli.model import default_model
     from tasks.layout import Layout
 
     layout = Layout(tmp_path)

@@ -133,7 +133,7 @@ def test_servers_listen_on_localhost_by_default() -> None:
 
     import inspect
 
-    from flows.cli_orchestrate import dashboard_cmd
+    from flows.cli.orchestrate import dashboard_cmd
 
     host = inspect.signature(dashboard_cmd).parameters["host"].default
     assert host in ("127.0.0.1", "localhost"), host
