@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from tasks.errors import WeightsUnavailableError  # noqa: F401  (raised here; defined with the other domain errors)
+
 RANDOM_INIT_SEED = 1234  # weights "none": every build of the same architecture gets the same arrays
 _GCS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
@@ -43,10 +45,6 @@ class BaseChoice(Protocol):
 
     @property
     def alpha(self) -> float | None: ...  # a width multiplier of the base, or None for its default
-
-
-class WeightsUnavailableError(RuntimeError):
-    """ImageNet weights are neither in the Keras cache nor downloadable (offline)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -34,6 +34,7 @@ import numpy as np
 from tasks.atomic import atomic_write_json
 from tasks.bases import get_spec, load_base, resolve_image_size, weights_fingerprint
 from tasks.config import Params
+from tasks.errors import FeaturesMismatchError  # noqa: F401  (raised here; defined with the other domain errors)
 from tasks.feature_cache import FeatureCache, KeySpec, Pair, ShardWriter
 from tasks.layout import Layout
 from tasks.progress import Reporter, counter
@@ -52,11 +53,6 @@ RERUN = "run `retrainflow features` with the same params first"
 # and cache details goes to ``layout.run_record("features")``.
 STABLE_FIELDS = ("cache_key", "cache_dir", "key_spec", "views", "policies", "rows", "pairs", "content_hash")
 METRIC_FIELDS = ("pairs", "computed", "reused", "images_computed")
-
-
-class FeaturesMismatchError(ValueError):
-    """The cached features are not the ones the params ask for (other params, or another index): the message
-    names what differs and says to run the features stage."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from tasks.errors import ImageRejected  # noqa: F401  (raised here; defined with the other domain errors)
+
 # Pillow format name -> the name stored in the index (MPO is a JPEG whose first picture TF decodes).
 ACCEPTED_FORMATS: dict[str, str] = {
     "JPEG": "JPEG",
@@ -46,16 +48,6 @@ MAX_BYTES_PER_PIXEL = 16
 MAX_METADATA_BYTES = 8 * 1024 * 1024
 EXIF_ORIENTATION_TAG = 0x0112
 _BMP_MODES = ("RGB", "RGBA", "L")  # what TF's BMP decoder returns correctly (24/32-bit, 8-bit grey)
-
-
-class ImageRejected(ValueError):
-    """A file that must not reach training: ``reason`` is one human-readable line, ``kind`` a short category
-    (``empty``, ``not_image``, ``unsupported``, ``too_large``, ``undecodable``) for summaries."""
-
-    def __init__(self, reason: str, kind: str = "invalid"):
-        self.reason = reason
-        self.kind = kind
-        super().__init__(reason)
 
 
 @dataclass(frozen=True)

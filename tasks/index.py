@@ -28,6 +28,7 @@ import pandas as pd
 
 from tasks.atomic import atomic_write, atomic_write_json
 from tasks.config import DataConfig, Params, SplitFractions
+from tasks.errors import DatasetError  # noqa: F401  (raised here; defined with the other domain errors)
 from tasks.images import ImageInfo, ImageRejected, check_image_file
 from tasks.layout import Layout
 from tasks.progress import Reporter, Step
@@ -53,10 +54,6 @@ JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r", "__
 PROGRESS_FRACTION = 0.01
 PROGRESS_SECONDS = 0.2
 EXAMPLES_SHOWN = 3  # example paths per reason in a dataset-level error
-
-
-class DatasetError(ValueError):
-    """The dataset as a whole cannot be indexed (no images, one class, an empty class, bad CSV columns...)."""
 
 
 @dataclass(frozen=True)

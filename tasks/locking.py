@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tasks.errors import LockHeldError  # noqa: F401  (raised here; defined with the other domain errors)
 from tasks.layout import Layout
 
 _held: dict[str, int] = {}  # resolved lock path -> re-entry depth, for this process
@@ -37,21 +38,6 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-class LockHeldError(RuntimeError):
-    """Another process holds the workspace lock; the message names its PID and command."""
-
-    def __init__(self, path: Path, holder: dict[str, object]):
-        self.path = path
-        self.holder = holder
-        pid = holder.get("pid", "?")
-        what = holder.get("command") or "another retrainflow run"
-        since = holder.get("since", "?")
-        super().__init__(
-            f"another retrainflow run holds the workspace lock {path} (pid {pid}, since {since}: {what}); "
-            f"wait for it to finish, or stop it (kill {pid}) and start again"
-        )
 
 
 def read_holder(path: Path) -> dict[str, object]:

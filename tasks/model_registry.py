@@ -28,13 +28,10 @@ import yaml
 
 from tasks.atomic import atomic_dir, atomic_symlink, atomic_write_json, remove_stale_temps_in
 from tasks.config import EvaluateConfig, Params
+from tasks.errors import RegistryError  # noqa: F401  (raised here; defined with the other domain errors)
 from tasks.layout import Layout
 
 REGISTRY_VERSION = 1
-
-
-class RegistryError(ValueError):
-    """The registry file or the candidate's metrics are missing or malformed."""
 
 
 @dataclass(frozen=True)

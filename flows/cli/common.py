@@ -121,11 +121,9 @@ def _startup_timeout_message(err: BaseException) -> str:
 # THE error map, first match wins (ParamsError and the other domain errors subclass ValueError: they come first).
 USER_ERRORS: tuple[UserError, ...] = (
     UserError("tasks.config", "ParamsError", EXIT_PARAMS),
-    UserError("tasks.locking", "LockHeldError", EXIT_LOCKED, label="busy"),
-    UserError("tasks.bases", "WeightsUnavailableError", EXIT_WEIGHTS),
-    UserError("tasks.index", "DatasetError", EXIT_FAILED),
-    UserError("tasks.features", "FeaturesMismatchError", EXIT_FAILED),
-    UserError("tasks.model_registry", "RegistryError", EXIT_FAILED),
+    UserError("tasks.errors", "LockHeldError", EXIT_LOCKED, label="busy"),
+    UserError("tasks.errors", "WeightsUnavailableError", EXIT_WEIGHTS),
+    UserError("tasks.errors", "InputError", EXIT_FAILED),  # DatasetError, FeaturesMismatchError, RegistryError...
     UserError("flows.cli.prefect_api", "PrefectApiError", EXIT_FAILED),
     UserError("flows.dvc_ops", "DvcError", EXIT_FAILED),
     UserError("builtins", "OSError", EXIT_FAILED, when=environment_oserror),
