@@ -137,6 +137,11 @@ class Layout:
         return self.models_dir / "champion"
 
     @property
+    def champion_link_model(self) -> Path:
+        """``champion/model.keras``: the current champion's model, through the :attr:`champion_dir` link."""
+        return self.champion_dir / self.candidate_model.name
+
+    @property
     def champions_dir(self) -> Path:
         """Every promoted model, immutable, one folder per candidate id."""
         return self.models_dir / "champions"

@@ -39,7 +39,7 @@ MODEL_HELP = (
 
 def default_model(layout: Layout) -> Path:
     """The promoted champion's model when there is one, else the candidate this workspace produced."""
-    champion = layout.champion_dir / layout.candidate_model.name
+    champion = layout.champion_link_model
     return champion if champion.is_file() else layout.candidate_model
 
 
@@ -53,7 +53,7 @@ def model_or_exit(model: Path | None, layout: Layout) -> Path:
         return model
     found = default_model(layout)
     if not found.is_file():
-        champion = layout.champion_dir / layout.candidate_model.name
+        champion = layout.champion_link_model
         print_error(
             "error",
             f"no model found: expected {champion} or {layout.candidate_model}; run `retrainflow run` (or `make "

@@ -68,8 +68,11 @@ def run_summary_line(summary: dict[str, Any], layout: Layout) -> str:
     promote = summary.get("promote") or {}
     score = promote.get("score")
     figure = f"test {promote.get('metric')} {score:.4f}; " if isinstance(score, float) else ""
-    model = layout.champion_dir if promote.get("promoted") else layout.candidate_dir
-    return f"retrain {status}: {figure}candidate {promote.get('candidate_id')} in {model / 'model.keras'}"
+    model = layout.champion_link_model if promote.get("promoted") else layout.candidate_model
+    line = f"retrain {status}: {figure}candidate {promote.get('candidate_id')} in {model}"
+    if summary.get("dvc_committed") is False:
+        line += " (not committed to DVC: the run used --set or another params file, so `dvc status` lists it)"
+    return line
 
 
 @app.command("run")
