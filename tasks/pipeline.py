@@ -14,7 +14,7 @@ batches (``rebatch``). Grouping changes no pixel and no order.
   epoch number) in which every sample appears exactly once, the final partial batch kept; augmented views use
   the epoch number as the pass, so epoch e sees view pass e of every image. Epochs are numbered from
   ``first_epoch``: a fit resumed at epoch k gets epoch k's order and views, not epoch 0's again.
-* :func:`encode_labels`: binary (float32 [N]), categorical (float32 one-hot [N, C]), sparse (int32 [N]).
+* labels: :func:`tasks.labels.encode_labels` (``training_dataset`` encodes ``class_id`` with it).
 
 TensorFlow and OpenCV are imported lazily.
 """
@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from tasks.augment import INTERPOLATIONS, AugmentPolicy, aspect_crop, render_view, renders_uint8
+from tasks.labels import CLASS_MODES, encode_labels  # noqa: F401  (CLASS_MODES re-exported for tasks.heads)
 
-CLASS_MODES = ("binary", "categorical", "sparse")
 GROUP_SIZE = 8  # images decoded and resampled per map call (see _load_fn)
 MIXED_RATIO_MIN_SAVED_PIXELS = 25_000  # 0.02 ms a switch / 0.8 ns a pixel (see _worthwhile_ratios)
 JPEG_RATIOS = (8, 4, 2, 1)
@@ -86,32 +86,6 @@ def _pipeline_options() -> Any:
     options.threading.private_threadpool_size = _map_parallelism()
     options.autotune.enabled = False
     return options
-
-
-# ------------------------------------------------------------------------------------------------ labels
-def encode_labels(class_ids: Any, class_mode: str, num_classes: int) -> np.ndarray:
-    """Class ids -> the labels Keras expects for ``class_mode`` (as ImageDataGenerator's class modes)."""
-    if class_mode not in CLASS_MODES:
-        raise ValueError(f"encode_labels: expected class_mode in {CLASS_MODES}, got {class_mode!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer) or num_classes < 1:
-        raise ValueError(f"encode_labels: expected num_classes >= 1, got {num_classes!r}")
-    if class_mode == "binary" and num_classes != 2:
-        raise ValueError(f"encode_labels: class_mode 'binary' needs num_classes == 2, got {num_classes!r}")
-    ids = np.asarray(class_ids)
-    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-        raise ValueError(f"encode_labels: expected a 1-D array of integer class ids, got {ids!r}")
-    ids = ids.astype(np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
-        raise ValueError(
-            f"encode_labels: expected class ids in [0, {num_classes}), got values from {ids.min()} to {ids.max()}"
-        )
-    if class_mode == "binary":
-        return ids.astype(np.float32)
-    if class_mode == "sparse":
-        return ids.astype(np.int32)
-    out = np.zeros((ids.size, int(num_classes)), dtype=np.float32)
-    out[np.arange(ids.size), ids] = 1.0
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ sources

@@ -13,11 +13,11 @@ from PIL import Image
 
 import tasks.pipeline
 from tasks.augment import AugmentPolicy
+from tasks.labels import encode_labels
 from tasks.pipeline import (
     _group_spans,
     _source_columns,
     _worthwhile_ratios,
-    encode_labels,
     jpeg_ratio,
     training_dataset,
     view_dataset,
