@@ -5,48 +5,41 @@ the decoder training uses (:func:`tasks.images.decode_rgb`), in parallel threads
 reason; exact duplicates collapse, cross-label duplicates are excluded as conflicts; an image's split depends only
 on its content hash and the split seed, so adding images never moves an existing one.
 
-Outputs (paths from :class:`tasks.layout.Layout`, written atomically): ``index.csv`` (columns :data:`COLUMNS`, paths
-POSIX and relative to ``data.root``, sorted by path), ``classes.json`` and ``index_report.json``.
+The library of the index stage: :func:`build_index` returns the table, the classes and the report in memory and
+writes nothing; the stage shell (:mod:`tasks.run_index`) writes them. The table's columns, its format and its
+readers are :mod:`tasks.index_table`'s (``index.csv`` columns :data:`~tasks.index_table.COLUMNS`, paths POSIX and
+relative to ``data.root``, sorted by path).
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import stat
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
 
-from tasks.atomic import atomic_write, atomic_write_json
-from tasks.config import DataConfig, Params, SplitFractions
+from tasks.config import DataConfig, SplitFractions
 from tasks.errors import DatasetError  # noqa: F401  (raised here; defined with the other domain errors)
 from tasks.images import ImageInfo, ImageRejected, check_image_file
-from tasks.layout import Layout
+from tasks.index_table import (  # noqa: F401  (read_index, read_classes: re-exported until callers move)
+    COLUMNS,
+    SPLITS,
+    ClassInfo,
+    read_classes,
+    read_index,
+)
 from tasks.progress import Reporter, Step
 from tasks.progress import report as send_step
 
-COLUMNS = (
-    "path",
-    "label",
-    "class_id",
-    "split",
-    "sha256",
-    "width",
-    "height",
-    "bytes",
-    "orientation",
-    "format",
-)
-SPLITS = ("train", "val", "test")
 # OS junk: skipped and reported, never validated (hidden names starting with "." are skipped too).
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r", "__macosx", "$recycle.bin"})
 # Validation progress: a Step when the count advanced by this share of the total or this long passed,
@@ -54,42 +47,6 @@ JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r", "__
 PROGRESS_FRACTION = 0.01
 PROGRESS_SECONDS = 0.2
 EXAMPLES_SHOWN = 3  # example paths per reason in a dataset-level error
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    """Class order (ids are positions in ``names``) and class mode, as written to ``classes.json``."""
-
-    names: tuple[str, ...]
-    class_mode: str
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.names)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"names": list(self.names), "class_mode": self.class_mode, "num_classes": self.num_classes}
-
-
-@dataclass(frozen=True)
-class IndexManifest:
-    """What ``run_index`` wrote and the headline counts (JSON-able)."""
-
-    index_table: str
-    classes_file: str
-    report_file: str
-    images: int
-    classes: tuple[str, ...]
-    class_mode: str
-    splits: dict[str, int]
-    rejects: int
-    skipped: int
-    duplicates: int
-    conflicts: int
-    warnings: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -641,64 +598,10 @@ def build_index(
     return IndexResult(table, classes, report)
 
 
-# ------------------------------------------------------------------------------------------------ writing
-def write_index(result: IndexResult, layout: Layout) -> None:
-    """Write ``index.csv``, ``classes.json`` and ``index_report.json`` through :mod:`tasks.atomic` (which removes the
-    temp files of an earlier, killed writer first). :func:`read_index` checks that the table and the classes file
-    agree."""
-    atomic_write(layout.index_table, lambda tmp: result.table.to_csv(tmp, index=False, lineterminator="\n"))
-    atomic_write_json(layout.classes_file, result.classes.to_dict())
-    atomic_write_json(layout.index_report, result.report, ensure_ascii=False)
-
-
-def read_index(layout: Layout) -> pd.DataFrame:
-    """The index table written by the index stage (paths stay strings; ids and sizes are ints)."""
-    path = layout.index_table
-    if not path.is_file():
-        raise FileNotFoundError(f"index table not found at {path}; run `retrainflow index` first")
-    dtypes = {"path": str, "label": str, "split": str, "sha256": str, "format": str}
-    table = pd.read_csv(path, dtype=dtypes, keep_default_na=False)
-    missing = [c for c in COLUMNS if c not in table.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; re-run `retrainflow index`")
-    for column in ("class_id", "width", "height", "bytes", "orientation"):
-        table[column] = table[column].astype("int64")
-    if layout.classes_file.is_file():
-        _check_agrees(table, read_classes(layout), path, layout.classes_file)
-    return table
-
-
-def _check_agrees(table: pd.DataFrame, classes: ClassInfo, table_path: Path, classes_path: Path) -> None:
-    """Every row's ``class_id`` names its ``label`` in ``classes.json`` (the two files are written one after the
-    other: an index run killed between them must not pair a new table with old class ids)."""
-    names = classes.names
-    ids = table["class_id"].to_numpy()
-    in_range = (ids >= 0) & (ids < len(names))
-    expected = [names[i] if ok else None for i, ok in zip(ids, in_range, strict=True)]
-    wrong = [i for i, (want, got) in enumerate(zip(expected, table["label"], strict=True)) if want != got]
-    if wrong:
-        row = table.iloc[wrong[0]]
-        raise ValueError(
-            f"{table_path} and {classes_path} disagree ({len(wrong)} row(s); e.g. {row['path']!r} has label "
-            f"{row['label']!r} and class_id {int(row['class_id'])}, classes are {list(names)}): an interrupted "
-            "index run? re-run `retrainflow index`"
-        )
-
-
-def read_classes(layout: Layout) -> ClassInfo:
-    """Class order and class mode from ``classes.json`` (the only reader of that file)."""
-    path = layout.classes_file
-    if not path.is_file():
-        raise FileNotFoundError(f"classes file not found at {path}; run `retrainflow index` first")
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    names = raw.get("names") if isinstance(raw, dict) else None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) < 2:
-        raise ValueError(f"{path}: expected 'names' to be a list of at least 2 class names, got {names!r}")
-    return ClassInfo(tuple(names), str(raw.get("class_mode", "categorical")))
-
-
-# ---------------------------------------------------------------------------------------------- the stage
-def _source_for(cfg: DataConfig, dataframe: pd.DataFrame | None) -> Path | pd.DataFrame:
+# ------------------------------------------------------------------------------------- the stage's source
+def source_for(cfg: DataConfig, dataframe: pd.DataFrame | None) -> Path | pd.DataFrame:
+    """What :func:`build_index` scans for ``cfg``: ``dataframe`` when given, the ``data.csv`` file, or the
+    class-folder root."""
     if dataframe is not None:
         return dataframe
     if cfg.source == "csv":
@@ -721,34 +624,11 @@ def find_csv(csv: Path, root: Path) -> Path:
     raise DatasetError(f"data.csv: file not found, got {str(csv)!r} (looked for {looked})")
 
 
-def run_index(
-    params: Params,
-    layout: Layout,
-    dataframe: pd.DataFrame | None = None,
-    *,
-    progress: Reporter | None = None,
-) -> IndexManifest:
-    """The index stage: scan + validate, write the three outputs, return the manifest (nothing is printed).
+def __getattr__(name: str) -> Any:
+    """Transitional: the stage shell moved to :mod:`tasks.run_index` (``run_index``, ``IndexManifest``); these
+    names resolve there until flows/ and the CLI import them from it."""
+    if name in ("run_index", "IndexManifest"):
+        import tasks.run_index
 
-    ``dataframe`` (paths relative to ``params.data.root``) replaces the configured source. ``progress``
-    receives ``Step("index", done, total, "img")`` events while the files are validated (see
-    :func:`build_index`).
-    """
-    cfg = params.data
-    result = build_index(_source_for(cfg, dataframe), cfg, progress=progress)
-    write_index(result, layout)
-    report = result.report
-    return IndexManifest(
-        index_table=str(layout.index_table),
-        classes_file=str(layout.classes_file),
-        report_file=str(layout.index_report),
-        images=report["images"],
-        classes=result.classes.names,
-        class_mode=result.classes.class_mode,
-        splits=report["splits"],
-        rejects=len(report["rejects"]),
-        skipped=len(report["skipped"]),
-        duplicates=sum(len(d["dropped"]) for d in report["duplicates"]),
-        conflicts=len(report["conflicts"]),
-        warnings=len(report["warnings"]),
-    )
+        return getattr(tasks.run_index, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

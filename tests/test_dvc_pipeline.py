@@ -470,7 +470,7 @@ def test_new_images_with_a_remote_are_recorded_and_pushed_never_pulled_over(
     data (a fresh clone) gets it from the remote."""
     from imagegen import coloured_image, encode
 
-    from tasks.index import read_index
+    from tasks.index_table import read_index
     from tasks.model_registry import read_registry
 
     repo, env = dvc_repo
@@ -549,7 +549,7 @@ def test_images_added_during_a_run_are_not_committed_as_indexed(
     from imagegen import coloured_image, encode
 
     import flows.flows as flows_module
-    from tasks.index import read_index
+    from tasks.index_table import read_index
 
     repo, env = dvc_repo
     new_image = encode(coloured_image((20, 20, 220), size=32, seed=777), "PNG")

@@ -18,18 +18,12 @@ from imagegen import (
 )
 
 from tasks.config import DataConfig, Params, SplitFractions
-from tasks.index import (
-    COLUMNS,
-    ClassInfo,
-    DatasetError,
-    assign_split,
-    build_index,
-    read_classes,
-    read_index,
-    run_index,
-)
+from tasks.errors import DatasetError
+from tasks.index import assign_split, build_index
+from tasks.index_table import COLUMNS, ClassInfo, read_classes, read_index
 from tasks.layout import Layout
 from tasks.progress import Step
+from tasks.run_index import run_index
 
 
 def cfg(root: Path, **kw) -> DataConfig:

@@ -109,7 +109,7 @@ def uninstall() -> None:
 def stage_runner(stage: str) -> Callable[[Any, Any], Any]:
     """The plain stage function for ``stage`` (explicit registry, imported now, before counting)."""
     if stage == "index":
-        from tasks.index import run_index
+        from tasks.run_index import run_index
 
         return run_index
     if stage == "promote":

@@ -94,7 +94,7 @@ def messy_run(tmp_path_factory):
     """index -> features -> train_top -> finetune on the messy folder, with symlinks followed (loops!)."""
     from tasks.features import run_features
     from tasks.finetune import run_finetune
-    from tasks.index import run_index
+    from tasks.run_index import run_index
     from tasks.train_top import run_train_top
 
     tmp = tmp_path_factory.mktemp("messy")
@@ -112,7 +112,7 @@ def messy_run(tmp_path_factory):
 @pytest.mark.slow
 def test_run_completes_and_only_good_images_reach_training(messy_run) -> None:
     from tasks.features import read_features
-    from tasks.index import read_index
+    from tasks.index_table import read_index
 
     params, layout, good, bad, index, features, top, ft = messy_run
     table = read_index(layout)
@@ -167,7 +167,7 @@ def test_every_bad_file_has_a_reason(messy_run) -> None:
 
 @pytest.mark.slow
 def test_odd_but_valid_formats_are_rgb_in_training_input(messy_run) -> None:
-    from tasks.index import read_index
+    from tasks.index_table import read_index
     from tasks.pipeline import view_dataset
 
     params, layout, *_ = messy_run
@@ -272,7 +272,7 @@ def test_decompression_bomb_rejected_by_a_small_pixel_limit(tmp_path: Path) -> N
 
 def test_one_pixel_images_train(tmp_path: Path) -> None:
     from tasks.features import read_features, run_features
-    from tasks.index import run_index
+    from tasks.run_index import run_index
 
     root = tmp_path / "data"
     for c, colour in (("red", (250, 0, 0)), ("blue", (0, 0, 250))):
@@ -299,7 +299,8 @@ def test_one_pixel_images_train(tmp_path: Path) -> None:
     ],
 )
 def test_dataset_level_errors(tmp_path: Path, case: str, message: str) -> None:
-    from tasks.index import DatasetError, build_index
+    from tasks.errors import DatasetError
+    from tasks.index import build_index
 
     root = tmp_path / "data"
     if case != "missing_root":
@@ -397,7 +398,8 @@ def test_csv_source_blank_labels_duplicates_missing_paths(tmp_path: Path) -> Non
 
 
 def test_csv_missing_columns_is_a_clear_error(tmp_path: Path) -> None:
-    from tasks.index import DatasetError, build_index
+    from tasks.errors import DatasetError
+    from tasks.index import build_index
 
     root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=2, size=32)
     csv = tmp_path / "labels.csv"

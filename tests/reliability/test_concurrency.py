@@ -134,7 +134,7 @@ def test_two_workspaces_share_one_feature_cache(tmp_path: Path) -> None:
     """The feature cache is shared between workspaces (features.cache_dir): two writers at once, same pairs."""
     from tasks.config import load_params
     from tasks.features import read_features, run_features
-    from tasks.index import run_index
+    from tasks.run_index import run_index
 
     root = make_class_folders(tmp_path / "images", ["red", "blue"], per_class=10, size=32)
     cache = tmp_path / "shared_cache"
@@ -174,7 +174,7 @@ def test_concurrent_promotions_never_corrupt_the_registry(workspace: Path) -> No
     """Four `retrainflow promote` at once on a hand-made candidate: each succeeds or exits 3; the registry is whole
     JSON with exactly one entry per success and a champion that exists."""
     from tasks.config import load_params
-    from tasks.index import run_index
+    from tasks.run_index import run_index
 
     layout = Layout(workspace)
     run_index(load_params(workspace / "params.yaml", [f"data.root={workspace / 'data' / 'images'}"]), layout)

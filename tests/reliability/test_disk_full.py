@@ -60,7 +60,7 @@ def features_by_split(params, layout) -> dict[str, np.ndarray]:
 def dataset(tmp_path_factory):
     """Images and a reference run that never failed (its features are the expected ones)."""
     from tasks.features import run_features
-    from tasks.index import run_index
+    from tasks.run_index import run_index
 
     tmp = tmp_path_factory.mktemp("diskfull")
     root = make_class_folders(tmp / "images", ["red", "blue"], per_class=10, size=32)
@@ -75,7 +75,7 @@ def dataset(tmp_path_factory):
 @pytest.mark.parametrize("fail_at", [1, 4])
 def test_enospc_during_shard_write_then_rerun(dataset, tmp_path, monkeypatch, fail_at: int) -> None:
     from tasks.features import cache_root, run_features
-    from tasks.index import run_index
+    from tasks.run_index import run_index
 
     root, params, expected = dataset
     layout = Layout(tmp_path / "work")
@@ -103,7 +103,7 @@ def test_enospc_during_shard_write_then_rerun(dataset, tmp_path, monkeypatch, fa
 def test_cli_reports_full_disk_clearly(dataset, tmp_path, monkeypatch) -> None:
     """`retrainflow features` on a full disk: a one-line error naming the problem, non-zero exit, no traceback."""
     from flows.cli import app
-    from tasks.index import run_index
+    from tasks.run_index import run_index
 
     root, _, _ = dataset
     write_params(tmp_path, tiny_dict(root))
@@ -130,7 +130,7 @@ def test_stage_and_run_report_full_disk_clearly(dataset, tmp_path, command) -> N
     failing (diskfull_cli.py), reporting to the session's Prefect server."""
     from prefect_api import local_server
 
-    from tasks.index import run_index
+    from tasks.run_index import run_index
 
     root, _, _ = dataset
     write_params(tmp_path, tiny_dict(root))

@@ -38,7 +38,7 @@ INPUTS = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Images, params and a reference workspace run uninterrupted, with each stage's write events counted."""
-    from tasks.index import run_index
+    from tasks.run_index import run_index
 
     base = tmp_path_factory.mktemp("kills")
     root = make_class_folders(base / "images", ["red", "blue"], per_class=10, size=32)
@@ -158,7 +158,7 @@ def test_train_top_killed_while_saving_leaves_no_half_written_head(reference, tm
 def test_kill_during_finetune(reference, tmp_path) -> None:
     from tasks.finetune import run_finetune
     from tasks.heads import load_bundle
-    from tasks.index import read_index
+    from tasks.index_table import read_index
     from tasks.pipeline import view_dataset
 
     _, params, ref, _ = reference
@@ -184,7 +184,8 @@ def test_kill_during_finetune(reference, tmp_path) -> None:
 def test_kill_during_index_never_pairs_a_new_table_with_old_classes(tmp_path) -> None:
     """A new class arrives; the index run is killed between its three file writes. The stages that read the index
     get either a consistent (table, classes) pair or a clear error, never silently shifted class ids."""
-    from tasks.index import read_classes, read_index, run_index
+    from tasks.index_table import read_classes, read_index
+    from tasks.run_index import run_index
 
     root = make_class_folders(tmp_path / "images", ["red", "blue"], per_class=4, size=32)
     params_file = write_params(tmp_path, tiny_dict(root))
@@ -263,8 +264,8 @@ def test_kill_during_promotion_keeps_registry_and_champion_in_step(tmp_path) -> 
     same model (the champion folder never holds a model the registry does not call champion)."""
     import json
 
-    from tasks.index import run_index
     from tasks.model_registry import read_registry, run_promote
+    from tasks.run_index import run_index
 
     root = make_class_folders(tmp_path / "images", ["red", "blue"], per_class=3, size=32)
     params_file = write_params(tmp_path, tiny_dict(root))
