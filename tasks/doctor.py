@@ -209,7 +209,7 @@ def check_disk(path: Path, min_free: int = MIN_FREE_BYTES, what: str = "feature 
 def disk_checks(params: Params | None, layout: Layout, min_free: int = MIN_FREE_BYTES) -> list[Check]:
     """The feature cache's location (``features.cache_dir``, else the workspace cache: the big writer), and the
     workspace root too when it is on another filesystem (models, reports)."""
-    from tasks.features import cache_root
+    from tasks.inputs import cache_root
 
     cache = cache_root(params, layout) if params is not None else layout.features_cache
     checks = [check_disk(cache, min_free, "feature cache")]

@@ -1,4 +1,5 @@
-"""The ``evaluate`` stage: the candidate (and the top-only) model on the test and val splits.
+"""The ``evaluate`` stage's library: the candidate (and the top-only) model on the test and val splits (the stage
+itself, loading the models and writing the outputs, is :mod:`tasks.run_evaluate`).
 
 Metrics are computed here with numpy (no sklearn): loss, accuracy, per-class precision / recall / F1, macro F1,
 ROC AUC for binary, confusion matrix. Each model is fed test / val images the way it was trained: the candidate at
@@ -15,17 +16,15 @@ results), ``reports/model_comparison.md`` (with which weights fine-tuning kept a
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tasks.atomic import atomic_write_json, atomic_write_text
-from tasks.config import Params
-from tasks.layout import Layout
+from tasks.atomic import atomic_write_text
+from tasks.inputs import ImageSpec
 from tasks.progress import Reporter, Step, report
 
 EPSILON = 1e-7  # the clip Keras applies to probabilities in cross-entropy
@@ -68,20 +67,6 @@ class SplitMetrics:
             out[f"{prefix}_recall_{c.name}"] = c.recall
             out[f"{prefix}_f1_{c.name}"] = c.f1
         return out
-
-
-def probability_matrix(predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """Model outputs -> ``[N, num_classes]`` class probabilities (a single sigmoid column becomes ``[1 - p, p]``)."""
-    p = np.asarray(predictions, dtype=np.float64)
-    if p.ndim == 1:
-        p = p[:, None]
-    if p.ndim != 2:
-        raise ValueError(f"predictions: expected shape [N] or [N, C], got {p.shape!r}")
-    if p.shape[1] == 1 and num_classes == 2:
-        return np.concatenate([1.0 - p, p], axis=1)
-    if p.shape[1] != num_classes:
-        raise ValueError(f"predictions: expected {num_classes} columns, got shape {p.shape!r}")
-    return p
 
 
 def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -128,6 +113,8 @@ def _ratio(num: float, den: float) -> float:
 
 def compute_metrics(predictions: np.ndarray, class_ids: np.ndarray, names: tuple[str, ...]) -> SplitMetrics:
     """All split metrics from model outputs and the true class ids (precision/recall of an unseen class: 0)."""
+    from tasks.full_model import probability_matrix
+
     num_classes = len(names)
     probs = probability_matrix(predictions, num_classes)
     actual = np.asarray(class_ids, dtype=np.int64)
@@ -230,7 +217,7 @@ class Preview:
 
 @dataclass(frozen=True)
 class EvaluateManifest:
-    """What ``run_evaluate`` returns (JSON-able)."""
+    """What ``run_evaluate`` (:mod:`tasks.run_evaluate`) returns (JSON-able)."""
 
     metric: str
     score: float
@@ -253,6 +240,8 @@ def predict_split(
 ) -> dict[str, np.ndarray]:
     """Every model's outputs over one pass of ``dataset`` (image batches); feeds ``preview`` with the first model's;
     ``seen(n)`` after each batch of ``n`` images."""
+    from tasks.full_model import probability_matrix
+
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in models}
     position = 0
     first = next(iter(models))
@@ -276,24 +265,23 @@ def predict_split(
 
 @dataclass(frozen=True)
 class ModelInput:
-    """A model to evaluate and how its inputs were made in training: input size, resize interpolation and
-    whether images were centre-cropped to the aspect ratio."""
+    """A model to evaluate and how its inputs were made in training (``image``: its input size, the resize
+    interpolation, whether images were centre-cropped to the aspect ratio; raw pixels, no ``rescale``: a full model
+    applies it itself)."""
 
     model: Any
-    image_size: tuple[int, int]
-    interpolation: str
-    crop_to_aspect_ratio: bool = False
+    image: ImageSpec
 
     @classmethod
     def of(cls, model: Any, interpolation: str, crop_to_aspect_ratio: bool) -> ModelInput:
         """The model's own input size (``[B, H, W, 3]``) with ``interpolation`` and the crop rule."""
         shape = model.input_shape
-        return cls(model, (int(shape[1]), int(shape[2])), interpolation, crop_to_aspect_ratio)
+        return cls(model, ImageSpec((int(shape[1]), int(shape[2])), interpolation, crop_to_aspect_ratio))
 
     @property
-    def input_key(self) -> tuple[tuple[int, int], str, bool]:
+    def input_key(self) -> ImageSpec:
         """How its images are made: models with the same key share one pass of the input pipeline."""
-        return self.image_size, self.interpolation, self.crop_to_aspect_ratio
+        return self.image
 
 
 def input_passes(models: dict[str, ModelInput]) -> int:
@@ -317,20 +305,13 @@ def evaluate_split(
     from tasks.pipeline import view_dataset
 
     ids = rows["class_id"].to_numpy()
-    groups: dict[tuple[tuple[int, int], str, bool], dict[str, Any]] = {}
+    groups: dict[ImageSpec, dict[str, Any]] = {}
     for name, entry in models.items():
         groups.setdefault(entry.input_key, {})[name] = entry.model
     first = next(iter(models))
     outputs: dict[str, np.ndarray] = {}
-    for (size, interpolation, crop), group in groups.items():
-        dataset = view_dataset(
-            rows,
-            root,
-            image_size=size,
-            batch_size=batch_size,
-            interpolation=interpolation,
-            crop_to_aspect_ratio=crop,
-        )
+    for image, group in groups.items():
+        dataset = view_dataset(rows, root, image, batch_size=batch_size)
         outputs.update(predict_split(group, dataset, ids, preview if first in group else None, seen))
     return {name: outputs[name] for name in models}
 
@@ -360,7 +341,7 @@ def comparison_markdown(
     results: dict[str, dict[str, SplitMetrics]], decision: tuple[str, str] | None = None
 ) -> str:
     """One table: the top-only model against the fine-tuned candidate, on test (and val); then, when known
-    (``decision``: finetune's ``(kept, sentence)``, :func:`tasks.finetune.read_decision`), which weights the
+    (``decision``: finetune's ``(kept, sentence)``, :func:`tasks.reports.read_decision`), which weights the
     candidate holds and why."""
     lines = [
         "# Top-only vs fine-tuned",
@@ -393,26 +374,7 @@ def write_confusion_csv(
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _load_models(params: Params, layout: Layout, names: tuple[str, ...]) -> tuple[dict[str, ModelInput], str]:
-    """The candidate (first: the prediction grid shows its inputs) and the top-only model, each with how its
-    inputs are made; and the candidate's recorded sha256 (to match finetune's run record)."""
-    from tasks.finetune import load_top_model
-    from tasks.heads import load_bundle, read_bundle_model_sha256
-
-    candidate = load_bundle(layout.candidate_model)
-    if candidate.names != names:
-        raise ValueError(
-            f"the candidate model's classes {list(candidate.names)!r} differ from the index's {list(names)!r}"
-        )
-    top_only, _, _ = load_top_model(params, layout)
-    models = {
-        "candidate": ModelInput.of(candidate.model, candidate.interpolation, candidate.crop_to_aspect_ratio),
-        "top_only": ModelInput.of(top_only, params.image.interpolation, params.image.crop_to_aspect_ratio),
-    }
-    return models, read_bundle_model_sha256(layout.candidate_model)
-
-
-def _image_counter(progress: Reporter | None, total: int) -> Callable[[int], None]:
+def image_counter(progress: Reporter | None, total: int) -> Callable[[int], None]:
     """A ``seen(n)`` callback adding up images and reporting ``Step("evaluate", done, total)``."""
     done = [0]
 
@@ -435,107 +397,3 @@ def flat_metrics(results: dict[str, dict[str, SplitMetrics]], metric: str) -> di
                 flat[f"top_only_{split}_{key}"] = value
     flat["score"] = score_of(results["candidate"]["test"], metric)
     return flat
-
-
-def _write_pngs(
-    layout: Layout, results: dict[str, dict[str, SplitMetrics]], names: tuple[str, ...], preview: Preview
-) -> list[Path]:
-    """Training curves, the test confusion matrix and the (class-balanced) predictions grid."""
-    from tasks.reports import plot_confusion, plot_prediction_grid, plot_training_curves, read_history_csv
-    from tasks.train_top import read_head_info
-
-    chosen = preview.chosen()  # written even when empty (evaluate.preview_images: 0): it is a DVC output
-    return [
-        plot_training_curves(
-            read_history_csv(layout.top_history),
-            read_head_info(layout)["spec"]["name"],
-            read_history_csv(layout.finetune_history),
-            layout.training_curves_png,
-        ),
-        plot_confusion(
-            results["candidate"]["test"].confusion, names, layout.confusion_png, "Test confusion matrix"
-        ),
-        plot_prediction_grid(
-            [c.image for c in chosen],
-            [names[c.actual] for c in chosen],
-            [names[c.predicted] for c in chosen],
-            [c.confidence for c in chosen],
-            layout.predictions_png,
-            "" if chosen else "no preview images (evaluate.preview_images: 0)",
-        ),
-    ]
-
-
-def run_evaluate(params: Params, layout: Layout, *, progress: Reporter | None = None) -> EvaluateManifest:
-    """Evaluate the candidate and the top-only model on test (and val); write metrics, plots data and reports.
-
-    ``progress`` gets ``Step("evaluate", images done, total)`` (each pass of the input pipeline counts)."""
-    from tasks.finetune import data_root, read_decision, split_rows
-    from tasks.index import read_classes, read_index
-    from tasks.reports import write_run_record
-
-    start = time.perf_counter()
-    cfg = params.evaluate
-    names = tuple(read_classes(layout).names)
-    models, model_sha256 = _load_models(params, layout, names)
-    index = read_index(layout)
-    root = data_root(params)
-    splits = {split: split_rows(index, split) for split in ("test", "val")}
-    if len(splits["test"]) == 0:
-        raise ValueError("evaluate needs test images, got 0 rows in the test split of the index")
-    total = sum(len(rows) for rows in splits.values()) * input_passes(models)
-    seen = _image_counter(progress, total)
-    preview = Preview(cfg.preview_images)
-    results: dict[str, dict[str, SplitMetrics]] = {name: {} for name in models}
-    test_candidate = np.zeros((0, len(names)))
-    for split, rows in splits.items():
-        if len(rows) == 0:
-            continue
-        ids = rows["class_id"].to_numpy()
-        outputs = evaluate_split(
-            models, rows, root, cfg.batch_size, preview if split == "test" else None, seen
-        )
-        for name, out in outputs.items():
-            results[name][split] = compute_metrics(out, ids, names)
-        if split == "test":
-            test_candidate = probability_matrix(outputs["candidate"], len(names))
-
-    flat = flat_metrics(results, cfg.metric)
-    atomic_write_json(layout.evaluate_metrics, flat)
-    test_ids = splits["test"]["class_id"].to_numpy()
-    write_confusion_csv(layout.confusion_csv, test_ids, test_candidate.argmax(axis=1), names)
-
-    details = {
-        name: {split: asdict(m) for split, m in by_split.items()} for name, by_split in results.items()
-    }
-    atomic_write_json(layout.evaluation_details, {"classes": list(names), **details})
-    decision = read_decision(layout, model_sha256)
-    atomic_write_text(layout.model_comparison, comparison_markdown(results, decision))
-    written = [*_write_pngs(layout, results, names, preview), layout.model_comparison]
-    seconds = time.perf_counter() - start
-    test = results["candidate"]["test"]
-    val = results["candidate"].get("val")
-    manifest = EvaluateManifest(
-        metric=cfg.metric,
-        score=flat["score"],
-        test_accuracy=test.accuracy,
-        test_macro_f1=test.macro_f1,
-        top_only_test_accuracy=results["top_only"]["test"].accuracy,
-        val_accuracy=val.accuracy if val else None,
-        test_images=len(splits["test"]),
-        val_images=len(splits["val"]),
-        reports=[p.as_posix() for p in written],
-        seconds=round(seconds, 3),
-    )
-    write_run_record(
-        layout.run_record("evaluate"),
-        {
-            "seconds": manifest.seconds,
-            "images_evaluated": total,
-            "images_per_second": round(total / seconds, 2) if seconds > 0 else None,
-            "model_file": layout.candidate_model.as_posix(),
-            "model_sha256": model_sha256,
-            "reports": manifest.reports,
-        },
-    )
-    return manifest

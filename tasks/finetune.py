@@ -1,8 +1,7 @@
-"""The ``finetune`` stage: the full model (raw pixels in) and partial unfreezing at a low learning rate.
+"""The ``finetune`` stage's library: partial unfreezing of the full model at a low learning rate (the stage itself,
+loading the top-only model and writing the outputs, is :mod:`tasks.run_finetune`).
 
-Full model: raw RGB pixels (float 0-255) -> :class:`tasks.heads.BasePreprocess` (the base's preprocessing, inside
-the model) -> the base, called with ``training=False`` (BatchNorm in inference mode) -> global pooling -> the head
-chosen by ``train_top`` with its trained weights.
+The full model (raw pixels in, the head chosen by ``train_top`` on top) is :mod:`tasks.full_model`'s.
 
 Fine-tuning unfreezes the last ``finetune.unfreeze_blocks`` blocks of the base (registry block names), or the layers
 whose name matches ``finetune.layer_regex`` when it is set (it replaces ``unfreeze_blocks``); every BatchNormalization
@@ -31,21 +30,23 @@ import io
 import json
 import re
 import shutil
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tasks.atomic import atomic_write, atomic_write_json, atomic_write_text
+from tasks.atomic import atomic_write, atomic_write_text
 from tasks.config import FinetuneConfig, Params
+from tasks.errors import InputError
+from tasks.inputs import ImageSpec
 from tasks.layout import FinetuneWork, Layout
+from tasks.optimizers import make_optimizer
 from tasks.progress import Reporter, keras_epochs
 
+STAGE = "finetune"  # the stage's name: its progress task and its run record
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
-POOLING_LAYERS = {"avg": "GlobalAveragePooling2D", "max": "GlobalMaxPooling2D"}
 
 
 @dataclass(frozen=True)
@@ -88,38 +89,6 @@ FINETUNE_METRIC_KEYS = (
 
 
 # ------------------------------------------------------------------------------------------ model building
-def image_size_for(params: Params) -> tuple[int, int]:
-    """The input size: ``image.size``, else the base's default (the features stage's rule)."""
-    from tasks.features import image_size_for as features_image_size
-
-    return features_image_size(params)
-
-
-def build_full_model(
-    base: Any,
-    base_name: str,
-    head: Any,
-    image_size: tuple[int, int],
-    pooling: str,
-    rescale: float | None = None,
-) -> Any:
-    """Raw RGB ``[B, H, W, 3]`` (0-255) -> (``augment.rescale``) -> the base's preprocessing ->
-    ``base(training=False)`` -> pooling -> ``head``."""
-    import keras
-
-    from tasks.heads import BasePreprocess
-
-    if pooling not in POOLING_LAYERS:
-        raise ValueError(f"pooling: expected one of {sorted(POOLING_LAYERS)}, got {pooling!r}")
-    pool_layers = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
-    inputs = keras.Input((*image_size, 3), name="image")
-    x = BasePreprocess(base_name, rescale=rescale, name="preprocess")(inputs)
-    x = base(x, training=False)
-    x = pool_layers[pooling](name="pool")(x)
-    outputs = head(x)
-    return keras.Model(inputs, outputs, name="retrainflow_classifier")
-
-
 def layers_to_unfreeze(base: Any, spec: Any, cfg: FinetuneConfig) -> set[str]:
     """Names of the base layers to train: those of the last ``cfg.unfreeze_blocks`` named blocks (registry block
     names, :func:`tasks.bases.block_layer_names`), or those matching ``cfg.layer_regex`` when it is set.
@@ -132,7 +101,7 @@ def layers_to_unfreeze(base: Any, spec: Any, cfg: FinetuneConfig) -> set[str]:
         pattern = re.compile(cfg.layer_regex)
         chosen = {layer.name for layer in base.layers if pattern.search(layer.name)}
         if not chosen:
-            raise ValueError(f"finetune.layer_regex: {cfg.layer_regex!r} matches no layer of the base")
+            raise InputError(f"finetune.layer_regex: {cfg.layer_regex!r} matches no layer of the base")
         return chosen
     return set(block_layer_names(base, spec, cfg.unfreeze_blocks))
 
@@ -300,83 +269,55 @@ def weights_decision(
     )
 
 
-def read_decision(layout: Layout, model_sha256: str | None) -> tuple[str, str] | None:
-    """``(kept, sentence)`` of the last finetune run (its run record: "top-only" or "fine-tuned", and
-    :func:`weights_decision`'s sentence) when that run wrote the model whose sha256 is ``model_sha256``; None
-    when there is no record or it describes another model."""
-    try:
-        record = json.loads(layout.run_record("finetune").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or model_sha256 is None or record.get("model_sha256") != model_sha256:
-        return None
-    kept, decision = record.get("kept"), record.get("decision")
-    return (kept, decision) if isinstance(kept, str) and isinstance(decision, str) else None
-
-
 # ------------------------------------------------------------------------------------------------ datasets
-def data_root(params: Params) -> Path:
-    """The image folder the index paths are relative to (the index and features stages' rule)."""
-    from tasks.features import data_root as features_data_root
-
-    return features_data_root(params)
-
-
-def labelled_view(
-    rows: Any,
-    root: Path,
-    image_size: tuple[int, int],
-    batch_size: int,
-    labels: np.ndarray,
-    interpolation: str,
-    crop_to_aspect_ratio: bool = False,
-) -> Any:
-    """The clean view of ``rows`` (raw 0-255 pixels) zipped with their encoded labels, batched."""
+def labelled_view(rows: Any, data_root: Path, image: ImageSpec, batch_size: int, labels: np.ndarray) -> Any:
+    """The clean view of ``rows`` (as ``image`` says: raw pixels for a full model, :func:`tasks.full_model.raw_pixels`)
+    zipped with their encoded labels, batched."""
     import tensorflow as tf
 
     from tasks.pipeline import view_dataset
 
-    images = view_dataset(
-        rows,
-        root,
-        image_size=image_size,
-        batch_size=batch_size,
-        interpolation=interpolation,
-        crop_to_aspect_ratio=crop_to_aspect_ratio,
-    )
+    images = view_dataset(rows, data_root, image, batch_size=batch_size)
     return tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(labels).batch(batch_size)))
 
 
-def split_rows(index: Any, split: str) -> Any:
-    """The index rows of one split, in index order."""
-    return index[index["split"] == split].reset_index(drop=True)
+def training_views(
+    rows: Any,
+    data_root: Path,
+    image: ImageSpec,
+    *,
+    batch_size: int,
+    class_mode: str,
+    num_classes: int,
+    seed: int,
+    policy: Any | None,
+    first_pass: int,
+) -> Callable[[int], tuple[Any, int]]:
+    """``train(first_epoch) -> (repeating labelled dataset, steps per epoch)`` for :func:`finetune_model`: epoch e
+    renders augmentation pass ``first_pass + e`` of ``policy`` (the clean view without one)."""
+    from tasks.pipeline import training_dataset
+
+    def train(first_epoch: int) -> tuple[Any, int]:
+        return training_dataset(
+            rows,
+            data_root,
+            image,
+            batch_size=batch_size,
+            class_mode=class_mode,
+            num_classes=num_classes,
+            seed=seed,
+            policy=policy,
+            first_pass=first_pass,
+            first_epoch=first_epoch,
+        )
+
+    return train
 
 
 # ----------------------------------------------------------------------------------------------- the stage
-def load_top_model(params: Params, layout: Layout) -> tuple[Any, Any, Any]:
-    """The top-only full model (base + trained head), the base model, and the base's registry spec."""
-    from tasks.bases import load_base
-    from tasks.train_top import load_head, read_head_info
-
-    info = read_head_info(layout)
-    if info.get("base", {}).get("name") != params.base.name:
-        raise ValueError(
-            f"the trained head was made for base {info.get('base', {}).get('name')!r}, params say "
-            f"{params.base.name!r}: run train-top again"
-        )
-    size = image_size_for(params)
-    loaded = load_base(params.base, size)
-    head = load_head(layout)
-    model = build_full_model(
-        loaded.model, params.base.name, head, size, params.features.pooling, params.augment.rescale
-    )
-    return model, loaded.model, loaded.spec
-
-
 def compile_for_finetune(model: Any, cfg: FinetuneConfig, class_mode: str, num_classes: int) -> None:
     """Compile with the low-learning-rate optimizer of ``finetune`` and the loss of the class mode."""
     from tasks.heads import output_spec
-    from tasks.train_top import make_optimizer
 
     model.compile(
         optimizer=make_optimizer(cfg.optimizer, cfg.lr, cfg.momentum),
@@ -496,103 +437,15 @@ def finetune_model(
     }
 
 
-def run_finetune(params: Params, layout: Layout, *, progress: Reporter | None = None) -> FinetuneManifest:
-    """Build the full model from the trained head, fine-tune it (unless ``finetune.epochs`` is 0) and save it.
-
-    ``progress`` gets one :class:`tasks.progress.Step` per epoch (task "finetune", unit "epoch")."""
-    from tasks.heads import save_bundle
-    from tasks.index import read_classes, read_index
-
-    start = time.perf_counter()
-    cfg = params.finetune
-    classes = read_classes(layout)
-    model, base, spec = load_top_model(params, layout)
-    work_dir = layout.finetune_checkpoints
-    history: list[dict[str, str]] = []
-    if cfg.epochs == 0:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        summary: dict[str, Any] = {
-            "trainable_layers": [],
-            "trainable_params": 0,
-            "resumed_from_epoch": 0,
-            "state": {"best_epoch": 0, "epochs_done": 0},
-        }
-    else:
-        from tasks.augment import policy_from_config
-        from tasks.pipeline import encode_labels, training_dataset
-
-        index = read_index(layout)
-        root = data_root(params)
-        size = image_size_for(params)
-        train_rows, val_rows = split_rows(index, "train"), split_rows(index, "val")
-        if len(train_rows) == 0 or len(val_rows) == 0:
-            raise ValueError(
-                f"finetune needs train and val images, got {len(train_rows)} and {len(val_rows)}"
-            )
-
-        def train(first_epoch: int) -> tuple[Any, int]:
-            # raw pixels: the model itself applies augment.rescale and the base's preprocessing
-            return training_dataset(
-                train_rows,
-                root,
-                image_size=size,
-                batch_size=cfg.batch_size,
-                class_mode=classes.class_mode,
-                num_classes=classes.num_classes,
-                seed=params.seed,
-                policy=policy_from_config(params.augment) if cfg.augment else None,
-                interpolation=params.image.interpolation,
-                crop_to_aspect_ratio=params.image.crop_to_aspect_ratio,
-                first_pass=params.augment.passes,  # fresh views: the head was fitted to passes 0..passes-1
-                first_epoch=first_epoch,
-            )
-
-        val_labels = encode_labels(val_rows["class_id"].to_numpy(), classes.class_mode, classes.num_classes)
-        val = labelled_view(
-            val_rows,
-            root,
-            size,
-            cfg.batch_size,
-            val_labels,
-            params.image.interpolation,
-            params.image.crop_to_aspect_ratio,
-        )
-        summary = finetune_model(
-            model,
-            base,
-            spec,
-            train,
-            val,
-            cfg,
-            classes.class_mode,
-            classes.num_classes,
-            work_dir,
-            params.seed,
-            run_fingerprint(params, layout),
-            progress=progress,
-        )
-        history = summary["history"]
-    save_bundle(
-        model,
-        layout.candidate_model,
-        tuple(classes.names),
-        classes.class_mode,
-        params.image.interpolation,
-        params.image.crop_to_aspect_ratio,
-    )
-    shutil.rmtree(work_dir, ignore_errors=True)
-    manifest = _manifest(layout, cfg, summary, history, time.perf_counter() - start)
-    _write_outputs(layout, manifest, history, cfg)
-    return manifest
-
-
-def _manifest(
+def finetune_manifest(
     layout: Layout,
     cfg: FinetuneConfig,
     summary: dict[str, Any],
     history: list[dict[str, str]],
     seconds: float,
 ) -> FinetuneManifest:
+    """The stage's manifest from :func:`finetune_model`'s summary (or a skipped run's), with
+    :func:`weights_decision`'s sentence."""
     state = summary["state"]
     tried = best_tried(history)
     best_epoch = int(state["best_epoch"])
@@ -622,24 +475,3 @@ def _manifest(
         trainable_params=int(summary["trainable_params"]),
         seconds=round(seconds, 3),
     )
-
-
-def _write_outputs(
-    layout: Layout, manifest: FinetuneManifest, history: list[dict[str, str]], cfg: FinetuneConfig
-) -> None:
-    """metrics/finetune.json (model-quality figures), the history CSV and the run record (the rest, with the
-    saved model's sha256 so evaluate can tell the record describes the model it reads)."""
-    from tasks.heads import read_bundle_model_sha256
-    from tasks.reports import write_run_record
-
-    fields = asdict(manifest)
-    metrics = {key: fields[key] for key in FINETUNE_METRIC_KEYS}
-    metrics["trainable_layers"] = len(manifest.trainable_layers)
-    layout.metrics_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(layout.finetune_metrics, metrics)
-    write_history_csv(layout.finetune_history, history)
-    record = {key: value for key, value in fields.items() if key not in FINETUNE_METRIC_KEYS}
-    record.update(
-        min_improvement=cfg.min_improvement, model_sha256=read_bundle_model_sha256(layout.candidate_model)
-    )
-    write_run_record(layout.run_record("finetune"), record)

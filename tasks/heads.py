@@ -1,20 +1,20 @@
-"""Classification heads (the ``HEADS`` registry) and the small model parts a saved model needs.
+"""Classification heads (the ``HEADS`` registry), the head train_top saves, and saving a model with the file
+that describes it.
 
 A head maps pooled base features ``[N, D]`` to class probabilities: one sigmoid unit for ``binary``,
 ``num_classes`` softmax units for ``categorical`` / ``sparse``. Heads are built from a
 :class:`tasks.config.HeadSpec`; the registry is an explicit dict from ``HeadSpec.type`` to a builder.
 
-This module also holds :class:`BasePreprocess`, the registered (safe-mode loadable, no ``Lambda``) layer that puts
-``augment.rescale`` and a base's input preprocessing inside the full model, so a saved model takes raw RGB pixels
-(0-255), and the saved model bundle (``.keras`` + ``classes.json``: :func:`save_bundle`, :func:`load_bundle`, the one
-writer of that file :func:`write_classes_file`). Defining the layer needs Keras, so this module imports Keras at
-import time: only model code imports it (the CLI imports it lazily).
+The saved head is ``layout.top_head_model`` with ``layout.top_head_info`` (``head.json``) beside it
+(:func:`save_head`, :func:`read_head_info`, :func:`load_head`). :func:`save_described_model` is the kill-safe save
+of any model with its description file (the head's ``head.json``, the full model's ``classes.json``:
+:mod:`tasks.full_model`). This module imports Keras at import time: only model code imports it (the CLI imports
+it lazily).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +23,11 @@ from typing import Any
 import keras
 
 from tasks.atomic import Staged, atomic_write_json, stage
-from tasks.augment import INTERPOLATIONS
 from tasks.bases import sha256_file
 from tasks.config import HeadSpec
+from tasks.errors import InputError
+from tasks.labels import CLASS_MODES
 from tasks.layout import Layout
-from tasks.pipeline import CLASS_MODES
 
 
 @dataclass(frozen=True)
@@ -104,52 +104,6 @@ def build_head(spec: HeadSpec, input_dim: int, class_mode: str, num_classes: int
     return keras.Sequential(layers, name="head")
 
 
-# ------------------------------------------------------------------------------ preprocessing inside the model
-def check_rescale(rescale: Any) -> float | None:
-    """``augment.rescale`` as the model applies it: ``None`` (no scaling) or a finite float (the input pipeline's
-    ``rescale=`` takes the same values)."""
-    if rescale is None:
-        return None
-    if isinstance(rescale, bool) or not isinstance(rescale, int | float) or not math.isfinite(rescale):
-        raise ValueError(f"rescale: expected a finite number or None, got {rescale!r}")
-    return float(rescale)
-
-
-@keras.saving.register_keras_serializable(package="retrainflow", name="BasePreprocess")
-class BasePreprocess(keras.layers.Layer):
-    """Raw RGB pixels (0-255, float) -> ``rescale * pixels`` (when ``rescale`` is set) -> what the named base
-    expects, via ``tasks.bases.BASE_MODELS[...].preprocess``: the same arithmetic as the features stage's input
-    pipeline (``view_dataset(..., rescale=, preprocess=)``), so a full model sees what its head was trained on.
-
-    A registered Layer subclass (not a ``Lambda``), so a saved model loads with ``safe_mode=True`` once this
-    module is imported. Models saved before ``rescale`` existed load with ``rescale=None``.
-    """
-
-    def __init__(self, base_name: str, rescale: float | None = None, **kwargs: Any):
-        from tasks.bases import BASE_MODELS
-
-        if base_name not in BASE_MODELS:
-            raise ValueError(f"base_name: expected one of {sorted(BASE_MODELS)}, got {base_name!r}")
-        scale = check_rescale(rescale)
-        super().__init__(**kwargs)
-        self.base_name = base_name
-        self.rescale = scale
-
-    def call(self, inputs: Any) -> Any:
-        from tasks.bases import BASE_MODELS
-
-        x = keras.ops.cast(inputs, "float32")
-        if self.rescale is not None:
-            x = x * self.rescale
-        return BASE_MODELS[self.base_name].preprocess(x)
-
-    def compute_output_shape(self, input_shape: Any) -> Any:
-        return input_shape
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "base_name": self.base_name, "rescale": self.rescale}
-
-
 def freeze_batchnorm(model: keras.Model) -> int:
     """Set ``trainable = False`` on every BatchNormalization layer inside ``model`` (nested too); return how many."""
     count = 0
@@ -170,13 +124,13 @@ def iter_layers(model: Any) -> list[Any]:
     return out
 
 
-# ------------------------------------------------------------------------------------- the saved model bundle
+# ------------------------------------------------------------------------ saving a model with its description
 def save_model_atomic(model: Any, path: Path) -> tuple[Staged, str]:
     """Save ``model`` to a temp ``.keras`` file beside ``path`` (:func:`tasks.atomic.stage`: saved, fsynced, not
     yet in place); return it and its sha256. The caller publishes it with :func:`publish_model` once whatever must
     describe it is written."""
     if path.suffix != ".keras":
-        raise ValueError(f"model path: expected a .keras file, got {str(path)!r}")
+        raise InputError(f"model path: expected a .keras file, got {str(path)!r}")
     staged = stage(path, lambda tmp: model.save(tmp))
     return staged, sha256_file(staged.tmp)
 
@@ -216,167 +170,39 @@ def check_model_hash(model_file: Path, info_file: Path, recorded: Any, rerun: st
         )
 
 
-def classes_record(
-    names: tuple[str, ...],
-    class_mode: str,
-    interpolation: str,
-    model_sha256: str | None = None,
-    crop_to_aspect_ratio: bool = False,
-) -> dict[str, Any]:
-    """The content of a model's ``classes.json`` (validated): names in output order, class mode (the index's
-    format), how the model's training images were resized (interpolation, centred aspect crop or stretch), and the
-    sha256 of the ``.keras`` file it describes (absent for a SavedModel export)."""
-    output_spec(class_mode, len(names))  # validates the pair
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation: expected one of {INTERPOLATIONS}, got {interpolation!r}")
-    if not isinstance(crop_to_aspect_ratio, bool):
-        raise ValueError(f"crop_to_aspect_ratio: expected true or false, got {crop_to_aspect_ratio!r}")
-    record: dict[str, Any] = {
-        "names": list(names),
-        "class_mode": class_mode,
-        "num_classes": len(names),
-        "interpolation": interpolation,
-        "crop_to_aspect_ratio": crop_to_aspect_ratio,
-    }
-    if model_sha256 is not None:
-        record["model_sha256"] = model_sha256
-    return record
+# ------------------------------------------------------------------------------------------- the saved head
+def save_head(model: Any, spec: HeadSpec, layout: Layout, info: dict[str, Any]) -> Path:
+    """Write ``layout.top_head_model`` and ``layout.top_head_info`` (spec, class info, feature dim, base, and the
+    sha256 of the model file), through :func:`save_described_model`.
 
-
-def write_classes_file(
-    folder: Path,
-    names: tuple[str, ...],
-    class_mode: str,
-    interpolation: str,
-    model_sha256: str | None = None,
-    crop_to_aspect_ratio: bool = False,
-) -> Path:
-    """Write ``folder/classes.json`` atomically: the one writer of that format (:func:`save_bundle`, the SavedModel
-    export). Validates everything before writing anything."""
-    record = classes_record(names, class_mode, interpolation, model_sha256, crop_to_aspect_ratio)
-    path = Layout.bundle_classes(folder)
-    atomic_write_json(path, record)
-    return path
-
-
-@dataclass(frozen=True)
-class ModelBundle:
-    """A saved classifier: the ``.keras`` model (raw RGB in) and the class order / mode of its outputs."""
-
-    model: Any
-    names: tuple[str, ...]
-    class_mode: str
-    interpolation: str = "bilinear"
-    crop_to_aspect_ratio: bool = False  # bundles saved before this field existed were stretched
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """``(height, width)`` the model takes."""
-        shape = self.model.input_shape
-        return int(shape[1]), int(shape[2])
-
-
-def save_bundle(
-    model: Any,
-    path: Path,
-    names: tuple[str, ...],
-    class_mode: str,
-    interpolation: str = "bilinear",
-    crop_to_aspect_ratio: bool = False,
-) -> Path:
-    """Save ``model`` to ``path`` (``.keras``) and ``classes.json`` beside it (:func:`classes_record`).
-
-    Order, for a kill at any moment: (0) validate every argument, write nothing on error; (1) save the model to a
-    temp file and hash it; (2) replace ``classes.json`` (it records that hash); (3) rename the model into place,
-    the commit. Killed before (2): the old pair. Between (2) and (3): new classes beside the old model, which
-    :func:`load_bundle` refuses (hash mismatch) instead of pairing them. After (3): the new pair. A new model is
-    never beside old classes.
+    Order, for a kill at any moment: (1) the model to a temp file, hashed; (2) ``head.json`` replaced (it records
+    that hash); (3) the model renamed into place, the commit. Killed before (2): the old pair; between (2) and (3):
+    the new json beside the old model, which :func:`load_head` refuses (hash mismatch) instead of pairing them;
+    after (3): the new pair.
     """
-    path = Path(path)
-    classes_record(
-        names, class_mode, interpolation, crop_to_aspect_ratio=crop_to_aspect_ratio
-    )  # (0) validate
-    return save_described_model(  # (1)-(3)
+    record = {"spec": spec.model_dump(mode="json"), **info}
+    json.dumps(record)  # not JSON-able: fail before writing anything
+    return save_described_model(
         model,
-        path,
-        lambda sha: write_classes_file(
-            path.parent,
-            names,
-            class_mode,
-            interpolation,
-            model_sha256=sha,
-            crop_to_aspect_ratio=crop_to_aspect_ratio,
-        ),
+        layout.top_head_model,
+        lambda sha: atomic_write_json(layout.top_head_info, {**record, "model_sha256": sha}),
     )
 
 
-def _read_classes_file(path: Path) -> tuple[Path, Any]:
-    file = Layout.bundle_classes(Path(path).parent)
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: the classes file beside the model is missing")
-    return file, json.loads(file.read_text())
-
-
-def _interpolation_of(file: Path, raw: Any) -> str:
-    value = raw.get("interpolation", "bilinear") if isinstance(raw, dict) else "bilinear"
-    if value not in INTERPOLATIONS:
-        raise ValueError(f"{file}: interpolation: expected one of {INTERPOLATIONS}, got {value!r}")
-    return value
-
-
-def _crop_of(file: Path, raw: Any) -> bool:
-    value = raw.get("crop_to_aspect_ratio", False) if isinstance(raw, dict) else False
-    if not isinstance(value, bool):
-        raise ValueError(f"{file}: crop_to_aspect_ratio: expected true or false, got {value!r}")
-    return value
-
-
-def _classes_of(file: Path, raw: Any) -> tuple[tuple[str, ...], str]:
-    names = raw.get("names") if isinstance(raw, dict) else None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) < 2:
-        raise ValueError(
-            f"{file}: expected {{'names': [at least 2 strings], 'class_mode': ...}}, got {raw!r}"
-        )
-    class_mode = raw.get("class_mode", "binary" if len(names) == 2 else "categorical")
-    output_spec(class_mode, len(names))
-    return tuple(names), class_mode
-
-
-def read_bundle_interpolation(path: Path) -> str:
-    """The resize interpolation recorded beside the model file ``path`` (bilinear for older bundles)."""
-    return _interpolation_of(*_read_classes_file(path))
-
-
-def read_bundle_model_sha256(path: Path) -> str | None:
-    """The sha256 of the ``.keras`` file that the ``classes.json`` beside ``path`` records (None for bundles saved
-    before it was recorded)."""
-    _, raw = _read_classes_file(path)
-    value = raw.get("model_sha256") if isinstance(raw, dict) else None
-    return value if isinstance(value, str) else None
-
-
-def read_bundle_classes(path: Path) -> tuple[tuple[str, ...], str]:
-    """``(names, class_mode)`` from the ``classes.json`` beside the model file ``path``."""
-    return _classes_of(*_read_classes_file(path))
-
-
-def load_bundle(path: Path) -> ModelBundle:
-    """Load a saved model with Keras' safe mode (no arbitrary code) plus its classes file.
-
-    Refuses a model file that is not the one ``classes.json`` records (see :func:`save_bundle`).
-    """
-    path = Path(path)
+def read_head_info(layout: Layout) -> dict[str, Any]:
+    """The ``head.json`` written by :func:`save_head` (raises if train_top has not run)."""
+    path = layout.top_head_info
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: model file not found")
-    file, raw = _read_classes_file(path)
-    names, class_mode = _classes_of(file, raw)
-    interpolation = _interpolation_of(file, raw)
-    crop = _crop_of(file, raw)
-    check_model_hash(path, file, raw.get("model_sha256"), "retrainflow finetune")
-    model = keras.saving.load_model(path, safe_mode=True, compile=False)
-    out_units = int(model.output_shape[-1])
-    if out_units != output_spec(class_mode, len(names)).units:
-        raise ValueError(
-            f"{path}: the model has {out_units} outputs but classes.json lists {len(names)} classes ({class_mode})"
-        )
-    return ModelBundle(model, names, class_mode, interpolation, crop)
+        raise FileNotFoundError(f"no trained head at {path}: run `retrainflow train-top` first")
+    return json.loads(path.read_text())
+
+
+def load_head(layout: Layout) -> Any:
+    """The best head saved by train_top (safe mode); refuses a ``head.keras`` that is not the one ``head.json``
+    describes (a save killed between its two writes)."""
+    path = layout.top_head_model
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained head at {path}: run `retrainflow train-top` first")
+    info = read_head_info(layout)
+    check_model_hash(path, layout.top_head_info, info.get("model_sha256"), "retrainflow train-top")
+    return keras.saving.load_model(path, safe_mode=True, compile=False)

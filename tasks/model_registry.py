@@ -404,7 +404,7 @@ def run_promote(
     Idempotent: when the registry already records this model (the ``.keras`` file's sha256) with these metrics,
     nothing is written and the manifest says ``already registered as <id> (promoted|rejected)``.
     """
-    from tasks.features import data_root
+    from tasks.inputs import resolve_inputs
 
     metrics = metrics if metrics is not None else read_evaluate_metrics(layout)
     cfg = params.evaluate
@@ -422,7 +422,7 @@ def run_promote(
     cand = Candidate(
         id=cand_id,
         created_at=now.isoformat(timespec="seconds"),
-        data_version=data_version(layout, data_root(params)),
+        data_version=data_version(layout, resolve_inputs(params, layout).data_root),
         index_hash=index_content_hash(layout),
         params_hash=params_hash,
         git_commit=commit if commit is not None else git_commit(layout.root),

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from tasks.config import DataConfig
+from tasks.inputs import ImageSpec
 from tasks.progress import Reporter, counter
 
 # the same decompression-bomb guard as the index stage: data.max_pixels' default (one place: tasks/config.py)
@@ -106,30 +107,18 @@ def _rows(checked: Sequence[_Checked]) -> Any:
 
 
 def _predict_checked(
-    model: Any,
-    checked: Sequence[_Checked],
-    image_size: tuple[int, int],
-    batch_size: int,
-    interpolation: str = "bilinear",
-    crop_to_aspect_ratio: bool = False,
+    model: Any, checked: Sequence[_Checked], image: ImageSpec, batch_size: int
 ) -> np.ndarray:
     from tasks.pipeline import view_dataset
 
     anchor = Path(checked[0].path.anchor)
-    dataset = view_dataset(
-        _rows(checked),
-        anchor,
-        image_size=image_size,
-        batch_size=batch_size,
-        interpolation=interpolation,
-        crop_to_aspect_ratio=crop_to_aspect_ratio,
-    )
+    dataset = view_dataset(_rows(checked), anchor, image, batch_size=batch_size)
     outputs = [np.asarray(model.predict_on_batch(batch)) for batch in dataset]
     return np.concatenate(outputs) if outputs else np.zeros((0, 1))
 
 
 def _to_prediction(path: Path, output: np.ndarray, names: tuple[str, ...]) -> Prediction:
-    from tasks.evaluate import probability_matrix
+    from tasks.full_model import probability_matrix
 
     probs = probability_matrix(output[None, :], len(names))[0]
     best = int(probs.argmax())
@@ -161,12 +150,12 @@ def predict_files(
     ``interpolation`` and ``crop_to_aspect_ratio``: the resize the model was trained with (its bundle's).
     ``progress`` gets ``Step("predict", done, total)``: files that failed their check count as done at once,
     the others after their batch."""
-    resize = {"interpolation": interpolation, "crop_to_aspect_ratio": crop_to_aspect_ratio}
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     files = list(files)
     advance = counter(progress, "predict", len(files))
-    image_size = (int(model.input_shape[1]), int(model.input_shape[2]))
+    size = (int(model.input_shape[1]), int(model.input_shape[2]))
+    image = ImageSpec(size, interpolation, crop_to_aspect_ratio)  # raw pixels: the model applies any rescale
     results: dict[int, Prediction] = {}
     good: list[tuple[int, _Checked]] = []
     for i, path in enumerate(files):
@@ -177,13 +166,13 @@ def predict_files(
     for start in range(0, len(good), batch_size):
         chunk = good[start : start + batch_size]
         try:
-            outputs = _predict_checked(model, [c for _, c in chunk], image_size, batch_size, **resize)
+            outputs = _predict_checked(model, [c for _, c in chunk], image, batch_size)
             pairs = list(zip(chunk, outputs, strict=True))
         except Exception:  # one file broke the batch: retry one by one so only that file gets an error
             pairs = []
             for item in chunk:
                 try:
-                    pairs.append((item, _predict_checked(model, [item[1]], image_size, 1, **resize)[0]))
+                    pairs.append((item, _predict_checked(model, [item[1]], image, 1)[0]))
                 except Exception as err:
                     results[item[0]] = Prediction(path=str(files[item[0]]), error=_short_error(err))
         for (i, _), output in pairs:
@@ -198,7 +187,7 @@ def predict_paths(
     model_file: Path, paths: Sequence[str | Path], *, batch_size: int = 32, progress: Reporter | None = None
 ) -> list[Prediction]:
     """Load ``model_file`` (safe mode, classes beside it) and predict every file under ``paths``."""
-    from tasks.heads import load_bundle
+    from tasks.full_model import load_bundle
 
     bundle = load_bundle(Path(model_file))
     return predict_files(
@@ -236,7 +225,7 @@ def export_saved_model(model_file: Path, output_dir: Path) -> Path:
     (:func:`tasks.atomic.atomic_dir`): a killed export leaves no half-written SavedModel at ``output_dir``.
     """
     from tasks.atomic import atomic_dir
-    from tasks.heads import load_bundle, write_classes_file
+    from tasks.full_model import load_bundle, write_classes_file
 
     bundle = load_bundle(Path(model_file))
     output_dir = Path(output_dir)

@@ -1,5 +1,7 @@
-"""PNG reports a person would rather look at: training curves, confusion matrix, a grid of predictions; and the
-per-run records (``reports/runs/<stage>.json``: timings and details kept out of ``metrics/``).
+"""PNG reports a person would rather look at: training curves, confusion matrix, a grid of predictions; the
+training histories (``plots/*_history.csv``); and the per-run records (``reports/runs/<stage>.json``: timings and
+details kept out of ``metrics/``, written by :func:`write_run_record`; finetune's decision read back by
+:func:`read_decision`).
 
 Drawn with matplotlib's object API (``matplotlib.figure.Figure``, rendered by Agg): no pyplot, no global figure
 state, no display needed. matplotlib is imported inside the functions.
@@ -8,6 +10,7 @@ state, no display needed. matplotlib is imported inside the functions.
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,12 +18,27 @@ from typing import Any
 import numpy as np
 
 from tasks.atomic import atomic_write, atomic_write_json
+from tasks.layout import Layout
 
 
 def write_run_record(path: Path, record: Mapping[str, Any]) -> Path:
     """Write a stage's run record (``layout.run_record(stage)``) atomically as indented JSON."""
     atomic_write_json(path, dict(record), default=str)
     return path
+
+
+def read_decision(layout: Layout, model_sha256: str | None) -> tuple[str, str] | None:
+    """``(kept, sentence)`` of the last finetune run (its run record: "top-only" or "fine-tuned", and
+    :func:`tasks.finetune.weights_decision`'s sentence) when that run wrote the model whose sha256 is
+    ``model_sha256``; None when there is no record or it describes another model."""
+    try:
+        record = json.loads(layout.run_record("finetune").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or model_sha256 is None or record.get("model_sha256") != model_sha256:
+        return None
+    kept, decision = record.get("kept"), record.get("decision")
+    return (kept, decision) if isinstance(kept, str) and isinstance(decision, str) else None
 
 
 def read_history_csv(path: Path) -> list[dict[str, str]]:

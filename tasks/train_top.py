@@ -1,4 +1,5 @@
-"""The ``train_top`` stage: train every candidate head on cached features and keep the best one.
+"""The ``train_top`` stage's library: train every candidate head on cached features and keep the best one
+(the stage itself, reading the features and writing the outputs, is :mod:`tasks.run_train_top`).
 
 Training uses every cached training view (clean + augmented passes); validation uses the clean val view.
 Each head in ``params.top.heads`` is trained with the optimizer / lr / epochs / batch size of ``params.top`` and
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,9 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from tasks.atomic import atomic_write_json, atomic_write_text
-from tasks.config import HeadSpec, Params, TopConfig
+from tasks.atomic import atomic_write_text
+from tasks.config import HeadSpec, TopConfig
+from tasks.errors import InputError
 from tasks.layout import Layout
+from tasks.optimizers import make_optimizer
 from tasks.progress import Reporter, keras_epochs
 
 STAGE = "train_top"  # the stage's name: its progress tasks, its errors and its run record
@@ -52,7 +54,7 @@ class HeadResult:
 
 @dataclass(frozen=True)
 class TopManifest:
-    """What ``run_train_top`` returns (JSON-able)."""
+    """What ``run_train_top`` (:mod:`tasks.run_train_top`) returns (JSON-able)."""
 
     best_head: str
     select_metric: str
@@ -63,22 +65,6 @@ class TopManifest:
     train_samples: int
     val_samples: int
     heads: list[dict[str, Any]]
-
-
-def make_optimizer(name: str, lr: float, momentum: float = 0.0) -> Any:
-    """A fresh Keras optimizer from an explicit table (``adam``, ``sgd``, ``rmsprop``)."""
-    import keras
-
-    table = {
-        "adam": lambda: keras.optimizers.Adam(learning_rate=lr),
-        "sgd": lambda: keras.optimizers.SGD(learning_rate=lr, momentum=momentum),
-        "rmsprop": lambda: keras.optimizers.RMSprop(learning_rate=lr, momentum=momentum),
-    }
-    if name not in table:
-        raise ValueError(f"optimizer: expected one of {sorted(table)}, got {name!r}")
-    if not lr > 0:
-        raise ValueError(f"lr: expected a positive number, got {lr!r}")
-    return table[name]()
 
 
 def train_head(
@@ -101,7 +87,7 @@ def train_head(
     x, y = train
     vx, vy = val
     if len(x) == 0 or len(vx) == 0:
-        raise ValueError(f"train_top needs training and val samples, got {len(x)} train and {len(vx)} val")
+        raise InputError(f"train_top needs training and val samples, got {len(x)} train and {len(vx)} val")
     keras.utils.set_random_seed(seed)
     model = build_head(spec, int(x.shape[1]), class_mode, num_classes)
     model.compile(
@@ -242,110 +228,6 @@ def head_summary(r: HeadResult) -> dict[str, Any]:
     return {k: v for k, v in asdict(r).items() if k != "history"}
 
 
-def save_head(model: Any, spec: HeadSpec, layout: Layout, info: dict[str, Any]) -> Path:
-    """Write ``layout.top_head_model`` and ``layout.top_head_info`` (spec, class info, feature dim, base, and the
-    sha256 of the model file), through :func:`tasks.heads.save_described_model`.
-
-    Order, for a kill at any moment: (1) the model to a temp file, hashed; (2) ``head.json`` replaced (it records
-    that hash); (3) the model renamed into place, the commit. Killed before (2): the old pair; between (2) and (3):
-    the new json beside the old model, which :func:`load_head` refuses (hash mismatch) instead of pairing them;
-    after (3): the new pair.
-    """
-    from tasks.heads import save_described_model
-
-    record = {"spec": spec.model_dump(mode="json"), **info}
-    json.dumps(record)  # not JSON-able: fail before writing anything
-    return save_described_model(
-        model,
-        layout.top_head_model,
-        lambda sha: atomic_write_json(layout.top_head_info, {**record, "model_sha256": sha}),
-    )
-
-
-def read_head_info(layout: Layout) -> dict[str, Any]:
-    """The ``head.json`` written by :func:`run_train_top` (raises if train_top has not run)."""
-    path = layout.top_head_info
-    if not path.is_file():
-        raise FileNotFoundError(f"no trained head at {path}: run `retrainflow train-top` first")
-    return json.loads(path.read_text())
-
-
-def load_head(layout: Layout) -> Any:
-    """The best head saved by :func:`run_train_top` (safe mode); refuses a ``head.keras`` that is not the one
-    ``head.json`` describes (a save killed between its two writes)."""
-    import keras
-
-    from tasks.heads import check_model_hash
-
-    path = layout.top_head_model
-    if not path.is_file():
-        raise FileNotFoundError(f"no trained head at {path}: run `retrainflow train-top` first")
-    info = read_head_info(layout)
-    check_model_hash(path, layout.top_head_info, info.get("model_sha256"), "retrainflow train-top")
-    return keras.saving.load_model(path, safe_mode=True, compile=False)
-
-
-def run_train_top(params: Params, layout: Layout, *, progress: Reporter | None = None) -> TopManifest:
-    """Train the candidate heads on the cached features and write the best head, metrics and reports.
-
-    ``progress`` receives each head's epochs (``Step("train_top <head>", ...)``). Features computed with other
-    params than ``params`` raise ``tasks.features.FeaturesMismatchError`` (a ValueError) naming the params."""
-    from tasks.features import read_features
-    from tasks.index import read_classes
-    from tasks.pipeline import encode_labels
-    from tasks.reports import write_run_record
-
-    start = time.perf_counter()
-    check_head_names(params.top)
-    classes = read_classes(layout)
-    train_set = read_features(params, layout, "train", views="all", stage=STAGE)
-    val_set = read_features(params, layout, "val", views="clean", stage=STAGE)
-
-    def encoded(fs: Any) -> tuple[np.ndarray, np.ndarray]:
-        x = np.asarray(fs.x, dtype=np.float32)
-        return x, encode_labels(np.asarray(fs.class_ids), classes.class_mode, classes.num_classes)
-
-    train, val = encoded(train_set), encoded(val_set)
-    cfg = params.top
-    model, best, results = train_heads(
-        train, val, classes.class_mode, classes.num_classes, cfg, params.seed, progress
-    )
-    spec = next(h for h in cfg.heads if h.name == best.name)
-    feature_dim = int(train[0].shape[1])
-    head_path = save_head(
-        model,
-        spec,
-        layout,
-        {
-            "classes": list(classes.names),
-            "class_mode": classes.class_mode,
-            "feature_dim": feature_dim,
-            "base": params.base.model_dump(mode="json"),
-            "pooling": params.features.pooling,
-            "val_loss": best.val_loss,
-            "val_accuracy": best.val_accuracy,
-        },
-    )
-    manifest = TopManifest(
-        best_head=best.name,
-        select_metric=cfg.select_metric,
-        val_loss=best.val_loss,
-        val_accuracy=best.val_accuracy,
-        head_file=head_path.as_posix(),
-        feature_dim=feature_dim,
-        train_samples=len(train[0]),
-        val_samples=len(val[0]),
-        heads=[head_summary(r) for r in results],
-    )
-    atomic_write_json(layout.top_metrics, top_metrics(manifest))
-    atomic_write_text(layout.top_report, comparison_markdown(results, best, cfg))
-    write_history_csv(layout.top_history, results)
-    write_head_csvs(layout, results)
-    record = top_run_record(manifest, features_key(layout), time.perf_counter() - start)
-    write_run_record(layout.run_record(STAGE), record)
-    return manifest
-
-
 # per-head figures that compare heads in `dvc metrics show` / `dvc exp show` (metrics/top.json); the rest of each
 # head's summary (train figures, epochs, params, seconds) is in the run record and reports/top_comparison.md
 HEAD_METRICS = ("val_loss", "val_accuracy")
@@ -372,10 +254,3 @@ def top_run_record(manifest: TopManifest, cache_key: str, seconds: float) -> dic
         "features_cache_key": cache_key,
         "head_file": manifest.head_file,
     }
-
-
-def features_key(layout: Layout) -> str:
-    """The feature cache key the heads were trained on (the features manifest's, checked by read_features)."""
-    from tasks.features import read_manifest
-
-    return str(read_manifest(layout)["cache_key"])

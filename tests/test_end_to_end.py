@@ -48,11 +48,11 @@ def workspace(tmp_path_factory):
     The base is the 2 MB ImageNet MobileNet 0.25 from ../shared: a random-init base (``weights: none``) is useless
     here, its frozen BatchNorm statistics make the pooled features vanish (about 1e-17, zero in float16).
     """
-    from tasks.evaluate import run_evaluate
     from tasks.features import run_features
-    from tasks.finetune import run_finetune
-    from tasks.index import run_index
-    from tasks.train_top import run_train_top
+    from tasks.run_evaluate import run_evaluate
+    from tasks.run_finetune import run_finetune
+    from tasks.run_index import run_index
+    from tasks.run_train_top import run_train_top
 
     root = tmp_path_factory.mktemp("e2e")
     weights = SHARED / "weights" / MOBILENET_025
@@ -131,15 +131,16 @@ def test_predict_on_the_data_folder(workspace):
 @pytest.mark.slow
 @pytest.mark.shared
 def test_finetune_epochs_zero_gives_the_top_only_model(workspace):
-    from tasks.finetune import load_top_model, run_finetune
-    from tasks.heads import load_bundle
+    from tasks.full_model import load_bundle, load_top_model
+    from tasks.inputs import resolve_inputs
+    from tasks.run_finetune import run_finetune
 
     params, layout, *_ = workspace
     skip = tiny_params(params.data.root, params.base.weights, epochs=0)
     manifest = run_finetune(skip, layout)
     assert manifest.skipped and manifest.epochs_run == 0
     bundle = load_bundle(layout.candidate_model)
-    top_only, _, _ = load_top_model(skip, layout)
+    top_only, _, _ = load_top_model(skip, layout, resolve_inputs(skip, layout))
     x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(bundle.model.predict(x, verbose=0), top_only.predict(x, verbose=0), atol=1e-5)
     rows = (layout.plots_dir / "finetune_history.csv").read_text().splitlines()
@@ -150,7 +151,7 @@ def test_finetune_epochs_zero_gives_the_top_only_model(workspace):
 @pytest.mark.shared
 def test_evaluate_writes_every_dvc_output_even_without_preview_images(workspace):
     """reports/predictions.png is an output of the evaluate stage: DVC fails a stage whose output is missing."""
-    from tasks.evaluate import run_evaluate
+    from tasks.run_evaluate import run_evaluate
 
     params, layout, *_ = workspace
     grid = layout.reports_dir / "predictions.png"

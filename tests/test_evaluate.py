@@ -14,10 +14,11 @@ from tasks.evaluate import (
     compute_metrics,
     confusion_matrix,
     evaluate_split,
-    probability_matrix,
     roc_auc,
     score_of,
 )
+from tasks.full_model import probability_matrix
+from tasks.inputs import ImageSpec
 
 
 def test_confusion_matrix_rows_are_actual_columns_predicted():
@@ -183,14 +184,7 @@ def test_each_model_is_fed_at_its_own_size_with_its_own_interpolation(test_rows,
     assert list(out) == ["candidate", "top_only"] and all(v.shape == (5, 1) for v in out.values())
 
     def pixels(size, interpolation, crop=False):
-        ds = view_dataset(
-            rows,
-            root,
-            image_size=(size, size),
-            batch_size=2,
-            interpolation=interpolation,
-            crop_to_aspect_ratio=crop,
-        )
+        ds = view_dataset(rows, root, ImageSpec((size, size), interpolation, crop), batch_size=2)
         return np.concatenate([np.asarray(b) for b in ds])
 
     np.testing.assert_array_equal(np.concatenate(candidate.batches), pixels(32, "nearest", crop=True))
@@ -206,7 +200,8 @@ def test_each_model_is_fed_at_its_own_size_with_its_own_interpolation(test_rows,
     original = tasks.pipeline.view_dataset
 
     def counting(*args, **kwargs):
-        calls.append((kwargs["image_size"], kwargs["interpolation"]))
+        image = kwargs.get("image", args[2] if len(args) > 2 else None)
+        calls.append((image.size, image.interpolation))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(tasks.pipeline, "view_dataset", counting)

@@ -15,7 +15,7 @@ SIZE = (32, 32)
 def tiny():
     """A tiny MobileNet 0.25 base at 32 px (random init), a head with batchnorm, and the full model."""
     from tasks.bases import load_base
-    from tasks.finetune import build_full_model
+    from tasks.full_model import build_full_model
     from tasks.heads import build_head
 
     loaded = load_base(TINY_BASE, SIZE)
@@ -84,7 +84,7 @@ def test_layer_regex_alternative_and_zero_blocks(tiny):
 
 
 def test_saved_bundle_loads_in_safe_mode_and_predicts_the_same(tiny, tmp_path):
-    from tasks.heads import load_bundle, save_bundle
+    from tasks.full_model import load_bundle, save_bundle
 
     model, _ = tiny
     path = save_bundle(model, tmp_path / "m" / "model.keras", ("a", "b", "c"), "categorical")
@@ -110,7 +110,8 @@ import tensorflow as tf
 
 from tasks.bases import load_base
 from tasks.config import BaseConfig, FinetuneConfig, HeadSpec
-from tasks.finetune import build_full_model, finetune_model
+from tasks.finetune import finetune_model
+from tasks.full_model import build_full_model
 from tasks.heads import build_head
 
 work_dir, kill_after = Path(sys.argv[1]), int(sys.argv[2])
@@ -194,7 +195,8 @@ def test_state_left_by_another_run_is_not_resumed(tmp_path):
     import tensorflow as tf
 
     from tasks.bases import load_base
-    from tasks.finetune import build_full_model, finetune_model
+    from tasks.finetune import finetune_model
+    from tasks.full_model import build_full_model
     from tasks.heads import build_head
 
     loaded = load_base(TINY_BASE, SIZE)
@@ -289,9 +291,9 @@ def trained(tmp_path_factory):
 
     from tasks.config import params_from_dict
     from tasks.features import run_features
-    from tasks.index import run_index
     from tasks.layout import Layout
-    from tasks.train_top import run_train_top
+    from tasks.run_index import run_index
+    from tasks.run_train_top import run_train_top
 
     root = tmp_path_factory.mktemp("ft_ws")
     data = make_class_folders(root / "images", ["blue", "red"], per_class=8, size=32)
@@ -318,9 +320,11 @@ def trained(tmp_path_factory):
 def test_finetune_reports_epochs_keeps_metrics_narrow_and_records_the_run(trained):
     import json
 
-    from tasks.finetune import FINETUNE_METRIC_KEYS, read_decision, run_finetune
-    from tasks.heads import read_bundle_model_sha256
+    from tasks.finetune import FINETUNE_METRIC_KEYS
+    from tasks.full_model import read_bundle_model_sha256
     from tasks.progress import Step
+    from tasks.reports import read_decision
+    from tasks.run_finetune import run_finetune
 
     params, layout = trained
     steps: list[Step] = []

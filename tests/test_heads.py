@@ -65,7 +65,7 @@ def tiny_classifier(rescale: float | None = None, size: int = 8):
     """Raw pixels -> BasePreprocess(mobilenet, rescale) -> mean pooling -> a sigmoid unit: a saveable full model."""
     import keras
 
-    from tasks.heads import BasePreprocess
+    from tasks.full_model import BasePreprocess
 
     inputs = keras.Input((size, size, 3), name="image")
     x = BasePreprocess("mobilenet", rescale=rescale, name="preprocess")(inputs)
@@ -78,7 +78,7 @@ def test_base_preprocess_applies_rescale_first_and_round_trips_in_safe_mode(tmp_
     import keras
 
     from tasks.bases import get_spec
-    from tasks.heads import BasePreprocess
+    from tasks.full_model import BasePreprocess
 
     x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     scaled = np.asarray(BasePreprocess("mobilenet", rescale=0.5)(x))
@@ -103,7 +103,8 @@ def test_base_preprocess_applies_rescale_first_and_round_trips_in_safe_mode(tmp_
 def test_save_bundle_validates_first_and_records_the_model_hash(tmp_path):
     import json
 
-    from tasks.heads import load_bundle, save_bundle, sha256_file
+    from tasks.full_model import load_bundle, save_bundle
+    from tasks.heads import sha256_file
 
     path = tmp_path / "candidate" / "model.keras"
     with pytest.raises(ValueError, match="interpolation.*'cubic'"):
@@ -134,7 +135,7 @@ def test_save_bundle_validates_first_and_records_the_model_hash(tmp_path):
 def test_a_save_killed_between_its_two_writes_is_refused_not_paired(tmp_path, monkeypatch):
     """Killed after classes.json is replaced but before the model is renamed in: new classes, old model."""
     import tasks.heads
-    from tasks.heads import load_bundle, save_bundle
+    from tasks.full_model import load_bundle, save_bundle
 
     path = tmp_path / "model.keras"
     save_bundle(tiny_classifier(), path, ("a", "b"), "binary")
@@ -166,7 +167,7 @@ def test_bundle_model_sha256_is_the_saved_files(tmp_path):
     import json
 
     from tasks.bases import sha256_file
-    from tasks.heads import read_bundle_model_sha256, save_bundle
+    from tasks.full_model import read_bundle_model_sha256, save_bundle
 
     head = build_head(HeadSpec(name="lin", type="linear"), 4, "binary", 2)
     path = save_bundle(head, tmp_path / "m" / "model.keras", ("a", "b"), "binary")

@@ -18,8 +18,8 @@ def tiny_model(tmp_path_factory):
 
     from tasks.bases import load_base
     from tasks.config import BaseConfig, HeadSpec
-    from tasks.finetune import build_full_model
-    from tasks.heads import build_head, save_bundle
+    from tasks.full_model import build_full_model, save_bundle
+    from tasks.heads import build_head
 
     loaded = load_base(BaseConfig(name="mobilenet", weights="none", alpha=0.25), (32, 32))
     keras.utils.set_random_seed(3)
@@ -72,7 +72,7 @@ def test_missing_file_is_an_error_row(bundle_path, tmp_path):
 def test_loaded_model_predicts_like_in_memory_one_and_batching_does_not_matter(folder, tmp_path):
     import keras
 
-    from tasks.heads import BasePreprocess, load_bundle, save_bundle
+    from tasks.full_model import BasePreprocess, load_bundle, save_bundle
     from tasks.predict import expand_paths, predict_files
 
     # a model whose output follows the pixels (a random-init base's features are ~1e-17: every image would
@@ -123,7 +123,7 @@ def test_cli_predict_json_and_csv(bundle_path, folder, tmp_path):
 def test_export_saved_model_serves_the_same_outputs(bundle_path, tmp_path):
     import tensorflow as tf
 
-    from tasks.heads import load_bundle
+    from tasks.full_model import load_bundle
     from tasks.predict import export_saved_model
 
     out = export_saved_model(bundle_path, tmp_path / "export")
@@ -156,7 +156,7 @@ def test_bundle_records_the_training_resize_and_predict_uses_it(bundle_path, fol
     import shutil
 
     from tasks import predict
-    from tasks.heads import load_bundle
+    from tasks.full_model import load_bundle
 
     assert load_bundle(bundle_path).interpolation == "bilinear"
     copy = tmp_path / "nearest"
@@ -175,7 +175,8 @@ def test_bundle_records_the_training_resize_and_predict_uses_it(bundle_path, fol
     original = tasks.pipeline.view_dataset
 
     def recording(*args, **kwargs):
-        seen.append((kwargs["interpolation"], kwargs["crop_to_aspect_ratio"]))
+        image = kwargs.get("image", args[2] if len(args) > 2 else None)
+        seen.append((image.interpolation, image.crop_to_aspect_ratio))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(tasks.pipeline, "view_dataset", recording)

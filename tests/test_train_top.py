@@ -107,9 +107,8 @@ def test_head_and_its_json_stay_paired_when_a_save_is_killed_between_them(tmp_pa
     import json
 
     import tasks.heads
-    from tasks.heads import build_head, sha256_file
+    from tasks.heads import build_head, load_head, read_head_info, save_head, sha256_file
     from tasks.layout import Layout
-    from tasks.train_top import load_head, read_head_info, save_head
 
     layout = Layout(tmp_path)
     spec = HEADS3[0]
@@ -183,7 +182,7 @@ def test_run_train_top_reports_epochs_per_head_and_keeps_timings_out_of_metrics(
     from tasks.config import load_params
     from tasks.layout import Layout
     from tasks.progress import Step
-    from tasks.train_top import run_train_top
+    from tasks.run_train_top import run_train_top
 
     ws, params_file, _ = featured
     layout = Layout(ws)
@@ -237,7 +236,7 @@ def test_train_top_with_other_params_than_the_features_is_one_clear_line(feature
 def test_head_names_that_cannot_name_a_file_are_refused_before_training(tmp_path):
     from tasks.config import params_from_dict
     from tasks.layout import Layout
-    from tasks.train_top import run_train_top
+    from tasks.run_train_top import run_train_top
 
     params = params_from_dict({"top": {"heads": [{"name": "a/b", "type": "linear"}]}})
     with pytest.raises(ValueError, match=r"top\.heads: .*got \['a/b'\]"):

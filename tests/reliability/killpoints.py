@@ -121,11 +121,11 @@ def stage_runner(stage: str) -> Callable[[Any, Any], Any]:
 
         return lambda params, layout: run_features(params, layout)
     if stage == "train_top":
-        from tasks.train_top import run_train_top
+        from tasks.run_train_top import run_train_top
 
         return run_train_top
     if stage == "finetune":
-        from tasks.finetune import run_finetune
+        from tasks.run_finetune import run_finetune
 
         return run_finetune
     raise ValueError(f"killpoints: expected index, features, train_top, finetune or promote, got {stage!r}")

@@ -93,9 +93,9 @@ def all_cached_shas(cache_dir: Path) -> set[str]:
 def messy_run(tmp_path_factory):
     """index -> features -> train_top -> finetune on the messy folder, with symlinks followed (loops!)."""
     from tasks.features import run_features
-    from tasks.finetune import run_finetune
+    from tasks.run_finetune import run_finetune
     from tasks.run_index import run_index
-    from tasks.train_top import run_train_top
+    from tasks.run_train_top import run_train_top
 
     tmp = tmp_path_factory.mktemp("messy")
     root = tmp / "images"

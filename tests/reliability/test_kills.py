@@ -113,7 +113,8 @@ def test_kill_during_features(reference, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_kill_during_train_top(reference, tmp_path) -> None:
-    from tasks.train_top import load_head, run_train_top
+    from tasks.heads import load_head
+    from tasks.run_train_top import run_train_top
 
     _, params, ref, _ = reference
     x_val = val_features(params, ref)
@@ -129,7 +130,7 @@ def test_kill_during_train_top(reference, tmp_path) -> None:
 @pytest.mark.slow
 def test_train_top_killed_while_saving_leaves_no_half_written_head(reference, tmp_path) -> None:
     """Kill at the moment the head's .keras file is opened for writing: the head on disk must still load."""
-    from tasks.train_top import load_head
+    from tasks.heads import load_head
 
     params_file, _, ref, events = reference
     n = events["train_top"].index("zip-open") + 1
@@ -144,11 +145,11 @@ def test_train_top_killed_while_saving_leaves_no_half_written_head(reference, tm
     layout = Layout(work)
     assert layout.top_head_model.is_file()
     load_head(layout)  # the old head or the new one, never a torn file
-    from tasks.train_top import read_head_info
+    from tasks.heads import read_head_info
 
     assert read_head_info(layout)["feature_dim"] > 0  # head.json whole too
     from tasks.config import load_params
-    from tasks.train_top import run_train_top
+    from tasks.run_train_top import run_train_top
 
     run_train_top(load_params(params_file), layout)  # the next run cleans the killed writer's temp file
     assert leftover_temp_files(layout.root) == []
@@ -156,10 +157,10 @@ def test_train_top_killed_while_saving_leaves_no_half_written_head(reference, tm
 
 @pytest.mark.slow
 def test_kill_during_finetune(reference, tmp_path) -> None:
-    from tasks.finetune import run_finetune
-    from tasks.heads import load_bundle
+    from tasks.full_model import load_bundle
     from tasks.index_table import read_index
     from tasks.pipeline import view_dataset
+    from tasks.run_finetune import run_finetune
 
     _, params, ref, _ = reference
     table = read_index(ref)
@@ -229,8 +230,8 @@ def test_kill_during_index_never_pairs_a_new_table_with_old_classes(tmp_path) ->
 def test_finetune_killed_while_writing_its_backup_resumes(reference, tmp_path) -> None:
     """Kill at the moment Keras' BackupAndRestore has opened its weights file for writing (a torn backup on disk):
     the next run must not read the torn file; it finishes with a whole model."""
-    from tasks.finetune import run_finetune
-    from tasks.heads import load_bundle
+    from tasks.full_model import load_bundle
+    from tasks.run_finetune import run_finetune
 
     params_file, params, ref, events = reference
     n = events["finetune"].index("h5-open") + 1

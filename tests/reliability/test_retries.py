@@ -94,7 +94,7 @@ def test_a_failure_that_persists_fails_the_run_with_its_reason(prefect_api, tmp_
     def broken(*args, **kwargs):
         raise RuntimeError("head training diverged (injected by the test)")
 
-    monkeypatch.setattr("tasks.train_top.run_train_top", broken)
+    monkeypatch.setattr("tasks.run_train_top.run_train_top", broken)
     state = retrain(params_file=str(tmp_path / "params.yaml"), workdir=str(tmp_path), return_state=True)
     assert state.is_failed(), state
     with pytest.raises(RuntimeError, match="diverged"):
