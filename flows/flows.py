@@ -343,6 +343,7 @@ def retrain(
             dvc_commit_task(root, commit_targets(ran, data_changed=data_changed))
         summary["data_version"] = data_version(layout, images)
         summary["dvc_committed"] = no_commit is None
+        summary["dvc_not_committed_because"] = no_commit
         if reason:
             logger.info(reason)
             summary.update(status="skipped", reason=reason)

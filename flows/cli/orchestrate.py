@@ -70,8 +70,8 @@ def run_summary_line(summary: dict[str, Any], layout: Layout) -> str:
     figure = f"test {promote.get('metric')} {score:.4f}; " if isinstance(score, float) else ""
     model = layout.champion_link_model if promote.get("promoted") else layout.candidate_model
     line = f"retrain {status}: {figure}candidate {promote.get('candidate_id')} in {model}"
-    if summary.get("dvc_committed") is False:
-        line += " (not committed to DVC: the run used --set or another params file, so `dvc status` lists it)"
+    if summary.get("dvc_not_committed_because"):
+        line += f" (not committed to DVC: {summary['dvc_not_committed_because']})"
     return line
 
 
