@@ -579,7 +579,7 @@ def test_augment_preview_writes_one_png_per_policy(tmp_path):
 
 def test_preview_and_features_pick_the_same_sampled_policies():
     """The preview shows what the features stage renders: the grid sampled with augment.seed, not params.seed."""
-    from tasks.features import split_views
+    from tasks.feature_read import split_views
     from tasks.preview import preview_policies
 
     params = params_from_dict({"seed": 42, "augment": {"seed": 3, "grid": GRID, "grid_samples": 4}})

@@ -116,7 +116,7 @@ def counts(index: pd.DataFrame, passes: int) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------ tests
 @pytest.mark.slow
 def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.CaptureFixture):
-    from tasks.features import run_features
+    from tasks.run_features import run_features
 
     root, layout = workspace
     index = hand_index(root)
@@ -195,8 +195,10 @@ def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.Ca
 
 
 def test_read_features_shapes_order_and_guard(workspace, recorder: Recorder):
-    from tasks.features import FeaturesMismatchError, read_features, run_features
+    from tasks.errors import FeaturesMismatchError
+    from tasks.feature_read import read_features
     from tasks.progress import Step
+    from tasks.run_features import run_features
 
     root, layout = workspace
     index = hand_index(root)
@@ -234,7 +236,8 @@ def test_read_features_shapes_order_and_guard(workspace, recorder: Recorder):
 
 def test_clean_view_features_equal_the_model_output(workspace, recorder: Recorder):
     from tasks.bases import load_base
-    from tasks.features import read_features, run_features
+    from tasks.feature_read import read_features
+    from tasks.run_features import run_features
 
     root, layout = workspace
     index = hand_index(root)
@@ -256,7 +259,7 @@ def test_clean_view_features_equal_the_model_output(workspace, recorder: Recorde
 
 
 def test_crop_to_aspect_ratio_reaches_every_view_and_is_part_of_the_key(workspace, recorder: Recorder):
-    from tasks.features import run_features
+    from tasks.run_features import run_features
 
     root, layout = workspace
     index = hand_index(root)
@@ -272,7 +275,8 @@ def test_crop_to_aspect_ratio_reaches_every_view_and_is_part_of_the_key(workspac
 
 def test_rescale_scales_every_view_before_the_base_and_is_part_of_the_key(workspace, recorder: Recorder):
     from tasks.bases import load_base
-    from tasks.features import read_features, run_features
+    from tasks.feature_read import read_features
+    from tasks.run_features import run_features
 
     root, layout = workspace
     index = hand_index(root)
@@ -314,17 +318,20 @@ import pandas as pd
 import test_features as T
 import tasks.features
 from tasks.layout import Layout
+from tasks.run_features import run_features
 root, ws, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
 tasks.features._view_dataset = T.view_source
 params = T.tiny_params(T.Path(root), features={{"batch_size": 4, "shard_size": 4}})
-tasks.features.run_features(params, Layout(T.Path(ws)), index=T.hand_index(T.Path(root)),
-                            progress=lambda step: time.sleep(delay))
+run_features(params, Layout(T.Path(ws)), index=T.hand_index(T.Path(root)),
+             progress=lambda step: time.sleep(delay))
 """
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(workspace, tmp_path: Path):
-    from tasks.features import cache_root, read_features, run_features
+    from tasks.feature_read import read_features
+    from tasks.inputs import cache_root
+    from tasks.run_features import run_features
 
     root, layout = workspace
     index = hand_index(root)
@@ -374,7 +381,8 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(workspace, tmp_path
 @pytest.mark.slow
 @pytest.mark.shared
 def test_real_mobilenet_weights_by_path(workspace, recorder: Recorder):
-    from tasks.features import read_features, run_features
+    from tasks.feature_read import read_features
+    from tasks.run_features import run_features
 
     root, layout = workspace
     index = hand_index(root)
@@ -453,7 +461,8 @@ def test_cli_features_then_cache_list_and_prune(tmp_path: Path):
 
 
 def test_float16_underflow_of_a_random_base_is_reported(workspace, recorder, capsys: pytest.CaptureFixture):
-    from tasks.features import read_features, run_features
+    from tasks.feature_read import read_features
+    from tasks.run_features import run_features
 
     root, layout = workspace
     index = hand_index(root).iloc[:6].reset_index(drop=True)
@@ -473,7 +482,7 @@ def test_float16_underflow_of_a_random_base_is_reported(workspace, recorder, cap
 
 def test_augment_grid_gives_every_sampled_policy_its_passes():
     from tasks.config import params_from_dict
-    from tasks.features import split_views
+    from tasks.feature_read import split_views
 
     params = params_from_dict(
         {
@@ -513,7 +522,7 @@ def test_cache_prune_takes_the_workspace_lock_and_skips_a_key_in_use(tmp_path: P
 
     from flows.cli import app
     from tasks.feature_cache import FeatureCache, KeySpec, list_keys
-    from tasks.features import cache_root
+    from tasks.inputs import cache_root
 
     raw: dict[str, Any] = {k: dict(v) for k, v in TINY.items()}
     raw["data"] = {"root": str(tmp_path / "images")}
@@ -561,21 +570,27 @@ def test_cache_prune_takes_the_workspace_lock_and_skips_a_key_in_use(tmp_path: P
 
 def test_cache_keys_are_those_of_earlier_releases():
     """Existing caches stay valid: the key of a given spec never changes (a rerun computes nothing)."""
-    from tasks.features import key_spec_for, preprocessing_id
+    from tasks.feature_read import key_spec_for
+    from tasks.inputs import resolve_inputs
+
+    def key_spec(params):
+        return key_spec_for(resolve_inputs(params, Layout()), params.features, "ab" * 32)
 
     params = tiny_params(Path("/data"))
-    assert (key_spec_for(params, "ab" * 32).key, preprocessing_id(params)) == (
+    assert (key_spec(params).key, resolve_inputs(params, Layout()).preprocessing_id) == (
         "mobilenet-a5da02ef4046ce66",
         "tf/bilinear/crop",
     )
     scaled = tiny_params(Path("/data"), augment={"rescale": 0.5}, image={"crop_to_aspect_ratio": False})
-    assert key_spec_for(scaled, "ab" * 32).key == "mobilenet-20337f93d344e692"
+    assert key_spec(scaled).key == "mobilenet-20337f93d344e692"
 
 
 def test_features_of_other_params_name_each_param_that_differs(workspace, recorder: Recorder):
     """train_top with other params than the features stage had: one line naming the params, a ValueError (the
     CLI's one-line error), instead of a KeyError about (sha256, view) pairs."""
-    from tasks.features import RERUN, FeaturesMismatchError, read_features, run_features
+    from tasks.errors import FeaturesMismatchError
+    from tasks.feature_read import RERUN, read_features
+    from tasks.run_features import run_features
 
     root, layout = workspace
     index = hand_index(root)

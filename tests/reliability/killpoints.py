@@ -117,7 +117,7 @@ def stage_runner(stage: str) -> Callable[[Any, Any], Any]:
 
         return run_promote
     if stage == "features":
-        from tasks.features import run_features
+        from tasks.run_features import run_features
 
         return lambda params, layout: run_features(params, layout)
     if stage == "train_top":

@@ -92,7 +92,7 @@ def all_cached_shas(cache_dir: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def messy_run(tmp_path_factory):
     """index -> features -> train_top -> finetune on the messy folder, with symlinks followed (loops!)."""
-    from tasks.features import run_features
+    from tasks.run_features import run_features
     from tasks.run_finetune import run_finetune
     from tasks.run_index import run_index
     from tasks.run_train_top import run_train_top
@@ -111,7 +111,7 @@ def messy_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_run_completes_and_only_good_images_reach_training(messy_run) -> None:
-    from tasks.features import read_features
+    from tasks.feature_read import read_features
     from tasks.index_table import read_index
 
     params, layout, good, bad, index, features, top, ft = messy_run
@@ -271,7 +271,8 @@ def test_decompression_bomb_rejected_by_a_small_pixel_limit(tmp_path: Path) -> N
 
 
 def test_one_pixel_images_train(tmp_path: Path) -> None:
-    from tasks.features import read_features, run_features
+    from tasks.feature_read import read_features
+    from tasks.run_features import run_features
     from tasks.run_index import run_index
 
     root = tmp_path / "data"

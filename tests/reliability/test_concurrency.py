@@ -44,7 +44,7 @@ def test_two_pipeline_runs_at_once_in_one_workspace(workspace: Path) -> None:
     afterwards the feature cache, the registry and the champion are consistent and the lock is free."""
     from prefect_api import local_server
 
-    from tasks.features import cache_root
+    from tasks.inputs import cache_root
     from tasks.model_registry import read_registry
 
     env = quiet_env({"PREFECT_API_URL": local_server()})
@@ -133,7 +133,8 @@ def test_two_cli_runs_at_once_in_one_workspace(workspace: Path) -> None:
 def test_two_workspaces_share_one_feature_cache(tmp_path: Path) -> None:
     """The feature cache is shared between workspaces (features.cache_dir): two writers at once, same pairs."""
     from tasks.config import load_params
-    from tasks.features import read_features, run_features
+    from tasks.feature_read import read_features
+    from tasks.run_features import run_features
     from tasks.run_index import run_index
 
     root = make_class_folders(tmp_path / "images", ["red", "blue"], per_class=10, size=32)

@@ -51,7 +51,7 @@ class DiskFull:
 
 
 def features_by_split(params, layout) -> dict[str, np.ndarray]:
-    from tasks.features import read_features
+    from tasks.feature_read import read_features
 
     return {s: read_features(params, layout, s).x for s in ("train", "val", "test")}
 
@@ -59,7 +59,7 @@ def features_by_split(params, layout) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """Images and a reference run that never failed (its features are the expected ones)."""
-    from tasks.features import run_features
+    from tasks.run_features import run_features
     from tasks.run_index import run_index
 
     tmp = tmp_path_factory.mktemp("diskfull")
@@ -74,7 +74,8 @@ def dataset(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("fail_at", [1, 4])
 def test_enospc_during_shard_write_then_rerun(dataset, tmp_path, monkeypatch, fail_at: int) -> None:
-    from tasks.features import cache_root, run_features
+    from tasks.inputs import cache_root
+    from tasks.run_features import run_features
     from tasks.run_index import run_index
 
     root, params, expected = dataset

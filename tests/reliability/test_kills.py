@@ -87,14 +87,16 @@ def killed_workspaces(stage: str, reference, base: Path) -> list[tuple[Layout, i
 
 
 def val_features(params, layout):
-    from tasks.features import read_features
+    from tasks.feature_read import read_features
 
     return read_features(params, layout, "val", views="clean").x
 
 
 @pytest.mark.slow
 def test_kill_during_features(reference, tmp_path) -> None:
-    from tasks.features import cache_root, read_features, run_features
+    from tasks.feature_read import read_features
+    from tasks.inputs import cache_root
+    from tasks.run_features import run_features
 
     _, params, ref, _ = reference
     for layout, n, event in killed_workspaces("features", reference, tmp_path):
