@@ -2,7 +2,7 @@
 
 read bytes -> ``tasks.images.decode_rgb`` (JPEG DCT-reduced when the source is much bigger than the target and
 the reduction pays, :func:`_worthwhile_ratios`) -> one resampling per image that applies the augmentation AND the
-resize (``tasks.augment.render_view``, OpenCV in a ``tf.numpy_function``) -> batch -> ``rescale`` and the base's
+resize (``tasks.resample.render_view``, OpenCV in a ``tf.numpy_function``) -> batch -> ``rescale`` and the base's
 preprocessing on the batch -> prefetch. Images travel in groups of ``GROUP_SIZE``: one map call (one map worker
 per core) reads and decodes a group and resamples it in ONE numpy_function call; the rows that do not fill a
 last group form one shorter group (its own static size: nothing is padded or sliced), and groups are re-cut into
@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks.augment import INTERPOLATIONS, AugmentPolicy, aspect_crop, render_view, renders_uint8
-from tasks.labels import CLASS_MODES, encode_labels  # noqa: F401  (CLASS_MODES re-exported for tasks.heads)
+from tasks.augment import INTERPOLATIONS, AugmentPolicy
+from tasks.labels import CLASS_MODES, encode_labels  # noqa: F401  (CLASS_MODES: re-exported until callers import tasks.labels)
+from tasks.resample import aspect_crop, render_view, renders_uint8
 
 GROUP_SIZE = 8  # images decoded and resampled per map call (see _load_fn)
 MIXED_RATIO_MIN_SAVED_PIXELS = 25_000  # 0.02 ms a switch / 0.8 ns a pixel (see _worthwhile_ratios)
@@ -176,7 +177,7 @@ def _source_columns(
 def _render_fn(
     policy: AugmentPolicy | None, image_size: tuple[int, int], interpolation: str, crop_to_aspect_ratio: bool
 ) -> Callable[..., np.ndarray]:
-    """The numpy side of the map: one view of one decoded image (see ``tasks.augment.render_view``)."""
+    """The numpy side of the map: one view of one decoded image (see ``tasks.resample.render_view``)."""
 
     def render(
         image: np.ndarray, sha256: bytes, pass_number: Any, height: Any, width: Any, ratio: Any

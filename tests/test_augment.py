@@ -14,19 +14,15 @@ from tasks.augment import (
     NO_AUGMENTATION,
     AugmentPolicy,
     ViewParameters,
-    aspect_crop,
     draw_parameters,
     expand_grid,
-    photometric,
     policies_for,
     policy_from_config,
-    render_view,
-    transform_matrix,
     view_id,
     view_uniforms,
-    warp,
 )
 from tasks.config import AugmentConfig, ParamsError, params_from_dict
+from tasks.resample import aspect_crop, photometric, render_view, transform_matrix, warp
 
 N = 5  # tiny square images: centre pixel 2
 
