@@ -37,7 +37,7 @@ from tasks.bases import LoadedBase, load_base, weights_fingerprint
 from tasks.config import Params
 from tasks.feature_cache import FeatureCache, Pair, ShardWriter
 from tasks.feature_read import SPLITS, run_policies, split_views
-from tasks.inputs import Inputs
+from tasks.inputs import ImageSpec, Inputs
 from tasks.progress import Reporter, counter
 
 STAGE = "features"  # the stage's name: its progress task and its run record (``layout.run_record``)
@@ -99,11 +99,11 @@ class FeaturesManifest:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _view_dataset(rows: Any, root: Path, **kwargs: Any) -> Any:
+def _view_dataset(rows: Any, root: Path, image: ImageSpec, **kwargs: Any) -> Any:
     """The one image source: ``tasks.pipeline.view_dataset`` (a seam tests may replace)."""
     from tasks.pipeline import view_dataset
 
-    return view_dataset(rows, root, **kwargs)
+    return view_dataset(rows, root, image, **kwargs)
 
 
 def _content_hash(key: str, needed: dict[str, list[tuple[str, str, int]]]) -> str:
@@ -262,14 +262,11 @@ def _extract(
             _view_dataset(
                 rows,
                 root,
-                image_size=image_size,
+                inputs.image,  # its rescale applies to every view, clean and augmented (part of the cache key)
                 batch_size=batch_size,
                 policy=policy,
                 pass_number=pass_number,
                 preprocess=loaded.spec.preprocess,
-                rescale=params.augment.rescale,  # every view, clean and augmented (part of the cache key)
-                interpolation=params.image.interpolation,
-                crop_to_aspect_ratio=params.image.crop_to_aspect_ratio,
             )
         )
         ids += [(sha, view, str(label)) for sha, label in zip(rows["sha256"], rows["label"], strict=True)]

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from tasks.augment import INTERPOLATIONS, AugmentPolicy
+from tasks.inputs import ImageSpec
 from tasks.labels import CLASS_MODES, encode_labels  # noqa: F401  (CLASS_MODES: re-exported until callers import tasks.labels)
 from tasks.resample import aspect_crop, render_view, renders_uint8
 
@@ -315,14 +316,16 @@ def _finish_fn(rescale: float | None, preprocess: Callable[[Any], Any] | None) -
 
 def _check_common(
     rows: Any,
-    image_size: Any,
+    image: Any,
     batch_size: Any,
     policy: Any,
     preprocess: Any,
-    rescale: Any,
-    interpolation: Any,
 ) -> tuple[tuple[int, int], int]:
-    size = _check_size(image_size)
+    if not isinstance(image, ImageSpec):
+        raise TypeError(
+            f"expected image to be a tasks.inputs.ImageSpec, got {type(image).__name__}: {image!r}"
+        )
+    size = _check_size(image.size)
     batch = _check_positive("batch_size", batch_size)
     if policy is not None and not isinstance(policy, AugmentPolicy):
         raise TypeError(
@@ -330,10 +333,11 @@ def _check_common(
         )
     if preprocess is not None and not callable(preprocess):
         raise TypeError(f"expected preprocess to be callable or None, got {preprocess!r}")
+    rescale = image.rescale
     if rescale is not None and (isinstance(rescale, bool) or not isinstance(rescale, int | float)):
         raise ValueError(f"expected rescale to be a number or None, got {rescale!r}")
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"expected interpolation in {INTERPOLATIONS}, got {interpolation!r}")
+    if image.interpolation not in INTERPOLATIONS:
+        raise ValueError(f"expected interpolation in {INTERPOLATIONS}, got {image.interpolation!r}")
     return size, batch
 
 
@@ -341,23 +345,21 @@ def _check_common(
 def view_dataset(
     rows: Any,
     data_root: str | Path,
+    image: ImageSpec,
     *,
-    image_size: tuple[int, int],
     batch_size: int,
     policy: AugmentPolicy | None = None,
     pass_number: int = 0,
     preprocess: Callable[[Any], Any] | None = None,
-    rescale: float | None = None,
-    interpolation: str = "bilinear",
-    crop_to_aspect_ratio: bool = False,
 ) -> Any:
     """Float32 image batches ``[B, H, W, 3]`` of ``rows`` in row order: the clean view (``policy=None``) or view
-    ``pass_number`` of ``policy``. Values are 0-255 unless ``rescale`` / ``preprocess`` are given. With
-    ``crop_to_aspect_ratio`` every image is first cropped (centred) to the target's aspect ratio, then resized
-    without distortion (``image.crop_to_aspect_ratio``; Keras' option of the same name)."""
+    ``pass_number`` of ``policy``, at ``image.size`` with ``image.interpolation``. Values are 0-255 unless
+    ``image.rescale`` / ``preprocess`` are given. With ``image.crop_to_aspect_ratio`` every image is first cropped
+    (centred) to the target's aspect ratio, then resized without distortion (Keras' option of the same name)."""
     import tensorflow as tf
 
-    size, batch = _check_common(rows, image_size, batch_size, policy, preprocess, rescale, interpolation)
+    size, batch = _check_common(rows, image, batch_size, policy, preprocess)
+    interpolation, crop_to_aspect_ratio = image.interpolation, image.crop_to_aspect_ratio
     if isinstance(pass_number, bool) or not isinstance(pass_number, int | np.integer) or pass_number < 0:
         raise ValueError(f"view_dataset: expected pass_number >= 0, got {pass_number!r}")
     tune_allocator()
@@ -383,24 +385,23 @@ def view_dataset(
         for start, stop, group in _group_spans(n)
     )
     ds = ds.rebatch(batch).apply(tf.data.experimental.assert_cardinality(math.ceil(n / batch)))
-    ds = ds.map(_finish_fn(rescale, preprocess), num_parallel_calls=_map_parallelism(), deterministic=True)
+    ds = ds.map(
+        _finish_fn(image.rescale, preprocess), num_parallel_calls=_map_parallelism(), deterministic=True
+    )
     return ds.prefetch(PREFETCH_BATCHES).with_options(_pipeline_options())
 
 
 def training_dataset(
     rows: Any,
     data_root: str | Path,
+    image: ImageSpec,
     *,
-    image_size: tuple[int, int],
     batch_size: int,
     class_mode: str,
     num_classes: int,
     seed: int,
     policy: AugmentPolicy | None = None,
     preprocess: Callable[[Any], Any] | None = None,
-    rescale: float | None = None,
-    interpolation: str = "bilinear",
-    crop_to_aspect_ratio: bool = False,
     first_pass: int = 0,
     first_epoch: int = 0,
 ) -> tuple[Any, int]:
@@ -416,7 +417,8 @@ def training_dataset(
     """
     import tensorflow as tf
 
-    size, batch = _check_common(rows, image_size, batch_size, policy, preprocess, rescale, interpolation)
+    size, batch = _check_common(rows, image, batch_size, policy, preprocess)
+    interpolation, crop_to_aspect_ratio = image.interpolation, image.crop_to_aspect_ratio
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise ValueError(f"training_dataset: expected an integer seed, got {seed!r}")
     if isinstance(first_pass, bool) or not isinstance(first_pass, int | np.integer) or first_pass < 0:
@@ -473,6 +475,6 @@ def training_dataset(
         ).rebatch(batch)
 
     ds = tf.data.Dataset.counter(start=int(first_epoch), dtype=tf.int64).flat_map(epoch_dataset)
-    finish = _finish_fn(rescale, preprocess)
+    finish = _finish_fn(image.rescale, preprocess)
     ds = ds.map(lambda x, y: (finish(x), y), num_parallel_calls=_map_parallelism(), deterministic=True)
     return ds.prefetch(PREFETCH_BATCHES).with_options(_pipeline_options()), math.ceil(n / batch)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import textwrap
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ import numpy as np
 
 from tasks.augment import AugmentPolicy, policies_for
 from tasks.config import Params
+from tasks.errors import InputError
+from tasks.inputs import ImageSpec, resolve_inputs
 from tasks.layout import Layout
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -80,45 +82,35 @@ def rows_from_folders(root: Path, n: int, seed: int = 0, *, max_pixels: int) -> 
     return pd.DataFrame(records)
 
 
-def preview_rows(params: Params, layout: Layout, n: int) -> Any:
-    """N rows of the index's train split (or of the image folder when there is no index yet)."""
-    from tasks.features import data_root
-
+def preview_rows(params: Params, layout: Layout, n: int, data_root: Path) -> Any:
+    """N rows of the index's train split (or of the image folder ``data_root`` when there is no index yet)."""
     if layout.index_table.is_file():
-        from tasks.index import read_index
+        from tasks.index_table import read_index
 
         table = read_index(layout)
         train = table[table["split"] == "train"]
         table = train if len(train) else table
         return table.iloc[_spread(len(table), n, params.seed)].reset_index(drop=True)
-    return rows_from_folders(data_root(params), n, params.seed, max_pixels=params.data.max_pixels)
+    return rows_from_folders(data_root, n, params.seed, max_pixels=params.data.max_pixels)
 
 
 def render_grid(
     rows: Any,
     data_root: Path,
     policy: AugmentPolicy,
+    image: ImageSpec,
     *,
-    image_size: tuple[int, int],
     views: int,
-    interpolation: str = "bilinear",
-    crop_to_aspect_ratio: bool = False,
 ) -> np.ndarray:
-    """uint8 ``[N, 1 + views, H, W, 3]``: the clean view then passes 0..views-1, through the real pipeline with
-    the resize ``interpolation`` and crop rule (``image.interpolation``, ``image.crop_to_aspect_ratio``)."""
+    """uint8 ``[N, 1 + views, H, W, 3]``: the clean view then passes 0..views-1, through the real pipeline at
+    ``image`` (size, the resize interpolation and crop rule: ``image.interpolation``, ``image.crop_to_aspect_ratio``;
+    pixels 0-255, so ``image.rescale`` should be None)."""
     from tasks.pipeline import view_dataset
 
     columns = []
     for policy_or_none, pass_number in [(None, 0), *((policy, p) for p in range(views))]:
         ds = view_dataset(
-            rows,
-            data_root,
-            image_size=image_size,
-            batch_size=len(rows),
-            policy=policy_or_none,
-            pass_number=pass_number,
-            interpolation=interpolation,
-            crop_to_aspect_ratio=crop_to_aspect_ratio,
+            rows, data_root, image, batch_size=len(rows), policy=policy_or_none, pass_number=pass_number
         )
         columns.append(np.concatenate([np.asarray(b) for b in ds]))
     return np.clip(np.stack(columns, axis=1), 0, 255).round().astype(np.uint8)
@@ -162,7 +154,7 @@ def preview_policies(params: Params, policy_name: str | None = None) -> list[Aug
     chosen = [p for p in policies if policy_name in (p.name, p.short_hash)]
     if not chosen:
         names = [p.name for p in policies]
-        raise ValueError(f"augment-preview: no policy named {policy_name!r}; the policies are {names}")
+        raise InputError(f"augment-preview: no policy named {policy_name!r}; the policies are {names}")
     return chosen
 
 
@@ -176,31 +168,22 @@ def run_preview(
     out: Path | None = None,
 ) -> PreviewManifest:
     """Write one preview PNG per selected policy to ``layout.reports_dir`` (or ``out`` for a single policy)."""
-    from tasks.features import data_root, image_size_for
-
     if isinstance(images, bool) or not isinstance(images, int) or not 1 <= images <= 64:
         raise ValueError(f"augment-preview: expected 1 to 64 images, got {images!r}")
     if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= 32:
         raise ValueError(f"augment-preview: expected 1 to 32 views, got {views!r}")
     policies = preview_policies(params, policy_name)
     if out is not None and len(policies) > 1:
-        raise ValueError(
+        raise InputError(
             f"augment-preview: --out names one file but the grid has {len(policies)} policies; "
             "choose one with --policy or leave --out unset"
         )
-    rows = preview_rows(params, layout, images)
-    size = image_size_for(params)
+    inputs = resolve_inputs(params, layout)
+    image = replace(inputs.image, rescale=None)  # the preview shows pixels (0-255), not the scaled values
+    rows = preview_rows(params, layout, images, inputs.data_root)
     written = []
     for policy in policies:
-        grid = render_grid(
-            rows,
-            data_root(params),
-            policy,
-            image_size=size,
-            views=views,
-            interpolation=params.image.interpolation,
-            crop_to_aspect_ratio=params.image.crop_to_aspect_ratio,
-        )
+        grid = render_grid(rows, inputs.data_root, policy, image, views=views)
         path = out if out is not None else layout.augment_preview(policy.short_hash)
         written.append(str(write_png(grid, policy, path)))
     return PreviewManifest(

@@ -619,7 +619,7 @@ def test_preview_resizes_with_image_interpolation(tmp_path, monkeypatch):
     real = tasks.pipeline.view_dataset
 
     def spy(*args, **kwargs):
-        seen.append(kwargs.get("interpolation"))
+        seen.append(args[2].interpolation)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tasks.pipeline, "view_dataset", spy)

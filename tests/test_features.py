@@ -19,6 +19,7 @@ from conftest import shared_path
 from imagegen import CLASS_COLOURS, coloured_image, make_class_folders
 
 from tasks.config import Params, params_from_dict
+from tasks.inputs import ImageSpec
 from tasks.layout import Layout
 
 TESTS = Path(__file__).resolve().parent
@@ -65,11 +66,11 @@ def hand_index(root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("path").reset_index(drop=True)
 
 
-def view_source(rows: Any, root: Path, **kwargs: Any) -> Any:
+def view_source(rows: Any, root: Path, image: Any, **kwargs: Any) -> Any:
     """The stage's image source, ``tasks.pipeline.view_dataset``."""
     from tasks.pipeline import view_dataset
 
-    return view_dataset(rows, root, **kwargs)
+    return view_dataset(rows, root, image, **kwargs)
 
 
 class Recorder:
@@ -80,14 +81,14 @@ class Recorder:
         self.rescales: list[tuple[str, Any]] = []  # (view, the rescale= it was asked with)
         self.crops: list[Any] = []  # the crop_to_aspect_ratio= of each call
 
-    def __call__(self, rows: Any, root: Path, **kwargs: Any) -> Any:
+    def __call__(self, rows: Any, root: Path, image: Any, **kwargs: Any) -> Any:
         from tasks.augment import view_id
 
         view = view_id(kwargs.get("policy"), kwargs.get("pass_number", 0))
         self.calls.append((view, list(rows["sha256"])))
-        self.rescales.append((view, kwargs.get("rescale")))
-        self.crops.append(kwargs.get("crop_to_aspect_ratio"))
-        return view_source(rows, root, **kwargs)
+        self.rescales.append((view, image.rescale))
+        self.crops.append(image.crop_to_aspect_ratio)
+        return view_source(rows, root, image, **kwargs)
 
     def asked(self) -> set[tuple[str, str]]:
         return {(view, sha) for view, shas in self.calls for sha in shas}
@@ -247,7 +248,7 @@ def test_clean_view_features_equal_the_model_output(workspace, recorder: Recorde
 
     rows = index[index["split"] == "test"].reset_index(drop=True)
     pixels = np.concatenate(
-        list(view_source(rows, root, image_size=(32, 32), batch_size=4).as_numpy_iterator())
+        list(view_source(rows, root, ImageSpec((32, 32)), batch_size=4).as_numpy_iterator())
     )
     loaded = load_base(params.base, (32, 32))
     expected = np.asarray(loaded.model(loaded.spec.preprocess(pixels), training=False)).max(axis=(1, 2))
@@ -294,7 +295,7 @@ def test_rescale_scales_every_view_before_the_base_and_is_part_of_the_key(worksp
 
     rows = index[index["split"] == "test"].reset_index(drop=True)
     pixels = np.concatenate(
-        list(view_source(rows, root, image_size=(32, 32), batch_size=4).as_numpy_iterator())
+        list(view_source(rows, root, ImageSpec((32, 32)), batch_size=4).as_numpy_iterator())
     )
     loaded = load_base(halved.base, (32, 32))
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 import tasks.pipeline
 from tasks.augment import AugmentPolicy
+from tasks.inputs import ImageSpec
 from tasks.labels import encode_labels
 from tasks.pipeline import (
     _group_spans,
@@ -100,7 +101,7 @@ def test_encode_labels_rejects_bad_input(ids, mode, n, match):
 # ------------------------------------------------------------------------------------------------ views
 def test_view_dataset_is_ordered_float32_at_the_target_size(images):
     root, rows = images
-    batches = list(view_dataset(rows, root, image_size=SIZE, batch_size=4))
+    batches = list(view_dataset(rows, root, ImageSpec(SIZE), batch_size=4))
     assert [b.shape[0] for b in batches] == [4, 4, 2]  # final partial batch kept
     x = collect(batches)
     assert x.dtype == np.float32 and x.shape == (10, *SIZE, 3)
@@ -110,7 +111,7 @@ def test_view_dataset_is_ordered_float32_at_the_target_size(images):
 
 def test_views_do_not_depend_on_batch_size_or_order(images):
     root, rows = images
-    kwargs = {"image_size": SIZE, "policy": POLICY, "pass_number": 1}
+    kwargs = {"image": ImageSpec(SIZE), "policy": POLICY, "pass_number": 1}
     a = collect(view_dataset(rows, root, batch_size=3, **kwargs))
     b = collect(view_dataset(rows, root, batch_size=10, **kwargs))
     np.testing.assert_array_equal(a, b)
@@ -131,11 +132,11 @@ def test_views_do_not_depend_on_batch_size_or_order(images):
 
 def test_passes_and_seeds_give_different_views_and_clean_differs(images):
     root, rows = images
-    one = collect(view_dataset(rows, root, image_size=SIZE, batch_size=5, policy=POLICY, pass_number=0))
-    two = collect(view_dataset(rows, root, image_size=SIZE, batch_size=5, policy=POLICY, pass_number=1))
+    one = collect(view_dataset(rows, root, ImageSpec(SIZE), batch_size=5, policy=POLICY, pass_number=0))
+    two = collect(view_dataset(rows, root, ImageSpec(SIZE), batch_size=5, policy=POLICY, pass_number=1))
     other_seed = dataclasses.replace(POLICY, seed=6)
-    three = collect(view_dataset(rows, root, image_size=SIZE, batch_size=5, policy=other_seed, pass_number=0))
-    clean = collect(view_dataset(rows, root, image_size=SIZE, batch_size=5))
+    three = collect(view_dataset(rows, root, ImageSpec(SIZE), batch_size=5, policy=other_seed, pass_number=0))
+    clean = collect(view_dataset(rows, root, ImageSpec(SIZE), batch_size=5))
     for other in (two, three, clean):
         assert not np.array_equal(one, other)
     # augmentation keeps each image's content: mean level still matches its row
@@ -144,10 +145,10 @@ def test_passes_and_seeds_give_different_views_and_clean_differs(images):
 
 def test_rescale_and_preprocess_apply_to_every_image(images):
     root, rows = images
-    raw = collect(view_dataset(rows, root, image_size=SIZE, batch_size=4))
-    scaled = collect(view_dataset(rows, root, image_size=SIZE, batch_size=4, rescale=1 / 255))
+    raw = collect(view_dataset(rows, root, ImageSpec(SIZE), batch_size=4))
+    scaled = collect(view_dataset(rows, root, ImageSpec(SIZE, rescale=1 / 255), batch_size=4))
     np.testing.assert_allclose(scaled, raw / 255, atol=1e-5)
-    shifted = collect(view_dataset(rows, root, image_size=SIZE, batch_size=4, preprocess=lambda x: x - 100.0))
+    shifted = collect(view_dataset(rows, root, ImageSpec(SIZE), batch_size=4, preprocess=lambda x: x - 100.0))
     np.testing.assert_allclose(shifted, raw - 100, atol=1e-4)
 
 
@@ -166,11 +167,11 @@ def test_value_range_after_each_bases_preprocessing(images):
 
     root, rows = images
     rows = rows.iloc[[0, 9]].reset_index(drop=True)  # darkest and brightest
-    raw = collect(view_dataset(rows, root, image_size=SIZE, batch_size=2))
+    raw = collect(view_dataset(rows, root, ImageSpec(SIZE), batch_size=2))
     assert set(BASE_MODELS) <= set(EXPECTED_RANGE), "add the new base's expected range here"
     for name, spec in BASE_MODELS.items():
         low, high = EXPECTED_RANGE[name]
-        x = collect(view_dataset(rows, root, image_size=SIZE, batch_size=2, preprocess=spec.preprocess))
+        x = collect(view_dataset(rows, root, ImageSpec(SIZE), batch_size=2, preprocess=spec.preprocess))
         assert x.shape == raw.shape and x.dtype == np.float32, name
         assert low - 1e-3 <= x.min() and x.max() <= high + 1e-3, (name, x.min(), x.max())
         if name.startswith("mobilenet"):
@@ -205,9 +206,9 @@ def test_crop_to_aspect_ratio_shows_the_centre_undistorted(tmp_path):
     info = _write(tmp_path / "wide.png", array, "PNG")
     rows = pd.DataFrame([{"path": "wide.png", "class_id": 0, "orientation": 1, **info}])
     cropped = collect(
-        view_dataset(rows, tmp_path, image_size=(32, 32), batch_size=1, crop_to_aspect_ratio=True)
+        view_dataset(rows, tmp_path, ImageSpec((32, 32), crop_to_aspect_ratio=True), batch_size=1)
     )
-    stretched = collect(view_dataset(rows, tmp_path, image_size=(32, 32), batch_size=1))
+    stretched = collect(view_dataset(rows, tmp_path, ImageSpec((32, 32)), batch_size=1))
     assert cropped[0].min() > 200
     assert stretched[0, :, :6].max() < 30 and stretched[0, :, 10:22].min() > 200
 
@@ -224,10 +225,10 @@ def test_dct_reduced_decoding_keeps_the_geometry(tmp_path):
     assert _source_columns(reduced, tmp_path, (32, 32))["ratio"].tolist() == [4]
     assert _source_columns(full, tmp_path, (32, 32))["ratio"].tolist() == [1]
     for policy in (None, POLICY):
-        a = collect(view_dataset(reduced, tmp_path, image_size=(32, 32), batch_size=1, policy=policy))
-        b = collect(view_dataset(full, tmp_path, image_size=(32, 32), batch_size=1, policy=policy))
+        a = collect(view_dataset(reduced, tmp_path, ImageSpec((32, 32)), batch_size=1, policy=policy))
+        b = collect(view_dataset(full, tmp_path, ImageSpec((32, 32)), batch_size=1, policy=policy))
         assert np.abs(a - b).mean() < 4, policy
-    clean = collect(view_dataset(reduced, tmp_path, image_size=(32, 32), batch_size=1))[0]
+    clean = collect(view_dataset(reduced, tmp_path, ImageSpec((32, 32)), batch_size=1))[0]
     assert clean[:, :11].mean() > 200 and clean[:, 13:, 0].mean() < 30  # the edge at 12 = 32 * 96 / 256
 
 
@@ -265,7 +266,7 @@ def test_mixed_orientations_give_each_row_its_own_upright_view(images):
     mixed = rows.copy()
     mixed.loc[0, "orientation"] = 6  # stored landscape, shown rotated: the index keeps the upright size
     mixed.loc[0, ["width", "height"]] = [rows.loc[0, "height"], rows.loc[0, "width"]]
-    kwargs = {"image_size": SIZE, "batch_size": 4, "policy": POLICY, "pass_number": 1}
+    kwargs = {"image": ImageSpec(SIZE), "batch_size": 4, "policy": POLICY, "pass_number": 1}
     together = collect(view_dataset(mixed, root, **kwargs))
     for i in (0, 1):
         alone = collect(view_dataset(mixed.iloc[[i]], root, **kwargs))[0]
@@ -279,7 +280,7 @@ def test_group_size_changes_nothing_but_speed(images, monkeypatch):
     shorter group: views, batches and epochs are the same with groups of 1, 3 (10 rows: 3 + 3 + 3 + 1) or 8."""
     root, rows = images
     rows = rows.assign(class_id=np.arange(len(rows)))
-    common = {"image_size": SIZE, "batch_size": 4}
+    common = {"image": ImageSpec(SIZE), "batch_size": 4}
     train = {**common, "class_mode": "sparse", "num_classes": len(rows), "seed": 3, "policy": POLICY}
 
     def run() -> tuple[list, list]:
@@ -303,15 +304,15 @@ def test_group_size_changes_nothing_but_speed(images, monkeypatch):
 def test_view_dataset_validates_arguments(images):
     root, rows = images
     with pytest.raises(ValueError, match="image_size"):
-        view_dataset(rows, root, image_size=(0, 16), batch_size=2)
+        view_dataset(rows, root, ImageSpec((0, 16)), batch_size=2)
     with pytest.raises(ValueError, match="batch_size >= 1, got 0"):
-        view_dataset(rows, root, image_size=SIZE, batch_size=0)
+        view_dataset(rows, root, ImageSpec(SIZE), batch_size=0)
     with pytest.raises(ValueError, match="pass_number >= 0, got -1"):
-        view_dataset(rows, root, image_size=SIZE, batch_size=2, pass_number=-1)
+        view_dataset(rows, root, ImageSpec(SIZE), batch_size=2, pass_number=-1)
     with pytest.raises(ValueError, match="missing \\['sha256'\\]"):
-        view_dataset(rows.drop(columns=["sha256"]), root, image_size=SIZE, batch_size=2)
+        view_dataset(rows.drop(columns=["sha256"]), root, ImageSpec(SIZE), batch_size=2)
     with pytest.raises(TypeError, match="AugmentPolicy"):
-        view_dataset(rows, root, image_size=SIZE, batch_size=2, policy={"rotation_range": 3})
+        view_dataset(rows, root, ImageSpec(SIZE), batch_size=2, policy={"rotation_range": 3})
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -321,7 +322,7 @@ def test_training_epochs_cover_every_sample_once_and_reshuffle(images):
     ds, steps = training_dataset(
         rows,
         root,
-        image_size=SIZE,
+        ImageSpec(SIZE),
         batch_size=4,
         class_mode="sparse",
         num_classes=len(rows),
@@ -345,16 +346,16 @@ def test_training_epochs_cover_every_sample_once_and_reshuffle(images):
     first_view = x0[np.argsort(epochs[0])]
     second_view = x1[np.argsort(epochs[1])]
     assert all(not np.array_equal(a, b) for a, b in zip(first_view, second_view, strict=True))
-    pass_one = collect(view_dataset(rows, root, image_size=SIZE, batch_size=5, policy=POLICY, pass_number=1))
+    pass_one = collect(view_dataset(rows, root, ImageSpec(SIZE), batch_size=5, policy=POLICY, pass_number=1))
     np.testing.assert_allclose(second_view, pass_one, atol=1e-4)
     # reproducible from the seed; a different seed gives another order
     again, _ = training_dataset(
-        rows, root, image_size=SIZE, batch_size=4, class_mode="sparse", num_classes=10, seed=3, policy=POLICY
+        rows, root, ImageSpec(SIZE), batch_size=4, class_mode="sparse", num_classes=10, seed=3, policy=POLICY
     )
     first = np.concatenate([np.asarray(y) for _, y in again.take(steps)])
     np.testing.assert_array_equal(first, epochs[0])
     other, _ = training_dataset(
-        rows, root, image_size=SIZE, batch_size=4, class_mode="sparse", num_classes=10, seed=4, policy=POLICY
+        rows, root, ImageSpec(SIZE), batch_size=4, class_mode="sparse", num_classes=10, seed=4, policy=POLICY
     )
     assert np.concatenate([np.asarray(y) for _, y in other.take(steps)]).tolist() != epochs[0].tolist()
 
@@ -366,7 +367,7 @@ def test_training_first_pass_shifts_the_views(images):
     ds, steps = training_dataset(
         rows,
         root,
-        image_size=SIZE,
+        ImageSpec(SIZE),
         batch_size=5,
         class_mode="sparse",
         num_classes=len(rows),
@@ -377,15 +378,15 @@ def test_training_first_pass_shifts_the_views(images):
     batches = list(ds.take(steps))
     order = np.concatenate([np.asarray(y) for _, y in batches])
     x = np.concatenate([np.asarray(b) for b, _ in batches])[np.argsort(order)]
-    pass_two = collect(view_dataset(rows, root, image_size=SIZE, batch_size=5, policy=POLICY, pass_number=2))
-    pass_zero = collect(view_dataset(rows, root, image_size=SIZE, batch_size=5, policy=POLICY, pass_number=0))
+    pass_two = collect(view_dataset(rows, root, ImageSpec(SIZE), batch_size=5, policy=POLICY, pass_number=2))
+    pass_zero = collect(view_dataset(rows, root, ImageSpec(SIZE), batch_size=5, policy=POLICY, pass_number=0))
     np.testing.assert_allclose(x, pass_two, atol=1e-4)
     assert not np.allclose(x, pass_zero, atol=1e-4)
     with pytest.raises(ValueError, match="first_pass"):
         training_dataset(
             rows,
             root,
-            image_size=SIZE,
+            ImageSpec(SIZE),
             batch_size=2,
             class_mode="sparse",
             num_classes=10,
@@ -399,7 +400,7 @@ def test_training_first_epoch_continues_the_sequence_of_a_fresh_dataset(images):
     root, rows = images
     rows = rows.assign(class_id=np.arange(len(rows)))  # sparse labels identify the samples
     common = dict(
-        image_size=SIZE,
+        image=ImageSpec(SIZE),
         batch_size=4,
         class_mode="sparse",
         num_classes=len(rows),
@@ -432,7 +433,7 @@ def test_training_first_epoch_continues_the_sequence_of_a_fresh_dataset(images):
     # epoch 2 shows view pass first_pass + 2 of every image
     shown = first[0][np.argsort(first[1])]
     pass_three = collect(
-        view_dataset(rows, root, image_size=SIZE, batch_size=5, policy=POLICY, pass_number=3)
+        view_dataset(rows, root, ImageSpec(SIZE), batch_size=5, policy=POLICY, pass_number=3)
     )
     np.testing.assert_allclose(shown, pass_three, atol=1e-4)
     # and the sequence goes on from there: the resumed dataset's next epoch is epoch 3
@@ -445,7 +446,7 @@ def test_training_first_epoch_continues_the_sequence_of_a_fresh_dataset(images):
 def test_training_labels_follow_the_class_mode(images):
     root, rows = images
     ds, steps = training_dataset(
-        rows, root, image_size=SIZE, batch_size=10, class_mode="categorical", num_classes=3, seed=0
+        rows, root, ImageSpec(SIZE), batch_size=10, class_mode="categorical", num_classes=3, seed=0
     )
     assert steps == 1
     x, y = next(iter(ds))
@@ -461,10 +462,10 @@ def test_training_labels_follow_the_class_mode(images):
 def test_training_dataset_validates_arguments(images):
     root, rows = images
     with pytest.raises(ValueError, match="class_mode"):
-        training_dataset(rows, root, image_size=SIZE, batch_size=2, class_mode="multi", num_classes=3, seed=0)
+        training_dataset(rows, root, ImageSpec(SIZE), batch_size=2, class_mode="multi", num_classes=3, seed=0)
     with pytest.raises(ValueError, match="empty"):
         training_dataset(
-            rows.iloc[:0], root, image_size=SIZE, batch_size=2, class_mode="sparse", num_classes=3, seed=0
+            rows.iloc[:0], root, ImageSpec(SIZE), batch_size=2, class_mode="sparse", num_classes=3, seed=0
         )
 
 
@@ -475,11 +476,11 @@ def test_nearest_interpolation_only_copies_source_pixels(images):
     known = {tuple(p) for p in source.tolist()}
     for policy in (None, AugmentPolicy(rotation_range=25, fill_mode="wrap")):
         x = collect(
-            view_dataset(png, root, image_size=SIZE, batch_size=1, policy=policy, interpolation="nearest")
+            view_dataset(png, root, ImageSpec(SIZE, interpolation="nearest"), batch_size=1, policy=policy)
         )
         assert {tuple(p) for p in x.reshape(-1, 3).astype(int).tolist()} <= known
     rotate = AugmentPolicy(rotation_range=25, fill_mode="wrap")
-    blended = collect(view_dataset(png, root, image_size=SIZE, batch_size=1, policy=rotate))
+    blended = collect(view_dataset(png, root, ImageSpec(SIZE), batch_size=1, policy=rotate))
     assert not {tuple(p) for p in blended.reshape(-1, 3).astype(int).tolist()} <= known  # bilinear blends
 
 
@@ -489,9 +490,9 @@ def test_datasets_run_with_fixed_parallelism_and_no_autotune(images):
 
     root, rows = images
     cores = len(os.sched_getaffinity(0))
-    view = view_dataset(rows, root, image_size=SIZE, batch_size=4)
+    view = view_dataset(rows, root, ImageSpec(SIZE), batch_size=4)
     train, _ = training_dataset(
-        rows, root, image_size=SIZE, batch_size=4, class_mode="sparse", num_classes=3, seed=0
+        rows, root, ImageSpec(SIZE), batch_size=4, class_mode="sparse", num_classes=3, seed=0
     )
     for dataset in (view, train):
         options = dataset.options()

@@ -168,6 +168,7 @@ def test_every_bad_file_has_a_reason(messy_run) -> None:
 @pytest.mark.slow
 def test_odd_but_valid_formats_are_rgb_in_training_input(messy_run) -> None:
     from tasks.index_table import read_index
+    from tasks.inputs import ImageSpec
     from tasks.pipeline import view_dataset
 
     params, layout, *_ = messy_run
@@ -177,7 +178,7 @@ def test_odd_but_valid_formats_are_rgb_in_training_input(messy_run) -> None:
     assert set(odd["format"]) == {"JPEG", "PNG", "GIF", "WEBP", "BMP"}
     row = odd[odd["path"] == "blue/one_pixel.png"].iloc[0]
     assert (row["width"], row["height"]) == (1, 1)
-    batches = list(view_dataset(odd, params.data.root, image_size=(32, 32), batch_size=64))
+    batches = list(view_dataset(odd, params.data.root, ImageSpec((32, 32)), batch_size=64))
     pixels = np.concatenate([b.numpy() for b in batches])
     assert pixels.shape == (len(odd), 32, 32, 3) and np.isfinite(pixels).all()
     assert pixels.min() >= 0 and pixels.max() <= 255
@@ -203,6 +204,7 @@ def test_exif_orientation_is_honoured_in_index_training_input_and_predict(tmp_pa
     import keras
 
     from tasks.index import build_index
+    from tasks.inputs import ImageSpec
     from tasks.pipeline import view_dataset
     from tasks.predict import predict_files
 
@@ -219,7 +221,7 @@ def test_exif_orientation_is_honoured_in_index_training_input_and_predict(tmp_pa
     row = result.table[result.table["path"] == "red/rotated.jpg"].iloc[0]
     assert (row["width"], row["height"], row["orientation"]) == (24, 32, 6)
 
-    (batch,) = list(view_dataset(result.table.loc[[row.name]], root, image_size=(32, 24), batch_size=1))
+    (batch,) = list(view_dataset(result.table.loc[[row.name]], root, ImageSpec((32, 24)), batch_size=1))
     seen = batch.numpy()[0]
     assert np.abs(seen - upright).mean() < 6, "training input does not show the upright picture"
 

@@ -161,6 +161,7 @@ def test_train_top_killed_while_saving_leaves_no_half_written_head(reference, tm
 def test_kill_during_finetune(reference, tmp_path) -> None:
     from tasks.full_model import load_bundle
     from tasks.index_table import read_index
+    from tasks.inputs import ImageSpec
     from tasks.pipeline import view_dataset
     from tasks.run_finetune import run_finetune
 
@@ -168,7 +169,7 @@ def test_kill_during_finetune(reference, tmp_path) -> None:
     table = read_index(ref)
     rows = table[table["split"] == "val"]
     images = np.concatenate(
-        [b.numpy() for b in view_dataset(rows, params.data.root, image_size=(32, 32), batch_size=64)]
+        [b.numpy() for b in view_dataset(rows, params.data.root, ImageSpec((32, 32)), batch_size=64)]
     )
     expected = np.asarray(load_bundle(ref.candidate_model).model(images))
     for layout, n, event in killed_workspaces("finetune", reference, tmp_path):
