@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from tasks.atomic import TMP_PREFIX, atomic_write, atomic_write_json, temp_writer_pid
+from tasks.errors import InputError
 from tasks.locking import pid_alive
 
 CACHE_FORMAT = 1
@@ -166,7 +167,7 @@ class FeatureCache:
         else:
             stored = json.loads(key_file.read_text())
             if stored != spec.as_json():
-                raise ValueError(f"{key_file} does not describe key {spec.key}: {stored!r}")
+                raise InputError(f"{key_file} does not describe key {spec.key}: {stored!r}")
         cache = cls(folder, spec)
         if create:
             cache.remove_orphans()
