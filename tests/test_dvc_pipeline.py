@@ -73,11 +73,50 @@ def test_stages_run_through_prefect_stage_command() -> None:
         assert stage["cmd"] == f"retrainflow stage {name}"
 
 
+def _stage_module(name: str) -> str:
+    """The tasks module the flows' ``STAGE_RUNNERS[name]`` takes ``run_<name>`` from (what
+    ``retrainflow stage NAME`` runs): read from flows/flows.py's source, nothing imported."""
+    tree = ast.parse((PROJECT / "flows" / "flows.py").read_text())
+    registry = next(
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.AnnAssign | ast.Assign)
+        and "STAGE_RUNNERS"
+        in ast.unparse(node.target if isinstance(node, ast.AnnAssign) else node.targets[0])
+    )
+    assert isinstance(registry, ast.Dict)
+    runners = {ast.literal_eval(k): v.id for k, v in zip(registry.keys, registry.values, strict=True)}
+    runner = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == runners[name])
+    modules = [
+        node.module
+        for node in ast.walk(runner)
+        if isinstance(node, ast.ImportFrom)
+        and node.module
+        and node.module.startswith("tasks.")
+        and any(alias.name == f"run_{name}" for alias in node.names)
+    ]
+    assert len(modules) == 1, f"{runners[name]} imports run_{name} from {modules}"
+    return modules[0].split(".")[1]
+
+
 @pytest.mark.parametrize("name", STAGES)
 def test_code_deps_are_exactly_the_stage_import_closure(name: str) -> None:
-    """Every tasks module the stage imports (transitively, lazy imports included) and nothing else."""
+    """Every tasks module the stage imports (transitively, lazy imports included) and nothing else, starting
+    from the module the stage command takes ``run_<name>`` from."""
     deps = {d for d in DVC_YAML["stages"][name]["deps"] if isinstance(d, str) and d.startswith("tasks/")}
-    assert deps == {f"tasks/{m}.py" for m in _closure(name)}
+    assert deps == {f"tasks/{m}.py" for m in _closure(_stage_module(name))}
+
+
+def _stages_depending_on(path: str) -> set[str]:
+    return {name for name, stage in DVC_YAML["stages"].items() if path in stage["deps"]}
+
+
+def test_stages_stand_on_libraries_not_on_each_other() -> None:
+    """Training on cached features needs neither the decoder nor the resampler; indexing needs no resampler."""
+    assert _stages_depending_on("tasks/resample.py") == {"features", "finetune", "evaluate"}
+    assert _stages_depending_on("tasks/images.py") == {"index", "features", "finetune", "evaluate"}
+    for library in ("tasks/pipeline.py", "tasks/features.py", "tasks/index.py"):
+        assert "train_top" not in _stages_depending_on(library), library
 
 
 def test_outs_match_layout() -> None:
@@ -345,6 +384,29 @@ def test_fresh_repro_runs_every_stage_and_params_rerun_only_their_readers(
     assert summary["ran"] == [] and summary["up_to_date"] == list(STAGES)
     assert summary["status"] in ("promoted", "not promoted") and "already registered" in summary["reason"]
     assert _status(repo, env) == {}
+
+
+@pytest.mark.slow
+def test_a_library_edit_reruns_only_the_stages_that_use_it(dvc_repo: tuple[Path, dict[str, str]]) -> None:
+    """After a full `dvc repro`, a comment edited in the resampler makes `dvc status` list exactly the stages
+    whose code closure holds it (features, finetune, evaluate: they render images); index and train_top (which
+    trains on cached features) stay up to date."""
+    repo, env = dvc_repo
+    assert _ran(_run([*DVC, "repro"], repo, env)) == list(STAGES)
+    assert _status(repo, env) == {}
+
+    resample = repo / "tasks" / "resample.py"
+    text = resample.read_text()
+    assert (
+        "# ------------------------------------------------------------------------------------------- geometry"
+        in text
+    )
+    resample.write_text(text.replace("------- geometry", "------- geometry (edited)", 1))
+    status = _status(repo, env)
+    assert set(status) == {"features", "finetune", "evaluate"} == _stages_depending_on("tasks/resample.py")
+    for name, changes in status.items():
+        changed = {path for change in changes for path in change.get("changed deps", {})}
+        assert changed == {"tasks/resample.py"}, (name, changes)
 
 
 def _plot_values(shown: dict, plot_id: str) -> list[dict]:
