@@ -33,13 +33,13 @@ STAGES: tuple[str, ...] = ("index", "features", "train_top", "finetune", "evalua
 # Each runner gets a progress reporter (tasks.progress): inside a flow, plain lines with a rate and an ETA go
 # through the run logger, so they reach the terminal and the dashboard's logs alike.
 def _run_index(params: Params, layout: Layout, progress: Reporter) -> Any:
-    from tasks.index import run_index
+    from tasks.run_index import run_index
 
     return run_index(params, layout, progress=progress)
 
 
 def _run_features(params: Params, layout: Layout, progress: Reporter) -> Any:
-    from tasks.features import run_features
+    from tasks.run_features import run_features
 
     artifact = artifacts.ProgressReporter(
         artifacts.start_progress("feature-extraction", "Feature extraction: images through the base")
@@ -56,19 +56,19 @@ def _run_features(params: Params, layout: Layout, progress: Reporter) -> Any:
 
 
 def _run_train_top(params: Params, layout: Layout, progress: Reporter) -> Any:
-    from tasks.train_top import run_train_top
+    from tasks.run_train_top import run_train_top
 
     return run_train_top(params, layout, progress=progress)
 
 
 def _run_finetune(params: Params, layout: Layout, progress: Reporter) -> Any:
-    from tasks.finetune import run_finetune
+    from tasks.run_finetune import run_finetune
 
     return run_finetune(params, layout, progress=progress)
 
 
 def _run_evaluate(params: Params, layout: Layout, progress: Reporter) -> Any:
-    from tasks.evaluate import run_evaluate
+    from tasks.run_evaluate import run_evaluate
 
     manifest = run_evaluate(params, layout, progress=progress)
     from tasks.model_registry import read_evaluate_metrics
@@ -272,7 +272,7 @@ def retrain(
     every stage and gates the result even when nothing changed. Pushes the data and outputs last when a remote is
     configured.
     """
-    from tasks.features import data_root
+    from tasks.inputs import resolve_inputs
     from tasks.model_registry import (
         data_version,
         git_commit,
@@ -318,7 +318,7 @@ def retrain(
             else:
                 up_to_date.append(name)
 
-        images = data_root(params)
+        images = resolve_inputs(params, layout).data_root
         data_before = dvc_ops.tree_fingerprint(images) if no_commit is None else ""
         run_if_due("index")
         summary["index_hash"] = index_content_hash(layout)

@@ -123,7 +123,9 @@ USER_ERRORS: tuple[UserError, ...] = (
     UserError("tasks.config", "ParamsError", EXIT_PARAMS),
     UserError("tasks.errors", "LockHeldError", EXIT_LOCKED, label="busy"),
     UserError("tasks.errors", "WeightsUnavailableError", EXIT_WEIGHTS),
-    UserError("tasks.errors", "InputError", EXIT_FAILED),  # DatasetError, FeaturesMismatchError, RegistryError...
+    UserError(
+        "tasks.errors", "InputError", EXIT_FAILED
+    ),  # DatasetError, FeaturesMismatchError, RegistryError...
     UserError("flows.cli.prefect_api", "PrefectApiError", EXIT_FAILED),
     UserError("flows.dvc_ops", "DvcError", EXIT_FAILED),
     UserError("builtins", "OSError", EXIT_FAILED, when=environment_oserror),

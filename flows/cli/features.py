@@ -57,7 +57,7 @@ def features_cmd(
     loaded = load_or_exit(params, set_)
     layout = layout_for(workdir)
     from flows.console import progress_display
-    from tasks.features import run_features
+    from tasks.run_features import run_features
 
     with (
         locked(layout, "retrainflow features"),
@@ -84,12 +84,14 @@ def _current_key(
     (``required=False``) warn and give no key.
     """
     from tasks.bases import weights_fingerprint
-    from tasks.features import cache_root, image_size_for, key_spec_for
+    from tasks.feature_read import key_spec_for
+    from tasks.inputs import resolve_inputs
 
     loaded = load_or_exit(params_file, overrides)
-    root = cache_root(loaded, layout_for(workdir))
+    inputs = resolve_inputs(loaded, layout_for(workdir))
+    root = inputs.cache_root
     try:
-        sha = weights_fingerprint(loaded.base, image_size_for(loaded))
+        sha = weights_fingerprint(loaded.base, inputs.image_size)
     except Exception as err:
         if user_error(err) is None:
             raise
@@ -97,7 +99,7 @@ def _current_key(
         if required:
             raise typer.Exit(EXIT_WEIGHTS) from None
         return None, root
-    return key_spec_for(loaded, sha).key, root
+    return key_spec_for(inputs, loaded.features, sha).key, root
 
 
 @cache_app.command("list")

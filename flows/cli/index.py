@@ -30,8 +30,8 @@ from flows.cli.common import (
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from tasks.index import IndexManifest
     from tasks.progress import Reporter, Step
+    from tasks.run_index import IndexManifest
 
 PROGRESS_MIN_FILES = 200  # show validation progress from this many files on (a short scan needs no bar)
 SPLITS = ("train", "val", "test")
@@ -107,7 +107,7 @@ def index_cmd(
     Exit codes: 1 when the dataset as a whole is unusable (no images, one class, an empty class, missing CSV columns), 2 on invalid params, 3 when another run holds the workspace.
     """
     from flows.console import progress_display
-    from tasks.index import run_index
+    from tasks.run_index import run_index
 
     loaded = load_or_exit(params, [*(set_ or []), *index_overrides(root, csv, classes, workers)])
     layout = layout_for(workdir)

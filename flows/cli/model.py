@@ -113,7 +113,7 @@ def train_top_cmd(
     plots/top_history.csv, plots/top_heads/<head>.csv and reports/runs/train_top.json. Needs `retrainflow index`
     and `retrainflow features` first.
     """
-    from tasks.train_top import run_train_top
+    from tasks.run_train_top import run_train_top
 
     _run_stage(
         "train-top",
@@ -143,7 +143,7 @@ def finetune_cmd(
     epoch when started again. Writes models/candidate/model.keras + classes.json, metrics/finetune.json and
     plots/finetune_history.csv.
     """
-    from tasks.finetune import run_finetune
+    from tasks.run_finetune import run_finetune
 
     def summary(m: Any) -> str:
         if m.skipped:
@@ -169,7 +169,7 @@ def evaluate_cmd(
     Writes metrics/evaluate.json (flat, for `dvc metrics show`), plots/confusion.csv (for `dvc plots show`),
     reports/evaluation.json, reports/model_comparison.md and PNGs (training curves, confusion matrix, predictions).
     """
-    from tasks.evaluate import run_evaluate
+    from tasks.run_evaluate import run_evaluate
 
     _run_stage(
         "evaluate",
