@@ -210,7 +210,7 @@ def predict_cmd(
     if fmt not in OUTPUT_FORMATS:
         console.print(f"[bold red]error:[/] --format: expected one of {OUTPUT_FORMATS}, got {fmt!r}")
         raise typer.Exit(EXIT_PARAMS)
-    from tasks.heads import read_bundle_classes
+    from tasks.full_model import read_bundle_classes
 
     model_file = model_or_exit(model, layout_for(workdir))
     names, _ = read_bundle_classes(model_file)
