@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import functools
 import sys
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,35 +76,6 @@ def environment_oserror(err: BaseException) -> bool:
     )
 
 
-# Plain ValueErrors the tests show reaching a user (bad input, not a bug), by the innermost project function they
-# come from. Each should become a domain error class in tasks/ (then its row below replaces its entry here).
-USER_VALUE_ERRORS: dict[tuple[str, str], int] = {
-    ("flows.deploy", "validate_cron"): EXIT_PARAMS,  # retrainflow serve --cron 'every day'
-    ("tasks.preview", "preview_policies"): EXIT_FAILED,  # augment-preview --policy NAME not in the grid
-    ("tasks.preview", "run_preview"): EXIT_FAILED,  # augment-preview --out FILE with a grid of policies
-}
-
-
-def _raised_in(err: BaseException) -> tuple[str, str] | None:
-    """(module, function) of the innermost frame of this project (``tasks``, ``flows``) in the traceback."""
-    root = Path(__file__).resolve().parents[2]
-    for frame in reversed(traceback.extract_tb(err.__traceback__)):
-        try:
-            rel = Path(frame.filename).resolve().relative_to(root)
-        except ValueError:
-            continue
-        if rel.parts and rel.parts[0] in ("tasks", "flows") and rel.suffix == ".py":
-            return ".".join(rel.with_suffix("").parts), frame.name
-    return None
-
-
-def _user_value_error(code: int) -> Callable[[BaseException], bool]:
-    def known(err: BaseException) -> bool:
-        return USER_VALUE_ERRORS.get(_raised_in(err) or ("", "")) == code
-
-    return known
-
-
 def _startup_timeout(err: BaseException) -> bool:
     from flows.cli.prefect_api import is_startup_timeout
 
@@ -132,8 +102,6 @@ USER_ERRORS: tuple[UserError, ...] = (
     UserError(
         "builtins", "RuntimeError", EXIT_FAILED, when=_startup_timeout, message=_startup_timeout_message
     ),
-    UserError("builtins", "ValueError", EXIT_PARAMS, when=_user_value_error(EXIT_PARAMS)),
-    UserError("builtins", "ValueError", EXIT_FAILED, when=_user_value_error(EXIT_FAILED)),
 )
 
 

@@ -23,6 +23,7 @@ from flows.cli.common import (
     layout_for,
     load_or_exit,
     locked,
+    print_error,
 )
 from tasks.layout import Layout
 
@@ -171,7 +172,11 @@ def serve_cmd(
     from flows.deploy import serve_retrain, validate_cron
 
     load_or_exit(params, set_)
-    validate_cron(cron)  # a bad expression: exit 2 (the error map's user ValueErrors)
+    try:
+        validate_cron(cron)
+    except ValueError as err:  # a bad expression is a bad option value: exit 2, like bad params
+        print_error("error", err)
+        raise typer.Exit(EXIT_PARAMS) from None
     with prefect_api(layout_for(workdir)):
         serve_retrain(
             cron, name=name, params_file=params, overrides=list(set_ or []), workdir=workdir, force=force
