@@ -329,12 +329,11 @@ def _underflow_warning(feats: np.ndarray, dtype: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- transitional
-# Names that moved, kept importable from here until their callers switch (then this block goes):
-#   run_features -> tasks.run_features; FeatureSet, read_features, read_manifest, split_views -> tasks.feature_read;
-#   FeaturesMismatchError -> tasks.errors; data_root, image_size_for, cache_root, preprocessing_id ->
-#   tasks.inputs (resolve_inputs); key_spec_for(params, sha) -> tasks.feature_read.key_spec_for(inputs, ...).
-from tasks.errors import FeaturesMismatchError  # noqa: E402, F401
-from tasks.feature_read import FeatureSet, read_features, read_manifest  # noqa: E402, F401
+# Names that moved, kept importable from here until their last callers switch (then this block goes):
+#   run_features -> tasks.run_features (tests/test_end_to_end.py, tests/test_finetune.py, bench/features.py);
+#   read_features -> tasks.feature_read, cache_root -> tasks.inputs (tests/reliability/test_retries.py).
+from tasks.feature_read import read_features  # noqa: E402, F401
+from tasks.inputs import cache_root  # noqa: E402, F401
 
 
 def __getattr__(name: str) -> Any:
@@ -343,37 +342,3 @@ def __getattr__(name: str) -> Any:
 
         return tasks.run_features.run_features
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def data_root(params: Params) -> Path:
-    """Transitional: ``tasks.inputs.resolve_inputs(params, layout).data_root``."""
-    return _resolved(params).data_root
-
-
-def image_size_for(params: Params) -> tuple[int, int]:
-    """Transitional: ``tasks.inputs.resolve_inputs(params, layout).image_size``."""
-    return _resolved(params).image_size
-
-
-def cache_root(params: Params, layout: Any) -> Path:
-    """Transitional: ``tasks.inputs.resolve_inputs(params, layout).cache_root``."""
-    return _resolved(params, layout).cache_root
-
-
-def preprocessing_id(params: Params) -> str:
-    """Transitional: ``tasks.inputs.resolve_inputs(params, layout).preprocessing_id``."""
-    return _resolved(params).preprocessing_id
-
-
-def key_spec_for(params: Params, weights_sha256: str) -> Any:
-    """Transitional: ``tasks.feature_read.key_spec_for(resolve_inputs(params, layout), params.features, sha)``."""
-    from tasks.feature_read import key_spec_for as for_inputs
-
-    return for_inputs(_resolved(params), params.features, weights_sha256)
-
-
-def _resolved(params: Params, layout: Any = None) -> Inputs:
-    from tasks.inputs import resolve_inputs
-    from tasks.layout import Layout
-
-    return resolve_inputs(params, layout if layout is not None else Layout())

@@ -30,7 +30,8 @@ import pandas as pd
 from tasks.config import DataConfig, SplitFractions
 from tasks.errors import DatasetError  # noqa: F401  (raised here; defined with the other domain errors)
 from tasks.images import ImageInfo, ImageRejected, check_image_file
-from tasks.index_table import (  # noqa: F401  (read_index, read_classes: re-exported until callers move)
+from tasks.index_table import (  # noqa: F401  (read_index, read_classes: re-exported until callers move:
+    # tests/test_cli_index.py, tests/reliability/test_security.py, bench/features.py)
     COLUMNS,
     SPLITS,
     ClassInfo,
@@ -626,7 +627,8 @@ def find_csv(csv: Path, root: Path) -> Path:
 
 def __getattr__(name: str) -> Any:
     """Transitional: the stage shell moved to :mod:`tasks.run_index` (``run_index``, ``IndexManifest``); these
-    names resolve there until flows/ and the CLI import them from it."""
+    names resolve there until their last callers import them from it (tests/test_cli_index.py,
+    tests/reliability/test_security.py, bench/features.py)."""
     if name in ("run_index", "IndexManifest"):
         import tasks.run_index
 
