@@ -48,10 +48,13 @@ def main() -> None:
     import tensorflow as tf
 
     from tasks.config import params_from_dict
-    from tasks.features import _pool_fn, run_features
-    from tasks.index import read_index, run_index
+    from tasks.features import _pool_fn
+    from tasks.index_table import read_index
+    from tasks.inputs import ImageSpec
     from tasks.layout import Layout
     from tasks.pipeline import view_dataset
+    from tasks.run_features import run_features
+    from tasks.run_index import run_index
 
     work = Path(tempfile.mkdtemp(prefix="bench_features_"))
     layout = Layout(work)
@@ -81,7 +84,7 @@ def main() -> None:
     pixels = np.concatenate(
         list(
             view_dataset(
-                index, args.dataset, image_size=size, batch_size=64, preprocess=loaded.spec.preprocess
+                index, args.dataset, ImageSpec(size), batch_size=64, preprocess=loaded.spec.preprocess
             ).as_numpy_iterator()
         )
     )

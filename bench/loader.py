@@ -102,6 +102,7 @@ def consume(dataset) -> int:
 
 def ours(rows, root: Path, size: int, batch: int, augment: bool):
     from tasks.augment import AugmentPolicy
+    from tasks.inputs import ImageSpec
     from tasks.pipeline import view_dataset
 
     policy = (
@@ -118,7 +119,7 @@ def ours(rows, root: Path, size: int, batch: int, augment: bool):
         if augment
         else None
     )
-    return view_dataset(rows, root, image_size=(size, size), batch_size=batch, policy=policy, rescale=RESCALE)
+    return view_dataset(rows, root, ImageSpec((size, size), rescale=RESCALE), batch_size=batch, policy=policy)
 
 
 def legacy(tree: Path, size: int, batch: int):

@@ -326,19 +326,3 @@ def _underflow_warning(feats: np.ndarray, dtype: str) -> list[str]:
             "base.weights: none?); set features.dtype: float32"
         ]
     return []
-
-
-# ------------------------------------------------------------------------------------------- transitional
-# Names that moved, kept importable from here until their last callers switch (then this block goes):
-#   run_features -> tasks.run_features (tests/test_end_to_end.py, tests/test_finetune.py, bench/features.py);
-#   read_features -> tasks.feature_read, cache_root -> tasks.inputs (tests/reliability/test_retries.py).
-from tasks.feature_read import read_features  # noqa: E402, F401
-from tasks.inputs import cache_root  # noqa: E402, F401
-
-
-def __getattr__(name: str) -> Any:
-    if name == "run_features":
-        import tasks.run_features
-
-        return tasks.run_features.run_features
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

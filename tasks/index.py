@@ -30,14 +30,7 @@ import pandas as pd
 from tasks.config import DataConfig, SplitFractions
 from tasks.errors import DatasetError  # noqa: F401  (raised here; defined with the other domain errors)
 from tasks.images import ImageInfo, ImageRejected, check_image_file
-from tasks.index_table import (  # noqa: F401  (read_index, read_classes: re-exported until callers move:
-    # tests/test_cli_index.py, tests/reliability/test_security.py, bench/features.py)
-    COLUMNS,
-    SPLITS,
-    ClassInfo,
-    read_classes,
-    read_index,
-)
+from tasks.index_table import COLUMNS, SPLITS, ClassInfo
 from tasks.progress import Reporter, Step
 from tasks.progress import report as send_step
 
@@ -623,14 +616,3 @@ def find_csv(csv: Path, root: Path) -> Path:
             return place
     looked = ", ".join(str(p) for p in places)
     raise DatasetError(f"data.csv: file not found, got {str(csv)!r} (looked for {looked})")
-
-
-def __getattr__(name: str) -> Any:
-    """Transitional: the stage shell moved to :mod:`tasks.run_index` (``run_index``, ``IndexManifest``); these
-    names resolve there until their last callers import them from it (tests/test_cli_index.py,
-    tests/reliability/test_security.py, bench/features.py)."""
-    if name in ("run_index", "IndexManifest"):
-        import tasks.run_index
-
-        return getattr(tasks.run_index, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,7 +34,7 @@ import numpy as np
 
 from tasks.augment import INTERPOLATIONS, AugmentPolicy
 from tasks.inputs import ImageSpec
-from tasks.labels import CLASS_MODES, encode_labels  # noqa: F401  (CLASS_MODES: re-exported until callers import tasks.labels)
+from tasks.labels import encode_labels
 from tasks.resample import aspect_crop, render_view, renders_uint8
 
 GROUP_SIZE = 8  # images decoded and resampled per map call (see _load_fn)

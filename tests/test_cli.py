@@ -171,7 +171,7 @@ def test_error_map_names_the_user_errors_and_their_codes() -> None:
     from flows.dvc_ops import DvcError
     from tasks.bases import WeightsUnavailableError
     from tasks.config import ParamsError
-    from tasks.index import DatasetError
+    from tasks.errors import DatasetError
     from tasks.locking import LockHeldError
     from tasks.model_registry import RegistryError
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import flows.cli.index  # noqa: F401  (registers the command on the shared app)
 from flows.cli.common import app
 from flows.cli.index import index_overrides, summary_line
-from tasks.index import read_classes, read_index
+from tasks.index_table import read_classes, read_index
 from tasks.layout import Layout
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -134,7 +134,7 @@ def test_progress_bar_and_summary_on_a_terminal(tmp_path, monkeypatch):
 
 
 def test_summary_line_names_what_was_dropped_only_when_something_was():
-    from tasks.index import IndexManifest
+    from tasks.run_index import IndexManifest
 
     base = dict(
         index_table="index/index.csv",

@@ -48,8 +48,8 @@ def workspace(tmp_path_factory):
     The base is the 2 MB ImageNet MobileNet 0.25 from ../shared: a random-init base (``weights: none``) is useless
     here, its frozen BatchNorm statistics make the pooled features vanish (about 1e-17, zero in float16).
     """
-    from tasks.features import run_features
     from tasks.run_evaluate import run_evaluate
+    from tasks.run_features import run_features
     from tasks.run_finetune import run_finetune
     from tasks.run_index import run_index
     from tasks.run_train_top import run_train_top

@@ -290,8 +290,8 @@ def trained(tmp_path_factory):
     from imagegen import make_class_folders
 
     from tasks.config import params_from_dict
-    from tasks.features import run_features
     from tasks.layout import Layout
+    from tasks.run_features import run_features
     from tasks.run_index import run_index
     from tasks.run_train_top import run_train_top
 

@@ -158,9 +158,9 @@ def test_a_save_killed_between_its_two_writes_is_refused_not_paired(tmp_path, mo
 
 def test_class_modes_have_one_definition():
     import tasks.heads
-    import tasks.pipeline
+    import tasks.labels
 
-    assert tasks.heads.CLASS_MODES is tasks.pipeline.CLASS_MODES
+    assert tasks.heads.CLASS_MODES is tasks.labels.CLASS_MODES
 
 
 def test_bundle_model_sha256_is_the_saved_files(tmp_path):

@@ -49,7 +49,8 @@ def test_transient_features_failure_is_retried_and_the_run_completes(prefect_api
 
     from flows.flows import STAGE_RETRIES, retrain
     from tasks.feature_cache import FeatureCache
-    from tasks.features import cache_root, read_features
+    from tasks.feature_read import read_features
+    from tasks.inputs import cache_root
     from tasks.model_registry import read_registry
 
     assert STAGE_RETRIES["features"] >= 1, "the features task is expected to be retried on failure"
