@@ -150,20 +150,6 @@ def test_stage_summary_line_is_short() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the error map
-def _raise_in_preview(err: BaseException) -> BaseException:
-    """``err`` raised from a function whose frame looks like ``tasks/preview.py`` ``preview_policies``."""
-    namespace: dict[str, object] = {}
-    code = compile(
-        "def preview_policies(err):\n    raise err\n", str(PROJECT / "tasks" / "preview.py"), "exec"
-    )
-    exec(code, namespace)  # noqa: S102 - a fake raise site for the traceback, nothing user-supplied
-    try:
-        namespace["preview_policies"](err)  # type: ignore[operator]
-    except BaseException as raised:  # noqa: BLE001
-        return raised
-    raise AssertionError("not raised")
-
-
 def test_error_map_names_the_user_errors_and_their_codes() -> None:
     import errno
 
@@ -171,7 +157,7 @@ def test_error_map_names_the_user_errors_and_their_codes() -> None:
     from flows.dvc_ops import DvcError
     from tasks.bases import WeightsUnavailableError
     from tasks.config import ParamsError
-    from tasks.errors import DatasetError
+    from tasks.errors import DatasetError, InputError
     from tasks.locking import LockHeldError
     from tasks.model_registry import RegistryError
 
@@ -193,8 +179,8 @@ def test_error_map_names_the_user_errors_and_their_codes() -> None:
     assert (
         code(ValueError("a bug")) is None and code(KeyError("k")) is None and code(RuntimeError("x")) is None
     )
-    # a plain ValueError is a user error only from the raise sites the error map lists
-    assert code(_raise_in_preview(ValueError("no policy named 'x'"))) == EXIT_FAILED
+    # user input a stage cannot use is an InputError (the domain errors' base), never a plain ValueError
+    assert code(InputError("augment-preview: no policy named 'x'")) == EXIT_FAILED
 
 
 def test_a_bug_in_a_command_shows_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

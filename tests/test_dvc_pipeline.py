@@ -44,14 +44,19 @@ def _outs(stage: dict, *kinds: str) -> list[str]:
     return paths
 
 
+def _module_file(module: str) -> Path:
+    """``data.images`` -> ``tasks/data/images.py`` (modules are named by their dotted path under ``tasks``)."""
+    return Path("tasks", *module.split(".")).with_suffix(".py")
+
+
 def _task_imports(module: str) -> set[str]:
-    tree = ast.parse((PROJECT / "tasks" / f"{module}.py").read_text())
+    tree = ast.parse((PROJECT / _module_file(module)).read_text())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tasks."):
-            found.add(node.module.split(".")[1])
+            found.add(node.module.removeprefix("tasks."))
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("tasks.")}
+            found |= {a.name.removeprefix("tasks.") for a in node.names if a.name.startswith("tasks.")}
     return found
 
 
@@ -96,7 +101,7 @@ def _stage_module(name: str) -> str:
         and any(alias.name == f"run_{name}" for alias in node.names)
     ]
     assert len(modules) == 1, f"{runners[name]} imports run_{name} from {modules}"
-    return modules[0].split(".")[1]
+    return modules[0].removeprefix("tasks.")
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -104,7 +109,7 @@ def test_code_deps_are_exactly_the_stage_import_closure(name: str) -> None:
     """Every tasks module the stage imports (transitively, lazy imports included) and nothing else, starting
     from the module the stage command takes ``run_<name>`` from."""
     deps = {d for d in DVC_YAML["stages"][name]["deps"] if isinstance(d, str) and d.startswith("tasks/")}
-    assert deps == {f"tasks/{m}.py" for m in _closure(_stage_module(name))}
+    assert deps == {_module_file(m).as_posix() for m in _closure(_stage_module(name))}
 
 
 def _stages_depending_on(path: str) -> set[str]:
