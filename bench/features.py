@@ -48,13 +48,13 @@ def main() -> None:
     import tensorflow as tf
 
     from tasks.config import params_from_dict
-    from tasks.features import _pool_fn
-    from tasks.index_table import read_index
+    from tasks.data.index_table import read_index
+    from tasks.data.pipeline import view_dataset
+    from tasks.features.extract import _pool_fn
     from tasks.inputs import ImageSpec
     from tasks.layout import Layout
-    from tasks.pipeline import view_dataset
-    from tasks.run_features import run_features
-    from tasks.run_index import run_index
+    from tasks.stages.run_features import run_features
+    from tasks.stages.run_index import run_index
 
     work = Path(tempfile.mkdtemp(prefix="bench_features_"))
     layout = Layout(work)
@@ -75,7 +75,7 @@ def main() -> None:
     size = (args.size, args.size)
     print(f"{n} images from {args.dataset}, load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
 
-    from tasks.bases import load_base
+    from tasks.models.bases import load_base
 
     loaded = load_base(params.base, size)
     infer = _pool_fn(loaded.model, "avg", size)

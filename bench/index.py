@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     from tasks.config import DataConfig
-    from tasks.index import build_index
+    from tasks.data.indexing import build_index
 
     files = sorted(p for p in args.dataset.rglob("*") if p.is_file() and not p.name.startswith("."))
     cfg = DataConfig(root=args.dataset, workers=args.workers)

@@ -1,7 +1,7 @@
 """Input pipeline benchmark (issue 3): ImageDataGenerator vs our tf.data pipeline, same run, same photos.
 
 (a) legacy ``ImageDataGenerator.flow_from_directory`` with rescale, rotation 15, shifts 0.1, shear 10, zoom 0.2,
-    horizontal flip, fill reflect; (b) ``tasks.pipeline.view_dataset`` with the same augmentation; (c) the same
+    horizontal flip, fill reflect; (b) ``tasks.data.pipeline.view_dataset`` with the same augmentation; (c) the same
     pipeline without augmentation (read + decode + resize: the limit). 224x224, batch 32. Prints img/s and the
     ratios b/a (target >= 10) and b/c (target >= 0.6); runs are interleaved a, b, c, a, b, c, ... so host noise
     hits all three alike. ``--memory`` also runs (b) in child processes over N and 4N images and compares peak RSS
@@ -61,7 +61,7 @@ def index_rows(files: list[Path], root: Path):
     """An index-shaped table (path relative to ``root``, sha256, size after EXIF orientation) for the pipeline."""
     import pandas as pd
 
-    from tasks.images import read_header
+    from tasks.data.images import read_header
 
     records = []
     for i, f in enumerate(files):
@@ -101,9 +101,9 @@ def consume(dataset) -> int:
 
 
 def ours(rows, root: Path, size: int, batch: int, augment: bool):
-    from tasks.augment import AugmentPolicy
+    from tasks.data.augment import AugmentPolicy
+    from tasks.data.pipeline import view_dataset
     from tasks.inputs import ImageSpec
-    from tasks.pipeline import view_dataset
 
     policy = (
         AugmentPolicy(
@@ -263,8 +263,8 @@ def main() -> None:
 
 _NAMES = {
     "a": "(a) ImageDataGenerator.flow_from_directory + aug",
-    "b": "(b) tasks.pipeline.view_dataset + same aug",
-    "c": "(c) tasks.pipeline.view_dataset, no aug",
+    "b": "(b) tasks.data.pipeline.view_dataset + same aug",
+    "c": "(c) tasks.data.pipeline.view_dataset, no aug",
 }
 
 if __name__ == "__main__":

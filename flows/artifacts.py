@@ -96,7 +96,7 @@ def per_class_markdown(metrics: Mapping[str, Any], split: str = "test") -> str:
 
 def _evaluate_metrics(layout: Layout) -> dict[str, Any]:
     """``metrics/evaluate.json`` when the workspace has a readable one, else ``{}`` (the summary still renders)."""
-    from tasks.model_registry import RegistryError, read_evaluate_metrics
+    from tasks.models.registry import RegistryError, read_evaluate_metrics
 
     try:
         return read_evaluate_metrics(layout)

@@ -22,8 +22,8 @@ from prefect.states import Completed, State
 from flows import artifacts, dvc_ops
 from flows.console import log_display, tee
 from tasks.config import DEFAULT_PARAMS_FILE, Params, load_params
+from tasks.io.locking import workspace_lock
 from tasks.layout import Layout
-from tasks.locking import workspace_lock
 from tasks.progress import Reporter
 
 STAGES: tuple[str, ...] = ("index", "features", "train_top", "finetune", "evaluate")
@@ -33,13 +33,13 @@ STAGES: tuple[str, ...] = ("index", "features", "train_top", "finetune", "evalua
 # Each runner gets a progress reporter (tasks.progress): inside a flow, plain lines with a rate and an ETA go
 # through the run logger, so they reach the terminal and the dashboard's logs alike.
 def _run_index(params: Params, layout: Layout, progress: Reporter) -> Any:
-    from tasks.run_index import run_index
+    from tasks.stages.run_index import run_index
 
     return run_index(params, layout, progress=progress)
 
 
 def _run_features(params: Params, layout: Layout, progress: Reporter) -> Any:
-    from tasks.run_features import run_features
+    from tasks.stages.run_features import run_features
 
     artifact = artifacts.ProgressReporter(
         artifacts.start_progress("feature-extraction", "Feature extraction: images through the base")
@@ -56,22 +56,22 @@ def _run_features(params: Params, layout: Layout, progress: Reporter) -> Any:
 
 
 def _run_train_top(params: Params, layout: Layout, progress: Reporter) -> Any:
-    from tasks.run_train_top import run_train_top
+    from tasks.stages.run_train_top import run_train_top
 
     return run_train_top(params, layout, progress=progress)
 
 
 def _run_finetune(params: Params, layout: Layout, progress: Reporter) -> Any:
-    from tasks.run_finetune import run_finetune
+    from tasks.stages.run_finetune import run_finetune
 
     return run_finetune(params, layout, progress=progress)
 
 
 def _run_evaluate(params: Params, layout: Layout, progress: Reporter) -> Any:
-    from tasks.run_evaluate import run_evaluate
+    from tasks.stages.run_evaluate import run_evaluate
 
     manifest = run_evaluate(params, layout, progress=progress)
-    from tasks.model_registry import read_evaluate_metrics
+    from tasks.models.registry import read_evaluate_metrics
 
     artifacts.publish_metrics_table(read_evaluate_metrics(layout))  # the report images go in the run summary
     return manifest
@@ -125,7 +125,7 @@ STAGE_TASKS = {name: _make_stage_task(name) for name in STAGES}
 def promote_task(params: Params, layout: Layout, extra: dict[str, Any], commit: str | None) -> dict[str, Any]:
     """Gate the candidate against the champion and record it in the registry (``commit``: the git commit the run
     started from)."""
-    from tasks.model_registry import run_promote
+    from tasks.models.registry import run_promote
 
     manifest = run_promote(params, layout, flow_run_id=_flow_run_id(), extra=extra, commit=commit).to_json()
     get_run_logger().info("promotion: %s", manifest["reason"])
@@ -273,7 +273,7 @@ def retrain(
     configured.
     """
     from tasks.inputs import resolve_inputs
-    from tasks.model_registry import (
+    from tasks.models.registry import (
         data_version,
         git_commit,
         index_content_hash,

@@ -7,7 +7,7 @@ Validation happens up front and every problem is reported with its key path and 
 
 The schema's defaults are the one source of defaults, and they are ``params.yaml``'s values: the file states every
 key with the value given here (``tests/test_params_defaults.py`` fails when the two differ), and the augmentation
-policy (``tasks.augment.AugmentPolicy``) takes its defaults from :class:`AugmentConfig`.
+policy (``tasks.data.augment.AugmentPolicy``) takes its defaults from :class:`AugmentConfig`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
-# the registry of base names and alphas; one-way (tasks.bases imports no tasks module) and no TensorFlow
-from tasks.bases import BASE_MODELS
+# the registry of base names and alphas; one-way (tasks.models.bases imports no tasks module) and no TensorFlow
+from tasks.models.bases import BASE_MODELS
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 OVERRIDE_SOURCE = "--set override"  # how problems that a KEY=VALUE override caused are labelled
@@ -333,7 +333,7 @@ AUGMENT_GRID_KEYS = (
 
 # --------------------------------------------------------------------------------------------------- base
 class BaseConfig(_Section):
-    """The frozen pretrained base: a name from the registry in ``tasks.bases`` and where its weights come from."""
+    """The frozen pretrained base: a name from the registry in ``tasks.models.bases`` and where its weights come from."""
 
     name: str = "mobilenet_v2"
     weights: str = "imagenet"  # "imagenet" (Keras cache or download), "none", or a file path
@@ -393,7 +393,7 @@ class FeaturesConfig(_Section):
 
 # ---------------------------------------------------------------------------------------------------- top
 class HeadSpec(_Section):
-    """One candidate head: a registry type in ``tasks.heads`` and its hyper-parameters."""
+    """One candidate head: a registry type in ``tasks.models.heads`` and its hyper-parameters."""
 
     name: str
     type: Literal["linear", "dense"] = "dense"

@@ -110,7 +110,7 @@ def can_download(url: str, timeout: float = 3.0) -> bool:
 def check_weights(params: Params, download: Callable[[str], bool] = can_download) -> Check:
     """Are the base's weights available without a download? ImageNet weights neither in the Keras cache nor
     downloadable (``download(url)`` is False: an offline machine) block a run: the features stage would fail."""
-    from tasks.bases import get_spec, keras_cache_dir, resolve_image_size
+    from tasks.models.bases import get_spec, keras_cache_dir, resolve_image_size
 
     weights = params.base.weights
     if weights == "none":

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tasks.bases import BaseSpec
     from tasks.config import Params
     from tasks.layout import Layout
+    from tasks.models.bases import BaseSpec
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Inputs:
 
 def resolve_inputs(params: Params, layout: Layout) -> Inputs:
     """The one place that derives the input settings from ``params`` (and the workspace ``layout``)."""
-    from tasks.bases import get_spec, resolve_image_size
+    from tasks.models.bases import get_spec, resolve_image_size
 
     spec = get_spec(params.base.name)
     return Inputs(

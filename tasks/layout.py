@@ -108,7 +108,7 @@ class Layout:
     @staticmethod
     def bundle_classes(folder: Path) -> Path:
         """``classes.json`` of a saved model bundle in ``folder`` (beside its ``.keras`` file, or in a SavedModel
-        export): the class order and resize rule (``tasks.heads.write_classes_file``)."""
+        export): the class order and resize rule (``tasks.models.heads.write_classes_file``)."""
         return Path(folder) / "classes.json"
 
     @property

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.bases import BASE_MODELS
 from tasks.config import Params, ParamsError, load_params, params_from_dict, parse_overrides
+from tasks.models.bases import BASE_MODELS
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 

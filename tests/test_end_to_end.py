@@ -48,11 +48,11 @@ def workspace(tmp_path_factory):
     The base is the 2 MB ImageNet MobileNet 0.25 from ../shared: a random-init base (``weights: none``) is useless
     here, its frozen BatchNorm statistics make the pooled features vanish (about 1e-17, zero in float16).
     """
-    from tasks.run_evaluate import run_evaluate
-    from tasks.run_features import run_features
-    from tasks.run_finetune import run_finetune
-    from tasks.run_index import run_index
-    from tasks.run_train_top import run_train_top
+    from tasks.stages.run_evaluate import run_evaluate
+    from tasks.stages.run_features import run_features
+    from tasks.stages.run_finetune import run_finetune
+    from tasks.stages.run_index import run_index
+    from tasks.stages.run_train_top import run_train_top
 
     root = tmp_path_factory.mktemp("e2e")
     weights = SHARED / "weights" / MOBILENET_025
@@ -119,7 +119,7 @@ def test_stage_outputs_exist(workspace):
 @pytest.mark.slow
 @pytest.mark.shared
 def test_predict_on_the_data_folder(workspace):
-    from tasks.predict import predict_paths
+    from tasks.models.predict import predict_paths
 
     _, layout, data, *_ = workspace
     preds = predict_paths(layout.candidate_model, [data])
@@ -131,9 +131,9 @@ def test_predict_on_the_data_folder(workspace):
 @pytest.mark.slow
 @pytest.mark.shared
 def test_finetune_epochs_zero_gives_the_top_only_model(workspace):
-    from tasks.full_model import load_bundle, load_top_model
     from tasks.inputs import resolve_inputs
-    from tasks.run_finetune import run_finetune
+    from tasks.models.full_model import load_bundle, load_top_model
+    from tasks.stages.run_finetune import run_finetune
 
     params, layout, *_ = workspace
     skip = tiny_params(params.data.root, params.base.weights, epochs=0)
@@ -151,7 +151,7 @@ def test_finetune_epochs_zero_gives_the_top_only_model(workspace):
 @pytest.mark.shared
 def test_evaluate_writes_every_dvc_output_even_without_preview_images(workspace):
     """reports/predictions.png is an output of the evaluate stage: DVC fails a stage whose output is missing."""
-    from tasks.run_evaluate import run_evaluate
+    from tasks.stages.run_evaluate import run_evaluate
 
     params, layout, *_ = workspace
     grid = layout.reports_dir / "predictions.png"

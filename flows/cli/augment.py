@@ -45,7 +45,7 @@ def augment_preview_cmd(
 
     Example: retrainflow augment-preview -n 4 -m 6 --set augment.rotation_range=40 --set augment.fill_mode=wrap
     """
-    from tasks.preview import run_preview
+    from tasks.reports.preview import run_preview
 
     loaded = load_or_exit(params, set_)
     manifest = run_preview(

@@ -195,7 +195,7 @@ def print_error(label: str, err: BaseException | str) -> None:
 def locked(layout: Layout, command: str) -> Iterator[None]:
     """Hold the workspace lock for ``command``; a held lock, and every user error of the body, exit with the
     error map's code and one line once the lock is released."""
-    from tasks.locking import workspace_lock
+    from tasks.io.locking import workspace_lock
 
     with user_errors(), workspace_lock(layout, command=command):
         yield

@@ -57,7 +57,7 @@ def features_cmd(
     loaded = load_or_exit(params, set_)
     layout = layout_for(workdir)
     from flows.console import progress_display
-    from tasks.run_features import run_features
+    from tasks.stages.run_features import run_features
 
     with (
         locked(layout, "retrainflow features"),
@@ -83,9 +83,9 @@ def _current_key(
     When the weights are unavailable (a user error of the error map): exit with the error, or
     (``required=False``) warn and give no key.
     """
-    from tasks.bases import weights_fingerprint
-    from tasks.feature_read import key_spec_for
+    from tasks.features.read import key_spec_for
     from tasks.inputs import resolve_inputs
+    from tasks.models.bases import weights_fingerprint
 
     loaded = load_or_exit(params_file, overrides)
     inputs = resolve_inputs(loaded, layout_for(workdir))
@@ -110,7 +110,7 @@ def cache_list(
     as_json: Annotated[bool, json_flag("Print JSON instead of a table.")] = False,
 ) -> None:
     """List the cache keys with their rows and size; `*` marks the key the current params use."""
-    from tasks.feature_cache import list_keys
+    from tasks.features.cache import list_keys
 
     current, root = _current_key(params, set_, workdir, required=False)
     keys = list_keys(root)
@@ -148,7 +148,7 @@ def cache_prune(
     Holds the workspace lock (as every writing command) and each key's own lock: a key a running `retrainflow
     features` is writing (from any workspace sharing the cache) is skipped and reported, never removed under it.
     """
-    from tasks.feature_cache import prune_keys
+    from tasks.features.cache import prune_keys
 
     current, root = _current_key(params, set_, workdir)
     assert current is not None  # required=True exits otherwise

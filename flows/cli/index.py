@@ -2,7 +2,7 @@
 
 Display lives here, at the CLI edge: the validation progress (``tasks.progress`` steps drawn by
 ``flows.console.progress_display``), the summary table (:func:`print_summary`) and the closing line
-(:func:`summary_line`). The stage itself (``tasks.index.run_index``) prints nothing.
+(:func:`summary_line`). The stage itself (``tasks.data.indexing.run_index``) prints nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from tasks.progress import Reporter, Step
-    from tasks.run_index import IndexManifest
+    from tasks.stages.run_index import IndexManifest
 
 PROGRESS_MIN_FILES = 200  # show validation progress from this many files on (a short scan needs no bar)
 SPLITS = ("train", "val", "test")
@@ -107,7 +107,7 @@ def index_cmd(
     Exit codes: 1 when the dataset as a whole is unusable (no images, one class, an empty class, missing CSV columns), 2 on invalid params, 3 when another run holds the workspace.
     """
     from flows.console import progress_display
-    from tasks.run_index import run_index
+    from tasks.stages.run_index import run_index
 
     loaded = load_or_exit(params, [*(set_ or []), *index_overrides(root, csv, classes, workers)])
     layout = layout_for(workdir)

@@ -113,7 +113,7 @@ def train_top_cmd(
     plots/top_history.csv, plots/top_heads/<head>.csv and reports/runs/train_top.json. Needs `retrainflow index`
     and `retrainflow features` first.
     """
-    from tasks.run_train_top import run_train_top
+    from tasks.stages.run_train_top import run_train_top
 
     _run_stage(
         "train-top",
@@ -143,7 +143,7 @@ def finetune_cmd(
     epoch when started again. Writes models/candidate/model.keras + classes.json, metrics/finetune.json and
     plots/finetune_history.csv.
     """
-    from tasks.run_finetune import run_finetune
+    from tasks.stages.run_finetune import run_finetune
 
     def summary(m: Any) -> str:
         if m.skipped:
@@ -169,7 +169,7 @@ def evaluate_cmd(
     Writes metrics/evaluate.json (flat, for `dvc metrics show`), plots/confusion.csv (for `dvc plots show`),
     reports/evaluation.json, reports/model_comparison.md and PNGs (training curves, confusion matrix, predictions).
     """
-    from tasks.run_evaluate import run_evaluate
+    from tasks.stages.run_evaluate import run_evaluate
 
     _run_stage(
         "evaluate",
@@ -205,12 +205,12 @@ def predict_cmd(
     Exits 1 when no file could be predicted (the predictions, error rows only, are still written).
     """
     from flows.console import progress_display
-    from tasks.predict import OUTPUT_FORMATS, format_predictions, predict_paths
+    from tasks.models.predict import OUTPUT_FORMATS, format_predictions, predict_paths
 
     if fmt not in OUTPUT_FORMATS:
         console.print(f"[bold red]error:[/] --format: expected one of {OUTPUT_FORMATS}, got {fmt!r}")
         raise typer.Exit(EXIT_PARAMS)
-    from tasks.full_model import read_bundle_classes
+    from tasks.models.full_model import read_bundle_classes
 
     model_file = model_or_exit(model, layout_for(workdir))
     names, _ = read_bundle_classes(model_file)
@@ -263,7 +263,7 @@ def export_cmd(
     workdir: WorkdirOpt = Path("."),
 ) -> None:
     """Export a .keras model as a TF SavedModel for serving (signature `serve`: float32 [B, H, W, 3], 0-255)."""
-    from tasks.predict import export_saved_model
+    from tasks.models.predict import export_saved_model
 
     layout = layout_for(workdir)
     model_file = model_or_exit(model, layout)

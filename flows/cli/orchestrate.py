@@ -208,7 +208,7 @@ def promote_cmd(
     params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, workdir: WorkdirOpt = Path(".")
 ) -> None:
     """Gate the current candidate (metrics/evaluate.json) against the champion and record it in the registry."""
-    from tasks.model_registry import run_promote
+    from tasks.models.registry import run_promote
 
     loaded = load_or_exit(params, set_)
     layout = layout_for(workdir)
@@ -224,7 +224,7 @@ def registry_cmd(
     as_json: Annotated[bool, json_flag("Print the raw registry JSON.")] = False,
 ) -> None:
     """List every candidate model: when, data version, params hash, score, promoted or not and why."""
-    from tasks.model_registry import read_registry
+    from tasks.models.registry import read_registry
 
     reg = read_registry(layout_for(workdir))
     if as_json:

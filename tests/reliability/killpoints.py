@@ -109,23 +109,23 @@ def uninstall() -> None:
 def stage_runner(stage: str) -> Callable[[Any, Any], Any]:
     """The plain stage function for ``stage`` (explicit registry, imported now, before counting)."""
     if stage == "index":
-        from tasks.run_index import run_index
+        from tasks.stages.run_index import run_index
 
         return run_index
     if stage == "promote":
-        from tasks.model_registry import run_promote
+        from tasks.models.registry import run_promote
 
         return run_promote
     if stage == "features":
-        from tasks.run_features import run_features
+        from tasks.stages.run_features import run_features
 
         return lambda params, layout: run_features(params, layout)
     if stage == "train_top":
-        from tasks.run_train_top import run_train_top
+        from tasks.stages.run_train_top import run_train_top
 
         return run_train_top
     if stage == "finetune":
-        from tasks.run_finetune import run_finetune
+        from tasks.stages.run_finetune import run_finetune
 
         return run_finetune
     raise ValueError(f"killpoints: expected index, features, train_top, finetune or promote, got {stage!r}")

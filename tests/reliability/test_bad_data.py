@@ -92,10 +92,10 @@ def all_cached_shas(cache_dir: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def messy_run(tmp_path_factory):
     """index -> features -> train_top -> finetune on the messy folder, with symlinks followed (loops!)."""
-    from tasks.run_features import run_features
-    from tasks.run_finetune import run_finetune
-    from tasks.run_index import run_index
-    from tasks.run_train_top import run_train_top
+    from tasks.stages.run_features import run_features
+    from tasks.stages.run_finetune import run_finetune
+    from tasks.stages.run_index import run_index
+    from tasks.stages.run_train_top import run_train_top
 
     tmp = tmp_path_factory.mktemp("messy")
     root = tmp / "images"
@@ -111,8 +111,8 @@ def messy_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_run_completes_and_only_good_images_reach_training(messy_run) -> None:
-    from tasks.feature_read import read_features
-    from tasks.index_table import read_index
+    from tasks.data.index_table import read_index
+    from tasks.features.read import read_features
 
     params, layout, good, bad, index, features, top, ft = messy_run
     table = read_index(layout)
@@ -167,9 +167,9 @@ def test_every_bad_file_has_a_reason(messy_run) -> None:
 
 @pytest.mark.slow
 def test_odd_but_valid_formats_are_rgb_in_training_input(messy_run) -> None:
-    from tasks.index_table import read_index
+    from tasks.data.index_table import read_index
+    from tasks.data.pipeline import view_dataset
     from tasks.inputs import ImageSpec
-    from tasks.pipeline import view_dataset
 
     params, layout, *_ = messy_run
     table = read_index(layout)
@@ -188,7 +188,7 @@ def test_odd_formats_decode_to_the_same_rgb_as_pillow() -> None:
     """CMYK, grey, 16-bit, palette+transparency, alpha, GIF, WebP, BMP: the one decoder gives Pillow's RGB."""
     import io
 
-    from tasks.images import decode_rgb
+    from tasks.data.images import decode_rgb
 
     for name, data in good_odd_image_files().items():
         with Image.open(io.BytesIO(data)) as image:
@@ -203,10 +203,10 @@ def test_exif_orientation_is_honoured_in_index_training_input_and_predict(tmp_pa
     upright ones (as Pillow's exif_transpose shows them) in the training input and in predict."""
     import keras
 
-    from tasks.index import build_index
+    from tasks.data.indexing import build_index
+    from tasks.data.pipeline import view_dataset
     from tasks.inputs import ImageSpec
-    from tasks.pipeline import view_dataset
-    from tasks.predict import predict_files
+    from tasks.models.predict import predict_files
 
     root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
     rotated = exif_rotated_jpeg(6, height=24, width=32, seed=7)
@@ -248,7 +248,7 @@ def test_decompression_bomb_rejected_by_a_small_pixel_limit(tmp_path: Path) -> N
     file (from its size, unread), keeps 32x32 images; memory stays small."""
     import resource
 
-    from tasks.index import build_index
+    from tasks.data.indexing import build_index
 
     root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
     (root / "red" / "big.png").write_bytes(encode(coloured_image((200, 40, 40), 100, seed=1), "PNG"))
@@ -273,9 +273,9 @@ def test_decompression_bomb_rejected_by_a_small_pixel_limit(tmp_path: Path) -> N
 
 
 def test_one_pixel_images_train(tmp_path: Path) -> None:
-    from tasks.feature_read import read_features
-    from tasks.run_features import run_features
-    from tasks.run_index import run_index
+    from tasks.features.read import read_features
+    from tasks.stages.run_features import run_features
+    from tasks.stages.run_index import run_index
 
     root = tmp_path / "data"
     for c, colour in (("red", (250, 0, 0)), ("blue", (0, 0, 250))):
@@ -302,8 +302,8 @@ def test_one_pixel_images_train(tmp_path: Path) -> None:
     ],
 )
 def test_dataset_level_errors(tmp_path: Path, case: str, message: str) -> None:
+    from tasks.data.indexing import build_index
     from tasks.errors import DatasetError
-    from tasks.index import build_index
 
     root = tmp_path / "data"
     if case != "missing_root":
@@ -401,8 +401,8 @@ def test_csv_source_blank_labels_duplicates_missing_paths(tmp_path: Path) -> Non
 
 
 def test_csv_missing_columns_is_a_clear_error(tmp_path: Path) -> None:
+    from tasks.data.indexing import build_index
     from tasks.errors import DatasetError
-    from tasks.index import build_index
 
     root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=2, size=32)
     csv = tmp_path / "labels.csv"
@@ -418,7 +418,7 @@ def test_csv_missing_columns_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_fifo_and_broken_symlink_never_block_or_crash(tmp_path: Path) -> None:
     """A named pipe (reading it would hang) and a dangling symlink: reported, never opened."""
-    from tasks.index import build_index
+    from tasks.data.indexing import build_index
 
     root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
     os.mkfifo(root / "red" / "pipe.jpg")
@@ -437,7 +437,7 @@ def test_file_symlink_loops_and_unusable_csv_paths_never_crash_the_index(
 ) -> None:
     """Files that are symlink loops (a -> b -> a, self -> self) and CSV paths too long for the filesystem: each is
     one reject; the rest is indexed (these used to abort the whole index with RuntimeError / OSError)."""
-    from tasks.index import build_index
+    from tasks.data.indexing import build_index
 
     root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
     os.symlink("b.png", root / "red" / "a.png")
@@ -468,7 +468,7 @@ def test_file_symlink_loops_and_unusable_csv_paths_never_crash_the_index(
 def test_predict_gives_every_bad_file_an_error_row_and_still_predicts_the_good_ones(tmp_path: Path) -> None:
     import keras
 
-    from tasks.predict import predict_files
+    from tasks.models.predict import predict_files
 
     for name, data in {**bad_image_files(), **good_odd_image_files()}.items():
         (tmp_path / name).write_bytes(data)

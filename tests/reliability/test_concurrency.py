@@ -24,8 +24,8 @@ from relhelp import (
     write_params,
 )
 
+from tasks.io.locking import read_holder, workspace_lock
 from tasks.layout import Layout
-from tasks.locking import read_holder, workspace_lock
 
 KILLPOINTS_SCRIPT = Path(__file__).with_name("killpoints.py")
 
@@ -45,7 +45,7 @@ def test_two_pipeline_runs_at_once_in_one_workspace(workspace: Path) -> None:
     from prefect_api import local_server
 
     from tasks.inputs import cache_root
-    from tasks.model_registry import read_registry
+    from tasks.models.registry import read_registry
 
     env = quiet_env({"PREFECT_API_URL": local_server()})
     procs = [
@@ -133,9 +133,9 @@ def test_two_cli_runs_at_once_in_one_workspace(workspace: Path) -> None:
 def test_two_workspaces_share_one_feature_cache(tmp_path: Path) -> None:
     """The feature cache is shared between workspaces (features.cache_dir): two writers at once, same pairs."""
     from tasks.config import load_params
-    from tasks.feature_read import read_features
-    from tasks.run_features import run_features
-    from tasks.run_index import run_index
+    from tasks.features.read import read_features
+    from tasks.stages.run_features import run_features
+    from tasks.stages.run_index import run_index
 
     root = make_class_folders(tmp_path / "images", ["red", "blue"], per_class=10, size=32)
     cache = tmp_path / "shared_cache"
@@ -175,7 +175,7 @@ def test_concurrent_promotions_never_corrupt_the_registry(workspace: Path) -> No
     """Four `retrainflow promote` at once on a hand-made candidate: each succeeds or exits 3; the registry is whole
     JSON with exactly one entry per success and a champion that exists."""
     from tasks.config import load_params
-    from tasks.run_index import run_index
+    from tasks.stages.run_index import run_index
 
     layout = Layout(workspace)
     run_index(load_params(workspace / "params.yaml", [f"data.root={workspace / 'data' / 'images'}"]), layout)

@@ -51,7 +51,7 @@ class DiskFull:
 
 
 def features_by_split(params, layout) -> dict[str, np.ndarray]:
-    from tasks.feature_read import read_features
+    from tasks.features.read import read_features
 
     return {s: read_features(params, layout, s).x for s in ("train", "val", "test")}
 
@@ -59,8 +59,8 @@ def features_by_split(params, layout) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """Images and a reference run that never failed (its features are the expected ones)."""
-    from tasks.run_features import run_features
-    from tasks.run_index import run_index
+    from tasks.stages.run_features import run_features
+    from tasks.stages.run_index import run_index
 
     tmp = tmp_path_factory.mktemp("diskfull")
     root = make_class_folders(tmp / "images", ["red", "blue"], per_class=10, size=32)
@@ -75,8 +75,8 @@ def dataset(tmp_path_factory):
 @pytest.mark.parametrize("fail_at", [1, 4])
 def test_enospc_during_shard_write_then_rerun(dataset, tmp_path, monkeypatch, fail_at: int) -> None:
     from tasks.inputs import cache_root
-    from tasks.run_features import run_features
-    from tasks.run_index import run_index
+    from tasks.stages.run_features import run_features
+    from tasks.stages.run_index import run_index
 
     root, params, expected = dataset
     layout = Layout(tmp_path / "work")
@@ -104,7 +104,7 @@ def test_enospc_during_shard_write_then_rerun(dataset, tmp_path, monkeypatch, fa
 def test_cli_reports_full_disk_clearly(dataset, tmp_path, monkeypatch) -> None:
     """`retrainflow features` on a full disk: a one-line error naming the problem, non-zero exit, no traceback."""
     from flows.cli import app
-    from tasks.run_index import run_index
+    from tasks.stages.run_index import run_index
 
     root, _, _ = dataset
     write_params(tmp_path, tiny_dict(root))
@@ -131,7 +131,7 @@ def test_stage_and_run_report_full_disk_clearly(dataset, tmp_path, command) -> N
     failing (diskfull_cli.py), reporting to the session's Prefect server."""
     from prefect_api import local_server
 
-    from tasks.run_index import run_index
+    from tasks.stages.run_index import run_index
 
     root, _, _ = dataset
     write_params(tmp_path, tiny_dict(root))

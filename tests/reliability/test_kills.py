@@ -38,7 +38,7 @@ INPUTS = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Images, params and a reference workspace run uninterrupted, with each stage's write events counted."""
-    from tasks.run_index import run_index
+    from tasks.stages.run_index import run_index
 
     base = tmp_path_factory.mktemp("kills")
     root = make_class_folders(base / "images", ["red", "blue"], per_class=10, size=32)
@@ -87,16 +87,16 @@ def killed_workspaces(stage: str, reference, base: Path) -> list[tuple[Layout, i
 
 
 def val_features(params, layout):
-    from tasks.feature_read import read_features
+    from tasks.features.read import read_features
 
     return read_features(params, layout, "val", views="clean").x
 
 
 @pytest.mark.slow
 def test_kill_during_features(reference, tmp_path) -> None:
-    from tasks.feature_read import read_features
+    from tasks.features.read import read_features
     from tasks.inputs import cache_root
-    from tasks.run_features import run_features
+    from tasks.stages.run_features import run_features
 
     _, params, ref, _ = reference
     for layout, n, event in killed_workspaces("features", reference, tmp_path):
@@ -115,8 +115,8 @@ def test_kill_during_features(reference, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_kill_during_train_top(reference, tmp_path) -> None:
-    from tasks.heads import load_head
-    from tasks.run_train_top import run_train_top
+    from tasks.models.heads import load_head
+    from tasks.stages.run_train_top import run_train_top
 
     _, params, ref, _ = reference
     x_val = val_features(params, ref)
@@ -132,7 +132,7 @@ def test_kill_during_train_top(reference, tmp_path) -> None:
 @pytest.mark.slow
 def test_train_top_killed_while_saving_leaves_no_half_written_head(reference, tmp_path) -> None:
     """Kill at the moment the head's .keras file is opened for writing: the head on disk must still load."""
-    from tasks.heads import load_head
+    from tasks.models.heads import load_head
 
     params_file, _, ref, events = reference
     n = events["train_top"].index("zip-open") + 1
@@ -147,11 +147,11 @@ def test_train_top_killed_while_saving_leaves_no_half_written_head(reference, tm
     layout = Layout(work)
     assert layout.top_head_model.is_file()
     load_head(layout)  # the old head or the new one, never a torn file
-    from tasks.heads import read_head_info
+    from tasks.models.heads import read_head_info
 
     assert read_head_info(layout)["feature_dim"] > 0  # head.json whole too
     from tasks.config import load_params
-    from tasks.run_train_top import run_train_top
+    from tasks.stages.run_train_top import run_train_top
 
     run_train_top(load_params(params_file), layout)  # the next run cleans the killed writer's temp file
     assert leftover_temp_files(layout.root) == []
@@ -159,11 +159,11 @@ def test_train_top_killed_while_saving_leaves_no_half_written_head(reference, tm
 
 @pytest.mark.slow
 def test_kill_during_finetune(reference, tmp_path) -> None:
-    from tasks.full_model import load_bundle
-    from tasks.index_table import read_index
+    from tasks.data.index_table import read_index
+    from tasks.data.pipeline import view_dataset
     from tasks.inputs import ImageSpec
-    from tasks.pipeline import view_dataset
-    from tasks.run_finetune import run_finetune
+    from tasks.models.full_model import load_bundle
+    from tasks.stages.run_finetune import run_finetune
 
     _, params, ref, _ = reference
     table = read_index(ref)
@@ -188,8 +188,8 @@ def test_kill_during_finetune(reference, tmp_path) -> None:
 def test_kill_during_index_never_pairs_a_new_table_with_old_classes(tmp_path) -> None:
     """A new class arrives; the index run is killed between its three file writes. The stages that read the index
     get either a consistent (table, classes) pair or a clear error, never silently shifted class ids."""
-    from tasks.index_table import read_classes, read_index
-    from tasks.run_index import run_index
+    from tasks.data.index_table import read_classes, read_index
+    from tasks.stages.run_index import run_index
 
     root = make_class_folders(tmp_path / "images", ["red", "blue"], per_class=4, size=32)
     params_file = write_params(tmp_path, tiny_dict(root))
@@ -233,8 +233,8 @@ def test_kill_during_index_never_pairs_a_new_table_with_old_classes(tmp_path) ->
 def test_finetune_killed_while_writing_its_backup_resumes(reference, tmp_path) -> None:
     """Kill at the moment Keras' BackupAndRestore has opened its weights file for writing (a torn backup on disk):
     the next run must not read the torn file; it finishes with a whole model."""
-    from tasks.full_model import load_bundle
-    from tasks.run_finetune import run_finetune
+    from tasks.models.full_model import load_bundle
+    from tasks.stages.run_finetune import run_finetune
 
     params_file, params, ref, events = reference
     n = events["finetune"].index("h5-open") + 1
@@ -268,8 +268,8 @@ def test_kill_during_promotion_keeps_registry_and_champion_in_step(tmp_path) -> 
     same model (the champion folder never holds a model the registry does not call champion)."""
     import json
 
-    from tasks.model_registry import read_registry, run_promote
-    from tasks.run_index import run_index
+    from tasks.models.registry import read_registry, run_promote
+    from tasks.stages.run_index import run_index
 
     root = make_class_folders(tmp_path / "images", ["red", "blue"], per_class=3, size=32)
     params_file = write_params(tmp_path, tiny_dict(root))

@@ -48,10 +48,10 @@ def test_transient_features_failure_is_retried_and_the_run_completes(prefect_api
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from flows.flows import STAGE_RETRIES, retrain
-    from tasks.feature_cache import FeatureCache
-    from tasks.feature_read import read_features
+    from tasks.features.cache import FeatureCache
+    from tasks.features.read import read_features
     from tasks.inputs import cache_root
-    from tasks.model_registry import read_registry
+    from tasks.models.registry import read_registry
 
     assert STAGE_RETRIES["features"] >= 1, "the features task is expected to be retried on failure"
     make_class_folders(tmp_path / "data" / "images", ["red", "blue"], per_class=6, size=32)
@@ -95,7 +95,7 @@ def test_a_failure_that_persists_fails_the_run_with_its_reason(prefect_api, tmp_
     def broken(*args, **kwargs):
         raise RuntimeError("head training diverged (injected by the test)")
 
-    monkeypatch.setattr("tasks.run_train_top.run_train_top", broken)
+    monkeypatch.setattr("tasks.stages.run_train_top.run_train_top", broken)
     state = retrain(params_file=str(tmp_path / "params.yaml"), workdir=str(tmp_path), return_state=True)
     assert state.is_failed(), state
     with pytest.raises(RuntimeError, match="diverged"):

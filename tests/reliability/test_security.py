@@ -148,7 +148,7 @@ def test_servers_listen_on_localhost_by_default() -> None:
 def test_csv_paths_are_confined_to_the_data_root(tmp_path: Path) -> None:
     """``..``, absolute paths elsewhere and symlinks out are rejected with a reason; none reaches the index."""
     from tasks.layout import Layout
-    from tasks.run_index import run_index
+    from tasks.stages.run_index import run_index
 
     root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=4, size=32)
     outside = make_class_folders(tmp_path / "secret", ["red"], per_class=2, size=32)
@@ -164,7 +164,7 @@ def test_csv_paths_are_confined_to_the_data_root(tmp_path: Path) -> None:
     frame = pd.DataFrame(rows + evil, columns=["path", "label"])
     layout = Layout(tmp_path / "work")
     manifest = run_index(tiny_params(root), layout, dataframe=frame)
-    from tasks.index_table import read_index
+    from tasks.data.index_table import read_index
 
     table = read_index(layout)
     assert manifest.images == 8 and len(table) == 8
@@ -179,7 +179,7 @@ def test_csv_paths_are_confined_to_the_data_root(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("follow", [False, True])
 def test_directory_symlink_out_of_root_never_indexed(tmp_path: Path, follow: bool) -> None:
-    from tasks.index import build_index
+    from tasks.data.indexing import build_index
 
     root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
     outside = make_class_folders(tmp_path / "secret", ["green"], per_class=2, size=32)

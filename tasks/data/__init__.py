@@ -1,0 +1,1 @@
+"""tasks.data: see ARCHITECTURE.md."""

@@ -1,0 +1,1 @@
+"""tasks.features.extract: see ARCHITECTURE.md."""

@@ -1,0 +1,328 @@
+"""Feature extraction, the library of the ``features`` stage: pooled base features of every view, computed once
+per (image, view) and cached. The stage shell is :mod:`tasks.stages.run_features`; reading the cache (for training) is
+:mod:`tasks.features.read`, which this module plans with (:func:`~tasks.features.read.split_views`).
+
+For the train split, the clean view plus ``augment.passes`` augmented views per image; for val and test, the
+clean view. Images come only from ``tasks.data.pipeline.view_dataset`` (decoded, augmented, resized, the base's
+preprocessing applied, prefetched, so decoding overlaps with inference). The base runs with ``training=False``.
+
+Every view, clean and augmented, is ``base(preprocess(augment.rescale * pixels))`` (no scaling when rescale is
+null), the same arithmetic as :class:`tasks.models.heads.BasePreprocess` inside the full model.
+
+Content-addressed and incremental: the cache key (``tasks.features.cache.cache_key``) covers the base, its alpha,
+the sha256 of the weights actually loaded, the input size, the preprocessing (the base's mode, the resize
+interpolation and ``augment.rescale``), the pooling and the stored dtype; a row is addressed by (image sha256, view
+id), the view id carrying the augmentation policy hash and the pass. Because rescale is in the key, no view, the
+clean one included, is reused across rescale values. The stage looks up which pairs exist and computes only the
+missing ones, streaming them to shards (memory bounded); the manifest's ``summary()`` says "computed N, reused M".
+
+Display is the caller's: progress goes out as ``tasks.progress.Step("features", done, total, "img")`` events, and
+warnings (damaged shards, float16 underflow) come back in the manifest; this module prints nothing.
+
+:func:`compute_features` plans (every (sha256, view) the index needs), looks up and computes the missing views
+into shards (:class:`tasks.features.cache.ShardWriter`); :func:`base_weights` fingerprints the weights for the key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.config import Params
+from tasks.features.cache import FeatureCache, Pair, ShardWriter
+from tasks.features.read import SPLITS, run_policies, split_views
+from tasks.inputs import ImageSpec, Inputs
+from tasks.models.bases import LoadedBase, load_base, weights_fingerprint
+from tasks.progress import Reporter, counter
+
+STAGE = "features"  # the stage's name: its progress task and its run record (``layout.run_record``)
+
+
+# ------------------------------------------------------------------------------------------- values
+# The manifest fields that describe the features themselves (``layout.features_manifest``, the DVC dependency of
+# train_top); this run's counts (``layout.features_metrics``, a DVC metric); and the whole manifest with timings
+# and cache details goes to ``layout.run_record("features")``.
+STABLE_FIELDS = ("cache_key", "cache_dir", "key_spec", "views", "policies", "rows", "pairs", "content_hash")
+METRIC_FIELDS = ("pairs", "computed", "reused", "images_computed")
+
+
+@dataclass(frozen=True)
+class FeaturesManifest:
+    """This run's summary: the key, what each split uses, computed / reused, timings."""
+
+    cache_key: str
+    cache_dir: str
+    key_spec: dict[str, Any]
+    views: dict[str, list[str]]  # split -> view ids
+    rows: dict[str, int]  # split -> index rows
+    pairs: int  # distinct (sha256, view) pairs this index needs
+    computed: int
+    reused: int
+    images_computed: int  # distinct images that went through the base this run
+    seconds: float
+    images_per_second: float | None  # computed views per second of extraction (None when nothing computed)
+    content_hash: str  # hash of the key and of the (sha256, view, class id) rows: changes iff the features do
+    batch_size: int = 32
+    shards_written: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    policies: dict[str, dict[str, Any]] = field(default_factory=dict)  # policy hash -> its fields (view ids)
+    warnings: list[str] = field(default_factory=list)  # for the caller to show (damaged shards, underflow)
+
+    def summary(self) -> str:
+        """The run in one line: ``features <key>: computed N, reused M (P views of K images)``."""
+        return (
+            f"features {self.cache_key}: computed {self.computed}, reused {self.reused} "
+            f"({self.pairs} views of {sum(self.rows.values())} images)"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def stable_json(self) -> dict[str, Any]:
+        """The fields that change iff the features do (no counts, no timings)."""
+        data = self.to_json()
+        return {name: data[name] for name in STABLE_FIELDS}
+
+    def metrics_json(self) -> dict[str, Any]:
+        """This run's counts (``dvc metrics show``): no timings, no cache details."""
+        data = self.to_json()
+        return {name: data[name] for name in METRIC_FIELDS}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FeaturesManifest:
+        return cls(**data)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _view_dataset(rows: Any, root: Path, image: ImageSpec, **kwargs: Any) -> Any:
+    """The one image source: ``tasks.data.pipeline.view_dataset`` (a seam tests may replace)."""
+    from tasks.data.pipeline import view_dataset
+
+    return view_dataset(rows, root, image, **kwargs)
+
+
+def _content_hash(key: str, needed: dict[str, list[tuple[str, str, int]]]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(key.encode())
+    for split in SPLITS:
+        for sha, view, class_id in needed.get(split, []):
+            digest.update(f"{split}|{sha}|{view}|{class_id}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _pool_fn(model: Any, pooling: str, image_size: tuple[int, int]) -> Callable[[Any], Any]:
+    """A compiled ``batch -> pooled features`` function; the base runs in inference mode."""
+    import tensorflow as tf
+
+    reduce = tf.reduce_mean if pooling == "avg" else tf.reduce_max
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *image_size, 3], tf.float32)])
+    def infer(batch: Any) -> Any:
+        return reduce(model(batch, training=False), axis=[1, 2])
+
+    return infer
+
+
+# ------------------------------------------------------------------------------------------- computing
+@dataclass(frozen=True)
+class _Plan:
+    needed: dict[str, list[tuple[str, str, int]]]  # split -> (sha256, view, class id) rows, view-major
+    views_by_split: dict[str, list[str]]
+    plans: dict[str, tuple[Any, int]]  # view id -> (policy or None, pass number)
+    wanted: dict[str, dict[str, int]]  # view id -> sha256 -> table position of one row with that image
+
+
+def _plan(params: Params, table: Any) -> _Plan:
+    """Every (sha256, view) the index needs, in a deterministic order, with one representative row per image."""
+    needed: dict[str, list[tuple[str, str, int]]] = {}
+    views_by_split: dict[str, list[str]] = {}
+    plans: dict[str, tuple[Any, int]] = {}
+    wanted: dict[str, dict[str, int]] = {}
+    pos_of = {sha: i for i, sha in reversed(list(enumerate(table["sha256"])))}
+    for split in SPLITS:
+        sub = table[table["split"] == split]
+        views = split_views(params, split, "all")
+        views_by_split[split] = [v for v, _, _ in views]
+        needed[split] = [
+            (sha, v, int(c))
+            for v, _, _ in views
+            for sha, c in zip(sub["sha256"], sub["class_id"], strict=True)
+        ]
+        for view, policy, pass_number in views:
+            plans[view] = (policy, pass_number)
+            bucket = wanted.setdefault(view, {})
+            for sha in sub["sha256"]:
+                bucket.setdefault(sha, pos_of[sha])
+    return _Plan(needed, views_by_split, plans, wanted)
+
+
+def base_weights(params: Params, image_size: tuple[int, int]) -> tuple[LoadedBase | None, str]:
+    """(the loaded base or None, the sha256 of its weights): a random-init base (``base.weights: none``) is built
+    to hash its arrays; ImageNet weights are fingerprinted from their file, the base built only when a view is
+    missing (:func:`compute_features`)."""
+    if params.base.weights == "none":
+        loaded = load_base(params.base, image_size)
+        return loaded, loaded.weights_sha256
+    return None, weights_fingerprint(params.base, image_size)
+
+
+def compute_features(
+    params: Params,
+    inputs: Inputs,
+    table: Any,
+    cache: FeatureCache,
+    loaded: LoadedBase | None,
+    *,
+    progress: Reporter | None = None,
+    start: float | None = None,
+) -> FeaturesManifest:
+    """Plan, look up and compute the missing views of ``table`` into ``cache`` (the caller holds it in use);
+    this run's manifest (``start``: ``time.perf_counter()`` when the run began, for its seconds). Writes shards
+    only; ``progress`` receives ``Step("features", done, total, "img")`` after every batch."""
+    start = time.perf_counter() if start is None else start
+    spec, image_size = cache.spec, inputs.image_size
+    plan = _plan(params, table)
+    needed, views_by_split, plans, wanted = plan.needed, plan.views_by_split, plan.plans, plan.wanted
+    all_pairs: list[Pair] = [(sha, view) for view, shas in wanted.items() for sha in shas]
+    missing = set(cache.missing(all_pairs))
+    warnings = []
+    if cache.broken:
+        warnings.append(
+            f"{len(cache.broken)} damaged shard(s) in {cache.folder} skipped; their rows are recomputed"
+        )
+    reused = len(all_pairs) - len(missing)
+
+    todo: list[tuple[str, list[int]]] = []  # (view, table positions of the images to compute)
+    for view, shas in wanted.items():
+        positions = sorted(pos for sha, pos in shas.items() if (sha, view) in missing)
+        if positions:
+            todo.append((view, positions))
+    n_todo = sum(len(p) for _, p in todo)
+
+    stats: dict[str, Any] = {"shards_written": 0}
+    compute_seconds = 0.0
+    if n_todo:
+        if loaded is None:
+            loaded = load_base(params.base, image_size)
+        t0 = time.perf_counter()
+        stats = _extract(params, inputs, table, todo, plans, loaded, cache, progress)
+        warnings += stats.pop("warnings")
+        compute_seconds = time.perf_counter() - t0
+
+    return FeaturesManifest(
+        cache_key=spec.key,
+        cache_dir=str(inputs.cache_root),
+        key_spec=spec.as_json(),
+        views=views_by_split,
+        rows={split: int((table["split"] == split).sum()) for split in SPLITS},
+        pairs=len(all_pairs),
+        computed=n_todo,
+        reused=reused,
+        images_computed=len({table["sha256"].iloc[p] for _, ps in todo for p in ps}),
+        seconds=round(time.perf_counter() - start, 3),
+        images_per_second=round(n_todo / compute_seconds, 2) if n_todo and compute_seconds > 0 else None,
+        content_hash=_content_hash(spec.key, needed),
+        batch_size=params.features.batch_size,
+        shards_written=int(stats.pop("shards_written")),
+        extra=stats,
+        policies={policy.short_hash: policy.fields() for policy in run_policies(params)},
+        warnings=warnings,
+    )
+
+
+def _extract(
+    params: Params,
+    inputs: Inputs,
+    table: Any,
+    todo: list[tuple[str, list[int]]],
+    plans: dict[str, tuple[Any, int]],
+    loaded: LoadedBase,
+    cache: FeatureCache,
+    progress: Reporter | None,
+) -> dict[str, Any]:
+    """Stream the missing views through the base into shards; one tf.data pipeline across all views.
+
+    Returns timing figures: the first batch (pipeline fill + tracing), the time the loop waited for input after
+    it (the base starving), the steady images/s, the number of shards written, and ``warnings``.
+    """
+    batch_size = params.features.batch_size
+    image_size, root = inputs.image_size, inputs.data_root
+    datasets = []
+    ids: list[tuple[str, str, str]] = []
+    for view, positions in todo:
+        policy, pass_number = plans[view]
+        rows = table.iloc[positions].reset_index(drop=True)
+        datasets.append(
+            _view_dataset(
+                rows,
+                root,
+                inputs.image,  # its rescale applies to every view, clean and augmented (part of the cache key)
+                batch_size=batch_size,
+                policy=policy,
+                pass_number=pass_number,
+                preprocess=loaded.spec.preprocess,
+            )
+        )
+        ids += [(sha, view, str(label)) for sha, label in zip(rows["sha256"], rows["label"], strict=True)]
+    dataset = datasets[0]
+    for more in datasets[1:]:
+        dataset = dataset.concatenate(more)
+    from tasks.data.pipeline import PREFETCH_BATCHES
+
+    dataset = dataset.prefetch(PREFETCH_BATCHES)
+
+    infer = _pool_fn(loaded.model, params.features.pooling, image_size)
+    writer = ShardWriter(cache, params.features.shard_size)
+    total = len(ids)
+    advance = counter(progress, STAGE, total, "img")
+    done = 0
+    stats: dict[str, Any] = {"first_batch_seconds": 0.0, "input_wait_seconds": 0.0}
+    warnings: list[str] = []
+    advance(0)  # the display shows the total and starts its clock before the pipeline fills
+    t0 = time.perf_counter()
+    batches = iter(dataset)
+    first_done = 0
+    while True:
+        waited = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            break
+        if done:  # after the first batch (pipeline fill + trace), time blocked on input = starvation
+            stats["input_wait_seconds"] += time.perf_counter() - waited
+        feats = infer(batch).numpy()
+        n = len(feats)
+        if done + n > total:
+            raise RuntimeError(f"the input pipeline yielded more than the {total} views requested")
+        writer.add(ids[done : done + n], feats)
+        if not done:
+            stats["first_batch_seconds"] = time.perf_counter() - t0
+            first_done = n
+            warnings += _underflow_warning(feats, params.features.dtype)
+        done += n
+        advance(done)
+    writer.close()
+    if done != total:
+        raise RuntimeError(f"the input pipeline yielded {done} views, expected {total}")
+    steady = time.perf_counter() - t0 - stats["first_batch_seconds"]
+    stats["steady_images_per_second"] = (
+        (done - first_done) / steady if done > first_done and steady > 0 else None
+    )
+    stats["shards_written"] = writer.shards
+    rounded = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}
+    return {**rounded, "warnings": warnings}
+
+
+def _underflow_warning(feats: np.ndarray, dtype: str) -> list[str]:
+    """A random-init base's pooled features are tiny (about 1e-17); float16 stores them as zeros. Say so."""
+    if dtype == "float16" and np.any(feats) and not np.any(feats.astype(np.float16)):
+        return [
+            "these features underflow float16 and are stored as zeros (a random-init base, "
+            "base.weights: none?); set features.dtype: float32"
+        ]
+    return []

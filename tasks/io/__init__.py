@@ -1,0 +1,1 @@
+"""tasks.io: see ARCHITECTURE.md."""

@@ -1,0 +1,1 @@
+"""tasks.models: see ARCHITECTURE.md."""

@@ -1,0 +1,1 @@
+"""tasks.reports.plots: see ARCHITECTURE.md."""

@@ -1,0 +1,1 @@
+"""tasks.stages: see ARCHITECTURE.md."""

@@ -1,0 +1,54 @@
+"""The ``features`` stage shell: params + index in, feature cache + ``features/features.json`` out
+(``retrainflow stage features``, ``dvc repro features``).
+
+Thin on purpose (DVC's example-get-started stages): resolve the inputs once (:func:`tasks.inputs.resolve_inputs`),
+read the index (:func:`tasks.features.read.load_index`), fingerprint the weights and key the cache
+(:func:`tasks.features.read.key_spec_for`), hold the key in use while the library computes the missing views into
+shards (:func:`tasks.features.extract.compute_features`), then write this run's three records at the
+:class:`tasks.layout.Layout` paths through :mod:`tasks.io.atomic`: what the features are (``features_manifest``, the
+DVC dependency of train_top), this run's counts (``features_metrics``) and its timings (``run_record``). Prints
+nothing: progress goes out as ``tasks.progress.Step("features", done, total, "img")`` events and warnings come
+back in the manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tasks.config import Params
+from tasks.features.cache import FeatureCache
+from tasks.features.extract import STAGE, FeaturesManifest, base_weights, compute_features
+from tasks.features.read import key_spec_for, load_index
+from tasks.inputs import resolve_inputs
+from tasks.io.atomic import atomic_write_json
+from tasks.layout import Layout
+from tasks.progress import Reporter
+from tasks.reports.plots import write_run_record
+
+
+def run_features(
+    params: Params,
+    layout: Layout,
+    *,
+    index: Any | None = None,
+    progress: Reporter | None = None,
+) -> FeaturesManifest:
+    """Compute the missing features of the current index into the cache and write this run's manifest.
+
+    ``index`` replaces ``tasks.data.index_table.read_index(layout)`` (a DataFrame in the index's columns);
+    ``progress`` receives ``Step("features", done, total, "img")`` after every batch (the display is the
+    caller's). Writes the features manifest, the metrics (counts) and the run record (timings, cache details).
+    """
+    start = time.perf_counter()
+    inputs = resolve_inputs(params, layout)
+    table = load_index(layout, index)
+    loaded, weights_sha = base_weights(params, inputs.image_size)
+    spec = key_spec_for(inputs, params.features, weights_sha)
+    # held until the last shard is committed: `retrainflow cache prune` skips a key in use
+    with FeatureCache.open(inputs.cache_root, spec).in_use() as cache:
+        manifest = compute_features(params, inputs, table, cache, loaded, progress=progress, start=start)
+    atomic_write_json(layout.features_metrics, manifest.metrics_json())
+    write_run_record(layout.run_record(STAGE), manifest.to_json())
+    atomic_write_json(layout.features_manifest, manifest.stable_json())
+    return manifest
