@@ -103,22 +103,18 @@ def _sweep(folder: Path, name: str | None) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------ fsync
-def fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (fsync of the directory entry)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_file(path: Path) -> None:
-    """Flush a written file's data to disk."""
+    """Flush a written file's data (or a folder's entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (fsync of the directory entry)."""
+    fsync_file(folder)
 
 
 def _fsync_tree(folder: Path) -> None:
