@@ -23,7 +23,7 @@ INFO_SHOWN = 4  # figures shown per event (the first ones the stage reports)
 
 @dataclass
 class _Task:
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=lambda: time.perf_counter())
     bar_id: Any = None
     last_line: float = -1.0
 

@@ -60,6 +60,10 @@ def keras_epochs(progress: Reporter | None, task: str, epochs: int, first_epoch:
     class _EpochSteps(keras.callbacks.Callback):
         done = first_epoch
 
+        def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+            # the display times the task from its first event: send one before the first epoch runs
+            report(progress, Step(task, self.done, epochs, "epoch"))
+
         def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
             info = {k: round(float(v), 4) for k, v in (logs or {}).items() if _is_number(v)}
             self.done = epoch + 1

@@ -330,10 +330,11 @@ def test_finetune_reports_epochs_keeps_metrics_narrow_and_records_the_run(traine
     steps: list[Step] = []
     manifest = run_finetune(params, layout, progress=steps.append)
     assert [(s.task, s.done, s.total, s.unit) for s in steps] == [
+        ("finetune", 0, 2, "epoch"),  # before the first epoch: the display's rate and ETA start from here
         ("finetune", 1, 2, "epoch"),
         ("finetune", 2, 2, "epoch"),
     ]
-    assert steps[-1].final and "val_loss" in steps[0].info
+    assert steps[-1].final and "val_loss" in steps[1].info
     assert manifest.kept == "top-only" and manifest.best_epoch == 0 and manifest.best_tried_epoch in (1, 2)
     assert manifest.decision.startswith(
         f"kept the top-only weights: no fine-tuning epoch lowered val loss {manifest.top_only_val_loss:.4f} by 99% "

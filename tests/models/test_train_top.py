@@ -194,8 +194,10 @@ def test_run_train_top_reports_epochs_per_head_and_keeps_timings_out_of_metrics(
 
     for head in ("linear", "small"):
         steps = [s for s in seen if s.task == f"train_top {head}"]
-        assert [s.done for s in steps] == [1, 2, 3] and {(s.total, s.unit) for s in steps} == {(3, "epoch")}
-        assert steps[-1].final and "val_loss" in steps[0].info
+        assert [s.done for s in steps] == [0, 1, 2, 3] and {(s.total, s.unit) for s in steps} == {
+            (3, "epoch")
+        }
+        assert steps[-1].final and "val_loss" in steps[1].info
     metrics = json.loads((layout.metrics_dir / "top.json").read_text())
     assert set(metrics["heads"]) == {"linear", "small"}  # narrow: `dvc exp show` gets 2 columns a head
     assert metrics["heads"]["small"] == {k: manifest.heads[1][k] for k in ("val_loss", "val_accuracy")}
