@@ -2,7 +2,7 @@
 
 Display lives here, at the CLI edge: the validation progress (``tasks.progress`` steps drawn by
 ``flows.console.progress_display``), the summary table (:func:`print_summary`) and the closing line
-(:func:`summary_line`). The stage itself (``tasks.data.indexing.run_index``) prints nothing.
+(:func:`summary_line`). The stage itself (``tasks.stages.run_index.run_index``) prints nothing.
 """
 
 from __future__ import annotations

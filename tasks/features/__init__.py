@@ -1,1 +1,1 @@
-"""tasks.features.extract: see ARCHITECTURE.md."""
+"""tasks.features: the content-addressed feature cache, reading it for training, and extracting into it."""

@@ -7,7 +7,7 @@ clean view. Images come only from ``tasks.data.pipeline.view_dataset`` (decoded,
 preprocessing applied, prefetched, so decoding overlaps with inference). The base runs with ``training=False``.
 
 Every view, clean and augmented, is ``base(preprocess(augment.rescale * pixels))`` (no scaling when rescale is
-null), the same arithmetic as :class:`tasks.models.heads.BasePreprocess` inside the full model.
+null), the same arithmetic as :class:`tasks.models.full_model.BasePreprocess` inside the full model.
 
 Content-addressed and incremental: the cache key (``tasks.features.cache.cache_key``) covers the base, its alpha,
 the sha256 of the weights actually loaded, the input size, the preprocessing (the base's mode, the resize

@@ -1,1 +1,1 @@
-"""tasks.io: see ARCHITECTURE.md."""
+"""tasks.io: the one atomic writer and the workspace lock."""

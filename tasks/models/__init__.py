@@ -1,1 +1,2 @@
-"""tasks.models: see ARCHITECTURE.md."""
+"""tasks.models: bases, heads, the full model and its bundle, optimizers, training, evaluation, predict, the
+registry."""

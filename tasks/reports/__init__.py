@@ -1,1 +1,1 @@
-"""tasks.reports.plots: see ARCHITECTURE.md."""
+"""tasks.reports: plots, histories, run records, the augmentation preview."""
