@@ -400,7 +400,7 @@ def test_a_library_edit_reruns_only_the_stages_that_use_it(dvc_repo: tuple[Path,
     assert _ran(_run([*DVC, "repro"], repo, env)) == list(STAGES)
     assert _status(repo, env) == {}
 
-    resample = repo / "tasks" / "resample.py"
+    resample = repo / "tasks" / "data" / "resample.py"
     text = resample.read_text()
     assert (
         "# ------------------------------------------------------------------------------------------- geometry"
