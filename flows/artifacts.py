@@ -30,7 +30,9 @@ EMBED_JPEG_QUALITY = 85
 # base64 characters of all the images one summary embeds; images past it are named by path instead
 EMBED_TOTAL_CHARS = 2_000_000
 # the evaluate stage's PNGs first, in reading order; any other PNG in reports/ after them, by name
-REPORT_ORDER = ("training_curves.png", "confusion_matrix.png", "predictions.png")
+def report_order(layout: Layout) -> tuple[str, ...]:
+    """The evaluate stage's PNGs, most read first (other PNGs in ``reports/`` follow by name)."""
+    return tuple(p.name for p in (layout.training_curves_png, layout.confusion_png, layout.predictions_png))
 
 
 # ----------------------------------------------------------------------------------------------- pure parts
@@ -163,8 +165,8 @@ def summary_markdown(
         if reports:
             out += ["", reports]
         for heading, path in (
-            ("Head comparison", layout.reports_dir / "top_comparison.md"),
-            ("Top-only vs fine-tuned", layout.reports_dir / "model_comparison.md"),
+            ("Head comparison", layout.top_report),
+            ("Top-only vs fine-tuned", layout.model_comparison),
         ):
             if path.is_file():
                 body = "\n".join(
@@ -215,12 +217,12 @@ def reports_markdown(
     layout: Layout, *, embed: bool = True, max_width: int = EMBED_MAX_WIDTH, budget: int = EMBED_TOTAL_CHARS
 ) -> str:
     """``## Reports``: each report PNG as an embedded image (``### name``, the image, its workspace path), in
-    :data:`REPORT_ORDER`; past ``budget`` base64 characters, or when ``embed`` is false or an image cannot be
+    :func:`report_order`; past ``budget`` base64 characters, or when ``embed`` is false or an image cannot be
     read, the PNG is named by path only. Empty string when there are no PNG reports."""
     pngs = report_pngs(layout)
     if not pngs:
         return ""
-    rank = {name: i for i, name in enumerate(REPORT_ORDER)}
+    rank = {name: i for i, name in enumerate(report_order(layout))}
     pngs.sort(key=lambda p: (rank.get(p.name, len(rank)), p.name))
     out = ["## Reports"]
     used = 0

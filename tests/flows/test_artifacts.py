@@ -182,7 +182,7 @@ def test_unreadable_png_is_named_not_embedded(tmp_path: Path) -> None:
     text = reports_markdown(layout)
     assert set(embedded(text)) == {"confusion_matrix", "predictions"}
     assert "training_curves.png` (not embedded:" in text
-    assert text.index("### training curves") < text.index("### confusion matrix")  # REPORT_ORDER
+    assert text.index("### training curves") < text.index("### confusion matrix")  # report_order
 
 
 def test_image_data_uri_keeps_small_charts_lossless(tmp_path: Path) -> None:
