@@ -29,6 +29,8 @@ EMBED_PNG_MAX_BYTES = 128_000
 EMBED_JPEG_QUALITY = 85
 # base64 characters of all the images one summary embeds; images past it are named by path instead
 EMBED_TOTAL_CHARS = 2_000_000
+
+
 # the evaluate stage's PNGs first, in reading order; any other PNG in reports/ after them, by name
 def report_order(layout: Layout) -> tuple[str, ...]:
     """The evaluate stage's PNGs, most read first (other PNGs in ``reports/`` follow by name)."""
