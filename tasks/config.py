@@ -455,6 +455,20 @@ class FinetuneConfig(_Section):
     patience: int = Field(3, ge=0)
     augment: bool = False
     min_improvement: float = Field(0.05, ge=0, lt=1)
+    # auto: train the unfrozen tail on cut-point activations cached by the features stage ("tail") when the
+    # unfrozen layers are a tail of named blocks, else the whole raw-pixels model on decoded images ("full")
+    path: Literal["auto", "tail", "full"] = "auto"
+
+    @model_validator(mode="after")
+    def _tail_needs_blocks(self) -> FinetuneConfig:
+        if self.path == "tail" and self.layer_regex is not None:
+            raise _KeyProblem(
+                "path",
+                "'tail' trains the last finetune.unfreeze_blocks blocks; finetune.layer_regex "
+                f"{self.layer_regex!r} may unfreeze any layers: set finetune.path to full or auto",
+                self.path,
+            )
+        return self
 
     @field_validator("layer_regex")
     @classmethod

@@ -34,6 +34,11 @@ class FeaturesMismatchError(InputError):
     names what differs and says to run the features stage."""
 
 
+class CutPointError(InputError):
+    """The first unfrozen block of a base does not read exactly one tensor of the frozen part, so there is no single
+    activation to cache for tail fine-tuning: the message names the base and the block."""
+
+
 class RegistryError(InputError):
     """The registry file or the candidate's metrics are missing or malformed."""
 

@@ -82,6 +82,12 @@ class Layout:
         return self.root / "features" / "features.json"
 
     @property
+    def activations_manifest(self) -> Path:
+        """What the cut-point activations for tail fine-tuning are (key, cut layer, views), or which other path
+        fine-tuning takes: written by the features stage, the DVC dependency of finetune (not of train_top)."""
+        return self.root / "features" / "activations.json"
+
+    @property
     def features_metrics(self) -> Path:
         """The last features run's counts: pairs, computed, reused, images computed (a DVC metric, not a dependency);
         its timings and cache details are in ``run_record("features")``."""

@@ -62,10 +62,18 @@ class KeySpec:
     dtype: str
     feature_dim: int
     format: int = CACHE_FORMAT
+    # cut-point activations (tail fine-tuning): the layer whose output is stored, flattened to feature_dim
+    # values, and its shape. None for pooled features (and then left out of the key: their keys are unchanged)
+    cut: str | None = None
+    shape: tuple[int, ...] | None = None
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["image_size"] = list(self.image_size)
+        if self.cut is None:
+            del out["cut"], out["shape"]
+        else:
+            out["shape"] = list(self.shape or ())
         return out
 
     @property
@@ -304,6 +312,23 @@ class FeatureCache:
             out[dest] = x[rows]
             del x
         return out
+
+    def row_locations(self, pairs: Sequence[Pair]) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index, row) arrays of ``pairs`` (all must be cached: :meth:`missing` first), for streaming
+        readers that gather rows batch by batch from :meth:`shard_array`."""
+        have = self.locations()
+        where = np.asarray([have[p] for p in pairs], dtype=np.int64).reshape(-1, 2)
+        return where[:, 0], where[:, 1]
+
+    def shard_array(self, index: int) -> np.ndarray:
+        """Committed shard ``index`` (of :meth:`locations`' shards) memory-mapped read-only: ``[rows, dim]``."""
+        info = self._shards[index]
+        x = np.load(self.shards_dir / f"{info.name}.x.npy", mmap_mode="r", allow_pickle=False)
+        if x.shape != (info.rows, self.spec.feature_dim):
+            raise ValueError(
+                f"shard {info.name}: shape {x.shape}, expected {(info.rows, self.spec.feature_dim)}"
+            )
+        return x
 
     # ---- write
     def write_shard(

@@ -34,10 +34,11 @@ from typing import Any
 import numpy as np
 
 from tasks.config import Params
+from tasks.features.activations import activation_views, pairs_needed, shard_rows
 from tasks.features.cache import FeatureCache, Pair, ShardWriter
 from tasks.features.read import SPLITS, run_policies, split_views
 from tasks.inputs import ImageSpec, Inputs
-from tasks.models.bases import LoadedBase, load_base, weights_fingerprint
+from tasks.models.bases import CutPoint, LoadedBase, load_base, weights_fingerprint
 from tasks.progress import Reporter, counter
 
 STAGE = "features"  # the stage's name: its progress task and its run record (``layout.run_record``)
@@ -48,7 +49,14 @@ STAGE = "features"  # the stage's name: its progress task and its run record (``
 # train_top); this run's counts (``layout.features_metrics``, a DVC metric); and the whole manifest with timings
 # and cache details goes to ``layout.run_record("features")``.
 STABLE_FIELDS = ("cache_key", "cache_dir", "key_spec", "views", "policies", "rows", "pairs", "content_hash")
-METRIC_FIELDS = ("pairs", "computed", "reused", "images_computed")
+METRIC_FIELDS = (
+    "pairs",
+    "computed",
+    "reused",
+    "images_computed",
+    "activations_computed",
+    "activations_reused",
+)
 
 
 @dataclass(frozen=True)
@@ -72,13 +80,30 @@ class FeaturesManifest:
     extra: dict[str, Any] = field(default_factory=dict)
     policies: dict[str, dict[str, Any]] = field(default_factory=dict)  # policy hash -> its fields (view ids)
     warnings: list[str] = field(default_factory=list)  # for the caller to show (damaged shards, underflow)
+    # cut-point activations for tail fine-tuning (:mod:`tasks.features.activations`): counts, and what they are
+    # (key, cut layer, shape, views; empty when fine-tuning does not read them)
+    activations_computed: int = 0
+    activations_reused: int = 0
+    activations: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        """The run in one line: ``features <key>: computed N, reused M (P views of K images)``."""
-        return (
+        """The run in one line: ``features <key>: computed N, reused M (P views of K images)``, plus
+        ``; activations <cut>: computed N, reused M`` when fine-tuning reads cut-point activations."""
+        line = (
             f"features {self.cache_key}: computed {self.computed}, reused {self.reused} "
             f"({self.pairs} views of {sum(self.rows.values())} images)"
         )
+        if self.activations:
+            line += (
+                f"; activations {self.activations['cut']}: computed {self.activations_computed}, "
+                f"reused {self.activations_reused}"
+            )
+        return line
+
+    def activations_json(self) -> dict[str, Any]:
+        """What the finetune stage reads (``layout.activations_manifest``, its DVC dependency): the activations'
+        key and views, or ``{"path": ...}`` alone when fine-tuning reads none. No counts, no timings."""
+        return {name: value for name, value in self.activations.items() if name != "cache_dir"}
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,15 +141,24 @@ def _content_hash(key: str, needed: dict[str, list[tuple[str, str, int]]]) -> st
     return digest.hexdigest()[:16]
 
 
-def _pool_fn(model: Any, pooling: str, image_size: tuple[int, int]) -> Callable[[Any], Any]:
-    """A compiled ``batch -> pooled features`` function; the base runs in inference mode."""
+def _pool_fn(
+    model: Any, pooling: str, image_size: tuple[int, int], cut_layer: str | None = None
+) -> Callable[[Any], Any]:
+    """A compiled ``batch -> (pooled features, cut activations or None)`` function: one forward pass of the base
+    in inference mode, also emitting the output of ``cut_layer`` when it is given."""
+    import keras
     import tensorflow as tf
 
     reduce = tf.reduce_mean if pooling == "avg" else tf.reduce_max
+    if cut_layer is not None:
+        model = keras.Model(model.input, [model.get_layer(cut_layer).output, model.output])
 
     @tf.function(input_signature=[tf.TensorSpec([None, *image_size, 3], tf.float32)])
     def infer(batch: Any) -> Any:
-        return reduce(model(batch, training=False), axis=[1, 2])
+        if cut_layer is None:
+            return reduce(model(batch, training=False), axis=[1, 2]), None
+        cut, out = model(batch, training=False)
+        return reduce(out, axis=[1, 2]), cut
 
     return infer
 
@@ -179,28 +213,35 @@ def compute_features(
     cache: FeatureCache,
     loaded: LoadedBase | None,
     *,
+    activations: Activations | None = None,
     progress: Reporter | None = None,
     start: float | None = None,
 ) -> FeaturesManifest:
-    """Plan, look up and compute the missing views of ``table`` into ``cache`` (the caller holds it in use);
-    this run's manifest (``start``: ``time.perf_counter()`` when the run began, for its seconds). Writes shards
-    only; ``progress`` receives ``Step("features", done, total, "img")`` after every batch."""
+    """Plan, look up and compute the missing views of ``table`` into ``cache`` (the caller holds it in use),
+    and the missing cut-point activations into ``activations.cache`` in the same forward pass; this run's
+    manifest (``start``: ``time.perf_counter()`` when the run began, for its seconds). Writes shards only;
+    ``progress`` receives ``Step("features", done, total, "img")`` after every batch."""
     start = time.perf_counter() if start is None else start
     spec, image_size = cache.spec, inputs.image_size
     plan = _plan(params, table)
     needed, views_by_split, plans, wanted = plan.needed, plan.views_by_split, plan.plans, plan.wanted
     all_pairs: list[Pair] = [(sha, view) for view, shas in wanted.items() for sha in shas]
     missing = set(cache.missing(all_pairs))
+    act_pairs = pairs_needed(params, table) if activations is not None else []
+    act_missing = set(activations.cache.missing(act_pairs)) if activations is not None else set()
     warnings = []
-    if cache.broken:
-        warnings.append(
-            f"{len(cache.broken)} damaged shard(s) in {cache.folder} skipped; their rows are recomputed"
-        )
+    for store in (cache, activations.cache if activations is not None else None):
+        if store is not None and store.broken:
+            warnings.append(
+                f"{len(store.broken)} damaged shard(s) in {store.folder} skipped; their rows are recomputed"
+            )
     reused = len(all_pairs) - len(missing)
 
     todo: list[tuple[str, list[int]]] = []  # (view, table positions of the images to compute)
     for view, shas in wanted.items():
-        positions = sorted(pos for sha, pos in shas.items() if (sha, view) in missing)
+        positions = sorted(
+            pos for sha, pos in shas.items() if (sha, view) in missing or (sha, view) in act_missing
+        )
         if positions:
             todo.append((view, positions))
     n_todo = sum(len(p) for _, p in todo)
@@ -211,7 +252,17 @@ def compute_features(
         if loaded is None:
             loaded = load_base(params.base, image_size)
         t0 = time.perf_counter()
-        stats = _extract(params, inputs, table, todo, plans, loaded, cache, progress)
+        stats = _extract(
+            params,
+            inputs,
+            table,
+            todo,
+            plans,
+            loaded,
+            cache,
+            progress,
+            _Wanted(missing, act_missing, activations),
+        )
         warnings += stats.pop("warnings")
         compute_seconds = time.perf_counter() - t0
 
@@ -222,7 +273,7 @@ def compute_features(
         views=views_by_split,
         rows={split: int((table["split"] == split).sum()) for split in SPLITS},
         pairs=len(all_pairs),
-        computed=n_todo,
+        computed=len(missing),
         reused=reused,
         images_computed=len({table["sha256"].iloc[p] for _, ps in todo for p in ps}),
         seconds=round(time.perf_counter() - start, 3),
@@ -233,7 +284,41 @@ def compute_features(
         extra=stats,
         policies={policy.short_hash: policy.fields() for policy in run_policies(params)},
         warnings=warnings,
+        activations_computed=len(act_missing),
+        activations_reused=len(act_pairs) - len(act_missing),
+        activations=activations.describe(params, table) if activations is not None else {},
     )
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Where the cut-point activations go: their store (the caller holds it in use) and the cut point."""
+
+    cache: FeatureCache
+    cut: CutPoint
+
+    def describe(self, params: Params, table: Any) -> dict[str, Any]:
+        views = activation_views(params)
+        rows = [(sha, view) for sha, view in pairs_needed(params, table)]
+        return {
+            "path": "tail",
+            "cache_key": self.cache.spec.key,
+            "key_spec": self.cache.spec.as_json(),
+            "cut": self.cut.layer,
+            "block": self.cut.block,
+            "shape": list(self.cut.shape),
+            "views": views,
+            "content_hash": _content_hash(self.cache.spec.key, {"train": [(s, v, 0) for s, v in rows]}),
+        }
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """Which computed rows each store lacks: a view may be missing from one store only."""
+
+    features: set[Pair]
+    activations: set[Pair]
+    target: Activations | None
 
 
 def _extract(
@@ -245,6 +330,7 @@ def _extract(
     loaded: LoadedBase,
     cache: FeatureCache,
     progress: Reporter | None,
+    wanted: _Wanted,
 ) -> dict[str, Any]:
     """Stream the missing views through the base into shards; one tf.data pipeline across all views.
 
@@ -277,8 +363,16 @@ def _extract(
 
     dataset = dataset.prefetch(PREFETCH_BATCHES)
 
-    infer = _pool_fn(loaded.model, params.features.pooling, image_size)
+    target = wanted.target
+    infer = _pool_fn(
+        loaded.model, params.features.pooling, image_size, target.cut.layer if target is not None else None
+    )
     writer = ShardWriter(cache, params.features.shard_size)
+    act_writer = (
+        ShardWriter(target.cache, shard_rows(target.cache.spec, params.features.shard_size))
+        if target is not None
+        else None
+    )
     total = len(ids)
     advance = counter(progress, STAGE, total, "img")
     done = 0
@@ -295,11 +389,16 @@ def _extract(
             break
         if done:  # after the first batch (pipeline fill + trace), time blocked on input = starvation
             stats["input_wait_seconds"] += time.perf_counter() - waited
-        feats = infer(batch).numpy()
+        pooled, cut = infer(batch)
+        feats = pooled.numpy()
         n = len(feats)
         if done + n > total:
             raise RuntimeError(f"the input pipeline yielded more than the {total} views requested")
-        writer.add(ids[done : done + n], feats)
+        batch_ids = ids[done : done + n]
+        _add_wanted(writer, wanted.features, batch_ids, feats)
+        if act_writer is not None:
+            acts = cut.numpy().reshape(n, -1)
+            _add_wanted(act_writer, wanted.activations, batch_ids, acts)
         if not done:
             stats["first_batch_seconds"] = time.perf_counter() - t0
             first_done = n
@@ -307,6 +406,8 @@ def _extract(
         done += n
         advance(done)
     writer.close()
+    if act_writer is not None:
+        act_writer.close()
     if done != total:
         raise RuntimeError(f"the input pipeline yielded {done} views, expected {total}")
     steady = time.perf_counter() - t0 - stats["first_batch_seconds"]
@@ -314,8 +415,21 @@ def _extract(
         (done - first_done) / steady if done > first_done and steady > 0 else None
     )
     stats["shards_written"] = writer.shards
+    if act_writer is not None:
+        stats["activation_shards_written"] = act_writer.shards
     rounded = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}
     return {**rounded, "warnings": warnings}
+
+
+def _add_wanted(
+    writer: ShardWriter, wanted: set[Pair], ids: list[tuple[str, str, str]], x: np.ndarray
+) -> None:
+    """Add the rows of ``ids`` whose (sha256, view) the writer's store lacks."""
+    keep = [i for i, (sha, view, _) in enumerate(ids) if (sha, view) in wanted]
+    if len(keep) == len(ids):
+        writer.add(ids, x)
+    elif keep:
+        writer.add([ids[i] for i in keep], x[keep])
 
 
 def _underflow_warning(feats: np.ndarray, dtype: str) -> list[str]:

@@ -478,3 +478,56 @@ def block_starts(model: Any, spec: BaseSpec) -> list[int]:
 
 def _in_block(layer_name: str, prefix: str) -> bool:
     return layer_name == prefix or layer_name.startswith(prefix + "_")
+
+
+# -------------------------------------------------------------------------------------------- cut points
+@dataclass(frozen=True, kw_only=True)
+class CutPoint:
+    """Where the frozen part of a base ends for fine-tuning the last ``blocks`` blocks: ``layer`` is the frozen
+    layer whose output the first unfrozen block (``block``) reads, ``shape`` that output's (height, width,
+    channels). Everything before it is a fixed function of the view, so its output can be cached."""
+
+    base: str
+    block: str
+    layer: str
+    shape: tuple[int, ...]
+    blocks: int
+
+
+def cut_point(model: Any, spec: BaseSpec, last_n: int) -> CutPoint:
+    """The cut tensor for unfreezing the last ``last_n`` named blocks of ``model`` (``0``: the base's output).
+
+    Found from the registry's blocks and the model's graph: the one tensor made by a layer before the first
+    unfrozen block and read by a layer from it on. Raises :class:`tasks.errors.CutPointError` naming the base and
+    the block when there is no such single tensor (a skip connection across the cut), or when every block is
+    unfrozen (nothing frozen to cache)."""
+    from tasks.errors import CutPointError
+
+    starts = block_starts(model, spec)
+    if last_n == 0:
+        out = model.layers[-1]
+        return CutPoint(
+            base=spec.name, block="(none)", layer=out.name, shape=tuple(out.output.shape[1:]), blocks=0
+        )
+    if last_n >= len(starts):
+        raise CutPointError(
+            f"{spec.name}: finetune.unfreeze_blocks {last_n} unfreezes all {len(starts)} blocks, so no frozen "
+            "part is left to cache; use finetune.path: full (or fewer blocks)"
+        )
+    first = starts[len(starts) - last_n]
+    block = spec.blocks[len(spec.blocks) - last_n]
+    frozen = {layer.name for layer in model.layers[:first]}
+    fed: dict[str, Any] = {}
+    for layer in model.layers[first:]:
+        for node in layer._inbound_nodes:
+            for tensor in node.input_tensors:
+                producer = tensor._keras_history.operation.name
+                if producer in frozen:
+                    fed[producer] = tensor
+    if len(fed) != 1:
+        raise CutPointError(
+            f"{spec.name}: block {block!r} reads {len(fed)} tensors of the frozen layers ({sorted(fed)}), not one; "
+            "its cut is ambiguous, so tail fine-tuning cannot cache it: use finetune.path: full"
+        )
+    ((layer, tensor),) = fed.items()
+    return CutPoint(base=spec.name, block=block, layer=layer, shape=tuple(tensor.shape[1:]), blocks=last_n)

@@ -30,7 +30,8 @@ import io
 import json
 import re
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ import numpy as np
 
 from tasks.config import FinetuneConfig, Params
 from tasks.errors import InputError
+from tasks.features.activations import ActivationRows, batches
 from tasks.inputs import ImageSpec
 from tasks.io.atomic import atomic_write, atomic_write_text
 from tasks.layout import FinetuneWork, Layout
@@ -71,6 +73,10 @@ class FinetuneManifest:
     trainable_layers: list[str]
     trainable_params: int
     seconds: float
+    path: str = "full"  # "tail" (cached cut-point activations), "full" (decoded images) or "skipped"
+    path_reason: str = ""
+    cut: str | None = None  # the tail path's cut layer
+    seconds_per_epoch: float | None = None  # of the epochs this run trained, validation pass included
 
 
 # the manifest fields metrics/finetune.json keeps (what judges the model; the rest goes to the run record)
@@ -85,6 +91,7 @@ FINETUNE_METRIC_KEYS = (
     "best_tried_epoch",
     "best_tried_val_loss",
     "trainable_params",
+    "path",
 )
 
 
@@ -314,6 +321,53 @@ def training_views(
     return train
 
 
+def cached_training_views(
+    rows: ActivationRows, epoch_views: Sequence[str], *, batch_size: int, seed: int
+) -> Callable[[int], tuple[Any, int]]:
+    """The tail path's ``train(first_epoch) -> (repeating dataset, steps per epoch)``: epoch e reads the cached
+    activations of view ``epoch_views[e % len(epoch_views)]`` in a shuffled order that depends on (seed, e) only,
+    so a resumed fit continues the killed one's sequence."""
+    import math
+
+    def train(first_epoch: int) -> tuple[Any, int]:
+        n = len(rows)
+
+        def epochs() -> Any:
+            epoch = first_epoch
+            while True:
+                order = np.random.default_rng([seed, epoch]).permutation(n)
+                yield from batches(rows, epoch_views[epoch % len(epoch_views)], order, batch_size)
+                epoch += 1
+
+        return _from_batches(epochs, rows), math.ceil(n / batch_size)
+
+    return train
+
+
+def cached_view(rows: ActivationRows, view: str, batch_size: int) -> Any:
+    """The cached activations of ``view`` in index order with their labels, batched (finite: the val pass)."""
+    import math
+
+    import tensorflow as tf
+
+    order = np.arange(len(rows))
+    dataset = _from_batches(lambda: batches(rows, view, order, batch_size), rows)
+    # a known length, so that Keras knows where the pass ends (no "ran out of data" warning)
+    return dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(len(rows) / batch_size)))
+
+
+def _from_batches(make: Callable[[], Any], rows: ActivationRows) -> Any:
+    import tensorflow as tf
+
+    shape = tuple(rows.cache.spec.shape or (rows.cache.spec.feature_dim,))
+    labels = rows.labels
+    signature = (
+        tf.TensorSpec((None, *shape), tf.float32),
+        tf.TensorSpec((None, *labels.shape[1:]), tf.as_dtype(labels.dtype)),
+    )
+    return tf.data.Dataset.from_generator(make, output_signature=signature).prefetch(2)
+
+
 # ----------------------------------------------------------------------------------------------- the stage
 def compile_for_finetune(model: Any, cfg: FinetuneConfig, class_mode: str, num_classes: int) -> None:
     """Compile with the low-learning-rate optimizer of ``finetune`` and the loss of the class mode."""
@@ -375,9 +429,14 @@ def finetune_model(
     seed: int,
     fingerprint: str = "",
     *,
+    fit_model: Any | None = None,
     progress: Reporter | None = None,
 ) -> dict[str, Any]:
     """Unfreeze, compile and fit ``model`` in place (resuming from ``work_dir`` if a killed run left state there).
+
+    ``fit_model`` is what is fitted when it is not ``model`` itself: the tail path's
+    :func:`tasks.models.full_model.tail_model`, which shares ``model``'s layers (``train`` and ``val`` then hold
+    cut-point activations, not images), so fitting it trains ``model``.
 
     ``train(first_epoch)`` builds ``(repeating dataset, steps per epoch)`` starting at that epoch (a resumed fit
     continues the shuffle and augmentation sequence where the killed one stopped), ``val`` is a finite labelled
@@ -389,6 +448,7 @@ def finetune_model(
 
     keras.utils.set_random_seed(seed)
     trainable = set_trainable(model, base, spec, cfg)
+    full_model, model = model, fit_model if fit_model is not None else model
     compile_for_finetune(model, cfg, class_mode, num_classes)
     work = FinetuneWork(Path(work_dir))
     backup_dir, log_file = work.keras_backup, work.epoch_log
@@ -403,12 +463,14 @@ def finetune_model(
         start_state(model, work, float(val_loss), float(val_accuracy), fingerprint)
     state = json.loads(work.state_file.read_text())
     done = state.get("finished") or state.get("stopped") or state["epochs_done"] >= cfg.epochs
+    fit_seconds = 0.0
     if resumed and done:  # killed after training ended (e.g. while saving): the best weights are on disk
         _load_weights(model, work.best_weights)
         epochs_ran: list[int] = []
     else:
         first_epoch = resume_epoch(backup_dir) if resumed else 0
         dataset, steps = train(first_epoch)
+        fit_start = time.perf_counter()
         history = model.fit(
             dataset,
             steps_per_epoch=steps,
@@ -424,16 +486,19 @@ def finetune_model(
             verbose=0,
         )
         epochs_ran = list(history.epoch)
+        fit_seconds = time.perf_counter() - fit_start
         state = json.loads(work.state_file.read_text())
+    per_epoch = round(fit_seconds / len(epochs_ran), 3) if epochs_ran else None
     resumed_from = 0
     if resumed:  # the first epoch this fit ran, i.e. how many epochs the killed run had finished
         resumed_from = int(epochs_ran[0]) if epochs_ran else int(state["epochs_done"])
     return {
         "trainable_layers": trainable,
-        "trainable_params": int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
+        "trainable_params": int(sum(int(np.prod(w.shape)) for w in full_model.trainable_weights)),
         "resumed_from_epoch": resumed_from,
         "state": state,
         "history": read_epoch_log(log_file),
+        "seconds_per_epoch": per_epoch,
     }
 
 
@@ -443,6 +508,10 @@ def finetune_manifest(
     summary: dict[str, Any],
     history: list[dict[str, str]],
     seconds: float,
+    *,
+    path: str = "full",
+    path_reason: str = "",
+    cut: str | None = None,
 ) -> FinetuneManifest:
     """The stage's manifest from :func:`finetune_model`'s summary (or a skipped run's), with
     :func:`weights_decision`'s sentence."""
@@ -474,4 +543,8 @@ def finetune_manifest(
         trainable_layers=list(summary["trainable_layers"]),
         trainable_params=int(summary["trainable_params"]),
         seconds=round(seconds, 3),
+        path=path,
+        path_reason=path_reason,
+        cut=cut,
+        seconds_per_epoch=summary.get("seconds_per_epoch"),
     )

@@ -135,6 +135,21 @@ def load_top_model(params: Params, layout: Layout, inputs: Inputs) -> tuple[Any,
     return model, loaded.model, loaded.spec
 
 
+def tail_model(full_model: Any, base: Any, cut_layer: str) -> Any:
+    """The part of ``full_model`` (:func:`build_full_model`) after the frozen cut: the base's layers from the
+    output of ``cut_layer`` on (in inference mode, as in the full model), then its pooling and its head.
+
+    The layers are the full model's own (shared weights), so training the tail trains the full model: nothing is
+    copied back. Input: the cut-point activation ``[B, *cut shape]``; output: what the full model outputs."""
+    cut = base.get_layer(cut_layer).output
+    base_tail = keras.Model(cut, base.output, name="base_tail")
+    inputs = keras.Input(tuple(cut.shape[1:]), name="cut_activation")
+    x = base_tail(inputs, training=False)
+    x = full_model.get_layer("pool")(x)
+    outputs = full_model.layers[-1](x)
+    return keras.Model(inputs, outputs, name="retrainflow_tail")
+
+
 def probability_matrix(predictions: np.ndarray, num_classes: int) -> np.ndarray:
     """Model outputs -> ``[N, num_classes]`` class probabilities (a single sigmoid column becomes ``[1 - p, p]``)."""
     p = np.asarray(predictions, dtype=np.float64)

@@ -13,16 +13,19 @@ back in the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 from tasks.config import Params
+from tasks.features.activations import activation_key_spec, finetune_path
 from tasks.features.cache import FeatureCache
-from tasks.features.extract import STAGE, FeaturesManifest, base_weights, compute_features
+from tasks.features.extract import STAGE, Activations, FeaturesManifest, base_weights, compute_features
 from tasks.features.read import key_spec_for, load_index
 from tasks.inputs import resolve_inputs
 from tasks.io.atomic import atomic_write_json
 from tasks.layout import Layout
+from tasks.models.bases import cut_point, load_base
 from tasks.progress import Reporter
 from tasks.reports.plots import write_run_record
 
@@ -43,12 +46,28 @@ def run_features(
     start = time.perf_counter()
     inputs = resolve_inputs(params, layout)
     table = load_index(layout, index)
+    path = finetune_path(params)
     loaded, weights_sha = base_weights(params, inputs.image_size)
+    if path.wants_activations and loaded is None:
+        loaded = load_base(params.base, inputs.image_size)  # the cut point is read off the built base
     spec = key_spec_for(inputs, params.features, weights_sha)
     # held until the last shard is committed: `retrainflow cache prune` skips a key in use
-    with FeatureCache.open(inputs.cache_root, spec).in_use() as cache:
-        manifest = compute_features(params, inputs, table, cache, loaded, progress=progress, start=start)
+    with contextlib.ExitStack() as held:
+        cache = held.enter_context(FeatureCache.open(inputs.cache_root, spec).in_use())
+        activations = None
+        if path.wants_activations:
+            cut = cut_point(loaded.model, inputs.base, params.finetune.unfreeze_blocks)
+            act_spec = activation_key_spec(inputs, params, weights_sha, cut)
+            act_cache = held.enter_context(FeatureCache.open(inputs.cache_root, act_spec).in_use())
+            activations = Activations(act_cache, cut)
+        manifest = compute_features(
+            params, inputs, table, cache, loaded, activations=activations, progress=progress, start=start
+        )
     atomic_write_json(layout.features_metrics, manifest.metrics_json())
     write_run_record(layout.run_record(STAGE), manifest.to_json())
     atomic_write_json(layout.features_manifest, manifest.stable_json())
+    atomic_write_json(
+        layout.activations_manifest,
+        manifest.activations_json() or {"path": path.path, "reason": path.reason},
+    )
     return manifest

@@ -12,18 +12,30 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 from tasks.config import Params
+from tasks.data.augment import CLEAN_VIEW
 from tasks.errors import InputError
-from tasks.inputs import resolve_inputs
+from tasks.features.activations import (
+    ACTIVATION_SPLITS,
+    activation_rows,
+    activation_views,
+    finetune_path,
+    open_activations,
+)
+from tasks.inputs import Inputs, resolve_inputs
 from tasks.io.atomic import atomic_write_json
 from tasks.layout import Layout
+from tasks.models.bases import CutPoint, cut_point
 from tasks.models.finetuning import (
     FINETUNE_METRIC_KEYS,
     STAGE,
     FinetuneManifest,
+    cached_training_views,
+    cached_view,
     finetune_manifest,
     finetune_model,
     labelled_view,
@@ -34,12 +46,44 @@ from tasks.models.finetuning import (
 from tasks.progress import Reporter
 
 
+def tail_data(
+    params: Params, layout: Layout, inputs: Inputs, cut: CutPoint, classes: Any
+) -> tuple[Callable[[int], tuple[Any, int]], Any]:
+    """The tail path's training views (``finetune.augment``: epoch e reads cached pass e mod ``augment.passes``,
+    else the clean view) and val's clean view, as cut-point activations from the features stage's cache."""
+    from tasks.data.index_table import read_index
+    from tasks.data.labels import encode_labels
+
+    index = read_index(layout)
+    cache = open_activations(layout, params, inputs, cut, index)
+    views = activation_views(params)
+    rows = {}
+    for split in ACTIVATION_SPLITS:
+        sub = index[index["split"] == split].reset_index(drop=True)
+        if len(sub) == 0:
+            raise InputError(f"finetune needs train and val images, got no {split} images")
+        labels = encode_labels(sub["class_id"].to_numpy(), classes.class_mode, classes.num_classes)
+        rows[split] = activation_rows(cache, [str(s) for s in sub["sha256"]], views[split], labels)
+    augmented = [view for view in views["train"] if view != CLEAN_VIEW]
+    epoch_views = augmented if params.finetune.augment and augmented else [CLEAN_VIEW]
+    train = cached_training_views(
+        rows["train"], epoch_views, batch_size=params.finetune.batch_size, seed=params.seed
+    )
+    return train, cached_view(rows["val"], CLEAN_VIEW, params.finetune.batch_size)
+
+
 def run_finetune(params: Params, layout: Layout, *, progress: Reporter | None = None) -> FinetuneManifest:
     """Build the full model from the trained head, fine-tune it (unless ``finetune.epochs`` is 0) and save it.
 
     ``progress`` gets one :class:`tasks.progress.Step` per epoch (task "finetune", unit "epoch")."""
     from tasks.data.index_table import read_classes, read_index
-    from tasks.models.full_model import load_top_model, raw_pixels, read_bundle_model_sha256, save_bundle
+    from tasks.models.full_model import (
+        load_top_model,
+        raw_pixels,
+        read_bundle_model_sha256,
+        save_bundle,
+        tail_model,
+    )
     from tasks.reports.plots import write_run_record
 
     start = time.perf_counter()
@@ -50,7 +94,28 @@ def run_finetune(params: Params, layout: Layout, *, progress: Reporter | None = 
     model, base, spec = load_top_model(params, layout, inputs)
     work_dir = layout.finetune_checkpoints
     history: list[dict[str, str]] = []
-    if cfg.epochs == 0:
+    path = finetune_path(params)
+    cut = None
+    if path.path == "tail":
+        cut = cut_point(base, spec, cfg.unfreeze_blocks)
+        train, val = tail_data(params, layout, inputs, cut, classes)
+        summary = finetune_model(
+            model,
+            base,
+            spec,
+            train,
+            val,
+            cfg,
+            classes.class_mode,
+            classes.num_classes,
+            work_dir,
+            params.seed,
+            run_fingerprint(params, layout),
+            fit_model=tail_model(model, base, cut.layer),
+            progress=progress,
+        )
+        history = summary["history"]
+    elif cfg.epochs == 0:
         shutil.rmtree(work_dir, ignore_errors=True)
         summary: dict[str, Any] = {
             "trainable_layers": [],
@@ -105,7 +170,16 @@ def run_finetune(params: Params, layout: Layout, *, progress: Reporter | None = 
         image.crop_to_aspect_ratio,
     )
     shutil.rmtree(work_dir, ignore_errors=True)
-    manifest = finetune_manifest(layout, cfg, summary, history, time.perf_counter() - start)
+    manifest = finetune_manifest(
+        layout,
+        cfg,
+        summary,
+        history,
+        time.perf_counter() - start,
+        path=path.path,
+        path_reason=path.reason,
+        cut=cut.layer if cut is not None else None,
+    )
 
     # metrics/finetune.json (model-quality figures), the history CSV and the run record (the rest, with the saved
     # model's sha256)
