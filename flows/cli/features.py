@@ -71,21 +71,26 @@ def features_cmd(
         typer.echo(json.dumps(manifest.to_json(), indent=2))
     else:
         written = [Path(manifest.cache_dir) / manifest.cache_key, layout.features_manifest]
-        written += [layout.features_metrics, layout.run_record("features")]
+        if manifest.activations:
+            written.insert(1, Path(manifest.cache_dir) / manifest.activations["cache_key"])
+        written += [layout.activations_manifest, layout.features_metrics, layout.run_record("features")]
         typer.echo(f"{manifest.summary()}; wrote {', '.join(p.as_posix() for p in written)}")
 
 
-def _current_key(
+def _current_keys(
     params_file: Path, overrides: list[str] | None, workdir: Path, *, required: bool = True
-) -> tuple[str | None, Path]:
-    """(cache key of the current params, cache root): fingerprints the weights, builds nothing for files.
+) -> tuple[set[str], Path]:
+    """(cache keys the current params use, cache root): the pooled features' key, plus the cut-point activations'
+    when fine-tuning takes the tail path. Fingerprints the weights (building nothing for files; the cut point is
+    read off the architecture without weights).
 
     When the weights are unavailable (a user error of the error map): exit with the error, or
     (``required=False``) warn and give no key.
     """
+    from tasks.features.activations import activation_key_spec, finetune_path
     from tasks.features.read import key_spec_for
     from tasks.inputs import resolve_inputs
-    from tasks.models.bases import weights_fingerprint
+    from tasks.models.bases import cut_point_of, weights_fingerprint
 
     loaded = load_or_exit(params_file, overrides)
     inputs = resolve_inputs(loaded, layout_for(workdir))
@@ -98,8 +103,12 @@ def _current_key(
         print_error("error" if required else "warning", err)
         if required:
             raise typer.Exit(EXIT_WEIGHTS) from None
-        return None, root
-    return key_spec_for(inputs, loaded.features, sha).key, root
+        return set(), root
+    keys = {key_spec_for(inputs, loaded.features, sha).key}
+    if finetune_path(loaded).wants_activations:
+        cut = cut_point_of(loaded.base, inputs.image_size, loaded.finetune.unfreeze_blocks)
+        keys.add(activation_key_spec(inputs, loaded, sha, cut).key)
+    return keys, root
 
 
 @cache_app.command("list")
@@ -112,12 +121,12 @@ def cache_list(
     """List the cache keys with their rows and size; `*` marks the key the current params use."""
     from tasks.features.cache import list_keys
 
-    current, root = _current_key(params, set_, workdir, required=False)
+    current, root = _current_keys(params, set_, workdir, required=False)
     keys = list_keys(root)
     if as_json:
         typer.echo(
             json.dumps(
-                [{**info.__dict__, "current": info.key == current} for info in keys], indent=2, default=str
+                [{**info.__dict__, "current": info.key in current} for info in keys], indent=2, default=str
             )
         )
         return
@@ -128,7 +137,9 @@ def cache_list(
     for info in keys:
         spec = info.spec
         what = f"{spec.get('base')} alpha={spec.get('alpha')} size={spec.get('image_size')} {spec.get('pooling')}"
-        mark = "*" if info.key == current else " "
+        if spec.get("cut"):
+            what += f" cut={spec['cut']} {'x'.join(str(n) for n in spec.get('shape', []))}"
+        mark = "*" if info.key in current else " "
         typer.echo(
             f"{mark} {info.key:<34} {info.rows:>8} rows {info.shards:>5} shards {_human(info.bytes):>10}  {what}"
         )
@@ -143,20 +154,20 @@ def cache_prune(
     workdir: WorkdirOpt = Path("."),
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
 ) -> None:
-    """Remove every cache key the current params do not use (try `--dry-run` first).
+    """Remove every cache key the current params do not use (try `--dry-run` first): the pooled features' key
+    and, when fine-tuning trains the tail, the cut-point activations' key are kept.
 
     Holds the workspace lock (as every writing command) and each key's own lock: a key a running `retrainflow
     features` is writing (from any workspace sharing the cache) is skipped and reported, never removed under it.
     """
     from tasks.features.cache import prune_keys
 
-    current, root = _current_key(params, set_, workdir)
-    assert current is not None  # required=True exits otherwise
+    current, root = _current_keys(params, set_, workdir)
     if dry_run:  # reads only: no workspace lock, so it also works while a run holds it
-        result = prune_keys(root, {current}, dry_run=True)
+        result = prune_keys(root, current, dry_run=True)
     else:
         with locked(layout_for(workdir), "retrainflow cache prune"):
-            result = prune_keys(root, {current}, dry_run=False)
+            result = prune_keys(root, current, dry_run=False)
     verb = "would remove" if dry_run else "removed"
     for info in result.removed:
         typer.echo(f"{verb} {info.key} ({info.rows} rows, {_human(info.bytes)})")
@@ -167,5 +178,5 @@ def cache_prune(
     skipped = f", skipped {len(result.in_use)} in use" if result.in_use else ""
     typer.echo(
         f"{verb} {len(result.removed)} keys, {_human(sum(i.bytes for i in result.removed))} from {root}"
-        f"{skipped}; kept {current}"
+        f"{skipped}; kept {', '.join(sorted(current))}"
     )

@@ -531,3 +531,14 @@ def cut_point(model: Any, spec: BaseSpec, last_n: int) -> CutPoint:
         )
     ((layer, tensor),) = fed.items()
     return CutPoint(base=spec.name, block=block, layer=layer, shape=tuple(tensor.shape[1:]), blocks=last_n)
+
+
+def cut_point_of(cfg: BaseChoice, image_size: tuple[int, int], last_n: int) -> CutPoint:
+    """:func:`cut_point` of ``cfg``'s architecture at ``image_size``, built without weights (names and shapes
+    are all a cut point needs): for callers that only need the activations' cache key."""
+    spec = get_spec(cfg.name)
+    alpha = spec.resolve_alpha(cfg.alpha)
+    kwargs: dict[str, Any] = {"include_top": False, "input_shape": (*resolve_image_size(image_size, spec), 3)}
+    if alpha is not None:
+        kwargs["alpha"] = alpha
+    return cut_point(spec.constructor(weights=None, **kwargs), spec, last_n)
