@@ -1,0 +1,163 @@
+"""A fine-tuning schedule sweep on cached cut-point activations, scored on val, test reported once.
+
+One workspace per seed (the same index and feature cache; train_top per seed), then for every schedule of the grid
+and every seed the real ``finetune`` stage (tail path) with ``min_improvement: 0`` (so the epoch with the lowest val
+loss is kept whenever it beats top-only). The schedule with the lowest mean best val loss over the seeds is chosen,
+on val only; then, for that schedule alone, the ``evaluate`` stage gives the test accuracy of the fine-tuned and
+the top-only model per seed (the test split is read once, for the chosen schedule).
+
+    .venv/bin/python bench/finetune_sweep.py --dataset ../shared/datasets/flowers --out bench/results/sweep_flowers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness import SHARED, report  # noqa: E402
+
+# name -> finetune overrides (the rest: params.yaml's finetune section)
+GRID: dict[str, dict[str, object]] = {
+    "sgd 1e-4 (old default)": {"optimizer": "sgd", "lr": 1e-4},
+    "sgd 1e-3": {"optimizer": "sgd", "lr": 1e-3},
+    "adam 1e-4": {"optimizer": "adam", "lr": 1e-4},
+    "adam 1e-4 + cached aug": {"optimizer": "adam", "lr": 1e-4, "augment": True},
+    "adam 3e-5": {"optimizer": "adam", "lr": 3e-5},
+    "sgd 1e-3 + cached aug": {"optimizer": "sgd", "lr": 1e-3, "augment": True},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", type=Path, default=SHARED / "datasets" / "flowers")
+    ap.add_argument("--seeds", default="42,43,44")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--patience", type=int, default=2)
+    ap.add_argument("--passes", type=int, default=1, help="augment.passes (cached augmented views)")
+    ap.add_argument("--unfreeze-blocks", type=int, default=2)
+    ap.add_argument("--only", default=None, help="comma-separated schedule names (default: the whole grid)")
+    ap.add_argument(
+        "--weights",
+        type=Path,
+        default=SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+    )
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    from tasks.config import params_from_dict
+    from tasks.layout import Layout
+    from tasks.stages.run_evaluate import run_evaluate
+    from tasks.stages.run_features import run_features
+    from tasks.stages.run_finetune import run_finetune
+    from tasks.stages.run_index import run_index
+    from tasks.stages.run_train_top import run_train_top
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    grid = {k: v for k, v in GRID.items() if args.only is None or k in args.only.split(",")}
+    work = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
+
+    def params(seed: int, **finetune: object):
+        return params_from_dict(
+            {
+                "seed": seed,
+                "data": {"root": str(args.dataset)},
+                "augment": {"passes": args.passes},
+                "base": {"name": "mobilenet_v2", "weights": str(args.weights)},
+                "features": {"cache_dir": str(work / "cache")},
+                "finetune": {
+                    "epochs": args.epochs,
+                    "patience": args.patience,
+                    "unfreeze_blocks": args.unfreeze_blocks,
+                    "min_improvement": 0.0,
+                    **finetune,
+                },
+            }
+        )
+
+    t0 = time.perf_counter()
+    first = Layout(work / f"seed{seeds[0]}")
+    run_index(params(seeds[0]), first)
+    layouts = {}
+    for seed in seeds:
+        layout = Layout(work / f"seed{seed}")
+        if seed != seeds[0]:
+            shutil.copytree(first.index_dir, layout.index_dir)
+        features = run_features(params(seed), layout)
+        run_train_top(params(seed), layout)
+        layouts[seed] = layout
+    setup_seconds = time.perf_counter() - t0
+    print(f"setup {setup_seconds:.0f} s: {features.summary()}", flush=True)
+
+    results: dict[str, list[dict[str, object]]] = {}
+    for name, overrides in grid.items():
+        for seed in seeds:
+            m = run_finetune(params(seed, **overrides), layouts[seed])
+            row = {
+                "seed": seed,
+                "top_only_val_loss": m.top_only_val_loss,
+                "top_only_val_accuracy": m.top_only_val_accuracy,
+                "val_loss": m.val_loss,
+                "val_accuracy": m.val_accuracy,
+                "best_epoch": m.best_epoch,
+                "epochs_run": m.epochs_run,
+                "seconds_per_epoch": m.seconds_per_epoch,
+            }
+            results.setdefault(name, []).append(row)
+            print(name, json.dumps(row), flush=True)
+
+    def mean(name: str, key: str) -> float:
+        return statistics.mean(float(r[key]) for r in results[name])
+
+    chosen = min(results, key=lambda n: mean(n, "val_loss"))
+    lines = [
+        f"dataset {args.dataset.name}: {features.rows} images, augment.passes {args.passes}, unfreeze_blocks "
+        f"{args.unfreeze_blocks}, up to {args.epochs} epochs (patience {args.patience}), seeds {seeds}",
+        "| schedule | val loss top-only -> fine-tuned (mean of seeds) | val accuracy top-only -> fine-tuned | "
+        "epoch kept (per seed) | s/epoch |",
+        "|---|---|---|---|---|",
+    ]
+    for name in results:
+        lines.append(
+            f"| {name}{' **(chosen)**' if name == chosen else ''} | {mean(name, 'top_only_val_loss'):.4f} -> "
+            f"{mean(name, 'val_loss'):.4f} | {mean(name, 'top_only_val_accuracy'):.4f} -> "
+            f"{mean(name, 'val_accuracy'):.4f} | {[r['best_epoch'] for r in results[name]]} | "
+            f"{mean(name, 'seconds_per_epoch'):.1f} |"
+        )
+
+    tests = []
+    for seed in seeds:  # the test split, once, for the schedule chosen on val
+        run_finetune(params(seed, **grid[chosen]), layouts[seed])
+        run_evaluate(params(seed, **grid[chosen]), layouts[seed])
+        metrics = json.loads(layouts[seed].evaluate_metrics.read_text())
+        tests.append({k: metrics[k] for k in metrics if k.startswith(("test_", "top_only_test_"))})
+    acc = statistics.mean(t["test_accuracy"] for t in tests)
+    top = statistics.mean(t["top_only_test_accuracy"] for t in tests)
+    loss = statistics.mean(t["test_loss"] for t in tests)
+    top_loss = statistics.mean(t["top_only_test_loss"] for t in tests)
+    lines.append(
+        f"chosen on val: {chosen}; test accuracy (mean of {len(seeds)} seeds) fine-tuned {acc:.4f} vs top-only "
+        f"{top:.4f} ({(acc - top) * 100:+.2f} points); test loss {loss:.4f} vs {top_loss:.4f}; per seed "
+        f"{[round(t['test_accuracy'], 4) for t in tests]} vs {[round(t['top_only_test_accuracy'], 4) for t in tests]}"
+    )
+    lines.append(f"total {time.perf_counter() - t0:.0f} s")
+    report(
+        "Fine-tuning schedule sweep (tail path)",
+        lines,
+        {"results": results, "chosen": chosen, "test": tests},
+        args.out,
+    )
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
