@@ -110,7 +110,9 @@ def can_download(url: str, timeout: float = 3.0) -> bool:
 def check_weights(params: Params, download: Callable[[str], bool] = can_download) -> Check:
     """Are the base's weights available without a download? ImageNet weights neither in the Keras cache nor
     downloadable (``download(url)`` is False: an offline machine) block a run: the features stage would fail."""
-    from tasks.models.bases import get_spec, keras_cache_dir, resolve_image_size
+    from tasks.inputs import resolve_inputs
+    from tasks.layout import Layout
+    from tasks.models.bases import imagenet_weights_file, keras_cache_dir
 
     weights = params.base.weights
     if weights == "none":
@@ -119,10 +121,9 @@ def check_weights(params: Params, download: Callable[[str], bool] = can_download
         )
     if weights != "imagenet":
         return Check("weights", "ok", f"weights file {weights}")
-    spec = get_spec(params.base.name)
     try:
-        size = resolve_image_size(params.image.size, spec)
-        wanted = spec.imagenet_file(spec.resolve_alpha(params.base.alpha), size)
+        inputs = resolve_inputs(params, Layout(Path(".")))  # the size and alpha, as the stages resolve them
+        wanted = imagenet_weights_file(inputs.base, inputs.alpha, inputs.image_size)
     except ValueError as err:
         return Check("weights", "fail", str(err), "fix base / image params")
     cache = keras_cache_dir()
@@ -140,7 +141,7 @@ def check_weights(params: Params, download: Callable[[str], bool] = can_download
         "weights",
         "fail",
         f"{wanted.name} not in {cache} and {wanted.url} is unreachable: the features stage cannot load "
-        f"the ImageNet weights of {spec.name}",
+        f"the ImageNet weights of {inputs.base.name}",
         fix,
     )
 

@@ -128,17 +128,19 @@ def read_features(
     *,
     index: Any | None = None,
     stage: str = "read_features",
+    inputs: Inputs | None = None,
 ) -> FeatureSet:
     """Float32 features of ``split``'s rows of the current index, view by view (clean first) in index order.
 
     The cache key comes from the last ``features`` run (its weights fingerprint) and must match ``params``, and the
     views the params ask for must be among those computed: otherwise a :class:`FeaturesMismatchError` names each
     param that differs (``<stage>: the features were computed with augment.passes=2 but the params say 3; run
-    ...``); rows of an index the features never saw raise it too.
+    ...``); rows of an index the features never saw raise it too. ``inputs``: the stage's resolved inputs
+    (:func:`tasks.inputs.resolve_inputs`, resolved here when not given).
     """
     view_plan = split_views(params, split, views)
     manifest = read_manifest(layout)
-    inputs = resolve_inputs(params, layout)
+    inputs = inputs if inputs is not None else resolve_inputs(params, layout)
     spec = key_spec_for(inputs, params.features, manifest["key_spec"]["weights_sha256"])
     needed = [view for view, _, _ in view_plan]
     if spec.key != manifest["cache_key"] or not set(needed) <= set(manifest["views"].get(split, [])):

@@ -340,12 +340,17 @@ def sha256_of_arrays(arrays: Sequence[Any]) -> str:
     return digest.hexdigest()
 
 
+def imagenet_weights_file(spec: BaseSpec, alpha: float | None, image_size: tuple[int, int]) -> WeightsFile:
+    """The ImageNet weights file Keras loads for this base, resolved width (``None``: 1.0) and input size."""
+    return spec.imagenet_file(alpha if alpha is not None else 1.0, image_size)
+
+
 def imagenet_weights_path(spec: BaseSpec, alpha: float | None, image_size: tuple[int, int]) -> Path:
     """The ImageNet weights file from the Keras cache, downloaded there when missing and online.
 
     Offline with no cached file: :class:`WeightsUnavailableError` naming the file, the folder and the remedies.
     """
-    wanted = spec.imagenet_file(alpha if alpha is not None else 1.0, image_size)
+    wanted = imagenet_weights_file(spec, alpha, image_size)
     folder = keras_cache_dir()
     path = folder / wanted.name
     if path.is_file():

@@ -257,11 +257,39 @@ def weights_decision(
     val_loss: float | None,
     tried: tuple[int, float] | None,
     min_improvement: float,
+    path: str | None = None,
+    val_accuracy: tuple[float | None, float | None] | None = None,
 ) -> str:
     """One sentence: which weights the candidate holds (top-only or a fine-tuning epoch's) and why, with the
-    val losses that decided it (:func:`improves`' rule)."""
+    val losses that decided it (:func:`improves`' rule); with ``path`` and ``val_accuracy`` (top-only, kept) it
+    also says what fine-tuning changed on val accuracy and which path trained."""
     if skipped:
         return "kept the top-only weights: fine-tuning was skipped (finetune.epochs 0)"
+    return _decision(best_epoch, top_only_val_loss, val_loss, tried, min_improvement) + _path_note(
+        path, val_accuracy
+    )
+
+
+_PATH_NAMES = {"tail": "tail path, on cached cut-point activations", "full": "full path, on decoded images"}
+
+
+def _path_note(path: str | None, val_accuracy: tuple[float | None, float | None] | None) -> str:
+    notes = []
+    if val_accuracy is not None and None not in val_accuracy:
+        before, after = val_accuracy
+        notes.append(f"val accuracy {_percent(before)} -> {_percent(after)}")
+    if path in _PATH_NAMES:
+        notes.append(_PATH_NAMES[path])
+    return f"; {'; '.join(notes)}" if notes else ""
+
+
+def _decision(
+    best_epoch: int,
+    top_only_val_loss: float | None,
+    val_loss: float | None,
+    tried: tuple[int, float] | None,
+    min_improvement: float,
+) -> str:
     by = f" by {_percent(min_improvement)}" if min_improvement > 0 else ""
     if best_epoch == 0:
         best = f" (best epoch {tried[0]}: {tried[1]:.4f})" if tried else ""
@@ -525,6 +553,8 @@ def finetune_manifest(
         val_loss=state.get("best_val_loss"),
         tried=tried,
         min_improvement=cfg.min_improvement,
+        path=path,
+        val_accuracy=(state.get("top_only_val_accuracy"), state.get("best_val_accuracy")),
     )
     return FinetuneManifest(
         model_file=layout.candidate_model.as_posix(),

@@ -39,14 +39,16 @@ def run_train_top(params: Params, layout: Layout, *, progress: Reporter | None =
     from tasks.data.index_table import read_classes
     from tasks.data.labels import encode_labels
     from tasks.features.read import read_features, read_manifest
+    from tasks.inputs import resolve_inputs
     from tasks.models.heads import save_head
     from tasks.reports.plots import write_run_record
 
     start = time.perf_counter()
     check_head_names(params.top)
     classes = read_classes(layout)
-    train_set = read_features(params, layout, "train", views="all", stage=STAGE)
-    val_set = read_features(params, layout, "val", views="clean", stage=STAGE)
+    inputs = resolve_inputs(params, layout)
+    train_set = read_features(params, layout, "train", views="all", stage=STAGE, inputs=inputs)
+    val_set = read_features(params, layout, "val", views="clean", stage=STAGE, inputs=inputs)
 
     def encoded(fs: Any) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(fs.x, dtype=np.float32)

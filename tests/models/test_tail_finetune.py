@@ -120,6 +120,11 @@ def test_finetuning_from_cached_activations_lowers_val_loss_and_says_which_path_
     manifest = run_finetune(params(), layout)
     assert manifest.path == "tail" and manifest.cut == "conv_pad_12"
     assert manifest.kept == "fine-tuned" and manifest.val_loss < manifest.top_only_val_loss
+    assert manifest.decision.startswith(
+        f"kept the fine-tuned weights of epoch {manifest.best_epoch}: val loss"
+    )
+    assert manifest.decision.endswith("; tail path, on cached cut-point activations")
+    assert f"val accuracy {manifest.top_only_val_accuracy * 100:.3g}% -> " in manifest.decision
     metrics = json.loads(layout.finetune_metrics.read_text())
     assert metrics["path"] == "tail" and metrics["best_epoch"] >= 1
     record = json.loads(layout.run_record("finetune").read_text())
