@@ -105,14 +105,12 @@ def test_an_ambiguous_cut_names_the_base_and_the_block():
 
 # ------------------------------------------------------------------------------------------ the stage
 @pytest.fixture(scope="module")
-def indexed(tmp_path_factory):
-    from imagegen import make_class_folders
-
+def indexed(tmp_path_factory, imagegen):
     from tasks.layout import Layout
     from tasks.stages.run_index import run_index
 
     root = tmp_path_factory.mktemp("acts")
-    data = make_class_folders(root / "images", ["blue", "red"], per_class=6, size=32)
+    data = imagegen.make_class_folders(root / "images", ["blue", "red"], per_class=6, size=32)
     params = _params(data, root / "cache")
     layout = Layout(root / "work")
     run_index(params, layout)
@@ -128,9 +126,7 @@ def _activation_cache(manifest):
     return FeatureCache.open(manifest.cache_dir, spec, create=False)
 
 
-def test_activations_are_computed_once_and_only_for_what_changes(indexed, tmp_path):
-    from imagegen import make_class_folders
-
+def test_activations_are_computed_once_and_only_for_what_changes(indexed, tmp_path, imagegen):
     from tasks.stages.run_features import run_features
 
     data, root, layout = indexed
@@ -167,7 +163,7 @@ def test_activations_are_computed_once_and_only_for_what_changes(indexed, tmp_pa
     }
 
     # new images: only theirs
-    more = make_class_folders(tmp_path / "more", ["blue"], per_class=2, size=32, seed=9)
+    more = imagegen.make_class_folders(tmp_path / "more", ["blue"], per_class=2, size=32, seed=9)
     for path in (more / "blue").iterdir():
         path.rename(data / "blue" / f"new_{path.name}")
     from tasks.stages.run_index import run_index

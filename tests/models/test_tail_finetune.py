@@ -65,17 +65,15 @@ def test_tail_and_full_model_agree_before_and_after_training_the_tail():
 
 
 @pytest.fixture(scope="module")
-def learnable(tmp_path_factory):
+def learnable(tmp_path_factory, imagegen):
     """A tiny learnable workspace through train_top with a 1-epoch head, so fine-tuning has room to help."""
-    from imagegen import make_class_folders
-
     from tasks.layout import Layout
     from tasks.stages.run_features import run_features
     from tasks.stages.run_index import run_index
     from tasks.stages.run_train_top import run_train_top
 
     root = tmp_path_factory.mktemp("tail_ws")
-    data = make_class_folders(root / "images", ["blue", "red", "green"], per_class=10, size=32)
+    data = imagegen.make_class_folders(root / "images", ["blue", "red", "green"], per_class=10, size=32)
 
     def params(**finetune):
         return params_from_dict(
