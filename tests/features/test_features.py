@@ -15,8 +15,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import shared_path
-from imagegen import CLASS_COLOURS, coloured_image, make_class_folders
 
 from tasks.config import Params, params_from_dict
 from tasks.inputs import ImageSpec
@@ -104,8 +102,8 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
 
 
 @pytest.fixture
-def workspace(tmp_path: Path) -> tuple[Path, Layout]:
-    root = make_class_folders(tmp_path / "images", CLASSES, per_class=10, size=40)
+def workspace(tmp_path: Path, imagegen) -> tuple[Path, Layout]:
+    root = imagegen.make_class_folders(tmp_path / "images", CLASSES, per_class=10, size=40)
     return root, Layout(tmp_path / "ws")
 
 
@@ -116,7 +114,7 @@ def counts(index: pd.DataFrame, passes: int) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------------ tests
 @pytest.mark.slow
-def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.CaptureFixture):
+def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.CaptureFixture, imagegen):
     from tasks.stages.run_features import run_features
 
     root, layout = workspace
@@ -156,7 +154,9 @@ def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.Ca
     # 3. +10% images (2 of 20): only their views are computed
     new_files = []
     for i, name in enumerate(CLASSES):
-        coloured_image(CLASS_COLOURS[name], 40, seed=9_000 + i).save(root / name / f"{name}_new.png")
+        imagegen.coloured_image(imagegen.CLASS_COLOURS[name], 40, seed=9_000 + i).save(
+            root / name / f"{name}_new.png"
+        )
         new_files.append(f"{name}/{name}_new.png")
     grown = hand_index(root)
     new = grown[grown["path"].isin(new_files)]
@@ -381,7 +381,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(workspace, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.shared
-def test_real_mobilenet_weights_by_path(workspace, recorder: Recorder):
+def test_real_mobilenet_weights_by_path(workspace, recorder: Recorder, shared_path):
     from tasks.features.read import read_features
     from tasks.stages.run_features import run_features
 
@@ -406,13 +406,13 @@ def test_real_mobilenet_weights_by_path(workspace, recorder: Recorder):
 
 
 @pytest.mark.slow
-def test_cli_features_then_cache_list_and_prune(tmp_path: Path):
+def test_cli_features_then_cache_list_and_prune(tmp_path: Path, imagegen):
     import yaml
     from typer.testing import CliRunner
 
     from flows.cli import app
 
-    root = make_class_folders(tmp_path / "images", CLASSES, per_class=8, size=40)
+    root = imagegen.make_class_folders(tmp_path / "images", CLASSES, per_class=8, size=40)
     raw: dict[str, Any] = {k: dict(v) for k, v in TINY.items()}
     raw["data"] = {"root": str(root), "min_per_split": 0}
     params_file = tmp_path / "params.yaml"

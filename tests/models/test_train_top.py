@@ -144,15 +144,14 @@ def test_head_and_its_json_stay_paired_when_a_save_is_killed_between_them(tmp_pa
 
 # ------------------------------------------------------------------------------------ the stage on features
 @pytest.fixture
-def featured(tmp_path):
+def featured(tmp_path, imagegen):
     """A workspace whose index and features ran (tiny random base, 2 augmented passes), and its params file."""
     import yaml
-    from imagegen import make_class_folders
     from typer.testing import CliRunner
 
     from flows.cli import app
 
-    root = make_class_folders(tmp_path / "images", ["blue", "red"], per_class=8, size=40)
+    root = imagegen.make_class_folders(tmp_path / "images", ["blue", "red"], per_class=8, size=40)
     raw = {
         "data": {"root": str(root), "min_per_split": 0},
         "image": {"size": 32},

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from imagegen import make_class_folders
 from relhelp import (
     RETRAINFLOW,
     check_cache_consistent,
@@ -31,23 +30,21 @@ KILLPOINTS_SCRIPT = Path(__file__).with_name("killpoints.py")
 
 
 @pytest.fixture
-def workspace(tmp_path: Path) -> Path:
-    make_class_folders(tmp_path / "data" / "images", ["red", "blue"], per_class=6, size=32)
+def workspace(tmp_path: Path, imagegen) -> Path:
+    imagegen.make_class_folders(tmp_path / "data" / "images", ["red", "blue"], per_class=6, size=32)
     write_params(tmp_path, tiny_dict())
     return tmp_path
 
 
 @pytest.mark.slow
-def test_two_pipeline_runs_at_once_in_one_workspace(workspace: Path) -> None:
+def test_two_pipeline_runs_at_once_in_one_workspace(workspace: Path, prefect_api_url) -> None:
     """Two `retrainflow run` (the retrain flow) started together on tiny data: one runs the pipeline and promotes,
     the other exits 3 naming the winner's PID (or, had it started after the first finished, skips as unchanged);
     afterwards the feature cache, the registry and the champion are consistent and the lock is free."""
-    from prefect_api import local_server
-
     from tasks.inputs import cache_root
     from tasks.models.registry import read_registry
 
-    env = quiet_env({"PREFECT_API_URL": local_server()})
+    env = quiet_env({"PREFECT_API_URL": prefect_api_url})
     procs = [
         subprocess.Popen(
             [str(RETRAINFLOW), "run", "--json"],
@@ -130,14 +127,14 @@ def test_two_cli_runs_at_once_in_one_workspace(workspace: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_workspaces_share_one_feature_cache(tmp_path: Path) -> None:
+def test_two_workspaces_share_one_feature_cache(tmp_path: Path, imagegen) -> None:
     """The feature cache is shared between workspaces (features.cache_dir): two writers at once, same pairs."""
     from tasks.config import load_params
     from tasks.features.read import read_features
     from tasks.stages.run_features import run_features
     from tasks.stages.run_index import run_index
 
-    root = make_class_folders(tmp_path / "images", ["red", "blue"], per_class=10, size=32)
+    root = imagegen.make_class_folders(tmp_path / "images", ["red", "blue"], per_class=10, size=32)
     cache = tmp_path / "shared_cache"
     params_file = write_params(tmp_path, tiny_dict(root, features={"cache_dir": str(cache), "shard_size": 4}))
     params = load_params(params_file)

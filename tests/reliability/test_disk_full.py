@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from imagegen import make_class_folders
 from relhelp import (
     check_cache_consistent,
     leftover_temp_files,
@@ -57,13 +56,13 @@ def features_by_split(params, layout) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def dataset(tmp_path_factory, imagegen):
     """Images and a reference run that never failed (its features are the expected ones)."""
     from tasks.stages.run_features import run_features
     from tasks.stages.run_index import run_index
 
     tmp = tmp_path_factory.mktemp("diskfull")
-    root = make_class_folders(tmp / "images", ["red", "blue"], per_class=10, size=32)
+    root = imagegen.make_class_folders(tmp / "images", ["red", "blue"], per_class=10, size=32)
     params = tiny_params(root)
     reference = Layout(tmp / "reference")
     run_index(params, reference)
@@ -124,13 +123,11 @@ DISKFULL_CLI = Path(__file__).with_name("diskfull_cli.py")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [["stage", "features"], ["run"]], ids=["stage-features", "run"])
-def test_stage_and_run_report_full_disk_clearly(dataset, tmp_path, command) -> None:
+def test_stage_and_run_report_full_disk_clearly(dataset, tmp_path, command, prefect_api_url) -> None:
     """`retrainflow stage features` (what `dvc repro` runs) and `retrainflow run`, which run the stage inside a
     Prefect flow, exit like `retrainflow features` does on a full disk: code 1 and one `error:` line naming it,
     after the task's retry failed too (a full disk stays full). Real processes: the CLI with the shard writer
     failing (diskfull_cli.py), reporting to the session's Prefect server."""
-    from prefect_api import local_server
-
     from tasks.stages.run_index import run_index
 
     root, _, _ = dataset
@@ -139,7 +136,7 @@ def test_stage_and_run_report_full_disk_clearly(dataset, tmp_path, command) -> N
     proc = subprocess.run(
         [sys.executable, str(DISKFULL_CLI), "2", *command, "--params", "params.yaml"],
         cwd=tmp_path,
-        env=quiet_env({"PREFECT_API_URL": local_server()}),
+        env=quiet_env({"PREFECT_API_URL": prefect_api_url}),
         capture_output=True,
         text=True,
         timeout=600,

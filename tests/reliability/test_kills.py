@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from imagegen import make_class_folders
 from killpoints import killed_line, run_counted
 from relhelp import check_cache_consistent, leftover_temp_files, quiet_env, tiny_dict, write_params
 
@@ -36,12 +35,12 @@ INPUTS = {
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, imagegen):
     """Images, params and a reference workspace run uninterrupted, with each stage's write events counted."""
     from tasks.stages.run_index import run_index
 
     base = tmp_path_factory.mktemp("kills")
-    root = make_class_folders(base / "images", ["red", "blue"], per_class=10, size=32)
+    root = imagegen.make_class_folders(base / "images", ["red", "blue"], per_class=10, size=32)
     params_file = write_params(base, tiny_dict(root, finetune={"epochs": 2}, top={"epochs": 3}))
     params = load_params(params_file)
     layout = Layout(base / "reference")
@@ -185,18 +184,20 @@ def test_kill_during_finetune(reference, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_kill_during_index_never_pairs_a_new_table_with_old_classes(tmp_path) -> None:
+def test_kill_during_index_never_pairs_a_new_table_with_old_classes(tmp_path, imagegen) -> None:
     """A new class arrives; the index run is killed between its three file writes. The stages that read the index
     get either a consistent (table, classes) pair or a clear error, never silently shifted class ids."""
     from tasks.data.index_table import read_classes, read_index
     from tasks.stages.run_index import run_index
 
-    root = make_class_folders(tmp_path / "images", ["red", "blue"], per_class=4, size=32)
+    root = imagegen.make_class_folders(tmp_path / "images", ["red", "blue"], per_class=4, size=32)
     params_file = write_params(tmp_path, tiny_dict(root))
     params = load_params(params_file)
     ref = Layout(tmp_path / "ref")
     run_index(params, ref)
-    make_class_folders(root, ["green"], per_class=4, size=32, seed=5)  # "blue" < "green" < "red": ids shift
+    imagegen.make_class_folders(
+        root, ["green"], per_class=4, size=32, seed=5
+    )  # "blue" < "green" < "red": ids shift
     events = run_counted("index", params, Layout(tmp_path / "counted"))
     replaces = [i + 1 for i, name in enumerate(events) if name == "replace"]
     assert len(replaces) == 3, events
@@ -263,7 +264,7 @@ def _stand_in_candidate(layout: Layout, payload: bytes, accuracy: float) -> None
     (layout.metrics_dir / "evaluate.json").write_text(json.dumps({"test_accuracy": accuracy}))
 
 
-def test_kill_during_promotion_keeps_registry_and_champion_in_step(tmp_path) -> None:
+def test_kill_during_promotion_keeps_registry_and_champion_in_step(tmp_path, imagegen) -> None:
     """At every write event of a promotion, a kill leaves the registry's champion and models/champion/ naming the
     same model (the champion folder never holds a model the registry does not call champion)."""
     import json
@@ -271,7 +272,7 @@ def test_kill_during_promotion_keeps_registry_and_champion_in_step(tmp_path) -> 
     from tasks.models.registry import read_registry, run_promote
     from tasks.stages.run_index import run_index
 
-    root = make_class_folders(tmp_path / "images", ["red", "blue"], per_class=3, size=32)
+    root = imagegen.make_class_folders(tmp_path / "images", ["red", "blue"], per_class=3, size=32)
     params_file = write_params(tmp_path, tiny_dict(root))
     params = load_params(params_file)
     base = Layout(tmp_path / "base")

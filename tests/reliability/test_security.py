@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from imagegen import make_class_folders
 from relhelp import PROJECT, tiny_params
 
 SCANNED = ("tasks", "flows")
@@ -145,13 +144,13 @@ def test_servers_listen_on_localhost_by_default() -> None:
     assert "webserver=True" not in deploy
 
 
-def test_csv_paths_are_confined_to_the_data_root(tmp_path: Path) -> None:
+def test_csv_paths_are_confined_to_the_data_root(tmp_path: Path, imagegen) -> None:
     """``..``, absolute paths elsewhere and symlinks out are rejected with a reason; none reaches the index."""
     from tasks.layout import Layout
     from tasks.stages.run_index import run_index
 
-    root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=4, size=32)
-    outside = make_class_folders(tmp_path / "secret", ["red"], per_class=2, size=32)
+    root = imagegen.make_class_folders(tmp_path / "data", ["red", "blue"], per_class=4, size=32)
+    outside = imagegen.make_class_folders(tmp_path / "secret", ["red"], per_class=2, size=32)
     (root / "red" / "escape.png").symlink_to(outside / "red" / "red_0.png")
     rows = [(f"{c}/{c}_{i}.png", c) for c in ("red", "blue") for i in range(4)]
     evil = [
@@ -178,11 +177,11 @@ def test_csv_paths_are_confined_to_the_data_root(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("follow", [False, True])
-def test_directory_symlink_out_of_root_never_indexed(tmp_path: Path, follow: bool) -> None:
+def test_directory_symlink_out_of_root_never_indexed(tmp_path: Path, follow: bool, imagegen) -> None:
     from tasks.data.indexing import build_index
 
-    root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
-    outside = make_class_folders(tmp_path / "secret", ["green"], per_class=2, size=32)
+    root = imagegen.make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
+    outside = imagegen.make_class_folders(tmp_path / "secret", ["green"], per_class=2, size=32)
     (root / "blue" / "leak").symlink_to(outside / "green", target_is_directory=True)
     params = tiny_params(root, data={"follow_symlinks": follow})
     result = build_index(root, params.data)
