@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image, ImageOps
-from relhelp import cli, tiny_dict, tiny_params, write_params
 
 from tasks.layout import Layout
 
@@ -81,7 +80,7 @@ def all_cached_shas(cache_dir: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def messy_run(tmp_path_factory, imagegen):
+def messy_run(tmp_path_factory, imagegen, tiny_params):
     """index -> features -> train_top -> finetune on the messy folder, with symlinks followed (loops!)."""
     from tasks.stages.run_features import run_features
     from tasks.stages.run_finetune import run_finetune
@@ -189,7 +188,9 @@ def test_odd_formats_decode_to_the_same_rgb_as_pillow(imagegen) -> None:
         assert np.abs(got - expected).mean() < 2.5, name
 
 
-def test_exif_orientation_is_honoured_in_index_training_input_and_predict(tmp_path: Path, imagegen) -> None:
+def test_exif_orientation_is_honoured_in_index_training_input_and_predict(
+    tmp_path: Path, imagegen, tiny_params
+) -> None:
     """A JPEG stored 32x24 with EXIF orientation 6 is 24 wide and 32 high everywhere, and its pixels are the
     upright ones (as Pillow's exif_transpose shows them) in the training input and in predict."""
     import keras
@@ -234,7 +235,7 @@ def test_exif_orientation_is_honoured_in_index_training_input_and_predict(tmp_pa
     assert np.abs(probs[0] - probs[2]).max() > max(0.02, 3 * same), (probs, "the model cannot tell rotations")
 
 
-def test_decompression_bomb_rejected_by_a_small_pixel_limit(tmp_path: Path, imagegen) -> None:
+def test_decompression_bomb_rejected_by_a_small_pixel_limit(tmp_path: Path, imagegen, tiny_params) -> None:
     """A configurable limit: data.max_pixels=5000 rejects a 100x100 image, a 20000x20000 header and a 64 GiB
     file (from its size, unread), keeps 32x32 images; memory stays small."""
     import resource
@@ -265,7 +266,7 @@ def test_decompression_bomb_rejected_by_a_small_pixel_limit(tmp_path: Path, imag
     assert grown_mib < 500, f"validation grew the process by {grown_mib:.0f} MiB (a bomb was decoded?)"
 
 
-def test_one_pixel_images_train(tmp_path: Path, imagegen) -> None:
+def test_one_pixel_images_train(tmp_path: Path, imagegen, tiny_params) -> None:
     from tasks.features.read import read_features
     from tasks.stages.run_features import run_features
     from tasks.stages.run_index import run_index
@@ -294,7 +295,7 @@ def test_one_pixel_images_train(tmp_path: Path, imagegen) -> None:
         ("missing_root", "data.root"),
     ],
 )
-def test_dataset_level_errors(tmp_path: Path, case: str, message: str, imagegen) -> None:
+def test_dataset_level_errors(tmp_path: Path, case: str, message: str, imagegen, tiny_params) -> None:
     from tasks.data.indexing import build_index
     from tasks.errors import DatasetError
 
@@ -317,7 +318,9 @@ def test_dataset_level_errors(tmp_path: Path, case: str, message: str, imagegen)
         assert "green" in str(err.value)
 
 
-def test_cli_index_reports_unusable_dataset_without_traceback(tmp_path: Path, imagegen) -> None:
+def test_cli_index_reports_unusable_dataset_without_traceback(
+    tmp_path: Path, imagegen, write_params, cli, tiny_dict
+) -> None:
     imagegen.make_class_folders(tmp_path / "data" / "images", ["red"], per_class=3, size=32)
     write_params(tmp_path, tiny_dict())
     proc = cli(["index"], tmp_path)
@@ -339,7 +342,7 @@ def test_cli_index_reports_unusable_dataset_without_traceback(tmp_path: Path, im
     ],
 )
 def test_cli_index_says_what_is_wrong_with_the_image_folder(
-    tmp_path: Path, layout: str, message: str, imagegen
+    tmp_path: Path, layout: str, message: str, imagegen, write_params, cli, tiny_dict
 ) -> None:
     """A newcomer's mistakes (real subprocess): each exits 1 with one line that says why, no traceback."""
     root = tmp_path / "data" / "images"
@@ -360,7 +363,9 @@ def test_cli_index_says_what_is_wrong_with_the_image_folder(
     assert "Traceback" not in proc.stderr
 
 
-def test_csv_source_blank_labels_duplicates_missing_paths(tmp_path: Path, imagegen) -> None:
+def test_csv_source_blank_labels_duplicates_missing_paths(
+    tmp_path: Path, imagegen, write_params, cli, tiny_dict
+) -> None:
     """The CSV cases, through `retrainflow index` in a subprocess: the run completes, each row is accounted for."""
     root = imagegen.make_class_folders(tmp_path / "data" / "images", ["red", "blue"], per_class=4, size=32)
     (root / "red" / "trunc.png").write_bytes(imagegen.bad_image_files()["truncated.png"])
@@ -395,7 +400,7 @@ def test_csv_source_blank_labels_duplicates_missing_paths(tmp_path: Path, imageg
     assert "rejected" in proc.stderr  # the readable summary names the rejects
 
 
-def test_csv_missing_columns_is_a_clear_error(tmp_path: Path, imagegen) -> None:
+def test_csv_missing_columns_is_a_clear_error(tmp_path: Path, imagegen, tiny_params) -> None:
     from tasks.data.indexing import build_index
     from tasks.errors import DatasetError
 
@@ -411,7 +416,7 @@ def test_csv_missing_columns_is_a_clear_error(tmp_path: Path, imagegen) -> None:
         build_index(csv, params.data)
 
 
-def test_fifo_and_broken_symlink_never_block_or_crash(tmp_path: Path, imagegen) -> None:
+def test_fifo_and_broken_symlink_never_block_or_crash(tmp_path: Path, imagegen, tiny_params) -> None:
     """A named pipe (reading it would hang) and a dangling symlink: reported, never opened."""
     from tasks.data.indexing import build_index
 
@@ -428,7 +433,7 @@ def test_fifo_and_broken_symlink_never_block_or_crash(tmp_path: Path, imagegen) 
 
 @pytest.mark.parametrize("follow", [False, True])
 def test_file_symlink_loops_and_unusable_csv_paths_never_crash_the_index(
-    tmp_path: Path, follow: bool, imagegen
+    tmp_path: Path, follow: bool, imagegen, tiny_params
 ) -> None:
     """Files that are symlink loops (a -> b -> a, self -> self) and CSV paths too long for the filesystem: each is
     one reject; the rest is indexed (these used to abort the whole index with RuntimeError / OSError)."""

@@ -7,7 +7,6 @@ import errno
 
 import numpy as np
 import pytest
-from relhelp import check_cache_consistent, leftover_temp_files, tiny_dict, write_params
 
 from tasks.layout import Layout
 
@@ -38,7 +37,14 @@ class FailOnce:
 
 @pytest.mark.slow
 def test_transient_features_failure_is_retried_and_the_run_completes(
-    prefect_api, tmp_path, monkeypatch, imagegen
+    prefect_api,
+    tmp_path,
+    monkeypatch,
+    imagegen,
+    write_params,
+    check_cache_consistent,
+    tiny_dict,
+    leftover_temp_files,
 ):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -81,7 +87,9 @@ def test_transient_features_failure_is_retried_and_the_run_completes(
 
 
 @pytest.mark.slow
-def test_a_failure_that_persists_fails_the_run_with_its_reason(prefect_api, tmp_path, monkeypatch, imagegen):
+def test_a_failure_that_persists_fails_the_run_with_its_reason(
+    prefect_api, tmp_path, monkeypatch, imagegen, write_params, tiny_dict
+):
     """train_top has no retries (training is deterministic): its error ends the run; the registry is untouched."""
     from flows.flows import STAGE_RETRIES, STAGE_TASKS, retrain
 
