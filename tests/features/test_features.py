@@ -33,12 +33,17 @@ TINY = {
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def tiny_params(root: Path, **sections: dict[str, Any]) -> Params:
+def tiny_raw(root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """The tiny params as a plain dict (what ``tiny_params`` validates)."""
     raw: dict[str, Any] = {k: dict(v) for k, v in TINY.items()}
     raw["data"] = {"root": str(root)}
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
-    return params_from_dict(raw)
+    return raw
+
+
+def tiny_params(root: Path, **sections: dict[str, Any]) -> Params:
+    return params_from_dict(tiny_raw(root, **sections))
 
 
 def hand_index(root: Path) -> pd.DataFrame:
@@ -312,18 +317,16 @@ def test_rescale_scales_every_view_before_the_base_and_is_part_of_the_key(worksp
     assert np.abs(got - unscaled).max() > 0.01 * scale  # the factor really changed the features
 
 
+# The child's whole program (it imports only the project): the params and the index table come from a JSON file.
 KILL_SCRIPT = """
-import sys, time
-sys.path.insert(0, {tests!r})
+import json, sys, time
+from pathlib import Path
 import pandas as pd
-import test_features as T
-import tasks.features.extract
+from tasks.config import params_from_dict
 from tasks.layout import Layout
 from tasks.stages.run_features import run_features
-root, ws, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
-tasks.features.extract._view_dataset = T.view_source
-params = T.tiny_params(T.Path(root), features={{"batch_size": 4, "shard_size": 4}})
-run_features(params, Layout(T.Path(ws)), index=T.hand_index(T.Path(root)),
+inputs, ws, delay = json.loads(Path(sys.argv[1]).read_text()), sys.argv[2], float(sys.argv[3])
+run_features(params_from_dict(inputs["params"]), Layout(Path(ws)), index=pd.DataFrame(inputs["index"]),
              progress=lambda step: time.sleep(delay))
 """
 
@@ -336,11 +339,13 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(workspace, tmp_path
 
     root, layout = workspace
     index = hand_index(root)
-    params = tiny_params(root, features={"batch_size": 4, "shard_size": 4})
-    script = KILL_SCRIPT.format(tests=str(TESTS))
+    raw = tiny_raw(root, features={"batch_size": 4, "shard_size": 4})
+    params = params_from_dict(raw)
+    inputs = tmp_path / "kill_inputs.json"
+    inputs.write_text(json.dumps({"params": raw, "index": index.to_dict("records")}))
     env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(root), str(layout.root), "0.3"],
+        [sys.executable, "-c", KILL_SCRIPT, str(inputs), str(layout.root), "0.3"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
