@@ -7,6 +7,7 @@ Tests take these as fixtures and never import this module (or any other module u
 
 from __future__ import annotations
 
+import atexit
 import copy
 import io
 import os
@@ -20,7 +21,7 @@ import time
 import types
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,7 +312,7 @@ def tiny_workspace_params() -> dict[str, Any]:
 # One real Prefect API server for the whole test session (``prefect server start`` on a free 127.0.0.1 port).
 # Starting a server takes about 6 s; a per-process temporary API 7-12 s each time. The orchestration tests
 # (test_flows, test_dvc_pipeline, test_serve, ...) share this one server: ``prefect_api_url`` starts it on first
-# use with its own PREFECT_HOME and SQLite database, and stops it when the session ends.
+# use with its own PREFECT_HOME and SQLite database, and stops it when the test process exits.
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -340,10 +341,8 @@ def client_env(api_url: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="session")
-def prefect_api_url() -> Iterator[str]:
-    """The API URL (``http://127.0.0.1:PORT/api``) of the session's Prefect server, started on first use."""
-    timeout = 120.0
+def local_server(timeout: float = 120.0) -> str:
+    """Start a Prefect server and return its API URL (``http://127.0.0.1:PORT/api``); it is stopped at exit."""
     home = Path(tempfile.mkdtemp(prefix="retrainflow-prefect-"))
     port = _free_port()
     prefect = Path(sys.executable).with_name("prefect")
@@ -355,26 +354,8 @@ def prefect_api_url() -> Iterator[str]:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    try:
-        url = f"http://127.0.0.1:{port}/api"
-        deadline = time.monotonic() + timeout
-        while True:
-            if time.monotonic() >= deadline:
-                raise RuntimeError(
-                    f"prefect server not healthy after {timeout}s:\n{(home / 'server.log').read_text()[-3000:]}"
-                )
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"prefect server exited early:\n{(home / 'server.log').read_text()[-3000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:  # noqa: S310 - local URL
-                    if resp.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        yield url
-    finally:
+
+    def stop() -> None:
         proc.terminate()
         try:
             proc.wait(timeout=20)
@@ -382,6 +363,30 @@ def prefect_api_url() -> Iterator[str]:
             proc.kill()
         log.close()
         shutil.rmtree(home, ignore_errors=True)
+
+    # at exit, not at the session's teardown: Prefect's own exit handlers (registered later, so run first) still
+    # send the flows' last log lines to it
+    atexit.register(stop)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited early:\n{(home / 'server.log').read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:  # noqa: S310 - local URL
+                if resp.status == 200:
+                    return url
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(
+        f"prefect server not healthy after {timeout}s:\n{(home / 'server.log').read_text()[-3000:]}"
+    )
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> str:
+    """The API URL (``http://127.0.0.1:PORT/api``) of the session's Prefect server, started on first use."""
+    return local_server()
 
 
 @pytest.fixture(scope="session")
