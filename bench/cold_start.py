@@ -21,10 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from workspaces import make_workspace  # noqa: E402  (tests/workspaces.py: tiny params + generated images)
+import numpy as np
+import yaml
+from PIL import Image
 
 RETRAINFLOW = Path(sys.executable).with_name("retrainflow")
 CASES = {
@@ -32,6 +31,41 @@ CASES = {
     "retrainflow default": (["run"], {}),
     "--with-server": (["run", "--with-server"], {}),
 }
+
+# The tests' tiny workspace (tests/conftest.py, the make_workspace fixture): random-weight MobileNetV2 0.35 at
+# 32 px, one head, 2 + 1 epochs, on 12 generated 32 px images per colour class.
+TINY_PARAMS = {
+    "seed": 1,
+    "data": {"root": "data/images", "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "workers": 1},
+    "image": {"size": [32, 32]},
+    "augment": {"passes": 1, "horizontal_flip": True},
+    "base": {"name": "mobilenet_v2", "weights": "none", "alpha": 0.35},
+    "features": {"batch_size": 16},
+    "top": {"heads": [{"name": "linear", "type": "linear"}], "epochs": 2, "batch_size": 16, "lr": 0.01},
+    "finetune": {"epochs": 1, "unfreeze_blocks": 1, "batch_size": 8},
+    "evaluate": {
+        "batch_size": 16,
+        "preview_images": 4,
+        "min_accuracy": 0.0,
+    },  # the first candidate is promoted
+}
+CLASS_COLOURS = {"red": (200, 40, 40), "blue": (40, 60, 200)}
+
+
+def make_workspace(root: Path, per_class: int = 12, size: int = 32) -> Path:
+    """``root/params.yaml`` (tiny params) and ``root/data/images/{red,blue}``: noisy images dominated by the class
+    colour, each with a random darker rectangle (the same files as the tests' ``make_workspace``)."""
+    for ci, (name, colour) in enumerate(CLASS_COLOURS.items()):
+        folder = root / "data" / "images" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            rng = np.random.default_rng(ci * 10_007 + i)
+            arr = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 25, (size, size, 3)), 0, 255)
+            y0, x0 = rng.integers(0, size // 2, 2)
+            arr[y0 : y0 + size // 3, x0 : x0 + size // 3] *= 0.5
+            Image.fromarray(arr.astype(np.uint8), "RGB").save(folder / f"{name}_{i}.png", "PNG")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    return root
 
 
 def _spin(stop_at: float) -> None:

@@ -6,8 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SHARED
-from imagegen import make_class_folders
 
 from tasks.config import params_from_dict
 from tasks.layout import Layout
@@ -42,7 +40,7 @@ def tiny_params(data_root, weights, **finetune):
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, imagegen, shared_path):
     """The whole pipeline once on 3 colour classes x 20 images (MobileNet 0.25 at 32 px).
 
     The base is the 2 MB ImageNet MobileNet 0.25 from ../shared: a random-init base (``weights: none``) is useless
@@ -55,10 +53,8 @@ def workspace(tmp_path_factory):
     from tasks.stages.run_train_top import run_train_top
 
     root = tmp_path_factory.mktemp("e2e")
-    weights = SHARED / "weights" / MOBILENET_025
-    if not weights.is_file():
-        pytest.skip(f"{weights} not present (../shared)")
-    data = make_class_folders(root / "images", CLASSES, per_class=20, size=40)
+    weights = shared_path("weights", MOBILENET_025)
+    data = imagegen.make_class_folders(root / "images", CLASSES, per_class=20, size=40)
     layout = Layout(root / "work")
     params = tiny_params(data, weights)
     run_index(params, layout)

@@ -164,7 +164,7 @@ def check_model_hash(model_file: Path, info_file: Path, recorded: Any, rerun: st
         return
     actual = sha256_file(model_file)
     if actual != recorded:
-        raise ValueError(
+        raise InputError(
             f"{model_file} is not the model {info_file} describes (sha256 {actual[:12]}, recorded "
             f"{str(recorded)[:12]}): a save was interrupted between its two writes; run `{rerun}` again"
         )

@@ -217,7 +217,7 @@ def check_head_names(cfg: TopConfig) -> None:
     """Every head name is a plain file name (it names ``plots/top_heads/<head>.csv``)."""
     bad = [h.name for h in cfg.heads if not FILE_NAME.fullmatch(h.name)]
     if bad:
-        raise ValueError(
+        raise InputError(
             f"top.heads: head names name files ({Layout().top_head_history('<name>')}): expected letters, digits, "
             f"'_', '-' and '.', not starting with '.', '_' or '-', got {bad!r}"
         )

@@ -48,7 +48,7 @@ def load_models(
 
     candidate = load_bundle(layout.candidate_model)
     if candidate.names != names:
-        raise ValueError(
+        raise InputError(
             f"the candidate model's classes {list(candidate.names)!r} differ from the index's {list(names)!r}"
         )
     top_only, _, _ = load_top_model(params, layout, inputs)

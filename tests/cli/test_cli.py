@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from prefect_api import local_server
-from workspaces import make_workspace
 
 from flows.cli import defaults as cli_defaults
 from flows.cli import prefect_api as prefect_server
@@ -66,7 +64,7 @@ def test_flow_run_links() -> None:
     assert served.flow_run_link(None) is None
 
 
-def test_unreachable_configured_api_is_one_clear_error(tmp_path: Path) -> None:
+def test_unreachable_configured_api_is_one_clear_error(tmp_path: Path, make_workspace) -> None:
     """PREFECT_API_URL pointing at nothing: one `error:` line saying what to do, exit 1, no traceback."""
     make_workspace(tmp_path, per_class=2)
     proc = _cli(["run"], tmp_path, _env(PREFECT_API_URL="http://127.0.0.1:9/api"), timeout=120)
@@ -90,7 +88,7 @@ def test_server_that_cannot_start_is_one_clear_error(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ real runs
-def test_version_and_quiet_start(tmp_path: Path) -> None:
+def test_version_and_quiet_start(tmp_path: Path, make_workspace) -> None:
     """From a plain shell: --version works, and a TensorFlow command prints none of TF's C++ start-up lines
     unless --verbose asks for them."""
     version = _cli(["--version"], tmp_path, _env(), timeout=60)
@@ -105,7 +103,7 @@ def test_version_and_quiet_start(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cold_first_run_on_the_temporary_api(tmp_path: Path) -> None:
+def test_cold_first_run_on_the_temporary_api(tmp_path: Path, make_workspace) -> None:
     """A newcomer's first `retrainflow run`: nothing compiled yet (an empty byte-code cache, none written), a fresh
     PREFECT_HOME (new SQLite database and migrations) and no Prefect server, so Prefect's temporary API has to come
     up cold. It finished once only on a second try (Prefect's 20 s start-up timeout); now it must finish first time
@@ -126,12 +124,14 @@ def test_cold_first_run_on_the_temporary_api(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_run_reports_to_the_configured_server_and_links_the_run(tmp_path: Path) -> None:
+def test_run_reports_to_the_configured_server_and_links_the_run(
+    tmp_path: Path, prefect_api_url, make_workspace
+) -> None:
     """With PREFECT_API_URL set, the run's last line links the flow run in that server's dashboard, and --json
     prints the summary on stdout."""
     import json
 
-    api = local_server()
+    api = prefect_api_url
     ws = make_workspace(tmp_path)
     proc = _cli(["run", "--json"], ws, _env(PREFECT_API_URL=api), timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import shared_path
-from imagegen import make_class_folders
 from typer.testing import CliRunner
 
 import flows.cli.index  # noqa: F401  (registers the command on the shared app)
@@ -43,8 +41,8 @@ def test_overrides_are_yaml_safe():
     ]
 
 
-def test_index_folder_writes_outputs_under_workdir(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=5)
+def test_index_folder_writes_outputs_under_workdir(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=5)
     ws = tmp_path / "ws"
     result = invoke("--root", str(root), "--workdir", str(ws), "--json", "--classes", "red,blue")
     assert result.exit_code == 0, result.output
@@ -54,8 +52,8 @@ def test_index_folder_writes_outputs_under_workdir(tmp_path):
     assert len(read_index(Layout(ws))) == 10
 
 
-def test_index_csv_option(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
+def test_index_csv_option(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
     csv = tmp_path / "files.csv"
     paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
     pd.DataFrame(
@@ -77,16 +75,16 @@ def test_index_csv_option(tmp_path):
         ("columns", "missing column(s)"),
     ],
 )
-def test_dataset_errors_exit_1_with_one_clear_line(tmp_path, setup, message):
+def test_dataset_errors_exit_1_with_one_clear_line(tmp_path, setup, message, imagegen):
     root = tmp_path / "imgs"
     args = ["--root", str(root), "-w", str(tmp_path / "ws")]
     if setup == "single":
-        make_class_folders(root, ["red"], per_class=3)
+        imagegen.make_class_folders(root, ["red"], per_class=3)
     elif setup == "empty":
         (root / "a").mkdir(parents=True)
         (root / "b").mkdir()
     else:
-        make_class_folders(root, ["red", "blue"], per_class=2)
+        imagegen.make_class_folders(root, ["red", "blue"], per_class=2)
         (tmp_path / "x.csv").write_text("file,label\nred/red_0.png,red\n")
         args += ["--csv", str(tmp_path / "x.csv")]
     result = invoke(*args)
@@ -96,8 +94,8 @@ def test_dataset_errors_exit_1_with_one_clear_line(tmp_path, setup, message):
     assert not Layout(tmp_path / "ws").index_table.exists()
 
 
-def test_index_ends_with_one_summary_line_and_draws_no_bar_for_a_few_files(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=5)
+def test_index_ends_with_one_summary_line_and_draws_no_bar_for_a_few_files(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=5)
     (root / "red" / "bad.jpg").write_bytes(b"<html></html>")
     ws = tmp_path / "ws"
     result = invoke("--root", str(root), "--workdir", str(ws), "--json")
@@ -111,7 +109,7 @@ def test_index_ends_with_one_summary_line_and_draws_no_bar_for_a_few_files(tmp_p
     assert not any(line.startswith("index 0/") for line in lines)  # 11 files: below PROGRESS_MIN_FILES
 
 
-def test_progress_bar_and_summary_on_a_terminal(tmp_path, monkeypatch):
+def test_progress_bar_and_summary_on_a_terminal(tmp_path, monkeypatch, imagegen):
     import io
 
     from rich.console import Console
@@ -119,7 +117,7 @@ def test_progress_bar_and_summary_on_a_terminal(tmp_path, monkeypatch):
     out = io.StringIO()
     monkeypatch.setattr(flows.cli.index, "console", Console(file=out, force_terminal=True, width=150))
     monkeypatch.setattr(flows.cli.index, "PROGRESS_MIN_FILES", 4)
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
     (root / "red" / "bad.jpg").write_bytes(b"<html></html>")
     write_junk = root / ".DS_Store"
     write_junk.write_bytes(b"\0")
@@ -160,9 +158,9 @@ def test_summary_line_names_what_was_dropped_only_when_something_was():
     )
 
 
-def test_readme_csv_example_with_the_csv_inside_the_image_folder(tmp_path, monkeypatch):
+def test_readme_csv_example_with_the_csv_inside_the_image_folder(tmp_path, monkeypatch, imagegen):
     """``retrainflow index --set data.source=csv --set data.csv=labels.csv --set data.root=my_images``."""
-    root = make_class_folders(tmp_path / "my_images", ["cats", "dogs"], per_class=3)
+    root = imagegen.make_class_folders(tmp_path / "my_images", ["cats", "dogs"], per_class=3)
     paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
     pd.DataFrame({"path": paths, "label": [p.split("/")[0] for p in paths]}).to_csv(
         root / "labels.csv", index=False
@@ -193,7 +191,7 @@ def test_bad_params_exit_2(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.shared
-def test_index_flowers_end_to_end(tmp_path):
+def test_index_flowers_end_to_end(tmp_path, shared_path):
     """The real photos: 5 classes, the 4 rose/tulip byte-identical conflicts excluded (all 8 copies), the 2
     duplicate pairs inside sunflower collapsed to one copy each."""
     flowers = shared_path("datasets", "flowers")

@@ -533,16 +533,15 @@ def test_grid_values_are_validated_up_front():
 
 
 # ------------------------------------------------------------------------------------------------ preview
-def test_augment_preview_writes_one_png_per_policy(tmp_path):
+def test_augment_preview_writes_one_png_per_policy(tmp_path, imagegen):
     """``retrainflow augment-preview`` before any index exists: images straight from the class folders."""
     import yaml
-    from imagegen import make_class_folders
     from PIL import Image
     from typer.testing import CliRunner
 
     from flows.cli import app
 
-    make_class_folders(tmp_path / "images", ["red", "blue"], per_class=3, size=40)
+    imagegen.make_class_folders(tmp_path / "images", ["red", "blue"], per_class=3, size=40)
     params = tmp_path / "params.yaml"
     params.write_text(
         yaml.safe_dump(
@@ -593,13 +592,12 @@ def test_preview_and_features_pick_the_same_sampled_policies():
     assert one == [shown[2]] and preview_policies(params, shown[1].name) == [shown[1]]
 
 
-def _preview_params(tmp_path, **sections):
+def _preview_params(tmp_path, imagegen, **sections):
     import yaml
-    from imagegen import make_class_folders
 
     from tasks.config import load_params
 
-    make_class_folders(tmp_path / "images", ["red", "blue"], per_class=2, size=40)
+    imagegen.make_class_folders(tmp_path / "images", ["red", "blue"], per_class=2, size=40)
     path = tmp_path / "params.yaml"
     raw = {
         "data": {"root": str(tmp_path / "images")},
@@ -610,7 +608,7 @@ def _preview_params(tmp_path, **sections):
     return load_params(path)
 
 
-def test_preview_resizes_with_image_interpolation(tmp_path, monkeypatch):
+def test_preview_resizes_with_image_interpolation(tmp_path, monkeypatch, imagegen):
     import tasks.data.pipeline
     from tasks.layout import Layout
     from tasks.reports.preview import run_preview
@@ -623,15 +621,15 @@ def test_preview_resizes_with_image_interpolation(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tasks.data.pipeline, "view_dataset", spy)
-    params = _preview_params(tmp_path, image={"size": [32, 32], "interpolation": "nearest"})
+    params = _preview_params(tmp_path, imagegen, image={"size": [32, 32], "interpolation": "nearest"})
     run_preview(params, Layout(tmp_path / "ws"), images=2, views=1)
     assert seen == ["nearest", "nearest"]  # the clean column and the one augmented view
 
 
-def test_preview_reads_data_max_pixels(tmp_path):
+def test_preview_reads_data_max_pixels(tmp_path, imagegen):
     from tasks.layout import Layout
     from tasks.reports.preview import run_preview
 
-    params = _preview_params(tmp_path, data={"root": str(tmp_path / "images"), "max_pixels": 1599})
+    params = _preview_params(tmp_path, imagegen, data={"root": str(tmp_path / "images"), "max_pixels": 1599})
     with pytest.raises(FileNotFoundError, match="data.max_pixels=1599"):  # the images are 40 x 40 = 1600 px
         run_preview(params, Layout(tmp_path / "ws"), images=2, views=1)

@@ -9,13 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from imagegen import (
-    bad_image_files,
-    coloured_image,
-    exif_rotated_jpeg,
-    good_odd_image_files,
-    make_class_folders,
-)
 
 from tasks.config import DataConfig, Params, SplitFractions
 from tasks.data.index_table import COLUMNS, ClassInfo, read_classes, read_index
@@ -60,10 +53,10 @@ def test_assign_split_validates_arguments():
         assign_split("0" * 64, fr, -1)
 
 
-def test_split_stability_when_20_percent_new_images_are_added(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=20)
+def test_split_stability_when_20_percent_new_images_are_added(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=20)
     before = build_index(root, cfg(root)).table.set_index("sha256")["split"]
-    make_class_folders(tmp_path / "more", ["red", "blue"], per_class=4, seed=7)
+    imagegen.make_class_folders(tmp_path / "more", ["red", "blue"], per_class=4, seed=7)
     for f in (tmp_path / "more").rglob("*.png"):
         shutil.copy(f, root / f.parent.name / f"new_{f.name}")
     after = build_index(root, cfg(root)).table.set_index("sha256")["split"]
@@ -72,13 +65,15 @@ def test_split_stability_when_20_percent_new_images_are_added(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- directory
-def test_directory_source_outputs_and_readers(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue", "green"], per_class=8)
+def test_directory_source_outputs_and_readers(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue", "green"], per_class=8)
     write(
         root / "red" / "nested" / "deeper" / "deep red.png",
         (root / "red" / "red_0.png").read_bytes()[:-1] + b"",
     )
-    coloured_image((200, 0, 0), seed=99).save(root / "red" / "nested" / "deeper" / "ünïcode näme.png")
+    imagegen.coloured_image((200, 0, 0), seed=99).save(
+        root / "red" / "nested" / "deeper" / "ünïcode näme.png"
+    )
     layout = Layout(tmp_path / "ws")
     params = Params(data=cfg(root))
     manifest = run_index(params, layout)
@@ -97,28 +92,28 @@ def test_directory_source_outputs_and_readers(tmp_path):
     assert not list(layout.index_dir.glob("*.tmp"))  # atomic writes leave no temp files
 
 
-def test_binary_mode_for_two_classes_and_explicit_class_order(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=6)
+def test_binary_mode_for_two_classes_and_explicit_class_order(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=6)
     result = build_index(root, cfg(root, classes=("red", "blue")))
     assert result.classes == ClassInfo(("red", "blue"), "binary")
     assert set(result.table.loc[result.table["label"] == "red", "class_id"]) == {0}
 
 
-def test_label_not_in_explicit_classes_is_a_reject_not_silently_dropped(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue", "green"], per_class=4)
+def test_label_not_in_explicit_classes_is_a_reject_not_silently_dropped(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue", "green"], per_class=4)
     result = build_index(root, cfg(root, classes=("red", "blue")))
     reasons = reject_reasons(result)
     assert len(reasons) == 4 and all("'green' is not in data.classes" in r for r in reasons.values())
     assert set(result.table["label"]) == {"red", "blue"}
 
 
-def test_bad_files_are_rejected_with_reasons_and_never_indexed(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=4)
-    for name, data in bad_image_files().items():
+def test_bad_files_are_rejected_with_reasons_and_never_indexed(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=4)
+    for name, data in imagegen.bad_image_files().items():
         write(root / "red" / name, data)
     result = build_index(root, cfg(root, max_pixels=1_000_000))
     reasons = reject_reasons(result)
-    assert set(reasons) == {f"red/{n}" for n in bad_image_files()}
+    assert set(reasons) == {f"red/{n}" for n in imagegen.bad_image_files()}
     assert "empty file" in reasons["red/zero_bytes.jpg"]
     assert "text or HTML" in reasons["red/page.jpg"]
     assert "TensorFlow cannot decode" in reasons["red/truncated.png"]
@@ -127,9 +122,9 @@ def test_bad_files_are_rejected_with_reasons_and_never_indexed(tmp_path):
     assert result.report["rejects_by_kind"]["empty"] == 1
 
 
-def test_odd_valid_files_are_indexed_with_upright_sizes(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
-    for name, data in good_odd_image_files().items():
+def test_odd_valid_files_are_indexed_with_upright_sizes(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
+    for name, data in imagegen.good_odd_image_files().items():
         write(root / "blue" / name, data)
     result = build_index(root, cfg(root))
     assert result.report["rejects"] == []
@@ -141,9 +136,9 @@ def test_odd_valid_files_are_indexed_with_upright_sizes(tmp_path):
     assert table.loc["blue/cmyk.jpg", "format"] == "JPEG"
 
 
-def test_decompression_bomb_uses_the_configured_limit(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=2, size=40)
-    make_class_folders(tmp_path / "small", ["red", "blue"], per_class=2, size=32, seed=1)
+def test_decompression_bomb_uses_the_configured_limit(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=2, size=40)
+    imagegen.make_class_folders(tmp_path / "small", ["red", "blue"], per_class=2, size=32, seed=1)
     for f in (tmp_path / "small").rglob("*.png"):
         shutil.copy(f, root / f.parent.name / f"small_{f.name}")
     result = build_index(root, cfg(root, max_pixels=1599))  # 40 x 40 = 1600 pixels: over the limit
@@ -153,8 +148,8 @@ def test_decompression_bomb_uses_the_configured_limit(tmp_path):
         build_index(root, cfg(root, max_pixels=1000))
 
 
-def test_hidden_junk_and_stray_files_are_skipped_and_reported(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
+def test_hidden_junk_and_stray_files_are_skipped_and_reported(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
     write(root / "red" / ".DS_Store", b"\0junk")
     write(root / "blue" / "Thumbs.db", b"\0junk")
     write(root / ".hidden_class" / "x.png", (root / "red" / "red_0.png").read_bytes())
@@ -167,10 +162,10 @@ def test_hidden_junk_and_stray_files_are_skipped_and_reported(tmp_path):
     assert len(result.table) == 6
 
 
-def test_symlinks_not_followed_by_default_loops_do_not_hang_and_never_leave_root(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
+def test_symlinks_not_followed_by_default_loops_do_not_hang_and_never_leave_root(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
     outside = write(tmp_path / "outside.png", (root / "red" / "red_0.png").read_bytes()[::-1])
-    coloured_image((1, 2, 3), seed=5).save(outside)
+    imagegen.coloured_image((1, 2, 3), seed=5).save(outside)
     os.symlink(outside, root / "red" / "escape.png")
     os.symlink(root / "red", root / "red" / "loop")  # a loop back to its own folder
     os.symlink(root / "blue" / "blue_0.png", root / "red" / "inside_link.png")
@@ -193,8 +188,8 @@ def test_symlinks_not_followed_by_default_loops_do_not_hang_and_never_leave_root
     assert result.report["conflicts"][0]["paths"] == {"blue/blue_0.png": "blue", "red/inside_link.png": "red"}
 
 
-def test_duplicates_collapse_and_conflicts_exclude_every_copy(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=5)
+def test_duplicates_collapse_and_conflicts_exclude_every_copy(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=5)
     shutil.copy(root / "red" / "red_1.png", root / "red" / "zz_copy_of_red_1.png")
     (root / "red" / "sub").mkdir()
     shutil.copy(root / "red" / "red_1.png", root / "red" / "sub" / "another.png")
@@ -216,13 +211,13 @@ def test_duplicates_collapse_and_conflicts_exclude_every_copy(tmp_path):
     assert len(result.table) == 10 - 1
 
 
-def test_empty_class_single_class_and_no_images_are_errors(tmp_path):
-    root = make_class_folders(tmp_path / "a", ["red", "blue"], per_class=3)
+def test_empty_class_single_class_and_no_images_are_errors(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "a", ["red", "blue"], per_class=3)
     (root / "green").mkdir()
     write(root / "green" / "broken.jpg", b"not an image")
     with pytest.raises(DatasetError, match=r"no valid image: \['green'\]"):
         build_index(root, cfg(root))
-    single = make_class_folders(tmp_path / "b", ["red"], per_class=3)
+    single = imagegen.make_class_folders(tmp_path / "b", ["red"], per_class=3)
     with pytest.raises(DatasetError, match="only one class"):
         build_index(single, cfg(single))
     (tmp_path / "c" / "red").mkdir(parents=True)
@@ -231,20 +226,20 @@ def test_empty_class_single_class_and_no_images_are_errors(tmp_path):
         build_index(tmp_path / "c", cfg(tmp_path / "c"))
     with pytest.raises(DatasetError, match="data.root"):
         build_index(tmp_path / "missing", cfg(tmp_path / "missing"))
-    three = make_class_folders(tmp_path / "d", ["red", "blue", "green"], per_class=2)
+    three = imagegen.make_class_folders(tmp_path / "d", ["red", "blue", "green"], per_class=2)
     with pytest.raises(DatasetError, match="needs exactly 2 classes, got 3"):
         build_index(three, cfg(three, class_mode="binary"))
 
 
-def test_small_class_warns(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", {"red": 30, "blue": 2})
+def test_small_class_warns(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", {"red": 30, "blue": 2})
     result = build_index(root, cfg(root, min_per_split=2))
     assert any("class 'blue'" in w and "data.min_per_split=2" in w for w in result.report["warnings"])
 
 
 # ---------------------------------------------------------------------------------------------- CSV/DataFrame
-def test_csv_source_with_configured_columns_and_every_bad_row(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=4)
+def test_csv_source_with_configured_columns_and_every_bad_row(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=4)
     (tmp_path / "secret.png").write_bytes((root / "red" / "red_0.png").read_bytes())
     os.symlink(tmp_path / "secret.png", root / "red" / "link_out.png")
     rows = [(f"red/red_{i}.png", "warm") for i in range(4)] + [
@@ -287,8 +282,8 @@ def test_csv_source_with_configured_columns_and_every_bad_row(tmp_path):
     assert result.classes.names == ("cold", "warm")
 
 
-def test_csv_missing_columns_and_missing_file(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=2)
+def test_csv_missing_columns_and_missing_file(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=2)
     csv = tmp_path / "bad.csv"
     csv.write_text("filename,label\nred/red_0.png,red\n")
     with pytest.raises(DatasetError, match=r"missing column\(s\) \['path'\].*'filename'"):
@@ -298,9 +293,9 @@ def test_csv_missing_columns_and_missing_file(tmp_path):
         run_index(params, Layout(tmp_path / "ws"))
 
 
-def test_dataframe_source_through_run_index(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
-    (root / "red" / "rot.jpg").write_bytes(exif_rotated_jpeg(8))
+def test_dataframe_source_through_run_index(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
+    (root / "red" / "rot.jpg").write_bytes(imagegen.exif_rotated_jpeg(8))
     frame = pd.DataFrame(
         {"path": [p.relative_to(root).as_posix() for p in sorted(root.rglob("*.*"))]}
     ).assign(label=lambda d: d["path"].str.split("/").str[0])
@@ -319,8 +314,8 @@ def test_readers_explain_a_missing_index(tmp_path):
         read_classes(Layout(tmp_path))
 
 
-def test_non_utf8_file_name_is_rejected_not_fatal(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
+def test_non_utf8_file_name_is_rejected_not_fatal(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
     bad_name = os.path.join(os.fsencode(root / "red"), b"caf\xe9.png")
     with open(bad_name, "wb") as handle:
         handle.write((root / "red" / "red_0.png").read_bytes()[::-1])
@@ -331,8 +326,8 @@ def test_non_utf8_file_name_is_rejected_not_fatal(tmp_path):
     assert [r["kind"] for r in report["rejects"]] == ["bad_name"]
 
 
-def test_csv_with_byte_order_mark(tmp_path):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=2)
+def test_csv_with_byte_order_mark(tmp_path, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=2)
     csv = tmp_path / "bom.csv"
     lines = ["path,label"] + [f"{c}/{c}_{i}.png,{c}" for c in ("red", "blue") for i in range(2)]
     csv.write_text("\n".join(lines) + "\n", encoding="utf-8-sig")
@@ -340,8 +335,8 @@ def test_csv_with_byte_order_mark(tmp_path):
     assert len(result.table) == 4
 
 
-def test_run_index_reports_progress_steps_and_prints_nothing(tmp_path, capsys):
-    root = make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
+def test_run_index_reports_progress_steps_and_prints_nothing(tmp_path, capsys, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "imgs", ["red", "blue"], per_class=3)
     (root / "red" / "bad.jpg").write_bytes(b"<html></html>")
     steps: list[Step] = []
     manifest = run_index(Params(data=cfg(root)), Layout(tmp_path / "ws"), progress=steps.append)
@@ -400,7 +395,7 @@ def test_data_root_that_does_not_exist_says_so(tmp_path, monkeypatch):
         run_index(Params(data=cfg(tmp_path / "nowhere")), Layout(tmp_path / "ws"))
 
 
-def test_data_root_that_is_a_file_or_has_no_class_folders_says_why(tmp_path):
+def test_data_root_that_is_a_file_or_has_no_class_folders_says_why(tmp_path, imagegen):
     a_file = write(tmp_path / "notes.txt", b"hello")
     with pytest.raises(DatasetError) as err:
         run_index(Params(data=cfg(a_file)), Layout(tmp_path / "ws"))
@@ -408,7 +403,7 @@ def test_data_root_that_is_a_file_or_has_no_class_folders_says_why(tmp_path):
         f"data.root: expected a folder with one subfolder per class, got {str(a_file)!r} "
         "(it is a file, not a folder)"
     )
-    flat = make_class_folders(tmp_path / "flat", ["red"], per_class=4)
+    flat = imagegen.make_class_folders(tmp_path / "flat", ["red"], per_class=4)
     for f in (flat / "red").iterdir():
         f.rename(flat / f.name)
     (flat / "red").rmdir()
@@ -447,16 +442,16 @@ def test_no_valid_images_says_why_each_file_was_skipped_or_rejected(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- where data.csv is
-def _csv_inside_root(tmp_path: Path) -> Path:
-    root = make_class_folders(tmp_path / "my_images", ["red", "blue"], per_class=2)
+def _csv_inside_root(tmp_path: Path, imagegen) -> Path:
+    root = imagegen.make_class_folders(tmp_path / "my_images", ["red", "blue"], per_class=2)
     lines = ["path,label"] + [f"{c}/{c}_{i}.png,{c}" for c in ("red", "blue") for i in range(2)]
     (root / "labels.csv").write_text("\n".join(lines) + "\n")
     return root
 
 
-def test_relative_csv_is_found_inside_data_root(tmp_path, monkeypatch):
+def test_relative_csv_is_found_inside_data_root(tmp_path, monkeypatch, imagegen):
     """The README's ``--set data.csv=labels.csv --set data.root=my_images``: the CSV is in the image folder."""
-    _csv_inside_root(tmp_path)
+    _csv_inside_root(tmp_path, imagegen)
     monkeypatch.chdir(tmp_path)
     params = Params(data=cfg(Path("my_images"), source="csv", csv=Path("labels.csv")))
     manifest = run_index(params, Layout(tmp_path / "ws"))
@@ -464,16 +459,16 @@ def test_relative_csv_is_found_inside_data_root(tmp_path, monkeypatch):
     assert json.loads(Layout(tmp_path / "ws").index_report.read_text())["source"] == "csv"
 
 
-def test_relative_csv_in_the_current_folder_comes_first(tmp_path, monkeypatch):
-    _csv_inside_root(tmp_path)
+def test_relative_csv_in_the_current_folder_comes_first(tmp_path, monkeypatch, imagegen):
+    _csv_inside_root(tmp_path, imagegen)
     (tmp_path / "labels.csv").write_text("path,label\nred/red_0.png,red\nblue/blue_0.png,blue\n")
     monkeypatch.chdir(tmp_path)
     params = Params(data=cfg(Path("my_images"), source="csv", csv=Path("labels.csv")))
     assert run_index(params, Layout(tmp_path / "ws")).images == 2
 
 
-def test_csv_not_found_names_every_place_looked_at(tmp_path, monkeypatch):
-    root = make_class_folders(tmp_path / "my_images", ["red", "blue"], per_class=2)
+def test_csv_not_found_names_every_place_looked_at(tmp_path, monkeypatch, imagegen):
+    root = imagegen.make_class_folders(tmp_path / "my_images", ["red", "blue"], per_class=2)
     monkeypatch.chdir(tmp_path)
     params = Params(data=cfg(Path("my_images"), source="csv", csv=Path("labels.csv")))
     with pytest.raises(DatasetError) as err:

@@ -15,8 +15,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import shared_path
-from imagegen import CLASS_COLOURS, coloured_image, make_class_folders
 
 from tasks.config import Params, params_from_dict
 from tasks.inputs import ImageSpec
@@ -35,12 +33,17 @@ TINY = {
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def tiny_params(root: Path, **sections: dict[str, Any]) -> Params:
+def tiny_raw(root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """The tiny params as a plain dict (what ``tiny_params`` validates)."""
     raw: dict[str, Any] = {k: dict(v) for k, v in TINY.items()}
     raw["data"] = {"root": str(root)}
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
-    return params_from_dict(raw)
+    return raw
+
+
+def tiny_params(root: Path, **sections: dict[str, Any]) -> Params:
+    return params_from_dict(tiny_raw(root, **sections))
 
 
 def hand_index(root: Path) -> pd.DataFrame:
@@ -104,8 +107,8 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
 
 
 @pytest.fixture
-def workspace(tmp_path: Path) -> tuple[Path, Layout]:
-    root = make_class_folders(tmp_path / "images", CLASSES, per_class=10, size=40)
+def workspace(tmp_path: Path, imagegen) -> tuple[Path, Layout]:
+    root = imagegen.make_class_folders(tmp_path / "images", CLASSES, per_class=10, size=40)
     return root, Layout(tmp_path / "ws")
 
 
@@ -116,7 +119,7 @@ def counts(index: pd.DataFrame, passes: int) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------------ tests
 @pytest.mark.slow
-def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.CaptureFixture):
+def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.CaptureFixture, imagegen):
     from tasks.stages.run_features import run_features
 
     root, layout = workspace
@@ -156,7 +159,9 @@ def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.Ca
     # 3. +10% images (2 of 20): only their views are computed
     new_files = []
     for i, name in enumerate(CLASSES):
-        coloured_image(CLASS_COLOURS[name], 40, seed=9_000 + i).save(root / name / f"{name}_new.png")
+        imagegen.coloured_image(imagegen.CLASS_COLOURS[name], 40, seed=9_000 + i).save(
+            root / name / f"{name}_new.png"
+        )
         new_files.append(f"{name}/{name}_new.png")
     grown = hand_index(root)
     new = grown[grown["path"].isin(new_files)]
@@ -312,18 +317,16 @@ def test_rescale_scales_every_view_before_the_base_and_is_part_of_the_key(worksp
     assert np.abs(got - unscaled).max() > 0.01 * scale  # the factor really changed the features
 
 
+# The child's whole program (it imports only the project): the params and the index table come from a JSON file.
 KILL_SCRIPT = """
-import sys, time
-sys.path.insert(0, {tests!r})
+import json, sys, time
+from pathlib import Path
 import pandas as pd
-import test_features as T
-import tasks.features.extract
+from tasks.config import params_from_dict
 from tasks.layout import Layout
 from tasks.stages.run_features import run_features
-root, ws, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
-tasks.features.extract._view_dataset = T.view_source
-params = T.tiny_params(T.Path(root), features={{"batch_size": 4, "shard_size": 4}})
-run_features(params, Layout(T.Path(ws)), index=T.hand_index(T.Path(root)),
+inputs, ws, delay = json.loads(Path(sys.argv[1]).read_text()), sys.argv[2], float(sys.argv[3])
+run_features(params_from_dict(inputs["params"]), Layout(Path(ws)), index=pd.DataFrame(inputs["index"]),
              progress=lambda step: time.sleep(delay))
 """
 
@@ -336,11 +339,13 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(workspace, tmp_path
 
     root, layout = workspace
     index = hand_index(root)
-    params = tiny_params(root, features={"batch_size": 4, "shard_size": 4})
-    script = KILL_SCRIPT.format(tests=str(TESTS))
+    raw = tiny_raw(root, features={"batch_size": 4, "shard_size": 4})
+    params = params_from_dict(raw)
+    inputs = tmp_path / "kill_inputs.json"
+    inputs.write_text(json.dumps({"params": raw, "index": index.to_dict("records")}))
     env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(root), str(layout.root), "0.3"],
+        [sys.executable, "-c", KILL_SCRIPT, str(inputs), str(layout.root), "0.3"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -381,7 +386,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(workspace, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.shared
-def test_real_mobilenet_weights_by_path(workspace, recorder: Recorder):
+def test_real_mobilenet_weights_by_path(workspace, recorder: Recorder, shared_path):
     from tasks.features.read import read_features
     from tasks.stages.run_features import run_features
 
@@ -406,13 +411,13 @@ def test_real_mobilenet_weights_by_path(workspace, recorder: Recorder):
 
 
 @pytest.mark.slow
-def test_cli_features_then_cache_list_and_prune(tmp_path: Path):
+def test_cli_features_then_cache_list_and_prune(tmp_path: Path, imagegen):
     import yaml
     from typer.testing import CliRunner
 
     from flows.cli import app
 
-    root = make_class_folders(tmp_path / "images", CLASSES, per_class=8, size=40)
+    root = imagegen.make_class_folders(tmp_path / "images", CLASSES, per_class=8, size=40)
     raw: dict[str, Any] = {k: dict(v) for k, v in TINY.items()}
     raw["data"] = {"root": str(root), "min_per_split": 0}
     params_file = tmp_path / "params.yaml"

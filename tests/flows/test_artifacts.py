@@ -13,7 +13,6 @@ from uuid import UUID
 import numpy as np
 import pytest
 from PIL import Image
-from prefect_api import local_server
 
 from flows.artifacts import (
     EMBED_MAX_WIDTH,
@@ -220,11 +219,11 @@ def test_summary_title_says_the_status_once() -> None:
 
 # ------------------------------------------------------------------------------------------------ real server
 @pytest.fixture(scope="module")
-def prefect_api() -> str:
-    """The session's Prefect server (tests/prefect_api.py), made current for flows run in this process."""
+def prefect_api(prefect_api_url) -> str:
+    """The session's Prefect server (the ``prefect_api_url`` fixture), made current for flows run in this process."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    url = local_server()
+    url = prefect_api_url
     with temporary_settings({PREFECT_API_URL: url}):
         yield url
 

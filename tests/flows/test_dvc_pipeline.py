@@ -24,8 +24,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prefect_api import client_env, local_server
-from workspaces import TINY_PARAMS
 
 from tasks.layout import Layout
 
@@ -287,10 +285,10 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 TWO_HEADS = [{"name": "linear", "type": "linear"}, {"name": "dense8", "type": "dense", "units": [8]}]
 
 
-def full_tiny_params() -> dict:
-    """The project's params.yaml (DVC needs every key a stage lists) with the tiny test values on top (and two
-    heads, whose curves `dvc plots` must keep apart)."""
-    params = _deep_merge(yaml.safe_load((PROJECT / "params.yaml").read_text()), TINY_PARAMS)
+def full_tiny_params(tiny: dict) -> dict:
+    """The project's params.yaml (DVC needs every key a stage lists) with the tiny test values ``tiny`` on top
+    (and two heads, whose curves `dvc plots` must keep apart)."""
+    params = _deep_merge(yaml.safe_load((PROJECT / "params.yaml").read_text()), tiny)
     params["top"]["heads"] = TWO_HEADS
     return params
 
@@ -315,17 +313,19 @@ def _git_modified(repo: Path) -> list[str]:
 
 
 @pytest.fixture
-def dvc_repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+def dvc_repo(
+    tmp_path: Path, imagegen, tiny_workspace_params, prefect_client_env, prefect_api_url
+) -> tuple[Path, dict[str, str]]:
     """A git + DVC repo holding the pipeline's code, dvc.yaml, tiny params and data tracked by data.dvc."""
-    from imagegen import make_class_folders
-
     repo = tmp_path / "repo"
     shutil.copytree(PROJECT / "tasks", repo / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(PROJECT / ".gitignore", repo / ".gitignore")
-    (repo / "params.yaml").write_text(yaml.safe_dump(full_tiny_params(), sort_keys=False))
-    make_class_folders(repo / "data" / "images", ["red", "blue"], per_class=10, size=32)
-    env = client_env(local_server())
+    (repo / "params.yaml").write_text(
+        yaml.safe_dump(full_tiny_params(tiny_workspace_params), sort_keys=False)
+    )
+    imagegen.make_class_folders(repo / "data" / "images", ["red", "blue"], per_class=10, size=32)
+    env = prefect_client_env(prefect_api_url)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     _run(["git", "init", "-q"], repo, env)
     _run([*DVC, "init", "-q"], repo, env)
@@ -533,12 +533,11 @@ def _md5_in_remote(remote: Path, contents: bytes) -> Path:
 @pytest.mark.slow
 def test_new_images_with_a_remote_are_recorded_and_pushed_never_pulled_over(
     dvc_repo: tuple[Path, dict[str, str]],
+    imagegen,
 ) -> None:
     """People drop images into data/images/<class>/: the scheduled run records them in data.dvc (a pull would
     refuse to delete them, or with --force delete them), trains on them and pushes them. A workspace without the
     data (a fresh clone) gets it from the remote."""
-    from imagegen import coloured_image, encode
-
     from tasks.data.index_table import read_index
     from tasks.models.registry import read_registry
 
@@ -551,7 +550,7 @@ def test_new_images_with_a_remote_are_recorded_and_pushed_never_pulled_over(
     head = _git_head(repo)
     old_md5 = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
 
-    new_image = encode(coloured_image((220, 20, 20), size=32, seed=4242), "PNG")
+    new_image = imagegen.encode(imagegen.coloured_image((220, 20, 20), size=32, seed=4242), "PNG")
     (repo / "data" / "images" / "red" / "dropped_in.png").write_bytes(new_image)
     assert not _md5_in_remote(remote, new_image).exists()
     retrainflow = [str(Path(sys.executable).with_name("retrainflow")), "run", "--json"]
@@ -610,18 +609,16 @@ def test_tree_fingerprint_sees_added_removed_and_rewritten_files(tmp_path: Path)
 
 @pytest.mark.slow
 def test_images_added_during_a_run_are_not_committed_as_indexed(
-    dvc_repo: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+    dvc_repo: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch, imagegen
 ) -> None:
     """An image dropped in while a run is past its index stage: DVC would hash it into the index stage's deps at
     `dvc commit`, and the next run would find the index up to date and never index it. The run leaves the index
     uncommitted instead; the next run indexes the new image and leaves `dvc status` clean."""
-    from imagegen import coloured_image, encode
-
     import flows.flows as flows_module
     from tasks.data.index_table import read_index
 
     repo, env = dvc_repo
-    new_image = encode(coloured_image((20, 20, 220), size=32, seed=777), "PNG")
+    new_image = imagegen.encode(imagegen.coloured_image((20, 20, 220), size=32, seed=777), "PNG")
     real_index = flows_module.STAGE_TASKS["index"]
 
     def index_then_an_image_arrives(params, layout):  # noqa: ANN001, ANN202 - same signature as the stage task

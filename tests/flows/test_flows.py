@@ -10,8 +10,6 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
-from prefect_api import client_env, local_server
-from workspaces import make_workspace
 
 from flows.artifacts import artifact_key, per_class_rows, summary_markdown
 from tasks.layout import Layout
@@ -20,11 +18,11 @@ PROJECT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def prefect_api() -> str:
+def prefect_api(prefect_api_url) -> str:
     """The session's Prefect server, made current for flows run in this process."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    url = local_server()
+    url = prefect_api_url
     with temporary_settings({PREFECT_API_URL: url}):
         yield url
 
@@ -75,7 +73,9 @@ def _task_runs_and_artifacts(flow_run_id: UUID) -> tuple[list, list]:
 
 
 @pytest.mark.slow
-def test_retrain_flow_completes_publishes_and_skips_unchanged(prefect_api: str, tmp_path: Path) -> None:
+def test_retrain_flow_completes_publishes_and_skips_unchanged(
+    prefect_api: str, tmp_path: Path, make_workspace
+) -> None:
     from flows.flows import retrain
     from tasks.models.registry import read_registry
 
@@ -129,12 +129,14 @@ def test_retrain_flow_completes_publishes_and_skips_unchanged(prefect_api: str, 
     assert len(read_registry(Layout(ws)).candidates) == 1
 
 
-def test_stage_cli_reports_lock_holder(prefect_api: str, tmp_path: Path) -> None:
+def test_stage_cli_reports_lock_holder(
+    prefect_api: str, tmp_path: Path, make_workspace, prefect_client_env
+) -> None:
     """A second writer gets a clear message naming the holder's PID (exit code 3), before any work starts."""
     from tasks.io.locking import workspace_lock
 
     ws = make_workspace(tmp_path, per_class=2)
-    env = client_env(prefect_api)
+    env = prefect_client_env(prefect_api)
     with workspace_lock(Layout(ws), command="test holder"):
         proc = subprocess.run(
             [

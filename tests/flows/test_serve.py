@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-from prefect_api import client_env, local_server
 
 from flows.deploy import deployment_parameters, validate_cron
 
@@ -41,11 +40,11 @@ def test_serve_cli_rejects_bad_cron() -> None:
 
 
 @pytest.mark.slow
-def test_serve_registers_cron_deployment(tmp_path: Path) -> None:
+def test_serve_registers_cron_deployment(tmp_path: Path, prefect_api_url, prefect_client_env) -> None:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    api = local_server()
+    api = prefect_api_url
     proc = subprocess.Popen(
         [
             str(Path(sys.executable).with_name("retrainflow")),
@@ -58,7 +57,7 @@ def test_serve_registers_cron_deployment(tmp_path: Path) -> None:
             str(tmp_path),
         ],
         cwd=PROJECT,
-        env=client_env(api),
+        env=prefect_client_env(api),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -88,13 +87,13 @@ def test_serve_registers_cron_deployment(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_prefect_yaml_deploys_to_a_work_pool() -> None:
+def test_prefect_yaml_deploys_to_a_work_pool(prefect_api_url, prefect_client_env) -> None:
     """`prefect deploy` reads prefect.yaml: the deployment lands on the pool with its cron and parameters."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    api = local_server()
-    env = {**client_env(api), "PWD": str(PROJECT)}
+    api = prefect_api_url
+    env = {**prefect_client_env(api), "PWD": str(PROJECT)}
     prefect = str(Path(sys.executable).with_name("prefect"))
     for cmd in (
         [prefect, "work-pool", "create", "retrainflow-pool", "--type", "process", "--overwrite"],
@@ -119,20 +118,18 @@ def test_prefect_yaml_deploys_to_a_work_pool() -> None:
 
 
 @pytest.mark.slow
-def test_dashboard_command_prints_url_and_serves(tmp_path: Path) -> None:
+def test_dashboard_command_prints_url_and_serves(tmp_path: Path, prefect_server_env) -> None:
     """The dashboard on another port than 4200 serves a UI that talks to that port, even with a
     PREFECT_API_URL for 4200 in the environment (the UI once pointed there: "Can't connect to Server API")."""
     import json
     import socket
     import urllib.request
 
-    from prefect_api import server_env
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {
-        **server_env(tmp_path),
+        **prefect_server_env(tmp_path),
         "PREFECT_UI_ENABLED": "true",
         "PREFECT_API_URL": "http://127.0.0.1:4200/api",
     }

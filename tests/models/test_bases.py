@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_path
 
 import tasks.errors
 import tasks.models.bases
@@ -219,7 +218,7 @@ def test_offline_imagenet_error_names_the_file_the_folder_and_the_remedies(
 
 
 @pytest.mark.shared
-def test_imagenet_from_the_keras_cache_and_by_path(keras_home: Path):
+def test_imagenet_from_the_keras_cache_and_by_path(keras_home: Path, shared_path):
     source = shared_path("weights", MOBILENET_025)
     (keras_home / "models" / MOBILENET_025).symlink_to(source)
     cached = load_base(BaseConfig(name="mobilenet", weights="imagenet", alpha=0.25), (32, 32))

@@ -151,17 +151,16 @@ class RecordingModel:
 
 
 @pytest.fixture
-def test_rows(tmp_path):
+def test_rows(tmp_path, imagegen):
     import hashlib
 
     import pandas as pd
-    from imagegen import noisy_array
     from PIL import Image
 
     rows = []
     for i in range(5):
         path = tmp_path / f"img_{i}.png"
-        Image.fromarray(noisy_array(40 + 3 * i, 52, seed=i)).save(path)
+        Image.fromarray(imagegen.noisy_array(40 + 3 * i, 52, seed=i)).save(path)
         rows.append(
             {"path": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "class_id": i % 2}
         )

@@ -284,11 +284,9 @@ def test_the_decision_says_which_weights_were_kept_with_the_figures():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, imagegen):
     """A tiny workspace through train_top (random-weight MobileNet 0.25 at 32 px, 2 classes x 8 images), and
     params whose finetune.min_improvement no epoch can beat (the top-only weights are kept)."""
-    from imagegen import make_class_folders
-
     from tasks.config import params_from_dict
     from tasks.layout import Layout
     from tasks.stages.run_features import run_features
@@ -296,7 +294,7 @@ def trained(tmp_path_factory):
     from tasks.stages.run_train_top import run_train_top
 
     root = tmp_path_factory.mktemp("ft_ws")
-    data = make_class_folders(root / "images", ["blue", "red"], per_class=8, size=32)
+    data = imagegen.make_class_folders(root / "images", ["blue", "red"], per_class=8, size=32)
     params = params_from_dict(
         {
             "seed": 3,

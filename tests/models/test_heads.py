@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tasks.config import HeadSpec
+from tasks.errors import InputError
 from tasks.models.heads import HEADS, build_head, freeze_batchnorm, iter_layers, output_spec
 
 
@@ -149,7 +150,7 @@ def test_a_save_killed_between_its_two_writes_is_refused_not_paired(tmp_path, mo
         save_bundle(tiny_classifier(), path, ("x", "y"), "binary", "nearest")
     monkeypatch.undo()
     assert path.read_bytes() == old_model  # the old model is still in place, beside the new classes.json
-    with pytest.raises(ValueError, match="interrupted.*retrainflow finetune"):
+    with pytest.raises(InputError, match="interrupted.*retrainflow finetune"):
         load_bundle(path)
     save_bundle(tiny_classifier(), path, ("x", "y"), "binary", "nearest")  # the next save repairs it
     assert load_bundle(path).names == ("x", "y")

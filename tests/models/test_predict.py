@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from imagegen import CLASS_COLOURS, coloured_image
 
 NAMES = ("blue", "red")
 
@@ -34,12 +33,12 @@ def bundle_path(tiny_model):
 
 
 @pytest.fixture
-def folder(tmp_path):
+def folder(tmp_path, imagegen):
     root = tmp_path / "images"
     (root / "sub").mkdir(parents=True)
     for i, name in enumerate(("blue", "red", "blue")):
-        coloured_image(CLASS_COLOURS[name], 40, seed=i).save(root / f"img_{i}.png")
-    coloured_image(CLASS_COLOURS["red"], 48, seed=9).save(root / "sub" / "deep.jpg", "JPEG")
+        imagegen.coloured_image(imagegen.CLASS_COLOURS[name], 40, seed=i).save(root / f"img_{i}.png")
+    imagegen.coloured_image(imagegen.CLASS_COLOURS["red"], 48, seed=9).save(root / "sub" / "deep.jpg", "JPEG")
     good = (root / "img_0.png").read_bytes()
     (root / "broken.png").write_bytes(good[: len(good) // 2])  # truncated PNG
     (root / "notes.txt").write_text("not an image")
@@ -296,7 +295,7 @@ def test_cli_export_ends_with_what_it_wrote(bundle_path, tmp_path):
     )
 
 
-def test_predict_rejects_the_files_the_index_rejects_for_size_and_pixels(tiny_model, tmp_path):
+def test_predict_rejects_the_files_the_index_rejects_for_size_and_pixels(tiny_model, tmp_path, imagegen):
     """One check (tasks.data.images.check_image_file) for both: a file too big for any image within data.max_pixels
     (never read) and a header over data.max_pixels are reject rows in the index and error rows in predict."""
     from tasks.data.images import max_file_bytes
@@ -304,8 +303,10 @@ def test_predict_rejects_the_files_the_index_rejects_for_size_and_pixels(tiny_mo
     from tasks.models.predict import predict_files
 
     limit = 1000
-    coloured_image(CLASS_COLOURS["red"], 30, seed=1).save(tmp_path / "small.png")  # 900 pixels: kept
-    coloured_image(CLASS_COLOURS["blue"], 40, seed=2).save(
+    imagegen.coloured_image(imagegen.CLASS_COLOURS["red"], 30, seed=1).save(
+        tmp_path / "small.png"
+    )  # 900 pixels: kept
+    imagegen.coloured_image(imagegen.CLASS_COLOURS["blue"], 40, seed=2).save(
         tmp_path / "over.png"
     )  # 1600 pixels: over the limit
     with (tmp_path / "huge.jpg").open(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tasks.config import HeadSpec, TopConfig
+from tasks.errors import InputError
 from tasks.models.top_training import (
     HeadResult,
     comparison_markdown,
@@ -131,7 +132,7 @@ def test_head_and_its_json_stay_paired_when_a_save_is_killed_between_them(tmp_pa
         save_head(build_head(spec, 16, "binary", 2), spec, layout, {"feature_dim": 16})
     monkeypatch.undo()
     assert read_head_info(layout)["feature_dim"] == 16  # the new json beside the old head ...
-    with pytest.raises(ValueError, match="interrupted.*retrainflow train-top"):
+    with pytest.raises(InputError, match="interrupted.*retrainflow train-top"):
         load_head(layout)  # ... is refused, never loaded as a pair
 
     # a head.json from before the hash was recorded is still accepted
@@ -143,15 +144,14 @@ def test_head_and_its_json_stay_paired_when_a_save_is_killed_between_them(tmp_pa
 
 # ------------------------------------------------------------------------------------ the stage on features
 @pytest.fixture
-def featured(tmp_path):
+def featured(tmp_path, imagegen):
     """A workspace whose index and features ran (tiny random base, 2 augmented passes), and its params file."""
     import yaml
-    from imagegen import make_class_folders
     from typer.testing import CliRunner
 
     from flows.cli import app
 
-    root = make_class_folders(tmp_path / "images", ["blue", "red"], per_class=8, size=40)
+    root = imagegen.make_class_folders(tmp_path / "images", ["blue", "red"], per_class=8, size=40)
     raw = {
         "data": {"root": str(root), "min_per_split": 0},
         "image": {"size": 32},

@@ -9,6 +9,7 @@ Run as a script, it runs one stage in a child process and kills itself at event 
     python killpoints.py STAGE WORKDIR PARAMS_YAML N        # N = 0: never kill (just run)
 
 Stages are the plain ``run_<stage>(params, layout)`` functions, imported before counting starts.
+The tests' own process counts with the same code through the ``killpoints`` fixture (``conftest.py``).
 """
 
 from __future__ import annotations

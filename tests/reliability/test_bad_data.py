@@ -12,17 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from imagegen import (
-    bad_image_files,
-    bomb_png,
-    coloured_image,
-    encode,
-    exif_rotated_jpeg,
-    good_odd_image_files,
-    make_class_folders,
-)
 from PIL import Image, ImageOps
-from relhelp import cli, tiny_dict, tiny_params, write_params
 
 from tasks.layout import Layout
 
@@ -37,47 +27,47 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def messy_dataset(root: Path) -> tuple[set[str], set[str], dict[str, str]]:
+def messy_dataset(root: Path, imagegen) -> tuple[set[str], set[str], dict[str, str]]:
     """red/blue class folders with every bad file, odd-but-good file, junk, a symlink loop and awkward names.
 
     Returns (good sha256s, bad sha256s, expected reject kind by relative path).
     """
-    make_class_folders(root, ["red", "blue"], per_class=8, size=32)
+    imagegen.make_class_folders(root, ["red", "blue"], per_class=8, size=32)
     good = {_sha(p.read_bytes()) for p in root.rglob("*.png")}
     bad: set[str] = set()
     kinds: dict[str, str] = {}
-    for name, data in bad_image_files().items():
+    for name, data in imagegen.bad_image_files().items():
         (root / "red" / name).write_bytes(data)
         kinds[f"red/{name}"] = ""
         bad.add(_sha(data))
-    for name, data in good_odd_image_files().items():
+    for name, data in imagegen.good_odd_image_files().items():
         (root / "blue" / name).write_bytes(data)
         good.add(_sha(data))
     odd_names = {
-        "red/with space é ü 日本.png": coloured_image((200, 40, 40), 32, seed=901),
-        "red/nested/deeper/ünïcode name.jpg": coloured_image((200, 40, 40), 32, seed=902),
-        "blue/-leading dash.png": coloured_image((40, 60, 200), 32, seed=903),
+        "red/with space é ü 日本.png": imagegen.coloured_image((200, 40, 40), 32, seed=901),
+        "red/nested/deeper/ünïcode name.jpg": imagegen.coloured_image((200, 40, 40), 32, seed=902),
+        "blue/-leading dash.png": imagegen.coloured_image((40, 60, 200), 32, seed=903),
     }
     for rel, image in odd_names.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        data = encode(image, "JPEG" if rel.endswith(".jpg") else "PNG")
+        data = imagegen.encode(image, "JPEG" if rel.endswith(".jpg") else "PNG")
         (root / rel).write_bytes(data)
         good.add(_sha(data))
     for name, data in JUNK.items():
         (root / "red" / name).write_bytes(data)
         bad.add(_sha(data))
     (root / ".hidden_class").mkdir()
-    hidden = encode(coloured_image((1, 2, 3), 32, seed=904), "PNG")
+    hidden = imagegen.encode(imagegen.coloured_image((1, 2, 3), 32, seed=904), "PNG")
     (root / ".hidden_class" / "x.png").write_bytes(hidden)
     bad.add(_sha(hidden))
     (root / "red" / "loop").symlink_to("..", target_is_directory=True)  # red/loop -> data root: a loop
     (root / "blue" / "self").symlink_to(".", target_is_directory=True)
-    not_utf8 = encode(coloured_image((200, 40, 40), 32, seed=906), "PNG")
+    not_utf8 = imagegen.encode(imagegen.coloured_image((200, 40, 40), 32, seed=906), "PNG")
     fd = os.open(os.fsencode(str(root / "red")) + b"/latin1-\xe9t\xe9.png", os.O_WRONLY | os.O_CREAT, 0o644)
     os.write(fd, not_utf8)
     os.close(fd)
     bad.add(_sha(not_utf8))
-    (root / "stray.png").write_bytes(encode(coloured_image((9, 9, 9), 32, seed=905), "PNG"))
+    (root / "stray.png").write_bytes(imagegen.encode(imagegen.coloured_image((9, 9, 9), 32, seed=905), "PNG"))
     return good, bad, kinds
 
 
@@ -90,7 +80,7 @@ def all_cached_shas(cache_dir: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def messy_run(tmp_path_factory):
+def messy_run(tmp_path_factory, imagegen, tiny_params):
     """index -> features -> train_top -> finetune on the messy folder, with symlinks followed (loops!)."""
     from tasks.stages.run_features import run_features
     from tasks.stages.run_finetune import run_finetune
@@ -99,7 +89,7 @@ def messy_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("messy")
     root = tmp / "images"
-    good, bad, _ = messy_dataset(root)
+    good, bad, _ = messy_dataset(root, imagegen)
     params = tiny_params(root, data={"follow_symlinks": True}, augment={"passes": 0})
     layout = Layout(tmp / "work")
     index = run_index(params, layout)
@@ -137,12 +127,12 @@ def test_run_completes_and_only_good_images_reach_training(messy_run) -> None:
 
 
 @pytest.mark.slow
-def test_every_bad_file_has_a_reason(messy_run) -> None:
+def test_every_bad_file_has_a_reason(messy_run, imagegen) -> None:
     _, layout, *_ = messy_run
     report = json.loads(layout.index_report.read_text())
     rejects = {r["path"]: r for r in report["rejects"]}
     skipped = {s["path"]: s["reason"] for s in report["skipped"]}
-    for name in bad_image_files():
+    for name in imagegen.bad_image_files():
         assert f"red/{name}" in rejects, (name, sorted(rejects))
         assert rejects[f"red/{name}"]["reason"].strip()
     expected_kind = {
@@ -166,15 +156,15 @@ def test_every_bad_file_has_a_reason(messy_run) -> None:
 
 
 @pytest.mark.slow
-def test_odd_but_valid_formats_are_rgb_in_training_input(messy_run) -> None:
+def test_odd_but_valid_formats_are_rgb_in_training_input(messy_run, imagegen) -> None:
     from tasks.data.index_table import read_index
     from tasks.data.pipeline import view_dataset
     from tasks.inputs import ImageSpec
 
     params, layout, *_ = messy_run
     table = read_index(layout)
-    odd = table[table["path"].isin([f"blue/{n}" for n in good_odd_image_files()])]
-    assert len(odd) == len(good_odd_image_files())
+    odd = table[table["path"].isin([f"blue/{n}" for n in imagegen.good_odd_image_files()])]
+    assert len(odd) == len(imagegen.good_odd_image_files())
     assert set(odd["format"]) == {"JPEG", "PNG", "GIF", "WEBP", "BMP"}
     row = odd[odd["path"] == "blue/one_pixel.png"].iloc[0]
     assert (row["width"], row["height"]) == (1, 1)
@@ -184,13 +174,13 @@ def test_odd_but_valid_formats_are_rgb_in_training_input(messy_run) -> None:
     assert pixels.min() >= 0 and pixels.max() <= 255
 
 
-def test_odd_formats_decode_to_the_same_rgb_as_pillow() -> None:
+def test_odd_formats_decode_to_the_same_rgb_as_pillow(imagegen) -> None:
     """CMYK, grey, 16-bit, palette+transparency, alpha, GIF, WebP, BMP: the one decoder gives Pillow's RGB."""
     import io
 
     from tasks.data.images import decode_rgb
 
-    for name, data in good_odd_image_files().items():
+    for name, data in imagegen.good_odd_image_files().items():
         with Image.open(io.BytesIO(data)) as image:
             expected = np.asarray(image.convert("RGB"), dtype=np.float32)
         got = decode_rgb(data).numpy().astype(np.float32)
@@ -198,7 +188,9 @@ def test_odd_formats_decode_to_the_same_rgb_as_pillow() -> None:
         assert np.abs(got - expected).mean() < 2.5, name
 
 
-def test_exif_orientation_is_honoured_in_index_training_input_and_predict(tmp_path: Path) -> None:
+def test_exif_orientation_is_honoured_in_index_training_input_and_predict(
+    tmp_path: Path, imagegen, tiny_params
+) -> None:
     """A JPEG stored 32x24 with EXIF orientation 6 is 24 wide and 32 high everywhere, and its pixels are the
     upright ones (as Pillow's exif_transpose shows them) in the training input and in predict."""
     import keras
@@ -208,14 +200,14 @@ def test_exif_orientation_is_honoured_in_index_training_input_and_predict(tmp_pa
     from tasks.inputs import ImageSpec
     from tasks.models.predict import predict_files
 
-    root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
-    rotated = exif_rotated_jpeg(6, height=24, width=32, seed=7)
+    root = imagegen.make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
+    rotated = imagegen.exif_rotated_jpeg(6, height=24, width=32, seed=7)
     (root / "red" / "rotated.jpg").write_bytes(rotated)
     upright = np.asarray(ImageOps.exif_transpose(Image.open(root / "red" / "rotated.jpg")).convert("RGB"))
     assert upright.shape == (32, 24, 3)
     stored = np.asarray(Image.open(root / "red" / "rotated.jpg").convert("RGB"))
-    (tmp_path / "upright.png").write_bytes(encode(Image.fromarray(upright), "PNG"))
-    (tmp_path / "stored.png").write_bytes(encode(Image.fromarray(stored), "PNG"))
+    (tmp_path / "upright.png").write_bytes(imagegen.encode(Image.fromarray(upright), "PNG"))
+    (tmp_path / "stored.png").write_bytes(imagegen.encode(Image.fromarray(stored), "PNG"))
 
     result = build_index(root, tiny_params(root).data)
     row = result.table[result.table["path"] == "red/rotated.jpg"].iloc[0]
@@ -243,19 +235,21 @@ def test_exif_orientation_is_honoured_in_index_training_input_and_predict(tmp_pa
     assert np.abs(probs[0] - probs[2]).max() > max(0.02, 3 * same), (probs, "the model cannot tell rotations")
 
 
-def test_decompression_bomb_rejected_by_a_small_pixel_limit(tmp_path: Path) -> None:
+def test_decompression_bomb_rejected_by_a_small_pixel_limit(tmp_path: Path, imagegen, tiny_params) -> None:
     """A configurable limit: data.max_pixels=5000 rejects a 100x100 image, a 20000x20000 header and a 64 GiB
     file (from its size, unread), keeps 32x32 images; memory stays small."""
     import resource
 
     from tasks.data.indexing import build_index
 
-    root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
-    (root / "red" / "big.png").write_bytes(encode(coloured_image((200, 40, 40), 100, seed=1), "PNG"))
-    (root / "blue" / "bomb.png").write_bytes(bomb_png(20000, 20000))
-    (root / "blue" / "wide_bomb.png").write_bytes(bomb_png(200000, 3))
+    root = imagegen.make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
+    (root / "red" / "big.png").write_bytes(
+        imagegen.encode(imagegen.coloured_image((200, 40, 40), 100, seed=1), "PNG")
+    )
+    (root / "blue" / "bomb.png").write_bytes(imagegen.bomb_png(20000, 20000))
+    (root / "blue" / "wide_bomb.png").write_bytes(imagegen.bomb_png(200000, 3))
     huge = root / "blue" / "huge.jpg"  # a 64 GiB (sparse) file: must be refused from its size, never read
-    huge.write_bytes(encode(coloured_image((40, 60, 200), 32, seed=2), "JPEG"))
+    huge.write_bytes(imagegen.encode(imagegen.coloured_image((40, 60, 200), 32, seed=2), "JPEG"))
     os.truncate(huge, 64 * 2**30)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = build_index(root, tiny_params(root, data={"max_pixels": 5000}).data)
@@ -272,7 +266,7 @@ def test_decompression_bomb_rejected_by_a_small_pixel_limit(tmp_path: Path) -> N
     assert grown_mib < 500, f"validation grew the process by {grown_mib:.0f} MiB (a bomb was decoded?)"
 
 
-def test_one_pixel_images_train(tmp_path: Path) -> None:
+def test_one_pixel_images_train(tmp_path: Path, imagegen, tiny_params) -> None:
     from tasks.features.read import read_features
     from tasks.stages.run_features import run_features
     from tasks.stages.run_index import run_index
@@ -282,7 +276,7 @@ def test_one_pixel_images_train(tmp_path: Path) -> None:
         (root / c).mkdir(parents=True)
         for i in range(4):
             (root / c / f"{i}.png").write_bytes(
-                encode(Image.new("RGB", (1, 1), (colour[0], i * 20, colour[2])), "PNG")
+                imagegen.encode(Image.new("RGB", (1, 1), (colour[0], i * 20, colour[2])), "PNG")
             )
     params = tiny_params(root, augment={"passes": 1, "rotation_range": 30})
     layout = Layout(tmp_path / "work")
@@ -301,13 +295,15 @@ def test_one_pixel_images_train(tmp_path: Path) -> None:
         ("missing_root", "data.root"),
     ],
 )
-def test_dataset_level_errors(tmp_path: Path, case: str, message: str) -> None:
+def test_dataset_level_errors(tmp_path: Path, case: str, message: str, imagegen, tiny_params) -> None:
     from tasks.data.indexing import build_index
     from tasks.errors import DatasetError
 
     root = tmp_path / "data"
     if case != "missing_root":
-        make_class_folders(root, ["red"] if case == "single_class" else ["red", "blue"], per_class=3, size=32)
+        imagegen.make_class_folders(
+            root, ["red"] if case == "single_class" else ["red", "blue"], per_class=3, size=32
+        )
     if case == "empty_class":
         (root / "green").mkdir()
     if case == "only_bad_class":
@@ -322,8 +318,10 @@ def test_dataset_level_errors(tmp_path: Path, case: str, message: str) -> None:
         assert "green" in str(err.value)
 
 
-def test_cli_index_reports_unusable_dataset_without_traceback(tmp_path: Path) -> None:
-    make_class_folders(tmp_path / "data" / "images", ["red"], per_class=3, size=32)
+def test_cli_index_reports_unusable_dataset_without_traceback(
+    tmp_path: Path, imagegen, write_params, cli, tiny_dict
+) -> None:
+    imagegen.make_class_folders(tmp_path / "data" / "images", ["red"], per_class=3, size=32)
     write_params(tmp_path, tiny_dict())
     proc = cli(["index"], tmp_path)
     assert proc.returncode == 1, proc.stderr
@@ -344,12 +342,12 @@ def test_cli_index_reports_unusable_dataset_without_traceback(tmp_path: Path) ->
     ],
 )
 def test_cli_index_says_what_is_wrong_with_the_image_folder(
-    tmp_path: Path, layout: str, message: str
+    tmp_path: Path, layout: str, message: str, imagegen, write_params, cli, tiny_dict
 ) -> None:
     """A newcomer's mistakes (real subprocess): each exits 1 with one line that says why, no traceback."""
     root = tmp_path / "data" / "images"
     if layout == "flat":  # the photos dropped straight into data.root, no class folders
-        make_class_folders(tmp_path / "tmp", ["red"], per_class=3, size=32)
+        imagegen.make_class_folders(tmp_path / "tmp", ["red"], per_class=3, size=32)
         root.mkdir(parents=True)
         for f in (tmp_path / "tmp" / "red").iterdir():
             f.rename(root / f.name)
@@ -365,10 +363,12 @@ def test_cli_index_says_what_is_wrong_with_the_image_folder(
     assert "Traceback" not in proc.stderr
 
 
-def test_csv_source_blank_labels_duplicates_missing_paths(tmp_path: Path) -> None:
+def test_csv_source_blank_labels_duplicates_missing_paths(
+    tmp_path: Path, imagegen, write_params, cli, tiny_dict
+) -> None:
     """The CSV cases, through `retrainflow index` in a subprocess: the run completes, each row is accounted for."""
-    root = make_class_folders(tmp_path / "data" / "images", ["red", "blue"], per_class=4, size=32)
-    (root / "red" / "trunc.png").write_bytes(bad_image_files()["truncated.png"])
+    root = imagegen.make_class_folders(tmp_path / "data" / "images", ["red", "blue"], per_class=4, size=32)
+    (root / "red" / "trunc.png").write_bytes(imagegen.bad_image_files()["truncated.png"])
     rows = [(f"{c}/{c}_{i}.png", c) for c in ("red", "blue") for i in range(4)]
     rows += [
         ("red/red_0.png", "red"),  # duplicate row, same label: kept once, reported
@@ -400,11 +400,11 @@ def test_csv_source_blank_labels_duplicates_missing_paths(tmp_path: Path) -> Non
     assert "rejected" in proc.stderr  # the readable summary names the rejects
 
 
-def test_csv_missing_columns_is_a_clear_error(tmp_path: Path) -> None:
+def test_csv_missing_columns_is_a_clear_error(tmp_path: Path, imagegen, tiny_params) -> None:
     from tasks.data.indexing import build_index
     from tasks.errors import DatasetError
 
-    root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=2, size=32)
+    root = imagegen.make_class_folders(tmp_path / "data", ["red", "blue"], per_class=2, size=32)
     csv = tmp_path / "labels.csv"
     csv.write_text("filename,label\nred/red_0.png,red\n")
     params = tiny_params(root, data={"source": "csv", "csv": str(csv)})
@@ -416,11 +416,11 @@ def test_csv_missing_columns_is_a_clear_error(tmp_path: Path) -> None:
         build_index(csv, params.data)
 
 
-def test_fifo_and_broken_symlink_never_block_or_crash(tmp_path: Path) -> None:
+def test_fifo_and_broken_symlink_never_block_or_crash(tmp_path: Path, imagegen, tiny_params) -> None:
     """A named pipe (reading it would hang) and a dangling symlink: reported, never opened."""
     from tasks.data.indexing import build_index
 
-    root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
+    root = imagegen.make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
     os.mkfifo(root / "red" / "pipe.jpg")
     (root / "blue" / "gone.png").symlink_to(root / "blue" / "nothing.png")
     result = build_index(root, tiny_params(root, data={"follow_symlinks": True}).data)
@@ -433,13 +433,13 @@ def test_fifo_and_broken_symlink_never_block_or_crash(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("follow", [False, True])
 def test_file_symlink_loops_and_unusable_csv_paths_never_crash_the_index(
-    tmp_path: Path, follow: bool
+    tmp_path: Path, follow: bool, imagegen, tiny_params
 ) -> None:
     """Files that are symlink loops (a -> b -> a, self -> self) and CSV paths too long for the filesystem: each is
     one reject; the rest is indexed (these used to abort the whole index with RuntimeError / OSError)."""
     from tasks.data.indexing import build_index
 
-    root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
+    root = imagegen.make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
     os.symlink("b.png", root / "red" / "a.png")
     os.symlink("a.png", root / "red" / "b.png")
     os.symlink("self.png", root / "blue" / "self.png")
@@ -465,12 +465,14 @@ def test_file_symlink_loops_and_unusable_csv_paths_never_crash_the_index(
     assert all("too long" in r["reason"] for r in result.report["rejects"] if r["kind"] == "bad_path")
 
 
-def test_predict_gives_every_bad_file_an_error_row_and_still_predicts_the_good_ones(tmp_path: Path) -> None:
+def test_predict_gives_every_bad_file_an_error_row_and_still_predicts_the_good_ones(
+    tmp_path: Path, imagegen
+) -> None:
     import keras
 
     from tasks.models.predict import predict_files
 
-    for name, data in {**bad_image_files(), **good_odd_image_files()}.items():
+    for name, data in {**imagegen.bad_image_files(), **imagegen.good_odd_image_files()}.items():
         (tmp_path / name).write_bytes(data)
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
@@ -479,6 +481,6 @@ def test_predict_gives_every_bad_file_an_error_row_and_still_predicts_the_good_o
     files = sorted(tmp_path.iterdir()) + [tmp_path / "does_not_exist.jpg"]
     preds = predict_files(model, ("blue", "red"), files, batch_size=4)
     errors = {Path(p.path).name for p in preds if p.error}
-    assert errors == {*bad_image_files(), "does_not_exist.jpg"}, errors
+    assert errors == {*imagegen.bad_image_files(), "does_not_exist.jpg"}, errors
     good = [p for p in preds if not p.error]
-    assert len(good) == len(good_odd_image_files()) and all(p.label in ("blue", "red") for p in good)
+    assert len(good) == len(imagegen.good_odd_image_files()) and all(p.label in ("blue", "red") for p in good)

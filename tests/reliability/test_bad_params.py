@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from relhelp import cli, merged, tiny_dict, write_params
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -62,7 +61,7 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def workdir(tmp_path: Path) -> Path:
+def workdir(tmp_path: Path, write_params, tiny_dict) -> Path:
     write_params(tmp_path, tiny_dict())
     return tmp_path
 
@@ -105,7 +104,7 @@ def test_base_value_out_of_range_exits_2_with_key_path(
 
 
 @pytest.mark.parametrize("section", ("", *SECTIONS, "data.split", "top.heads.0"))
-def test_unknown_key_in_every_section(workdir: Path, section: str) -> None:
+def test_unknown_key_in_every_section(workdir: Path, section: str, tiny_dict, write_params) -> None:
     raw = tiny_dict()
     if section == "top.heads.0":
         raw["top"]["heads"][0]["colour"] = "blue"
@@ -123,7 +122,9 @@ def test_unknown_key_in_every_section(workdir: Path, section: str) -> None:
     assert not (workdir / "index").exists(), "the stage ran although the params were invalid"
 
 
-def test_every_problem_reported_at_once_by_every_command(tmp_path: Path) -> None:
+def test_every_problem_reported_at_once_by_every_command(
+    tmp_path: Path, merged, write_params, tiny_dict, cli
+) -> None:
     """One file with an unknown key in every section: each command (real subprocess) lists them all, exits 2."""
     raw = merged(tiny_dict(), {s: {"colour": "blue"} for s in SECTIONS})
     raw["colour"] = "blue"
@@ -191,7 +192,7 @@ def test_override_problems_are_labelled_as_the_override_with_a_suggestion(workdi
     assert not (workdir / "index").exists()
 
 
-def test_params_file_problems_keep_the_file_label(workdir: Path) -> None:
+def test_params_file_problems_keep_the_file_label(workdir: Path, tiny_dict, write_params) -> None:
     raw = tiny_dict()
     raw["top"]["epoch"] = 3
     write_params(workdir, raw)

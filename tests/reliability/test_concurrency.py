@@ -12,17 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from imagegen import make_class_folders
-from relhelp import (
-    RETRAINFLOW,
-    check_cache_consistent,
-    cli,
-    leftover_temp_files,
-    quiet_env,
-    tiny_dict,
-    tiny_params,
-    write_params,
-)
 
 from tasks.io.locking import read_holder, workspace_lock
 from tasks.layout import Layout
@@ -31,26 +20,32 @@ KILLPOINTS_SCRIPT = Path(__file__).with_name("killpoints.py")
 
 
 @pytest.fixture
-def workspace(tmp_path: Path) -> Path:
-    make_class_folders(tmp_path / "data" / "images", ["red", "blue"], per_class=6, size=32)
+def workspace(tmp_path: Path, imagegen, write_params, tiny_dict) -> Path:
+    imagegen.make_class_folders(tmp_path / "data" / "images", ["red", "blue"], per_class=6, size=32)
     write_params(tmp_path, tiny_dict())
     return tmp_path
 
 
 @pytest.mark.slow
-def test_two_pipeline_runs_at_once_in_one_workspace(workspace: Path) -> None:
+def test_two_pipeline_runs_at_once_in_one_workspace(
+    workspace: Path,
+    prefect_api_url,
+    quiet_env,
+    tiny_params,
+    check_cache_consistent,
+    leftover_temp_files,
+    retrainflow_executable,
+) -> None:
     """Two `retrainflow run` (the retrain flow) started together on tiny data: one runs the pipeline and promotes,
     the other exits 3 naming the winner's PID (or, had it started after the first finished, skips as unchanged);
     afterwards the feature cache, the registry and the champion are consistent and the lock is free."""
-    from prefect_api import local_server
-
     from tasks.inputs import cache_root
     from tasks.models.registry import read_registry
 
-    env = quiet_env({"PREFECT_API_URL": local_server()})
+    env = quiet_env({"PREFECT_API_URL": prefect_api_url})
     procs = [
         subprocess.Popen(
-            [str(RETRAINFLOW), "run", "--json"],
+            [str(retrainflow_executable), "run", "--json"],
             cwd=workspace,
             env=env,
             stdout=subprocess.PIPE,
@@ -88,7 +83,7 @@ def test_two_pipeline_runs_at_once_in_one_workspace(workspace: Path) -> None:
     assert read_holder(layout.lock_file) == {}, "the lock file still names a holder"
 
 
-def test_second_run_exits_with_a_clear_message_while_the_lock_is_held(workspace: Path) -> None:
+def test_second_run_exits_with_a_clear_message_while_the_lock_is_held(workspace: Path, cli) -> None:
     """The workspace is busy (held here, as a running pipeline would): every writing command refuses, exit 3."""
     with workspace_lock(Layout(workspace), command="retrainflow run (test holder)"):
         for command in (["index"], ["features"], ["run"], ["promote"]):
@@ -104,11 +99,13 @@ def test_second_run_exits_with_a_clear_message_while_the_lock_is_held(workspace:
 
 
 @pytest.mark.slow
-def test_two_cli_runs_at_once_in_one_workspace(workspace: Path) -> None:
+def test_two_cli_runs_at_once_in_one_workspace(
+    workspace: Path, leftover_temp_files, retrainflow_executable, quiet_env
+) -> None:
     """Two `retrainflow index` started together: one indexes, the other waits or exits 3 naming the holder."""
     procs = [
         subprocess.Popen(
-            [str(RETRAINFLOW), "index", "--json"],
+            [str(retrainflow_executable), "index", "--json"],
             cwd=workspace,
             env=quiet_env(),
             stdout=subprocess.PIPE,
@@ -130,14 +127,16 @@ def test_two_cli_runs_at_once_in_one_workspace(workspace: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_workspaces_share_one_feature_cache(tmp_path: Path) -> None:
+def test_two_workspaces_share_one_feature_cache(
+    tmp_path: Path, imagegen, write_params, check_cache_consistent, tiny_dict, leftover_temp_files, quiet_env
+) -> None:
     """The feature cache is shared between workspaces (features.cache_dir): two writers at once, same pairs."""
     from tasks.config import load_params
     from tasks.features.read import read_features
     from tasks.stages.run_features import run_features
     from tasks.stages.run_index import run_index
 
-    root = make_class_folders(tmp_path / "images", ["red", "blue"], per_class=10, size=32)
+    root = imagegen.make_class_folders(tmp_path / "images", ["red", "blue"], per_class=10, size=32)
     cache = tmp_path / "shared_cache"
     params_file = write_params(tmp_path, tiny_dict(root, features={"cache_dir": str(cache), "shard_size": 4}))
     params = load_params(params_file)
@@ -171,7 +170,9 @@ def test_two_workspaces_share_one_feature_cache(tmp_path: Path) -> None:
     assert leftover_temp_files(tmp_path) == []
 
 
-def test_concurrent_promotions_never_corrupt_the_registry(workspace: Path) -> None:
+def test_concurrent_promotions_never_corrupt_the_registry(
+    workspace: Path, leftover_temp_files, retrainflow_executable, quiet_env
+) -> None:
     """Four `retrainflow promote` at once on a hand-made candidate: each succeeds or exits 3; the registry is whole
     JSON with exactly one entry per success and a champion that exists."""
     from tasks.config import load_params
@@ -188,7 +189,7 @@ def test_concurrent_promotions_never_corrupt_the_registry(workspace: Path) -> No
     for _ in range(4):
         procs.append(
             subprocess.Popen(
-                [str(RETRAINFLOW), "promote"],
+                [str(retrainflow_executable), "promote"],
                 cwd=workspace,
                 env=quiet_env(),
                 stdout=subprocess.PIPE,

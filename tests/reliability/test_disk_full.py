@@ -14,15 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from imagegen import make_class_folders
-from relhelp import (
-    check_cache_consistent,
-    leftover_temp_files,
-    quiet_env,
-    tiny_dict,
-    tiny_params,
-    write_params,
-)
 from typer.testing import CliRunner
 
 from tasks.layout import Layout
@@ -57,13 +48,13 @@ def features_by_split(params, layout) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def dataset(tmp_path_factory, imagegen, tiny_params):
     """Images and a reference run that never failed (its features are the expected ones)."""
     from tasks.stages.run_features import run_features
     from tasks.stages.run_index import run_index
 
     tmp = tmp_path_factory.mktemp("diskfull")
-    root = make_class_folders(tmp / "images", ["red", "blue"], per_class=10, size=32)
+    root = imagegen.make_class_folders(tmp / "images", ["red", "blue"], per_class=10, size=32)
     params = tiny_params(root)
     reference = Layout(tmp / "reference")
     run_index(params, reference)
@@ -73,7 +64,9 @@ def dataset(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fail_at", [1, 4])
-def test_enospc_during_shard_write_then_rerun(dataset, tmp_path, monkeypatch, fail_at: int) -> None:
+def test_enospc_during_shard_write_then_rerun(
+    dataset, tmp_path, monkeypatch, fail_at: int, check_cache_consistent, leftover_temp_files
+) -> None:
     from tasks.inputs import cache_root
     from tasks.stages.run_features import run_features
     from tasks.stages.run_index import run_index
@@ -101,7 +94,9 @@ def test_enospc_during_shard_write_then_rerun(dataset, tmp_path, monkeypatch, fa
 
 
 @pytest.mark.slow
-def test_cli_reports_full_disk_clearly(dataset, tmp_path, monkeypatch) -> None:
+def test_cli_reports_full_disk_clearly(
+    dataset, tmp_path, monkeypatch, write_params, tiny_dict, tiny_params
+) -> None:
     """`retrainflow features` on a full disk: a one-line error naming the problem, non-zero exit, no traceback."""
     from flows.cli import app
     from tasks.stages.run_index import run_index
@@ -124,13 +119,21 @@ DISKFULL_CLI = Path(__file__).with_name("diskfull_cli.py")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [["stage", "features"], ["run"]], ids=["stage-features", "run"])
-def test_stage_and_run_report_full_disk_clearly(dataset, tmp_path, command) -> None:
+def test_stage_and_run_report_full_disk_clearly(
+    dataset,
+    tmp_path,
+    command,
+    prefect_api_url,
+    write_params,
+    tiny_dict,
+    tiny_params,
+    leftover_temp_files,
+    quiet_env,
+) -> None:
     """`retrainflow stage features` (what `dvc repro` runs) and `retrainflow run`, which run the stage inside a
     Prefect flow, exit like `retrainflow features` does on a full disk: code 1 and one `error:` line naming it,
     after the task's retry failed too (a full disk stays full). Real processes: the CLI with the shard writer
     failing (diskfull_cli.py), reporting to the session's Prefect server."""
-    from prefect_api import local_server
-
     from tasks.stages.run_index import run_index
 
     root, _, _ = dataset
@@ -139,7 +142,7 @@ def test_stage_and_run_report_full_disk_clearly(dataset, tmp_path, command) -> N
     proc = subprocess.run(
         [sys.executable, str(DISKFULL_CLI), "2", *command, "--params", "params.yaml"],
         cwd=tmp_path,
-        env=quiet_env({"PREFECT_API_URL": local_server()}),
+        env=quiet_env({"PREFECT_API_URL": prefect_api_url}),
         capture_output=True,
         text=True,
         timeout=600,

@@ -17,9 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from imagegen import make_class_folders
-from killpoints import killed_line, run_counted
-from relhelp import check_cache_consistent, leftover_temp_files, quiet_env, tiny_dict, write_params
 
 from tasks.config import load_params
 from tasks.layout import Layout
@@ -36,17 +33,20 @@ INPUTS = {
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, imagegen, write_params, tiny_dict, killpoints):
     """Images, params and a reference workspace run uninterrupted, with each stage's write events counted."""
     from tasks.stages.run_index import run_index
 
     base = tmp_path_factory.mktemp("kills")
-    root = make_class_folders(base / "images", ["red", "blue"], per_class=10, size=32)
+    root = imagegen.make_class_folders(base / "images", ["red", "blue"], per_class=10, size=32)
     params_file = write_params(base, tiny_dict(root, finetune={"epochs": 2}, top={"epochs": 3}))
     params = load_params(params_file)
     layout = Layout(base / "reference")
     run_index(params, layout)
-    events = {stage: run_counted(stage, params, layout) for stage in ("features", "train_top", "finetune")}
+    events = {
+        stage: killpoints.run_counted(stage, params, layout)
+        for stage in ("features", "train_top", "finetune")
+    }
     return params_file, params, layout, events
 
 
@@ -56,7 +56,9 @@ def kill_points(stage: str, events: list[str]) -> list[int]:
     return sorted(rng.sample(range(1, len(events) + 1), min(KILLS[stage], len(events))))
 
 
-def killed_workspaces(stage: str, reference, base: Path) -> list[tuple[Layout, int, str]]:
+def killed_workspaces(
+    stage: str, reference, base: Path, killpoints, quiet_env
+) -> list[tuple[Layout, int, str]]:
     """Copies of the reference inputs, each with the stage killed (in a child) at one kill point."""
     params_file, _, ref, events = reference
     points = kill_points(stage, events[stage])
@@ -79,7 +81,7 @@ def killed_workspaces(stage: str, reference, base: Path) -> list[tuple[Layout, i
             f"{stderr.decode()[-3000:]}"
         )
         # killed at the intended point: the child's n-th write event is the reference's n-th
-        assert killed_line(n, event) in stderr.decode(), stderr.decode()[-3000:]
+        assert killpoints.killed_line(n, event) in stderr.decode(), stderr.decode()[-3000:]
         killed.append(n)
         out.append((Layout(work), n, event))
     assert killed == points and len(killed) == min(KILLS[stage], len(events[stage])), (stage, killed)
@@ -93,13 +95,15 @@ def val_features(params, layout):
 
 
 @pytest.mark.slow
-def test_kill_during_features(reference, tmp_path) -> None:
+def test_kill_during_features(
+    reference, tmp_path, killpoints, quiet_env, check_cache_consistent, leftover_temp_files
+) -> None:
     from tasks.features.read import read_features
     from tasks.inputs import cache_root
     from tasks.stages.run_features import run_features
 
     _, params, ref, _ = reference
-    for layout, n, event in killed_workspaces("features", reference, tmp_path):
+    for layout, n, event in killed_workspaces("features", reference, tmp_path, killpoints, quiet_env):
         where = f"kill point {n} ({event})"
         check_cache_consistent(
             cache_root(params, layout), orphans_allowed=True
@@ -114,14 +118,14 @@ def test_kill_during_features(reference, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_kill_during_train_top(reference, tmp_path) -> None:
+def test_kill_during_train_top(reference, tmp_path, killpoints, quiet_env, leftover_temp_files) -> None:
     from tasks.models.heads import load_head
     from tasks.stages.run_train_top import run_train_top
 
     _, params, ref, _ = reference
     x_val = val_features(params, ref)
     expected = np.asarray(load_head(ref)(x_val))
-    for layout, n, event in killed_workspaces("train_top", reference, tmp_path):
+    for layout, n, event in killed_workspaces("train_top", reference, tmp_path, killpoints, quiet_env):
         where = f"kill point {n} ({event})"
         run_train_top(params, layout)
         got = np.asarray(load_head(layout)(x_val))
@@ -130,7 +134,9 @@ def test_kill_during_train_top(reference, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_train_top_killed_while_saving_leaves_no_half_written_head(reference, tmp_path) -> None:
+def test_train_top_killed_while_saving_leaves_no_half_written_head(
+    reference, tmp_path, killpoints, leftover_temp_files, quiet_env
+) -> None:
     """Kill at the moment the head's .keras file is opened for writing: the head on disk must still load."""
     from tasks.models.heads import load_head
 
@@ -143,7 +149,7 @@ def test_train_top_killed_while_saving_leaves_no_half_written_head(reference, tm
     cmd = [sys.executable, str(KILLPOINTS_SCRIPT), "train_top", str(work), str(params_file), str(n)]
     proc = subprocess.run(cmd, env=quiet_env(), capture_output=True, timeout=300, check=False)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
-    assert killed_line(n, "zip-open") in proc.stderr.decode()
+    assert killpoints.killed_line(n, "zip-open") in proc.stderr.decode()
     layout = Layout(work)
     assert layout.top_head_model.is_file()
     load_head(layout)  # the old head or the new one, never a torn file
@@ -158,7 +164,7 @@ def test_train_top_killed_while_saving_leaves_no_half_written_head(reference, tm
 
 
 @pytest.mark.slow
-def test_kill_during_finetune(reference, tmp_path) -> None:
+def test_kill_during_finetune(reference, tmp_path, killpoints, quiet_env, leftover_temp_files) -> None:
     from tasks.data.index_table import read_index
     from tasks.data.pipeline import view_dataset
     from tasks.inputs import ImageSpec
@@ -172,7 +178,7 @@ def test_kill_during_finetune(reference, tmp_path) -> None:
         [b.numpy() for b in view_dataset(rows, params.data.root, ImageSpec((32, 32)), batch_size=64)]
     )
     expected = np.asarray(load_bundle(ref.candidate_model).model(images))
-    for layout, n, event in killed_workspaces("finetune", reference, tmp_path):
+    for layout, n, event in killed_workspaces("finetune", reference, tmp_path, killpoints, quiet_env):
         where = f"kill point {n} ({event})"
         if layout.candidate_model.exists():  # a model left by the killed run must be whole
             load_bundle(layout.candidate_model)
@@ -185,19 +191,23 @@ def test_kill_during_finetune(reference, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_kill_during_index_never_pairs_a_new_table_with_old_classes(tmp_path) -> None:
+def test_kill_during_index_never_pairs_a_new_table_with_old_classes(
+    tmp_path, imagegen, write_params, killpoints, tiny_dict, leftover_temp_files, quiet_env
+) -> None:
     """A new class arrives; the index run is killed between its three file writes. The stages that read the index
     get either a consistent (table, classes) pair or a clear error, never silently shifted class ids."""
     from tasks.data.index_table import read_classes, read_index
     from tasks.stages.run_index import run_index
 
-    root = make_class_folders(tmp_path / "images", ["red", "blue"], per_class=4, size=32)
+    root = imagegen.make_class_folders(tmp_path / "images", ["red", "blue"], per_class=4, size=32)
     params_file = write_params(tmp_path, tiny_dict(root))
     params = load_params(params_file)
     ref = Layout(tmp_path / "ref")
     run_index(params, ref)
-    make_class_folders(root, ["green"], per_class=4, size=32, seed=5)  # "blue" < "green" < "red": ids shift
-    events = run_counted("index", params, Layout(tmp_path / "counted"))
+    imagegen.make_class_folders(
+        root, ["green"], per_class=4, size=32, seed=5
+    )  # "blue" < "green" < "red": ids shift
+    events = killpoints.run_counted("index", params, Layout(tmp_path / "counted"))
     replaces = [i + 1 for i, name in enumerate(events) if name == "replace"]
     assert len(replaces) == 3, events
     procs = []
@@ -212,7 +222,7 @@ def test_kill_during_index_never_pairs_a_new_table_with_old_classes(tmp_path) ->
     for work, n, proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == -9, err.decode()[-2000:]
-        assert killed_line(n, "replace") in err.decode()
+        assert killpoints.killed_line(n, "replace") in err.decode()
         layout = Layout(work)
         try:
             table, classes = read_index(layout), read_classes(layout)
@@ -230,7 +240,9 @@ def test_kill_during_index_never_pairs_a_new_table_with_old_classes(tmp_path) ->
 
 
 @pytest.mark.slow
-def test_finetune_killed_while_writing_its_backup_resumes(reference, tmp_path) -> None:
+def test_finetune_killed_while_writing_its_backup_resumes(
+    reference, tmp_path, killpoints, leftover_temp_files, quiet_env
+) -> None:
     """Kill at the moment Keras' BackupAndRestore has opened its weights file for writing (a torn backup on disk):
     the next run must not read the torn file; it finishes with a whole model."""
     from tasks.models.full_model import load_bundle
@@ -244,7 +256,7 @@ def test_finetune_killed_while_writing_its_backup_resumes(reference, tmp_path) -
     cmd = [sys.executable, str(KILLPOINTS_SCRIPT), "finetune", str(work), str(params_file), str(n)]
     proc = subprocess.run(cmd, env=quiet_env(), capture_output=True, timeout=300, check=False)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
-    assert killed_line(n, "h5-open") in proc.stderr.decode()
+    assert killpoints.killed_line(n, "h5-open") in proc.stderr.decode()
     layout = Layout(work)
     manifest = run_finetune(params, layout)
     assert manifest.epochs_run == 2
@@ -263,7 +275,9 @@ def _stand_in_candidate(layout: Layout, payload: bytes, accuracy: float) -> None
     (layout.metrics_dir / "evaluate.json").write_text(json.dumps({"test_accuracy": accuracy}))
 
 
-def test_kill_during_promotion_keeps_registry_and_champion_in_step(tmp_path) -> None:
+def test_kill_during_promotion_keeps_registry_and_champion_in_step(
+    tmp_path, imagegen, write_params, killpoints, tiny_dict, quiet_env
+) -> None:
     """At every write event of a promotion, a kill leaves the registry's champion and models/champion/ naming the
     same model (the champion folder never holds a model the registry does not call champion)."""
     import json
@@ -271,7 +285,7 @@ def test_kill_during_promotion_keeps_registry_and_champion_in_step(tmp_path) -> 
     from tasks.models.registry import read_registry, run_promote
     from tasks.stages.run_index import run_index
 
-    root = make_class_folders(tmp_path / "images", ["red", "blue"], per_class=3, size=32)
+    root = imagegen.make_class_folders(tmp_path / "images", ["red", "blue"], per_class=3, size=32)
     params_file = write_params(tmp_path, tiny_dict(root))
     params = load_params(params_file)
     base = Layout(tmp_path / "base")
@@ -279,7 +293,7 @@ def test_kill_during_promotion_keeps_registry_and_champion_in_step(tmp_path) -> 
     _stand_in_candidate(base, b"model A", 0.6)
     run_promote(params, base)  # A is the champion
     _stand_in_candidate(base, b"model B", 0.9)  # B is better: its promotion is what gets killed
-    events = run_counted("promote", params, Layout(shutil.copytree(base.root, tmp_path / "count")))
+    events = killpoints.run_counted("promote", params, Layout(shutil.copytree(base.root, tmp_path / "count")))
     assert events, "a promotion writes something"
     procs = []
     for n in range(1, len(events) + 1):
@@ -292,7 +306,7 @@ def test_kill_during_promotion_keeps_registry_and_champion_in_step(tmp_path) -> 
     for n, work, proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == -9, err.decode()[-2000:]
-        assert killed_line(n, events[n - 1]) in err.decode()
+        assert killpoints.killed_line(n, events[n - 1]) in err.decode()
         layout = Layout(work)
         registry = read_registry(layout)  # whole JSON
         info, model = layout.champion_dir / "champion.json", layout.champion_dir / "model.keras"

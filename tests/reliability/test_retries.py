@@ -7,23 +7,16 @@ import errno
 
 import numpy as np
 import pytest
-from imagegen import make_class_folders
-from relhelp import check_cache_consistent, leftover_temp_files, tiny_dict, write_params
 
 from tasks.layout import Layout
 
 
 @pytest.fixture(scope="session")
-def prefect_api() -> str:
-    """The session's Prefect server (shared with the orchestration tests), current for flows run in-process.
-
-    (Here rather than in a ``conftest.py``: a second ``conftest`` module would shadow ``tests/conftest.py`` for
-    the tests that ``from conftest import ...``.)
-    """
+def prefect_api(prefect_api_url) -> str:
+    """The session's Prefect server (shared with the orchestration tests), current for flows run in-process."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect_api import local_server
 
-    url = local_server()
+    url = prefect_api_url
     with temporary_settings({PREFECT_API_URL: url}):
         yield url
 
@@ -43,7 +36,16 @@ class FailOnce:
 
 
 @pytest.mark.slow
-def test_transient_features_failure_is_retried_and_the_run_completes(prefect_api, tmp_path, monkeypatch):
+def test_transient_features_failure_is_retried_and_the_run_completes(
+    prefect_api,
+    tmp_path,
+    monkeypatch,
+    imagegen,
+    write_params,
+    check_cache_consistent,
+    tiny_dict,
+    leftover_temp_files,
+):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -54,7 +56,7 @@ def test_transient_features_failure_is_retried_and_the_run_completes(prefect_api
     from tasks.models.registry import read_registry
 
     assert STAGE_RETRIES["features"] >= 1, "the features task is expected to be retried on failure"
-    make_class_folders(tmp_path / "data" / "images", ["red", "blue"], per_class=6, size=32)
+    imagegen.make_class_folders(tmp_path / "data" / "images", ["red", "blue"], per_class=6, size=32)
     write_params(tmp_path, tiny_dict(top={"epochs": 1}, finetune={"epochs": 0}))  # the retry is what matters
     failing = FailOnce(FeatureCache.write_shard, fail_at=2)
     monkeypatch.setattr(FeatureCache, "write_shard", lambda self, *a, **k: failing(self, *a, **k))
@@ -85,11 +87,13 @@ def test_transient_features_failure_is_retried_and_the_run_completes(prefect_api
 
 
 @pytest.mark.slow
-def test_a_failure_that_persists_fails_the_run_with_its_reason(prefect_api, tmp_path, monkeypatch):
+def test_a_failure_that_persists_fails_the_run_with_its_reason(
+    prefect_api, tmp_path, monkeypatch, imagegen, write_params, tiny_dict
+):
     """train_top has no retries (training is deterministic): its error ends the run; the registry is untouched."""
     from flows.flows import STAGE_RETRIES, STAGE_TASKS, retrain
 
-    make_class_folders(tmp_path / "data" / "images", ["red", "blue"], per_class=6, size=32)
+    imagegen.make_class_folders(tmp_path / "data" / "images", ["red", "blue"], per_class=6, size=32)
     write_params(tmp_path, tiny_dict())
 
     def broken(*args, **kwargs):

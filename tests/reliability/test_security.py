@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from imagegen import make_class_folders
-from relhelp import PROJECT, tiny_params
 
 SCANNED = ("tasks", "flows")
 PICKLE_MODULES = frozenset(
@@ -69,8 +67,8 @@ def scan_source(source: str, where: str) -> list[str]:
     return findings
 
 
-def project_modules() -> list[Path]:
-    files = sorted(p for d in SCANNED for p in (PROJECT / d).rglob("*.py"))
+def project_modules(project_root: Path) -> list[Path]:
+    files = sorted(p for d in SCANNED for p in (project_root / d).rglob("*.py"))
     assert len(files) >= 10, f"expected the project's modules under {SCANNED}, found {files}"
     return files
 
@@ -104,17 +102,17 @@ keras.saving.load_model("m.keras", safe_mode=True)
     assert sum("without safe_mode=True" in f for f in found) == 2, found
 
 
-def test_no_exec_eval_pickle_or_unsafe_model_loading_in_the_project() -> None:
+def test_no_exec_eval_pickle_or_unsafe_model_loading_in_the_project(project_root) -> None:
     findings = []
-    for path in project_modules():
-        findings += scan_source(path.read_text(encoding="utf-8"), str(path.relative_to(PROJECT)))
+    for path in project_modules(project_root):
+        findings += scan_source(path.read_text(encoding="utf-8"), str(path.relative_to(project_root)))
     assert findings == [], "security findings:\n" + "\n".join(findings)
 
 
-def test_every_load_model_call_passes_safe_mode() -> None:
+def test_every_load_model_call_passes_safe_mode(project_root) -> None:
     """At least one model loader exists, and each one asks for Keras' safe mode."""
     calls = []
-    for path in project_modules():
+    for path in project_modules(project_root):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call) and _name(node.func).endswith("load_model"):
                 calls.append((path.name, node.lineno, _kw_is(node, "safe_mode", True)))
@@ -122,12 +120,12 @@ def test_every_load_model_call_passes_safe_mode() -> None:
     assert all(ok for _, _, ok in calls), calls
 
 
-def test_servers_listen_on_localhost_by_default() -> None:
+def test_servers_listen_on_localhost_by_default(project_root) -> None:
     """No wildcard address anywhere in the code, Makefile or Prefect config; the dashboard defaults to 127.0.0.1."""
-    texts = {p: p.read_text(encoding="utf-8") for p in project_modules()}
+    texts = {p: p.read_text(encoding="utf-8") for p in project_modules(project_root)}
     for extra in ("Makefile", "prefect.yaml", "params.yaml"):
-        if (PROJECT / extra).is_file():
-            texts[PROJECT / extra] = (PROJECT / extra).read_text(encoding="utf-8")
+        if (project_root / extra).is_file():
+            texts[project_root / extra] = (project_root / extra).read_text(encoding="utf-8")
     wildcard = [str(p) for p, t in texts.items() if re.search(r"0\.0\.0\.0|host\s*=\s*['\"]::['\"]", t)]
     assert wildcard == [], f"listening on every interface in {wildcard}"
 
@@ -141,17 +139,17 @@ def test_servers_listen_on_localhost_by_default() -> None:
     from prefect.settings import PREFECT_RUNNER_SERVER_HOST
 
     assert PREFECT_RUNNER_SERVER_HOST.value() in ("localhost", "127.0.0.1")
-    deploy = (PROJECT / "flows" / "deploy.py").read_text(encoding="utf-8")
+    deploy = (project_root / "flows" / "deploy.py").read_text(encoding="utf-8")
     assert "webserver=True" not in deploy
 
 
-def test_csv_paths_are_confined_to_the_data_root(tmp_path: Path) -> None:
+def test_csv_paths_are_confined_to_the_data_root(tmp_path: Path, imagegen, tiny_params) -> None:
     """``..``, absolute paths elsewhere and symlinks out are rejected with a reason; none reaches the index."""
     from tasks.layout import Layout
     from tasks.stages.run_index import run_index
 
-    root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=4, size=32)
-    outside = make_class_folders(tmp_path / "secret", ["red"], per_class=2, size=32)
+    root = imagegen.make_class_folders(tmp_path / "data", ["red", "blue"], per_class=4, size=32)
+    outside = imagegen.make_class_folders(tmp_path / "secret", ["red"], per_class=2, size=32)
     (root / "red" / "escape.png").symlink_to(outside / "red" / "red_0.png")
     rows = [(f"{c}/{c}_{i}.png", c) for c in ("red", "blue") for i in range(4)]
     evil = [
@@ -178,11 +176,13 @@ def test_csv_paths_are_confined_to_the_data_root(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("follow", [False, True])
-def test_directory_symlink_out_of_root_never_indexed(tmp_path: Path, follow: bool) -> None:
+def test_directory_symlink_out_of_root_never_indexed(
+    tmp_path: Path, follow: bool, imagegen, tiny_params
+) -> None:
     from tasks.data.indexing import build_index
 
-    root = make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
-    outside = make_class_folders(tmp_path / "secret", ["green"], per_class=2, size=32)
+    root = imagegen.make_class_folders(tmp_path / "data", ["red", "blue"], per_class=3, size=32)
+    outside = imagegen.make_class_folders(tmp_path / "secret", ["green"], per_class=2, size=32)
     (root / "blue" / "leak").symlink_to(outside / "green", target_is_directory=True)
     params = tiny_params(root, data={"follow_symlinks": follow})
     result = build_index(root, params.data)

@@ -1,22 +1,30 @@
-"""Shared helpers of the reliability suite: tiny params, workspaces, the CLI in a subprocess, leftover temp files.
+"""Fixtures of the reliability suite: tiny params, the CLI in a subprocess, leftover temp files, cache checks, and
+the kill points' counting (``killpoints.py``) for the parent process.
 
 Everything is sized for a busy 2-core machine: 32 px images, MobileNet 0.25 with random weights, 1-2 epochs.
+Tests take these as fixtures and never import this module.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+import runpy
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
 import yaml
 
 PROJECT = Path(__file__).resolve().parents[2]
 RETRAINFLOW = Path(sys.executable).with_name("retrainflow")
+KILLPOINTS_SCRIPT = Path(__file__).with_name("killpoints.py")
 
 # A tiny pipeline: random-weight MobileNet 0.25 at 32 px, one linear head, 2 + 1 epochs.
 TINY: dict[str, Any] = {
@@ -32,6 +40,7 @@ TINY: dict[str, Any] = {
 }
 
 
+# ------------------------------------------------------------------------------------------------ the helpers
 def merged(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     """A deep copy of ``base`` with ``extra`` merged in (nested dicts merge, other values replace)."""
     out = copy.deepcopy(dict(base))
@@ -107,10 +116,6 @@ def leftover_temp_files(root: Path) -> list[Path]:
 def check_cache_consistent(cache_root: Path, *, orphans_allowed: bool = False) -> int:
     """Every shard a feature-cache manifest lists loads whole with its row count; unless ``orphans_allowed``,
     no shard file outside the manifests remains. Returns the number of committed rows."""
-    import json
-
-    import numpy as np
-
     rows = 0
     for manifest in cache_root.glob("*/manifest.json"):
         shards = json.loads(manifest.read_text())["shards"]
@@ -125,3 +130,82 @@ def check_cache_consistent(cache_root: Path, *, orphans_allowed: bool = False) -
         if not orphans_allowed:
             assert on_disk == listed, f"orphan shard files: {sorted(on_disk - listed)}"
     return rows
+
+
+# ------------------------------------------------------------------------------------------------ the fixtures
+@pytest.fixture(name="merged", scope="session")
+def merged_fixture() -> Callable[..., dict[str, Any]]:
+    """``merged(base, extra)``: a deep copy of ``base`` with ``extra`` merged in (nested dicts merge)."""
+    return merged
+
+
+@pytest.fixture(name="tiny_dict", scope="session")
+def tiny_dict_fixture() -> Callable[..., dict[str, Any]]:
+    """``tiny_dict(data_root="data/images", **sections)``: the tiny params (random-weight MobileNet 0.25 at
+    32 px, one linear head, 2 + 1 epochs) as a plain dict, sections merged in."""
+    return tiny_dict
+
+
+@pytest.fixture(name="tiny_params", scope="session")
+def tiny_params_fixture() -> Callable[..., Any]:
+    """``tiny_params(data_root, **sections)``: ``tiny_dict(...)`` as a validated ``tasks.config.Params``."""
+    return tiny_params
+
+
+@pytest.fixture(name="write_params", scope="session")
+def write_params_fixture() -> Callable[[Path, Mapping[str, Any]], Path]:
+    """``write_params(workdir, params)``: writes ``workdir/params.yaml`` holding ``params``; returns its path."""
+    return write_params
+
+
+@pytest.fixture(name="quiet_env", scope="session")
+def quiet_env_fixture() -> Callable[..., dict[str, str]]:
+    """``quiet_env(extra=None)``: the environment for a child process (offline, quiet, the project on
+    PYTHONPATH, not inheriting a held workspace lock), with ``extra`` on top."""
+    return quiet_env
+
+
+@pytest.fixture(name="cli", scope="session")
+def cli_fixture() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``cli(args, cwd, *, env=None, timeout=300)``: runs ``retrainflow ARGS`` in ``cwd`` in a quiet child
+    process; returns the finished process (text output)."""
+    return cli
+
+
+@pytest.fixture(scope="session")
+def retrainflow_executable() -> Path:
+    """The ``retrainflow`` command of this environment (beside the Python running the tests)."""
+    return RETRAINFLOW
+
+
+@pytest.fixture(name="leftover_temp_files", scope="session")
+def leftover_temp_files_fixture() -> Callable[[Path], list[Path]]:
+    """``leftover_temp_files(root)``: the files under ``root`` a writer left half-done (atomic writers' temp
+    names), sorted."""
+    return leftover_temp_files
+
+
+@pytest.fixture(name="check_cache_consistent", scope="session")
+def check_cache_consistent_fixture() -> Callable[..., int]:
+    """``check_cache_consistent(cache_root, *, orphans_allowed=False)``: asserts every manifest-listed shard loads
+    whole (and, unless allowed, that no orphan shard file remains); returns the number of committed rows."""
+    return check_cache_consistent
+
+
+@dataclass(frozen=True)
+class KillPoints:
+    """What the ``killpoints`` fixture gives: the parent's side of ``killpoints.py``."""
+
+    run_counted: Callable[..., list[str]]
+    killed_line: Callable[[int, str], str]
+
+
+@pytest.fixture(scope="session")
+def killpoints() -> KillPoints:
+    """``run_counted(stage, params, layout, kill_at=0)`` (run a stage here with its write events counted; their
+    names in order) and ``killed_line(n, name)`` (what a child killed at event ``n`` prints on stderr).
+
+    ``killpoints.py`` is a script: the children run it (``python killpoints.py STAGE WORKDIR PARAMS_YAML N``). The
+    parent counts with the same code, run from that file here, so no test imports it."""
+    code = runpy.run_path(str(KILLPOINTS_SCRIPT), run_name="killpoints")
+    return KillPoints(run_counted=code["run_counted"], killed_line=code["killed_line"])
