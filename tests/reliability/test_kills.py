@@ -51,9 +51,40 @@ def reference(tmp_path_factory, imagegen, write_params, tiny_dict, killpoints):
 
 
 def kill_points(stage: str, events: list[str]) -> list[int]:
-    """Seeded, distinct event numbers (1-based) at which the stage's child is killed."""
+    """Seeded, distinct event numbers (1-based) at which the stage's child is killed; for features also the last
+    ``np.save``, which writes the cut-point activations' last shard (their writer is closed after the pooled one)."""
     rng = random.Random(f"{SEED}:{stage}")
-    return sorted(rng.sample(range(1, len(events) + 1), min(KILLS[stage], len(events))))
+    points = set(rng.sample(range(1, len(events) + 1), min(KILLS[stage], len(events))))
+    if stage == "features":
+        points.add(max(i for i, name in enumerate(events, 1) if name == "np.save"))
+    return sorted(points)
+
+
+def cached_activations(params, layout) -> np.ndarray:
+    """Every cut-point activation the finetune stage reads, as the features stage's activations manifest keys them."""
+    import json
+
+    from tasks.data.index_table import read_index
+    from tasks.features.activations import pairs_needed
+    from tasks.features.cache import FeatureCache, KeySpec
+    from tasks.inputs import cache_root
+
+    spec = json.loads(layout.activations_manifest.read_text())["key_spec"]
+    key = KeySpec(**{**spec, "image_size": tuple(spec["image_size"]), "shape": tuple(spec["shape"])})
+    cache = FeatureCache.open(cache_root(params, layout), key, create=False)
+    return cache.read(pairs_needed(params, read_index(layout)))
+
+
+def activation_rows(params, layout) -> int:
+    """Rows committed to the activations' key folder (the manifest there is the only list readers trust)."""
+    import json
+
+    from tasks.inputs import cache_root
+
+    folders = [p for p in cache_root(params, layout).iterdir() if (p / "key.json").is_file()]
+    folder = next(f for f in folders if json.loads((f / "key.json").read_text()).get("cut"))
+    manifest = folder / "manifest.json"
+    return sum(s["rows"] for s in json.loads(manifest.read_text())["shards"]) if manifest.is_file() else 0
 
 
 def killed_workspaces(
@@ -84,7 +115,7 @@ def killed_workspaces(
         assert killpoints.killed_line(n, event) in stderr.decode(), stderr.decode()[-3000:]
         killed.append(n)
         out.append((Layout(work), n, event))
-    assert killed == points and len(killed) == min(KILLS[stage], len(events[stage])), (stage, killed)
+    assert killed == points and len(killed) >= min(KILLS[stage], len(events[stage])), (stage, killed)
     return out
 
 
@@ -102,17 +133,22 @@ def test_kill_during_features(
     from tasks.inputs import cache_root
     from tasks.stages.run_features import run_features
 
-    _, params, ref, _ = reference
+    _, params, ref, events = reference
+    last_activation_write = max(i for i, name in enumerate(events["features"], 1) if name == "np.save")
+    expected_activations = cached_activations(params, ref)
     for layout, n, event in killed_workspaces("features", reference, tmp_path, killpoints, quiet_env):
         where = f"kill point {n} ({event})"
         check_cache_consistent(
             cache_root(params, layout), orphans_allowed=True
         )  # nothing half-written listed
+        if n == last_activation_write:  # killed while writing the activations' last shard
+            assert activation_rows(params, layout) < activation_rows(params, ref), where
         run_features(params, layout)
         for split in ("train", "val", "test"):
             np.testing.assert_array_equal(
                 read_features(params, layout, split).x, read_features(params, ref, split).x, err_msg=where
             )
+        np.testing.assert_array_equal(cached_activations(params, layout), expected_activations, err_msg=where)
         check_cache_consistent(cache_root(params, layout))  # the rerun removed the killed writer's orphans
         assert leftover_temp_files(layout.root) == [], where
 
@@ -183,7 +219,7 @@ def test_kill_during_finetune(reference, tmp_path, killpoints, quiet_env, leftov
         if layout.candidate_model.exists():  # a model left by the killed run must be whole
             load_bundle(layout.candidate_model)
         manifest = run_finetune(params, layout)
-        assert manifest.epochs_run == 2, where
+        assert manifest.epochs_run == 2 and manifest.path == "tail", where
         got = np.asarray(load_bundle(layout.candidate_model).model(images))
         np.testing.assert_allclose(got, expected, atol=0.05, err_msg=where)
         assert leftover_temp_files(layout.root) == [], (where, leftover_temp_files(layout.root))
