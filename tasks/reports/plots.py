@@ -27,15 +27,24 @@ def write_run_record(path: Path, record: Mapping[str, Any]) -> Path:
     return path
 
 
-def read_decision(layout: Layout, model_sha256: str | None) -> tuple[str, str] | None:
-    """``(kept, sentence)`` of the last finetune run (its run record: "top-only" or "fine-tuned", and
-    :func:`tasks.models.finetuning.weights_decision`'s sentence) when that run wrote the model whose sha256 is
-    ``model_sha256``; None when there is no record or it describes another model."""
+def read_finetune_record(layout: Layout, model_sha256: str | None) -> dict[str, Any] | None:
+    """The last finetune run's record when that run wrote the model whose sha256 is ``model_sha256``; None when
+    there is no record or it describes another model."""
     try:
         record = json.loads(layout.run_record("finetune").read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or model_sha256 is None or record.get("model_sha256") != model_sha256:
+        return None
+    return record
+
+
+def read_decision(layout: Layout, model_sha256: str | None) -> tuple[str, str] | None:
+    """``(kept, sentence)`` of the last finetune run (its run record: "top-only" or "fine-tuned", and
+    :func:`tasks.models.finetuning.weights_decision`'s sentence) when that run wrote the model whose sha256 is
+    ``model_sha256``; None when there is no record or it describes another model."""
+    record = read_finetune_record(layout, model_sha256)
+    if record is None:
         return None
     kept, decision = record.get("kept"), record.get("decision")
     return (kept, decision) if isinstance(kept, str) and isinstance(decision, str) else None

@@ -43,7 +43,11 @@ def load_models(
     params: Params, layout: Layout, inputs: Inputs, names: tuple[str, ...]
 ) -> tuple[dict[str, ModelInput], str | None]:
     """The candidate (first: the prediction grid shows its inputs) and the top-only model, each with how its
-    inputs are made; and the candidate's recorded sha256 (to match finetune's run record)."""
+    inputs are made; and the candidate's recorded sha256 (to match finetune's run record).
+
+    When finetune's record says this candidate kept the top-only weights of the current head (and it is fed the
+    same inputs), the top-only model IS the candidate: it is not built, and only the candidate is returned
+    (:func:`same_as_top_only`)."""
     from tasks.models.full_model import load_bundle, load_top_model, raw_pixels, read_bundle_model_sha256
 
     candidate = load_bundle(layout.candidate_model)
@@ -51,12 +55,27 @@ def load_models(
         raise InputError(
             f"the candidate model's classes {list(candidate.names)!r} differ from the index's {list(names)!r}"
         )
-    top_only, _, _ = load_top_model(params, layout, inputs)
-    models = {
-        "candidate": ModelInput(candidate.model, candidate.image),
-        "top_only": ModelInput(top_only, raw_pixels(inputs.image)),
-    }
-    return models, read_bundle_model_sha256(layout.candidate_model)
+    model_sha256 = read_bundle_model_sha256(layout.candidate_model)
+    models = {"candidate": ModelInput(candidate.model, candidate.image)}
+    if not (same_as_top_only(layout, model_sha256) and candidate.image == raw_pixels(inputs.image)):
+        top_only, _, _ = load_top_model(params, layout, inputs)
+        models["top_only"] = ModelInput(top_only, raw_pixels(inputs.image))
+    return models, model_sha256
+
+
+def same_as_top_only(layout: Layout, model_sha256: str | None) -> bool:
+    """Whether the candidate holds the top-only weights: finetune kept them (its record, for this very model file)
+    and built it from the head that is in ``models/top`` now."""
+    from tasks.models.bases import sha256_file
+    from tasks.reports.plots import read_finetune_record
+
+    record = read_finetune_record(layout, model_sha256)
+    return (
+        record is not None
+        and record.get("kept") == "top-only"
+        and layout.top_head_model.is_file()
+        and record.get("top_head_sha256") == sha256_file(layout.top_head_model)
+    )
 
 
 def write_pngs(
@@ -126,6 +145,8 @@ def run_evaluate(params: Params, layout: Layout, *, progress: Reporter | None = 
             results[name][split] = compute_metrics(out, ids, names)
         if split == "test":
             test_candidate = probability_matrix(outputs["candidate"], len(names))
+    if "top_only" not in models:  # the same weights: evaluated once
+        results["top_only"] = results["candidate"]
 
     flat = flat_metrics(results, cfg.metric)
     atomic_write_json(layout.evaluate_metrics, flat)
@@ -161,6 +182,7 @@ def run_evaluate(params: Params, layout: Layout, *, progress: Reporter | None = 
             "images_per_second": round(total / seconds, 2) if seconds > 0 else None,
             "model_file": layout.candidate_model.as_posix(),
             "model_sha256": model_sha256,
+            "top_only": "evaluated" if "top_only" in models else "the candidate's figures (the same weights)",
             "reports": manifest.reports,
         },
     )

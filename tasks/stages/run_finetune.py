@@ -29,7 +29,7 @@ from tasks.features.activations import (
 from tasks.inputs import Inputs, resolve_inputs
 from tasks.io.atomic import atomic_write_json
 from tasks.layout import Layout
-from tasks.models.bases import CutPoint, cut_point
+from tasks.models.bases import CutPoint, cut_point, sha256_file
 from tasks.models.finetuning import (
     FINETUNE_METRIC_KEYS,
     STAGE,
@@ -191,7 +191,9 @@ def run_finetune(params: Params, layout: Layout, *, progress: Reporter | None = 
     write_history_csv(layout.finetune_history, history)
     record = {key: value for key, value in fields.items() if key not in FINETUNE_METRIC_KEYS}
     record.update(
-        min_improvement=cfg.min_improvement, model_sha256=read_bundle_model_sha256(layout.candidate_model)
+        min_improvement=cfg.min_improvement,
+        model_sha256=read_bundle_model_sha256(layout.candidate_model),
+        top_head_sha256=sha256_file(layout.top_head_model),  # the head this candidate was built from
     )
     write_run_record(layout.run_record(STAGE), record)
     return manifest

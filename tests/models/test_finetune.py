@@ -376,6 +376,12 @@ def test_finetune_and_evaluate_commands_say_what_was_kept(trained):
     assert f"**Candidate:** {decision} (the two rows are the same weights)." in comparison
     record = json.loads(layout.run_record("evaluate").read_text())
     assert record["images_evaluated"] > 0 and record["seconds"] > 0
+    # the candidate kept the top-only weights of this head: one pass, the top-only figures are the candidate's
+    assert record["top_only"] == "the candidate's figures (the same weights)"
+    from tasks.data.index_table import read_index
+
+    index = read_index(layout)
+    assert record["images_evaluated"] == int(index["split"].isin(["test", "val"]).sum())
     metrics = json.loads((layout.metrics_dir / "evaluate.json").read_text())
     assert not {"seconds", "images_per_second", "reports", "model_file"} & set(metrics)
     assert {"test_accuracy", "top_only_test_accuracy", "score"} <= set(metrics)

@@ -144,6 +144,15 @@ def test_finetuning_from_cached_activations_lowers_val_loss_and_says_which_path_
     loss = float(-np.mean(np.sum(labels * np.log(np.clip(probs, 1e-7, 1)), axis=1)))
     assert loss == pytest.approx(manifest.val_loss, rel=1e-3, abs=1e-4)
 
+    # fine-tuned weights: evaluate runs the top-only model too, and the val figures say what fine-tuning changed
+    from tasks.stages.run_evaluate import run_evaluate
+
+    run_evaluate(params(), layout)
+    assert json.loads(layout.run_record("evaluate").read_text())["top_only"] == "evaluated"
+    details = json.loads(layout.evaluation_details.read_text())
+    assert details["top_only"]["val"]["loss"] == pytest.approx(manifest.top_only_val_loss, rel=1e-3)
+    assert details["candidate"]["val"]["loss"] == pytest.approx(manifest.val_loss, rel=1e-3)
+
 
 def test_augmented_epochs_read_the_cached_passes_and_the_full_path_stays_available(learnable):
     from tasks.stages.run_finetune import run_finetune
