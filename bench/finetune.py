@@ -109,7 +109,9 @@ def main() -> None:
             stage[path].append(manifest.seconds)
             val[path].append(manifest.best_tried_val_loss)
     med = {p: statistics.median(v) for p, v in per_epoch.items()}
-    act_bytes = sum(f.stat().st_size for f in (work / "cache" / with_acts.activations["cache_key"]).rglob("*"))
+    act_bytes = sum(
+        f.stat().st_size for f in (work / "cache" / with_acts.activations["cache_key"]).rglob("*")
+    )
     rows = with_acts.activations_computed
     lines = [
         f"images: {sum(with_acts.rows.values())} ({with_acts.rows}), finetune epochs {args.epochs}, "

@@ -25,14 +25,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import SHARED, report  # noqa: E402
 
-# name -> finetune overrides (the rest: params.yaml's finetune section)
+# name -> finetune overrides (the rest: params.yaml's finetune section; min_improvement 0 and --epochs/--patience)
 GRID: dict[str, dict[str, object]] = {
-    "sgd 1e-4 (old default)": {"optimizer": "sgd", "lr": 1e-4},
-    "sgd 1e-3": {"optimizer": "sgd", "lr": 1e-3},
-    "adam 1e-4": {"optimizer": "adam", "lr": 1e-4},
-    "adam 1e-4 + cached aug": {"optimizer": "adam", "lr": 1e-4, "augment": True},
-    "adam 3e-5": {"optimizer": "adam", "lr": 3e-5},
-    "sgd 1e-3 + cached aug": {"optimizer": "sgd", "lr": 1e-3, "augment": True},
+    "2 blocks, sgd 1e-4 (old default)": {"unfreeze_blocks": 2, "optimizer": "sgd", "lr": 1e-4},
+    "2 blocks, sgd 1e-3": {"unfreeze_blocks": 2, "optimizer": "sgd", "lr": 1e-3},
+    "2 blocks, adam 1e-4": {"unfreeze_blocks": 2, "optimizer": "adam", "lr": 1e-4},
+    "2 blocks, adam 1e-4, cached aug": {
+        "unfreeze_blocks": 2,
+        "optimizer": "adam",
+        "lr": 1e-4,
+        "augment": True,
+    },
+    "5 blocks, sgd 1e-3": {"unfreeze_blocks": 5, "optimizer": "sgd", "lr": 1e-3},
+    "5 blocks, adam 1e-4": {"unfreeze_blocks": 5, "optimizer": "adam", "lr": 1e-4},
+    "5 blocks, adam 1e-4, cached aug": {
+        "unfreeze_blocks": 5,
+        "optimizer": "adam",
+        "lr": 1e-4,
+        "augment": True,
+    },
 }
 
 
@@ -43,7 +54,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--patience", type=int, default=2)
     ap.add_argument("--passes", type=int, default=1, help="augment.passes (cached augmented views)")
-    ap.add_argument("--unfreeze-blocks", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=None, help="keep the workspaces and cache here (reused)")
     ap.add_argument("--only", default=None, help="comma-separated schedule names (default: the whole grid)")
     ap.add_argument(
         "--weights",
@@ -64,7 +75,7 @@ def main() -> None:
 
     seeds = [int(s) for s in args.seeds.split(",")]
     grid = {k: v for k, v in GRID.items() if args.only is None or k in args.only.split(",")}
-    work = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_sweep_"))
 
     def params(seed: int, **finetune: object):
         return params_from_dict(
@@ -77,7 +88,6 @@ def main() -> None:
                 "finetune": {
                     "epochs": args.epochs,
                     "patience": args.patience,
-                    "unfreeze_blocks": args.unfreeze_blocks,
                     "min_improvement": 0.0,
                     **finetune,
                 },
@@ -91,7 +101,7 @@ def main() -> None:
     for seed in seeds:
         layout = Layout(work / f"seed{seed}")
         if seed != seeds[0]:
-            shutil.copytree(first.index_dir, layout.index_dir)
+            shutil.copytree(first.index_dir, layout.index_dir, dirs_exist_ok=True)
         features = run_features(params(seed), layout)
         run_train_top(params(seed), layout)
         layouts[seed] = layout
@@ -101,6 +111,7 @@ def main() -> None:
     results: dict[str, list[dict[str, object]]] = {}
     for name, overrides in grid.items():
         for seed in seeds:
+            run_features(params(seed, **overrides), layouts[seed])  # a new cut: its activations, once
             m = run_finetune(params(seed, **overrides), layouts[seed])
             row = {
                 "seed": seed,
@@ -120,8 +131,8 @@ def main() -> None:
 
     chosen = min(results, key=lambda n: mean(n, "val_loss"))
     lines = [
-        f"dataset {args.dataset.name}: {features.rows} images, augment.passes {args.passes}, unfreeze_blocks "
-        f"{args.unfreeze_blocks}, up to {args.epochs} epochs (patience {args.patience}), seeds {seeds}",
+        f"dataset {args.dataset.name}: {features.rows} images, augment.passes {args.passes}, "
+        f"up to {args.epochs} epochs (patience {args.patience}), min_improvement 0, seeds {seeds}",
         "| schedule | val loss top-only -> fine-tuned (mean of seeds) | val accuracy top-only -> fine-tuned | "
         "epoch kept (per seed) | s/epoch |",
         "|---|---|---|---|---|",
@@ -136,6 +147,7 @@ def main() -> None:
 
     tests = []
     for seed in seeds:  # the test split, once, for the schedule chosen on val
+        run_features(params(seed, **grid[chosen]), layouts[seed])
         run_finetune(params(seed, **grid[chosen]), layouts[seed])
         run_evaluate(params(seed, **grid[chosen]), layouts[seed])
         metrics = json.loads(layouts[seed].evaluate_metrics.read_text())
@@ -156,7 +168,8 @@ def main() -> None:
         {"results": results, "chosen": chosen, "test": tests},
         args.out,
     )
-    shutil.rmtree(work, ignore_errors=True)
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
