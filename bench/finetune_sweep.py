@@ -43,6 +43,28 @@ GRID: dict[str, dict[str, object]] = {
         "optimizer": "adam",
         "lr": 1e-4,
         "augment": True,
+    },  # round 2 (round 1 found no gain within patience 2): lower rates, no early stop before 8 epochs
+    "2 blocks, adam 1e-5, 8 epochs": {
+        "unfreeze_blocks": 2,
+        "optimizer": "adam",
+        "lr": 1e-5,
+        "epochs": 8,
+        "patience": 8,
+    },
+    "5 blocks, adam 1e-5, 8 epochs": {
+        "unfreeze_blocks": 5,
+        "optimizer": "adam",
+        "lr": 1e-5,
+        "epochs": 8,
+        "patience": 8,
+    },
+    "5 blocks, adam 1e-5, cached aug, 8 epochs": {
+        "unfreeze_blocks": 5,
+        "optimizer": "adam",
+        "lr": 1e-5,
+        "augment": True,
+        "epochs": 8,
+        "patience": 8,
     },
 }
 
@@ -55,7 +77,7 @@ def main() -> None:
     ap.add_argument("--patience", type=int, default=2)
     ap.add_argument("--passes", type=int, default=1, help="augment.passes (cached augmented views)")
     ap.add_argument("--work", type=Path, default=None, help="keep the workspaces and cache here (reused)")
-    ap.add_argument("--only", default=None, help="comma-separated schedule names (default: the whole grid)")
+    ap.add_argument("--only", default=None, help="';'-separated schedule names (default: the whole grid)")
     ap.add_argument(
         "--weights",
         type=Path,
@@ -74,7 +96,7 @@ def main() -> None:
     from tasks.stages.run_train_top import run_train_top
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    grid = {k: v for k, v in GRID.items() if args.only is None or k in args.only.split(",")}
+    grid = {k: v for k, v in GRID.items() if args.only is None or k in args.only.split(";")}
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_sweep_"))
 
     def params(seed: int, **finetune: object):
@@ -108,9 +130,16 @@ def main() -> None:
     setup_seconds = time.perf_counter() - t0
     print(f"setup {setup_seconds:.0f} s: {features.summary()}", flush=True)
 
+    # rows already measured in this --work folder (an interrupted or earlier sweep) are kept, not rerun
+    rows_file = work / "rows.jsonl"
+    done = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
     results: dict[str, list[dict[str, object]]] = {}
     for name, overrides in grid.items():
         for seed in seeds:
+            old = next((r for r in done if r["schedule"] == name and r["seed"] == seed), None)
+            if old is not None:
+                results.setdefault(name, []).append({k: v for k, v in old.items() if k != "schedule"})
+                continue
             run_features(params(seed, **overrides), layouts[seed])  # a new cut: its activations, once
             m = run_finetune(params(seed, **overrides), layouts[seed])
             row = {
@@ -124,6 +153,8 @@ def main() -> None:
                 "seconds_per_epoch": m.seconds_per_epoch,
             }
             results.setdefault(name, []).append(row)
+            with rows_file.open("a") as fh:
+                fh.write(json.dumps({"schedule": name, **row}) + "\n")
             print(name, json.dumps(row), flush=True)
 
     def mean(name: str, key: str) -> float:
