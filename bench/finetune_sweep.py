@@ -125,7 +125,8 @@ def main() -> None:
         if seed != seeds[0]:
             shutil.copytree(first.index_dir, layout.index_dir, dirs_exist_ok=True)
         features = run_features(params(seed), layout)
-        run_train_top(params(seed), layout)
+        if not layout.top_head_model.is_file():  # a resumed sweep keeps its heads (the rows were measured on them)
+            run_train_top(params(seed), layout)
         layouts[seed] = layout
     setup_seconds = time.perf_counter() - t0
     print(f"setup {setup_seconds:.0f} s: {features.summary()}", flush=True)
