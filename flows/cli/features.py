@@ -49,10 +49,13 @@ def features_cmd(
 ) -> None:
     """Compute the features of every view the index needs; only (image, view) pairs not cached go through the base.
 
-    Train images get the clean view plus augment.passes augmented views, val and test the clean view. Writes
-    the cache (cache/features/<key>/ or features.cache_dir), features/features.json, metrics/features.json
-    (counts) and reports/runs/features.json (timings); ends with one line: "features <key>: computed N, reused M
-    (...); wrote ...". Needs `retrainflow index` first.
+    Train images get the clean view plus augment.passes augmented views, val and test the clean view. When
+    fine-tuning takes the tail path (finetune.epochs > 0, finetune.path auto or tail), the same forward pass also
+    caches the activation at the first unfrozen block's input for train's and val's views (a second cache key).
+    Writes the cache (cache/features/<key>/ or features.cache_dir), features/features.json,
+    features/activations.json, metrics/features.json (counts) and reports/runs/features.json (timings); ends with
+    one line: "features <key>: computed N, reused M (...); activations <cut>: computed N, reused M; wrote ...".
+    Needs `retrainflow index` first.
     """
     loaded = load_or_exit(params, set_)
     layout = layout_for(workdir)
