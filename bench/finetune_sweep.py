@@ -86,6 +86,11 @@ def main() -> None:
         type=Path,
         default=SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
     )
+    ap.add_argument(
+        "--shipped",
+        action="store_true",
+        help="one schedule, params.yaml's finetune section as it is (min_improvement included): the defaults' check",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -100,6 +105,8 @@ def main() -> None:
 
     seeds = [int(s) for s in args.seeds.split(",")]
     grid = {k: v for k, v in GRID.items() if args.only is None or k in args.only.split(";")}
+    if args.shipped:
+        grid = {"shipped defaults (params.yaml)": {}}
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_sweep_"))
 
     def params(seed: int, **finetune: object):
@@ -110,12 +117,9 @@ def main() -> None:
                 "augment": {"passes": args.passes},
                 "base": {"name": "mobilenet_v2", "weights": str(args.weights)},
                 "features": {"cache_dir": str(work / "cache")},
-                "finetune": {
-                    "epochs": args.epochs,
-                    "patience": args.patience,
-                    "min_improvement": 0.0,
-                    **finetune,
-                },
+                "finetune": {}
+                if args.shipped
+                else {"epochs": args.epochs, "patience": args.patience, "min_improvement": 0.0, **finetune},
             }
         )
 
