@@ -46,6 +46,9 @@ from tasks.models.finetuning import (
 from tasks.progress import Reporter
 
 
+VAL_BATCH_MIN = 64  # the tail path's validation batch (a cut-point activation batch of 64 is about 1 MB)
+
+
 def tail_data(
     params: Params, layout: Layout, inputs: Inputs, cut: CutPoint, classes: Any
 ) -> tuple[Callable[[int], tuple[Any, int]], Any]:
@@ -69,7 +72,9 @@ def tail_data(
     train = cached_training_views(
         rows["train"], epoch_views, batch_size=params.finetune.batch_size, seed=params.seed
     )
-    return train, cached_view(rows["val"], CLEAN_VIEW, params.finetune.batch_size)
+    # validation is inference only: a larger batch changes no result and saves per-step overhead
+    val_batch = max(VAL_BATCH_MIN, params.finetune.batch_size)
+    return train, cached_view(rows["val"], CLEAN_VIEW, val_batch)
 
 
 def run_finetune(params: Params, layout: Layout, *, progress: Reporter | None = None) -> FinetuneManifest:
