@@ -45,7 +45,6 @@ from tasks.models.finetuning import (
 )
 from tasks.progress import Reporter
 
-
 VAL_BATCH_MIN = 64  # the tail path's validation batch (a cut-point activation batch of 64 is about 1 MB)
 
 
