@@ -72,7 +72,12 @@ def test_two_pipeline_runs_at_once_in_one_workspace(
     params = tiny_params(workspace / "data" / "images")
     rows = check_cache_consistent(cache_root(params, layout))
     manifest = json.loads(layout.features_manifest.read_text())
-    assert rows == manifest["pairs"]  # every (image, view) pair the run needed, each once
+    counts = json.loads(layout.features_metrics.read_text())
+    activations = (
+        counts["activations_computed"] + counts["activations_reused"]
+    )  # fine-tuning's cut-point views
+    assert activations > 0
+    assert rows == manifest["pairs"] + activations  # every pair the run needed, in each of the two keys, once
     registry = read_registry(layout)
     assert len(registry.candidates) == 1 and registry.candidates[0].promoted
     assert registry.champion == registry.candidates[0].id
