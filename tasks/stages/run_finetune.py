@@ -76,11 +76,40 @@ def tail_data(
     return train, cached_view(rows["val"], CLEAN_VIEW, val_batch)
 
 
+def full_data(
+    params: Params, layout: Layout, inputs: Inputs, image: Any, classes: Any
+) -> tuple[Callable[[int], tuple[Any, int]], Any]:
+    """The full path's training views (decoded images; ``finetune.augment``: fresh passes the cache does not hold)
+    and val's clean view, for the raw-pixels model (``image``: :func:`tasks.models.full_model.raw_pixels`)."""
+    from tasks.data.augment import policy_from_config
+    from tasks.data.index_table import read_index
+    from tasks.data.labels import encode_labels
+
+    cfg = params.finetune
+    index = read_index(layout)
+    train_rows, val_rows = (index[index["split"] == s].reset_index(drop=True) for s in ("train", "val"))
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise InputError(f"finetune needs train and val images, got {len(train_rows)} and {len(val_rows)}")
+    train = training_views(
+        train_rows,
+        inputs.data_root,
+        image,
+        batch_size=cfg.batch_size,
+        class_mode=classes.class_mode,
+        num_classes=classes.num_classes,
+        seed=params.seed,
+        policy=policy_from_config(params.augment) if cfg.augment else None,
+        first_pass=params.augment.passes,  # fresh views: the head was fitted to passes 0..passes-1
+    )
+    val_labels = encode_labels(val_rows["class_id"].to_numpy(), classes.class_mode, classes.num_classes)
+    return train, labelled_view(val_rows, inputs.data_root, image, cfg.batch_size, val_labels)
+
+
 def run_finetune(params: Params, layout: Layout, *, progress: Reporter | None = None) -> FinetuneManifest:
     """Build the full model from the trained head, fine-tune it (unless ``finetune.epochs`` is 0) and save it.
 
     ``progress`` gets one :class:`tasks.progress.Step` per epoch (task "finetune", unit "epoch")."""
-    from tasks.data.index_table import read_classes, read_index
+    from tasks.data.index_table import read_classes
     from tasks.models.full_model import (
         load_top_model,
         raw_pixels,
@@ -99,27 +128,8 @@ def run_finetune(params: Params, layout: Layout, *, progress: Reporter | None = 
     work_dir = layout.finetune_checkpoints
     history: list[dict[str, str]] = []
     path = finetune_path(params)
-    cut = None
-    if path.path == "tail":
-        cut = cut_point(base, spec, cfg.unfreeze_blocks)
-        train, val = tail_data(params, layout, inputs, cut, classes)
-        summary = finetune_model(
-            model,
-            base,
-            spec,
-            train,
-            val,
-            cfg,
-            classes.class_mode,
-            classes.num_classes,
-            work_dir,
-            params.seed,
-            run_fingerprint(params, layout),
-            fit_model=tail_model(model, base, cut.layer),
-            progress=progress,
-        )
-        history = summary["history"]
-    elif cfg.epochs == 0:
+    cut = cut_point(base, spec, cfg.unfreeze_blocks) if path.path == "tail" else None
+    if path.path == "skipped":
         shutil.rmtree(work_dir, ignore_errors=True)
         summary: dict[str, Any] = {
             "trainable_layers": [],
@@ -128,28 +138,10 @@ def run_finetune(params: Params, layout: Layout, *, progress: Reporter | None = 
             "state": {"best_epoch": 0, "epochs_done": 0},
         }
     else:
-        from tasks.data.augment import policy_from_config
-        from tasks.data.labels import encode_labels
-
-        index = read_index(layout)
-        train_rows, val_rows = (index[index["split"] == s].reset_index(drop=True) for s in ("train", "val"))
-        if len(train_rows) == 0 or len(val_rows) == 0:
-            raise InputError(
-                f"finetune needs train and val images, got {len(train_rows)} and {len(val_rows)}"
-            )
-        train = training_views(
-            train_rows,
-            inputs.data_root,
-            image,
-            batch_size=cfg.batch_size,
-            class_mode=classes.class_mode,
-            num_classes=classes.num_classes,
-            seed=params.seed,
-            policy=policy_from_config(params.augment) if cfg.augment else None,
-            first_pass=params.augment.passes,  # fresh views: the head was fitted to passes 0..passes-1
-        )
-        val_labels = encode_labels(val_rows["class_id"].to_numpy(), classes.class_mode, classes.num_classes)
-        val = labelled_view(val_rows, inputs.data_root, image, cfg.batch_size, val_labels)
+        if cut is not None:
+            train, val = tail_data(params, layout, inputs, cut, classes)
+        else:
+            train, val = full_data(params, layout, inputs, image, classes)
         summary = finetune_model(
             model,
             base,
@@ -162,6 +154,7 @@ def run_finetune(params: Params, layout: Layout, *, progress: Reporter | None = 
             work_dir,
             params.seed,
             run_fingerprint(params, layout),
+            fit_model=tail_model(model, base, cut.layer) if cut is not None else None,
             progress=progress,
         )
         history = summary["history"]
