@@ -50,9 +50,9 @@ def main() -> None:
     from tasks.config import params_from_dict
     from tasks.data.index_table import read_index
     from tasks.data.pipeline import view_dataset
-    from tasks.features.extract import _pool_fn
     from tasks.inputs import ImageSpec
     from tasks.layout import Layout
+    from tasks.models.engines import keras_forward
     from tasks.stages.run_features import run_features
     from tasks.stages.run_index import run_index
 
@@ -63,7 +63,7 @@ def main() -> None:
         "image": {"size": args.size},
         "base": {"name": "mobilenet_v2", "weights": str(args.weights)},
         "augment": {"passes": 0},  # clean views: one image through the base per index row
-        "features": {"cache_dir": str(work / "cache0")},
+        "features": {"cache_dir": str(work / "cache0"), "engine": "keras"},  # bench/engines.py: litert
     }
     params = params_from_dict(raw)
     run_index(params, layout)
@@ -78,7 +78,7 @@ def main() -> None:
     from tasks.models.bases import load_base
 
     loaded = load_base(params.base, size)
-    infer = _pool_fn(loaded.model, "avg", size)
+    forward = keras_forward(loaded.model, "avg", size, None)
 
     # the bare loop's input: the same images, decoded, resized and preprocessed once, held in memory
     pixels = np.concatenate(
@@ -93,7 +93,7 @@ def main() -> None:
     def bare(batch_size: int, count: int) -> float:
         start = time.perf_counter()
         for i in range(0, count, batch_size):
-            infer(tensors[i : i + batch_size]).numpy()
+            forward(tensors[i : i + batch_size])
         return time.perf_counter() - start
 
     # 1. batch size by measurement (bare loop, after a warm-up per size)
@@ -118,7 +118,12 @@ def main() -> None:
         cfg = params_from_dict(
             {
                 **raw,
-                "features": {"cache_dir": str(work / f"cache{r}"), "batch_size": best, "shard_size": 1024},
+                "features": {
+                    "cache_dir": str(work / f"cache{r}"),
+                    "batch_size": best,
+                    "shard_size": 1024,
+                    "engine": "keras",
+                },
             }
         )
         start = time.perf_counter()

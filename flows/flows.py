@@ -45,7 +45,9 @@ def _run_features(params: Params, layout: Layout, progress: Reporter) -> Any:
         artifacts.start_progress("feature-extraction", "Feature extraction: images through the base")
     )
     manifest = run_features(
-        params, layout, progress=tee(progress, lambda step: artifact(step.done, step.total or 0))
+        params,
+        layout,
+        progress=tee(progress, lambda step: step.task == "features" and artifact(step.done, step.total or 0)),
     )
     artifact(1, 1)
     logger = get_run_logger()

@@ -389,6 +389,8 @@ class FeaturesConfig(_Section):
     batch_size: int = Field(16, ge=1, le=4096)  # fastest MobileNetV2 224 batch measured (bench/features.py)
     shard_size: int = Field(1024, ge=1)
     cache_dir: Path | None = None  # default: the layout's features cache
+    # the frozen forward pass (tasks.models.engines): auto = litert on a CPU when installed, keras on a GPU
+    engine: Literal["auto", "keras", "litert"] = "auto"
 
 
 # ---------------------------------------------------------------------------------------------------- top

@@ -276,7 +276,7 @@ TINY_PARAMS = {
     "image": {"size": [32, 32]},
     "augment": {"passes": 1, "horizontal_flip": True},
     "base": {"name": "mobilenet_v2", "weights": "none", "alpha": 0.35},
-    "features": {"batch_size": 16},
+    "features": {"batch_size": 16, "engine": "keras"},  # litert: tests/models/test_engines.py
     "top": {"heads": [{"name": "linear", "type": "linear"}], "epochs": 2, "batch_size": 16, "lr": 0.01},
     "finetune": {"epochs": 1, "unfreeze_blocks": 1, "batch_size": 8},
     "evaluate": {

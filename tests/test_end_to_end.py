@@ -22,7 +22,7 @@ def tiny_params(data_root, weights, **finetune):
             "image": {"size": 32},
             "augment": {"passes": 1, "horizontal_flip": True, "rotation_range": 10},
             "base": {"name": "mobilenet", "weights": str(weights), "alpha": 0.25},
-            "features": {"batch_size": 16},
+            "features": {"batch_size": 16, "engine": "keras"},
             "top": {
                 "heads": [
                     {"name": "linear", "type": "linear"},

@@ -84,7 +84,7 @@ def _current_keys(
     params_file: Path, overrides: list[str] | None, workdir: Path, *, required: bool = True
 ) -> tuple[set[str], Path]:
     """(cache keys the current params use, cache root): the pooled features' key, plus the cut-point activations'
-    when fine-tuning takes the tail path. Fingerprints the weights (building nothing for files; the cut point is
+    when fine-tuning takes the tail path, both for the engine ``features.engine`` chooses. Fingerprints the weights (building nothing for files; the cut point is
     read off the architecture without weights).
 
     When the weights are unavailable (a user error of the error map): exit with the error, or
@@ -94,6 +94,7 @@ def _current_keys(
     from tasks.features.read import key_spec_for
     from tasks.inputs import resolve_inputs
     from tasks.models.bases import cut_point_of, weights_fingerprint
+    from tasks.models.engines import choose_engine
 
     loaded = load_or_exit(params_file, overrides)
     inputs = resolve_inputs(loaded, layout_for(workdir))
@@ -107,10 +108,11 @@ def _current_keys(
         if required:
             raise typer.Exit(EXIT_WEIGHTS) from None
         return set(), root
-    keys = {key_spec_for(inputs, loaded.features, sha).key}
+    engine = choose_engine(loaded.features.engine).key
+    keys = {key_spec_for(inputs, loaded.features, sha, engine).key}
     if finetune_path(loaded).wants_activations:
         cut = cut_point_of(loaded.base, inputs.image_size, loaded.finetune.unfreeze_blocks)
-        keys.add(activation_key_spec(inputs, loaded, sha, cut).key)
+        keys.add(activation_key_spec(inputs, loaded, sha, cut, engine).key)
     return keys, root
 
 

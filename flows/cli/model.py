@@ -257,18 +257,34 @@ def export_cmd(
         typer.Option(
             "--output",
             "-o",
-            help=r"SavedModel folder to create \[default: models/export/<model folder name>].",
+            help=r"Folder to create \[default: models/export/<model folder name>, plus -tflite for tflite].",
         ),
     ] = None,
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="savedmodel (TF serving) or tflite (LiteRT float32, for phones and edge devices).",
+        ),
+    ] = "savedmodel",
     workdir: WorkdirOpt = Path("."),
 ) -> None:
-    """Export a .keras model as a TF SavedModel for serving (signature `serve`: float32 [B, H, W, 3], 0-255)."""
-    from tasks.models.predict import export_saved_model
+    """Export a .keras model with its classes.json: a TF SavedModel for serving (signature `serve`), or a LiteRT
+    model.tflite (--format tflite). Both take float32 [B, H, W, 3] pixels 0-255 and give class probabilities."""
+    from tasks.models.predict import EXPORT_FORMATS, TFLITE_FILE, export_model
 
+    if export_format not in EXPORT_FORMATS:
+        console.print(
+            f"[bold red]error:[/] --format: expected one of {EXPORT_FORMATS}, got {export_format!r}"
+        )
+        raise typer.Exit(2)
     layout = layout_for(workdir)
     model_file = model_or_exit(model, layout)
-    target = output if output is not None else layout.models_dir / "export" / model_file.parent.name
-    written = export_saved_model(model_file, target)
-    console.print(
-        f"exported {model_file} to {written} (SavedModel + classes.json)", highlight=False, soft_wrap=True
+    suffix = "-tflite" if export_format == "tflite" else ""
+    target = (
+        output if output is not None else layout.models_dir / "export" / f"{model_file.parent.name}{suffix}"
     )
+    written = export_model(model_file, target, export_format)
+    what = f"{TFLITE_FILE} + classes.json" if export_format == "tflite" else "SavedModel + classes.json"
+    console.print(f"exported {model_file} to {written} ({what})", highlight=False, soft_wrap=True)

@@ -76,11 +76,13 @@ def finetune_path(params: Params) -> FinetunePath:
     )
 
 
-def activation_key_spec(inputs: Inputs, params: Params, weights_sha256: str, cut: CutPoint) -> KeySpec:
+def activation_key_spec(
+    inputs: Inputs, params: Params, weights_sha256: str, cut: CutPoint, engine: str | None = None
+) -> KeySpec:
     """The pooled features' key components plus the cut layer and its shape (pooling does not apply)."""
     from dataclasses import replace
 
-    pooled = key_spec_for(inputs, params.features, weights_sha256)
+    pooled = key_spec_for(inputs, params.features, weights_sha256, engine)
     return replace(
         pooled, pooling="none", feature_dim=int(np.prod(cut.shape)), cut=cut.layer, shape=tuple(cut.shape)
     )
@@ -172,7 +174,8 @@ def open_activations(
             f"finetune: the features stage computed no cut-point activations ({path}: "
             f"{recorded.get('reason', 'missing')}); {RERUN}"
         )
-    spec = activation_key_spec(inputs, params, recorded["key_spec"]["weights_sha256"], cut)
+    facts = recorded["key_spec"]
+    spec = activation_key_spec(inputs, params, facts["weights_sha256"], cut, facts.get("engine"))
     if spec.key != recorded["cache_key"]:
         raise FeaturesMismatchError(
             f"finetune: the cut-point activations were computed at {recorded['cut']} {recorded['shape']} "

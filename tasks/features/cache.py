@@ -66,6 +66,9 @@ class KeySpec:
     # values, and its shape. None for pooled features (and then left out of the key: their keys are unchanged)
     cut: str | None = None
     shape: tuple[int, ...] | None = None
+    # the engine of the forward pass when it is not Keras (``tasks.models.engines``, e.g. "litert-2.3.0"): features
+    # from different engines never mix. None for Keras (left out of the key: Keras keys are unchanged)
+    engine: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -74,6 +77,8 @@ class KeySpec:
             del out["cut"], out["shape"]
         else:
             out["shape"] = list(self.shape or ())
+        if self.engine is None:
+            del out["engine"]
         return out
 
     @property

@@ -26,7 +26,6 @@ into shards (:class:`tasks.features.cache.ShardWriter`); :func:`base_weights` fi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from tasks.features.cache import FeatureCache, Pair, ShardWriter
 from tasks.features.read import SPLITS, run_policies, split_views
 from tasks.inputs import ImageSpec, Inputs
 from tasks.models.bases import CutPoint, LoadedBase, load_base, weights_fingerprint
+from tasks.models.engines import Forward, PreparedEngine, keras_forward, litert_forward
 from tasks.progress import Reporter, counter
 
 STAGE = "features"  # the stage's name: its progress task and its run record (``layout.run_record``)
@@ -85,13 +85,15 @@ class FeaturesManifest:
     activations_computed: int = 0
     activations_reused: int = 0
     activations: dict[str, Any] = field(default_factory=dict)
+    engine: str = "keras"  # the engine of the forward pass (:mod:`tasks.models.engines`) and why
+    engine_reason: str = ""
 
     def summary(self) -> str:
-        """The run in one line: ``features <key>: computed N, reused M (P views of K images)``, plus
+        """The run in one line: ``features <key>: computed N, reused M (P views of K images) on <engine>``, plus
         ``; activations <cut>: computed N, reused M`` when fine-tuning reads cut-point activations."""
         line = (
             f"features {self.cache_key}: computed {self.computed}, reused {self.reused} "
-            f"({self.pairs} views of {sum(self.rows.values())} images)"
+            f"({self.pairs} views of {sum(self.rows.values())} images) on {self.engine}"
         )
         if self.activations:
             line += (
@@ -141,26 +143,14 @@ def _content_hash(key: str, needed: dict[str, list[tuple[str, str, int]]]) -> st
     return digest.hexdigest()[:16]
 
 
-def _pool_fn(
-    model: Any, pooling: str, image_size: tuple[int, int], cut_layer: str | None = None
-) -> Callable[[Any], Any]:
-    """A compiled ``batch -> (pooled features, cut activations or None)`` function: one forward pass of the base
-    in inference mode, also emitting the output of ``cut_layer`` when it is given."""
-    import keras
-    import tensorflow as tf
-
-    reduce = tf.reduce_mean if pooling == "avg" else tf.reduce_max
-    if cut_layer is not None:
-        model = keras.Model(model.input, [model.get_layer(cut_layer).output, model.output])
-
-    @tf.function(input_signature=[tf.TensorSpec([None, *image_size, 3], tf.float32)])
-    def infer(batch: Any) -> Any:
-        if cut_layer is None:
-            return reduce(model(batch, training=False), axis=[1, 2]), None
-        cut, out = model(batch, training=False)
-        return reduce(out, axis=[1, 2]), cut
-
-    return infer
+def _forward(
+    params: Params, inputs: Inputs, loaded: LoadedBase | None, engine: PreparedEngine, cut_layer: str | None
+) -> Forward:
+    """The run's forward pass: the converted LiteRT model, or the Keras base (built here when not yet)."""
+    if engine.model_path is not None:
+        return litert_forward(engine.model_path, params.features.batch_size)
+    model = loaded.model if loaded is not None else load_base(params.base, inputs.image_size).model
+    return keras_forward(model, params.features.pooling, inputs.image_size, cut_layer)
 
 
 # ------------------------------------------------------------------------------------------- computing
@@ -212,24 +202,26 @@ def compute_features(
     table: Any,
     cache: FeatureCache,
     loaded: LoadedBase | None,
+    engine: PreparedEngine,
     *,
     activations: Activations | None = None,
     progress: Reporter | None = None,
     start: float | None = None,
 ) -> FeaturesManifest:
     """Plan, look up and compute the missing views of ``table`` into ``cache`` (the caller holds it in use),
-    and the missing cut-point activations into ``activations.cache`` in the same forward pass; this run's
+    and the missing cut-point activations into ``activations.cache`` in the same forward pass of ``engine``
+    (``loaded``: the Keras base when it is already built); this run's
     manifest (``start``: ``time.perf_counter()`` when the run began, for its seconds). Writes shards only;
     ``progress`` receives ``Step("features", done, total, "img")`` after every batch."""
     start = time.perf_counter() if start is None else start
-    spec, image_size = cache.spec, inputs.image_size
+    spec = cache.spec
     plan = _plan(params, table)
     needed, views_by_split, plans, wanted = plan.needed, plan.views_by_split, plan.plans, plan.wanted
     all_pairs: list[Pair] = [(sha, view) for view, shas in wanted.items() for sha in shas]
     missing = set(cache.missing(all_pairs))
     act_pairs = pairs_needed(params, table) if activations is not None else []
     act_missing = set(activations.cache.missing(act_pairs)) if activations is not None else set()
-    warnings = []
+    warnings = [engine.warning] if engine.warning else []
     for store in (cache, activations.cache if activations is not None else None):
         if store is not None and store.broken:
             warnings.append(
@@ -249,16 +241,15 @@ def compute_features(
     stats: dict[str, Any] = {"shards_written": 0}
     compute_seconds = 0.0
     if n_todo:
-        if loaded is None:
-            loaded = load_base(params.base, image_size)
         t0 = time.perf_counter()
+        cut_layer = activations.cut.layer if activations is not None else None
         stats = _extract(
             params,
             inputs,
             table,
             todo,
             plans,
-            loaded,
+            _forward(params, inputs, loaded, engine, cut_layer),
             cache,
             progress,
             _Wanted(missing, act_missing, activations),
@@ -287,6 +278,8 @@ def compute_features(
         activations_computed=len(act_missing),
         activations_reused=len(act_pairs) - len(act_missing),
         activations=activations.describe(params, table) if activations is not None else {},
+        engine=engine.choice.name,
+        engine_reason=engine.choice.reason,
     )
 
 
@@ -327,7 +320,7 @@ def _extract(
     table: Any,
     todo: list[tuple[str, list[int]]],
     plans: dict[str, tuple[Any, int]],
-    loaded: LoadedBase,
+    forward: Forward,
     cache: FeatureCache,
     progress: Reporter | None,
     wanted: _Wanted,
@@ -338,7 +331,7 @@ def _extract(
     it (the base starving), the steady images/s, the number of shards written, and ``warnings``.
     """
     batch_size = params.features.batch_size
-    image_size, root = inputs.image_size, inputs.data_root
+    root = inputs.data_root
     datasets = []
     ids: list[tuple[str, str, str]] = []
     for view, positions in todo:
@@ -352,7 +345,7 @@ def _extract(
                 batch_size=batch_size,
                 policy=policy,
                 pass_number=pass_number,
-                preprocess=loaded.spec.preprocess,
+                preprocess=inputs.base.preprocess,
             )
         )
         ids += [(sha, view, str(label)) for sha, label in zip(rows["sha256"], rows["label"], strict=True)]
@@ -364,9 +357,6 @@ def _extract(
     dataset = dataset.prefetch(PREFETCH_BATCHES)
 
     target = wanted.target
-    infer = _pool_fn(
-        loaded.model, params.features.pooling, image_size, target.cut.layer if target is not None else None
-    )
     writer = ShardWriter(cache, params.features.shard_size)
     act_writer = (
         ShardWriter(target.cache, shard_rows(target.cache.spec, params.features.shard_size))
@@ -389,15 +379,14 @@ def _extract(
             break
         if done:  # after the first batch (pipeline fill + trace), time blocked on input = starvation
             stats["input_wait_seconds"] += time.perf_counter() - waited
-        pooled, cut = infer(batch)
-        feats = pooled.numpy()
+        feats, cut = forward(batch)
         n = len(feats)
         if done + n > total:
             raise RuntimeError(f"the input pipeline yielded more than the {total} views requested")
         batch_ids = ids[done : done + n]
         _add_wanted(writer, wanted.features, batch_ids, feats)
         if act_writer is not None:
-            acts = cut.numpy().reshape(n, -1)
+            acts = cut.reshape(n, -1)
             _add_wanted(act_writer, wanted.activations, batch_ids, acts)
         if not done:
             stats["first_batch_seconds"] = time.perf_counter() - t0

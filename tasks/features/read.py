@@ -52,9 +52,11 @@ class FeatureSet:
 
 
 # ------------------------------------------------------------------------------------------- the key
-def key_spec_for(inputs: Inputs, features: FeaturesConfig, weights_sha256: str) -> KeySpec:
-    """The cache key components for the resolved ``inputs``, the ``features`` section (pooling, stored dtype)
-    and the fingerprint of the weights loaded."""
+def key_spec_for(
+    inputs: Inputs, features: FeaturesConfig, weights_sha256: str, engine: str | None = None
+) -> KeySpec:
+    """The cache key components for the resolved ``inputs``, the ``features`` section (pooling, stored dtype),
+    the fingerprint of the weights loaded and the engine that ran them (``EngineChoice.key``: None for Keras)."""
     return KeySpec(
         base=inputs.base.name,
         alpha=inputs.alpha,
@@ -64,6 +66,7 @@ def key_spec_for(inputs: Inputs, features: FeaturesConfig, weights_sha256: str) 
         pooling=features.pooling,
         dtype=features.dtype,
         feature_dim=inputs.base.feature_dim_for(inputs.alpha),
+        engine=engine,
     )
 
 
@@ -132,7 +135,7 @@ def read_features(
 ) -> FeatureSet:
     """Float32 features of ``split``'s rows of the current index, view by view (clean first) in index order.
 
-    The cache key comes from the last ``features`` run (its weights fingerprint) and must match ``params``, and the
+    The cache key comes from the last ``features`` run (its weights fingerprint and engine) and must match ``params``, and the
     views the params ask for must be among those computed: otherwise a :class:`FeaturesMismatchError` names each
     param that differs (``<stage>: the features were computed with augment.passes=2 but the params say 3; run
     ...``); rows of an index the features never saw raise it too. ``inputs``: the stage's resolved inputs
@@ -141,7 +144,8 @@ def read_features(
     view_plan = split_views(params, split, views)
     manifest = read_manifest(layout)
     inputs = inputs if inputs is not None else resolve_inputs(params, layout)
-    spec = key_spec_for(inputs, params.features, manifest["key_spec"]["weights_sha256"])
+    recorded = manifest["key_spec"]  # the weights and the engine are the features run's facts
+    spec = key_spec_for(inputs, params.features, recorded["weights_sha256"], recorded.get("engine"))
     needed = [view for view, _, _ in view_plan]
     if spec.key != manifest["cache_key"] or not set(needed) <= set(manifest["views"].get(split, [])):
         raise FeaturesMismatchError(mismatch_message(stage, params, manifest, spec))

@@ -217,23 +217,37 @@ def format_predictions(predictions: Sequence[Prediction], names: Sequence[str], 
     return buf.getvalue()
 
 
-def export_saved_model(model_file: Path, output_dir: Path) -> Path:
-    """Export the ``.keras`` model as a TF SavedModel (``serve`` endpoint: float32 ``[B, H, W, 3]`` 0-255 in) with
-    the bundle's ``classes.json`` (names, class mode, interpolation) beside it, written by the bundle's writer.
+EXPORT_FORMATS = ("savedmodel", "tflite")
+TFLITE_FILE = "model.tflite"  # the LiteRT export's model, beside classes.json
+
+
+def export_model(model_file: Path, output_dir: Path, export_format: str = "savedmodel") -> Path:
+    """Export the ``.keras`` model with the bundle's ``classes.json`` (names, class mode, interpolation) beside
+    it, written by the bundle's writer: ``savedmodel``, a TF SavedModel (``serve`` endpoint: float32
+    ``[B, H, W, 3]`` 0-255 in), or ``tflite``, ``model.tflite`` (LiteRT float32, the same input and output;
+    :func:`tasks.models.engines.litert_classifier` runs it).
 
     The export is built in a temp folder beside ``output_dir`` and renamed into place
-    (:func:`tasks.io.atomic.atomic_dir`): a killed export leaves no half-written SavedModel at ``output_dir``.
+    (:func:`tasks.io.atomic.atomic_dir`): a killed export leaves no half-written export at ``output_dir``.
     """
     from tasks.io.atomic import atomic_dir
     from tasks.models.full_model import load_bundle, write_classes_file
 
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"export: format must be one of {EXPORT_FORMATS}. Received: {export_format!r}")
     bundle = load_bundle(Path(model_file))
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"export: {output_dir} exists and is not empty; choose another --output")
 
     def fill(tmp: Path) -> None:
-        bundle.model.export(str(tmp), format="tf_saved_model", verbose=False)
+        if export_format == "tflite":
+            from tasks.models.engines import convert_model
+
+            tmp.mkdir()
+            (tmp / TFLITE_FILE).write_bytes(convert_model(bundle.model))
+        else:
+            bundle.model.export(str(tmp), format="tf_saved_model", verbose=False)
         write_classes_file(
             tmp,
             bundle.names,

@@ -22,10 +22,11 @@ from tasks.features.activations import activation_key_spec, finetune_path
 from tasks.features.cache import FeatureCache
 from tasks.features.extract import STAGE, Activations, FeaturesManifest, base_weights, compute_features
 from tasks.features.read import key_spec_for, load_index
-from tasks.inputs import resolve_inputs
+from tasks.inputs import Inputs, resolve_inputs
 from tasks.io.atomic import atomic_write_json
 from tasks.layout import Layout
-from tasks.models.bases import cut_point, load_base
+from tasks.models.bases import CutPoint, LoadedBase, cut_point, load_base
+from tasks.models.engines import ENGINE_DIR, PreparedEngine, choose_engine, prepare_forward
 from tasks.progress import Reporter
 from tasks.reports.plots import write_run_record
 
@@ -50,18 +51,31 @@ def run_features(
     loaded, weights_sha = base_weights(params, inputs.image_size)
     if path.wants_activations and loaded is None:
         loaded = load_base(params.base, inputs.image_size)  # the cut point is read off the built base
-    spec = key_spec_for(inputs, params.features, weights_sha)
+    cut = (
+        cut_point(loaded.model, inputs.base, params.finetune.unfreeze_blocks)
+        if path.wants_activations
+        else None
+    )
+    engine = _prepare_engine(params, inputs, loaded, weights_sha, cut, progress)
+    spec = key_spec_for(inputs, params.features, weights_sha, engine.choice.key)
     # held until the last shard is committed: `retrainflow cache prune` skips a key in use
     with contextlib.ExitStack() as held:
         cache = held.enter_context(FeatureCache.open(inputs.cache_root, spec).in_use())
         activations = None
-        if path.wants_activations:
-            cut = cut_point(loaded.model, inputs.base, params.finetune.unfreeze_blocks)
-            act_spec = activation_key_spec(inputs, params, weights_sha, cut)
+        if cut is not None:
+            act_spec = activation_key_spec(inputs, params, weights_sha, cut, engine.choice.key)
             act_cache = held.enter_context(FeatureCache.open(inputs.cache_root, act_spec).in_use())
             activations = Activations(act_cache, cut)
         manifest = compute_features(
-            params, inputs, table, cache, loaded, activations=activations, progress=progress, start=start
+            params,
+            inputs,
+            table,
+            cache,
+            loaded,
+            engine,
+            activations=activations,
+            progress=progress,
+            start=start,
         )
     atomic_write_json(layout.features_metrics, manifest.metrics_json())
     write_run_record(layout.run_record(STAGE), manifest.to_json())
@@ -71,3 +85,34 @@ def run_features(
         manifest.activations_json() or {"path": path.path, "reason": path.reason},
     )
     return manifest
+
+
+def _prepare_engine(
+    params: Params,
+    inputs: Inputs,
+    loaded: LoadedBase | None,
+    weights_sha: str,
+    cut: CutPoint | None,
+    progress: Reporter | None,
+) -> PreparedEngine:
+    """``features.engine`` chosen, and for litert the converted base found or converted (in the cache root)."""
+    parts = {
+        "base": inputs.base.name,
+        "alpha": inputs.alpha,
+        "weights_sha256": weights_sha,
+        "image_size": list(inputs.image_size),
+        "pooling": params.features.pooling,
+        "cut": cut.layer if cut is not None else None,
+    }
+
+    def build() -> Any:
+        return (loaded or load_base(params.base, inputs.image_size)).model
+
+    return prepare_forward(
+        choose_engine(params.features.engine),
+        inputs.cache_root / ENGINE_DIR,
+        parts,
+        build,
+        parts["cut"],
+        progress=progress,
+    )

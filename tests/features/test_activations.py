@@ -18,7 +18,13 @@ def _params(root, cache, **sections):
         "image": {"size": [32, 32]},
         "augment": {"passes": 1},
         "base": {"name": "mobilenet", "weights": "none", "alpha": 0.25},
-        "features": {"batch_size": 8, "shard_size": 8, "cache_dir": str(cache), "dtype": "float32"},
+        "features": {
+            "batch_size": 8,
+            "shard_size": 8,
+            "cache_dir": str(cache),
+            "dtype": "float32",
+            "engine": "keras",
+        },
         "top": {"heads": [{"name": "linear", "type": "linear"}], "epochs": 2, "batch_size": 8},
         "finetune": {"epochs": 2, "unfreeze_blocks": 1, "batch_size": 8},
     }

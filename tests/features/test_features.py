@@ -27,7 +27,7 @@ TINY = {
     "image": {"size": 32},
     "base": {"name": "mobilenet", "alpha": 0.25, "weights": "none"},
     # float32: a random-init base's pooled features are ~1e-17, which float16 would store as zeros
-    "features": {"batch_size": 8, "shard_size": 8, "dtype": "float32"},
+    "features": {"batch_size": 8, "shard_size": 8, "dtype": "float32", "engine": "keras"},
     "augment": {"passes": 2, "rotation_range": 10, "horizontal_flip": True, "fill_mode": "reflect"},
 }
 
@@ -148,7 +148,7 @@ def test_incremental_accounting(workspace, recorder: Recorder, capsys: pytest.Ca
     stable = json.loads(stable_bytes)
     assert "computed" not in stable and "seconds" not in stable and stable["cache_key"] == first.cache_key
     assert first.summary() == (
-        f"features {first.cache_key}: computed {total}, reused 0 ({total} views of 20 images); "
+        f"features {first.cache_key}: computed {total}, reused 0 ({total} views of 20 images) on keras; "
         f"activations {first.activations['cut']}: computed {activations}, reused 0"
     )
     assert capsys.readouterr().err == ""  # display is the caller's: the stage prints nothing

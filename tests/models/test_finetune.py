@@ -302,7 +302,12 @@ def trained(tmp_path_factory, imagegen):
             "image": {"size": [32, 32]},
             "augment": {"passes": 1},
             "base": {"name": "mobilenet", "weights": "none", "alpha": 0.25},
-            "features": {"batch_size": 8, "shard_size": 8, "cache_dir": str(root / "cache")},
+            "features": {
+                "batch_size": 8,
+                "shard_size": 8,
+                "cache_dir": str(root / "cache"),
+                "engine": "keras",
+            },
             "top": {"heads": [{"name": "linear", "type": "linear"}], "epochs": 2, "batch_size": 8},
             "finetune": {"epochs": 2, "unfreeze_blocks": 1, "batch_size": 8, "min_improvement": 0.99},
             "evaluate": {"batch_size": 8, "preview_images": 4},

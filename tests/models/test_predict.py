@@ -123,9 +123,9 @@ def test_export_saved_model_serves_the_same_outputs(bundle_path, tmp_path):
     import tensorflow as tf
 
     from tasks.models.full_model import load_bundle
-    from tasks.models.predict import export_saved_model
+    from tasks.models.predict import export_model
 
-    out = export_saved_model(bundle_path, tmp_path / "export")
+    out = export_model(bundle_path, tmp_path / "export")
     exported = json.loads((out / "classes.json").read_text())
     beside_model = json.loads((bundle_path.parent / "classes.json").read_text())
     assert exported["names"] == list(NAMES) and exported["interpolation"] == "bilinear"
@@ -137,7 +137,7 @@ def test_export_saved_model_serves_the_same_outputs(bundle_path, tmp_path):
     expected = load_bundle(bundle_path).model.predict(x, verbose=0)
     np.testing.assert_allclose(served.serve(tf.constant(x)).numpy(), expected, atol=1e-5)
     with pytest.raises(FileExistsError, match="not empty"):
-        export_saved_model(bundle_path, out)
+        export_model(bundle_path, out)
 
 
 def test_default_model_is_the_champion_when_promoted(tmp_path):
@@ -323,3 +323,26 @@ def test_predict_rejects_the_files_the_index_rejects_for_size_and_pixels(tiny_mo
     assert by_name["small.png"].error is None and by_name["small.png"].label in NAMES
     assert "exceeds data.max_pixels=1000" in by_name["over.png"].error and by_name["over.png"].label is None
     assert "not read" in by_name["huge.jpg"].error and by_name["huge.jpg"].label is None
+
+
+def test_export_tflite_predicts_what_the_keras_model_predicts(bundle_path, tmp_path):
+    """`retrainflow export --format tflite`: model.tflite + classes.json, run by LiteRT, equal to Keras."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.models.engines import litert_classifier
+    from tasks.models.full_model import load_bundle
+
+    out = tmp_path / "lite"
+    result = CliRunner().invoke(
+        app, ["export", "--model", str(bundle_path), "--format", "tflite", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "model.tflite + classes.json" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "model.tflite"]
+    assert json.loads((out / "classes.json").read_text())["names"] == list(NAMES)
+    x = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3)).astype("float32")
+    expected = load_bundle(bundle_path).model.predict(x, verbose=0)
+    np.testing.assert_allclose(litert_classifier(out / "model.tflite")(x), expected, atol=1e-4)
+    bad = CliRunner().invoke(app, ["export", "--model", str(bundle_path), "--format", "onnx"])
+    assert bad.exit_code == 2 and "expected one of ('savedmodel', 'tflite')" in bad.output

@@ -88,6 +88,7 @@ def learnable(tmp_path_factory, imagegen):
                     "shard_size": 16,
                     "cache_dir": str(root / "cache"),
                     "dtype": "float32",
+                    "engine": "keras",
                 },
                 "top": {"heads": [{"name": "linear", "type": "linear"}], "epochs": 1, "batch_size": 16},
                 "finetune": {

@@ -156,7 +156,7 @@ def featured(tmp_path, imagegen):
         "data": {"root": str(root), "min_per_split": 0},
         "image": {"size": 32},
         "base": {"name": "mobilenet", "alpha": 0.25, "weights": "none"},
-        "features": {"batch_size": 8, "dtype": "float32"},
+        "features": {"batch_size": 8, "dtype": "float32", "engine": "keras"},
         "augment": {"passes": 2, "rotation_range": 10},
         "top": {
             "epochs": 3,

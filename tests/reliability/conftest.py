@@ -33,7 +33,7 @@ TINY: dict[str, Any] = {
     "image": {"size": [32, 32]},
     "augment": {"passes": 1, "horizontal_flip": True},
     "base": {"name": "mobilenet", "weights": "none", "alpha": 0.25},
-    "features": {"batch_size": 8, "shard_size": 8},
+    "features": {"batch_size": 8, "shard_size": 8, "engine": "keras"},
     "top": {"heads": [{"name": "linear", "type": "linear"}], "epochs": 2, "batch_size": 8, "lr": 0.01},
     "finetune": {"epochs": 1, "unfreeze_blocks": 1, "batch_size": 8},
     "evaluate": {"batch_size": 16, "preview_images": 0},
