@@ -52,9 +52,11 @@ def features_cmd(
     Train images get the clean view plus augment.passes augmented views, val and test the clean view. When
     fine-tuning takes the tail path (finetune.epochs > 0, finetune.path auto or tail), the same forward pass also
     caches the activation at the first unfrozen block's input for train's and val's views (a second cache key).
+    features.engine picks what runs the frozen base: auto (LiteRT on a CPU when installed, Keras on a GPU), keras or
+    litert; the base is converted to LiteRT once per key, and the engine is part of the cache key.
     Writes the cache (cache/features/<key>/ or features.cache_dir), features/features.json,
     features/activations.json, metrics/features.json (counts) and reports/runs/features.json (timings); ends with
-    one line: "features <key>: computed N, reused M (...); activations <cut>: computed N, reused M; wrote ...".
+    one line: "features <key>: computed N, reused M (...) on <engine>; activations <cut>: computed N, reused M; wrote ...".
     Needs `retrainflow index` first.
     """
     loaded = load_or_exit(params, set_)
@@ -84,8 +86,8 @@ def _current_keys(
     params_file: Path, overrides: list[str] | None, workdir: Path, *, required: bool = True
 ) -> tuple[set[str], Path]:
     """(cache keys the current params use, cache root): the pooled features' key, plus the cut-point activations'
-    when fine-tuning takes the tail path, both for the engine ``features.engine`` chooses. Fingerprints the weights (building nothing for files; the cut point is
-    read off the architecture without weights).
+    when fine-tuning takes the tail path, both for the engine ``features.engine`` chooses. Fingerprints the
+    weights (building nothing for files; the cut point is read off the architecture without weights).
 
     When the weights are unavailable (a user error of the error map): exit with the error, or
     (``required=False``) warn and give no key.
@@ -125,6 +127,7 @@ def cache_list(
 ) -> None:
     """List the cache keys with their rows and size; `*` marks the key the current params use."""
     from tasks.features.cache import list_keys
+    from tasks.models.engines import ENGINE_DIR
 
     current, root = _current_keys(params, set_, workdir, required=False)
     keys = list_keys(root)
@@ -144,12 +147,20 @@ def cache_list(
         what = f"{spec.get('base')} alpha={spec.get('alpha')} size={spec.get('image_size')} {spec.get('pooling')}"
         if spec.get("cut"):
             what += f" cut={spec['cut']} {'x'.join(str(n) for n in spec.get('shape', []))}"
+        if spec.get("engine"):
+            what += f" engine={spec['engine']}"
         mark = "*" if info.key in current else " "
         typer.echo(
             f"{mark} {info.key:<34} {info.rows:>8} rows {info.shards:>5} shards {_human(info.bytes):>10}  {what}"
         )
     total = sum(info.bytes for info in keys)
     typer.echo(f"{len(keys)} keys, {_human(total)} in {root}; * = used by the current params")
+    converted = sorted((root / ENGINE_DIR).glob("*.tflite"))
+    if converted:
+        size = _human(sum(path.stat().st_size for path in converted))
+        typer.echo(
+            f"{len(converted)} converted base(s) for features.engine litert, {size} in {root / ENGINE_DIR}"
+        )
 
 
 @cache_app.command("prune")
