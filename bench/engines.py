@@ -142,12 +142,17 @@ def main() -> None:
 
     walls: dict[str, Timing] = {e: Timing(f"features stage, {e}, wall", n) for e in ("keras", "litert")}
     rates: dict[str, list[float]] = {"keras": [], "litert": []}
+    steady: dict[str, list[float]] = {
+        "keras": [],
+        "litert": [],
+    }  # after the first batch (fill, trace, allocate)
     last = {}
     for r in range(args.repeats):
         for engine in ("keras", "litert") if r % 2 == 0 else ("litert", "keras"):
             wall, rate, manifest = stage(engine, f"{engine}{r}")
             walls[engine].seconds.append(wall)
             rates[engine].append(rate)
+            steady[engine].append(float(manifest.extra.get("steady_images_per_second") or 0.0))
             last[engine] = (f"{engine}{r}", manifest)
     default = {}
     for engine in ("keras", "litert"):
@@ -218,6 +223,8 @@ def main() -> None:
         f"ratio litert stage / keras stage: {stage_litert / stage_keras:.2f}  (target >= 2)",
         f"ratio litert stage / bare litert loop: {stage_litert / bare_litert:.2f}  (target >= 0.9)",
         f"ratio keras stage / bare keras loop: {stage_keras / bare_keras:.2f}",
+        f"after the first batch: keras {np.median(steady['keras']):.1f} img/s, litert {np.median(steady['litert']):.1f}"
+        f" img/s; litert steady / bare litert: {np.median(steady['litert']) / bare_litert:.2f}",
         f"ratio stage wall time litert / keras: {walls['keras'].median / walls['litert'].median:.2f}x faster",
         *(
             f"default params ({d['views']} views + {d['activations']} activations), {e}: {d['wall_seconds']} s wall"
@@ -242,6 +249,7 @@ def main() -> None:
             "convert_seconds": convert_seconds,
             "stage_rates": rates,
             "stage_walls": {e: t.seconds for e, t in walls.items()},
+            "stage_steady_rates": steady,
             "ratio_litert_keras_stage": stage_litert / stage_keras,
             "ratio_litert_stage_bare": stage_litert / bare_litert,
             "ratio_keras_stage_bare": stage_keras / bare_keras,

@@ -146,6 +146,19 @@ def check_weights(params: Params, download: Callable[[str], bool] = can_download
     )
 
 
+def check_engine(params: Params) -> Check:
+    """Which engine ``features.engine`` gives the frozen base here, and why (litert asked for and not
+    installed: a failure, with the fix)."""
+    from tasks.errors import InputError
+    from tasks.models.engines import choose_engine
+
+    try:
+        choice = choose_engine(params.features.engine)
+    except InputError as err:
+        return Check("engine", "fail", str(err), "pip install ai-edge-litert (or features.engine: keras)")
+    return Check("engine", "ok", f"features on {choice.key or choice.name} ({choice.reason})")
+
+
 def check_dvc(root: Path) -> Check:
     if shutil.which("dvc") is None and not (Path(sys.prefix) / "bin" / "dvc").exists():
         return Check("dvc", "fail", "dvc executable not found", "run `make setup`")
@@ -224,7 +237,7 @@ def run_checks(params_file: Path, overrides: tuple[str, ...], layout: Layout) ->
     params_check, params = check_params(params_file, overrides)
     checks.append(params_check)
     if params is not None:
-        checks += [check_data(params), check_weights(params)]
+        checks += [check_data(params), check_weights(params), check_engine(params)]
     checks += [check_dvc(layout.root), check_prefect_api(), *disk_checks(params, layout)]
     return checks
 

@@ -53,6 +53,25 @@ def test_litert_missing_is_a_clear_error_or_keras_under_auto(monkeypatch):
     assert auto.name == "keras" and "not installed" in auto.reason
 
 
+def test_doctor_says_which_engine_runs_the_features(monkeypatch):
+    from tasks.doctor import check_engine
+
+    check = check_engine(params_from_dict({}))
+    assert (
+        check.status == "ok"
+        and check.detail.startswith("features on litert-")
+        and "auto: a CPU" in check.detail
+    )
+    assert check_engine(params_from_dict({"features": {"engine": "keras"}})).detail == (
+        "features on keras (features.engine is keras)"
+    )
+    monkeypatch.setitem(
+        engines.ENGINES, "litert", replace(engines.ENGINES["litert"], module="no_such_module")
+    )
+    failed = check_engine(params_from_dict({"features": {"engine": "litert"}}))
+    assert failed.status == "fail" and "pip install ai-edge-litert" in failed.fix
+
+
 def test_an_unknown_engine_names_the_key_and_the_value():
     with pytest.raises(Exception, match=r"features\.engine") as error:
         params_from_dict({"features": {"engine": "tpu"}})
