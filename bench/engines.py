@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import SHARED, Timing, report  # noqa: E402
+from bench.harness import Timing, add_real_data_args, report  # noqa: E402
 
 
 def main() -> None:
@@ -36,13 +36,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=400, help="images to use (default 400)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating repeats of each engine's stage run")
     ap.add_argument("--batch-size", type=int, default=16, help="features.batch_size of the stage runs")
-    ap.add_argument("--dataset", type=Path, default=SHARED / "datasets" / "cats_vs_dogs")
-    ap.add_argument(
-        "--weights",
-        type=Path,
-        default=SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
-    )
-    ap.add_argument("--out", type=Path, default=None, help="save the raw figures as JSON here")
+    add_real_data_args(ap)
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

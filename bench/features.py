@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import SHARED, Timing, as_dict, report  # noqa: E402
+from bench.harness import Timing, add_real_data_args, as_dict, report  # noqa: E402
 
 
 def main() -> None:
@@ -34,13 +34,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="8,16,32,64", help="candidate batch sizes (bare loop decides)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating repeats of bare loop and stage")
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--dataset", type=Path, default=SHARED / "datasets" / "cats_vs_dogs")
-    ap.add_argument(
-        "--weights",
-        type=Path,
-        default=SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
-    )
-    ap.add_argument("--out", type=Path, default=None, help="save the raw figures as JSON here")
+    add_real_data_args(ap)
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import SHARED, peak_rss_mb, report  # noqa: E402
+from bench.harness import add_real_data_args, peak_rss_mb, report  # noqa: E402
 
 
 def subset(dataset: Path, images: int | None, into: Path) -> Path:
@@ -50,13 +50,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="alternating finetune runs per path")
     ap.add_argument("--unfreeze-blocks", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16, help="finetune.batch_size (both paths)")
-    ap.add_argument("--dataset", type=Path, default=SHARED / "datasets" / "cats_vs_dogs")
-    ap.add_argument(
-        "--weights",
-        type=Path,
-        default=SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
-    )
-    ap.add_argument("--out", type=Path, default=None, help="save the raw figures as JSON here")
+    add_real_data_args(ap)
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

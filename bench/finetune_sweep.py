@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import SHARED, report  # noqa: E402
+from bench.harness import add_real_data_args, report  # noqa: E402
 
 # name -> finetune overrides (the rest: params.yaml's finetune section; min_improvement 0 and --epochs/--patience)
 GRID: dict[str, dict[str, object]] = {
@@ -74,7 +74,7 @@ GRID: dict[str, dict[str, object]] = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", type=Path, default=SHARED / "datasets" / "flowers")
+    add_real_data_args(ap, "flowers")
     ap.add_argument("--seeds", default="42,43,44")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--patience", type=int, default=2)
@@ -82,16 +82,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="keep the workspaces and cache here (reused)")
     ap.add_argument("--only", default=None, help="';'-separated schedule names (default: the whole grid)")
     ap.add_argument(
-        "--weights",
-        type=Path,
-        default=SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
-    )
-    ap.add_argument(
         "--shipped",
         action="store_true",
         help="one schedule, params.yaml's finetune section as it is (min_improvement included): the defaults' check",
     )
-    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

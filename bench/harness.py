@@ -17,9 +17,21 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RETRAINFLOW_SHARED", ROOT.parent / "shared"))
+
+
+MOBILENET_V2_224 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+
+
+def add_real_data_args(parser: Any, dataset: str = "cats_vs_dogs") -> None:
+    """The options of the benchmarks on real photos and weights: ``--dataset``, ``--weights`` (MobileNetV2 1.0 at
+    224, the real ImageNet file, by path) and ``--out`` (the raw figures as JSON)."""
+    parser.add_argument("--dataset", type=Path, default=SHARED / "datasets" / dataset)
+    parser.add_argument("--weights", type=Path, default=MOBILENET_V2_224)
+    parser.add_argument("--out", type=Path, default=None, help="save the raw figures as JSON here")
 
 
 @dataclass
