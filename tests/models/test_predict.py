@@ -198,7 +198,7 @@ def test_model_option_help_shows_its_default():
         assert result.exit_code == 0, result.output
         text = " ".join(result.output.split())
         assert "beside it [default: the promoted champion, else the candidate]." in text, result.output
-    assert "[default: models/export/<model folder name>]" in " ".join(result.output.split())
+    assert "[default: models/export/<model folder name>, plus -tflite for tflite]." in text, result.output
 
 
 def test_predict_uses_the_index_stages_pixel_limit():
