@@ -48,6 +48,7 @@ def _run_features(params: Params, layout: Layout, progress: Reporter) -> Any:
         params,
         layout,
         progress=tee(progress, lambda step: step.task == "features" and artifact(step.done, step.total or 0)),
+        map_chunks=_map_chunks(params),
     )
     artifact(1, 1)
     logger = get_run_logger()
@@ -55,6 +56,15 @@ def _run_features(params: Params, layout: Layout, progress: Reporter) -> Any:
     for warning in manifest.warnings:
         logger.warning(warning)
     return manifest
+
+
+def _map_chunks(params: Params) -> Any:
+    """``features.runner: dask``: the chunks as task runs on Dask (:mod:`flows.scale`); local: None."""
+    if params.features.runner != "dask":
+        return None
+    from flows.scale import map_chunks_on_dask
+
+    return map_chunks_on_dask(params.features)
 
 
 def _run_train_top(params: Params, layout: Layout, progress: Reporter) -> Any:

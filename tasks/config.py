@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -391,6 +392,21 @@ class FeaturesConfig(_Section):
     cache_dir: Path | None = None  # default: the layout's features cache
     # the frozen forward pass (tasks.models.engines): auto = litert on a CPU when installed, keras on a GPU
     engine: Literal["auto", "keras", "litert"] = "auto"
+    # where the missing views are computed (tasks.features.chunks, flows/scale.py): local = in this process;
+    # dask = chunks of chunk_size images (rounded up to whole batches), each a Prefect task run on a Dask
+    # cluster: a distributed.LocalCluster of dask_workers processes with one thread each (dask_address null),
+    # or the scheduler at dask_address (tcp://host:8786), whose workers share cache_dir and the data root
+    runner: Literal["local", "dask"] = "local"
+    dask_address: str | None = None
+    dask_workers: int = Field(2, ge=1, le=512)
+    chunk_size: int = Field(512, ge=1)
+
+    @field_validator("dask_address")
+    @classmethod
+    def _dask_address(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"(tcp|tls|ucx|inproc)://[^\s/]+", value):
+            raise ValueError("expected a Dask scheduler address such as tcp://host:8786, or null")
+        return value
 
 
 # ---------------------------------------------------------------------------------------------------- top

@@ -286,6 +286,10 @@ class FeatureCache:
             return None
         return ids if ok else None
 
+    def refresh(self) -> None:
+        """Forget the rows looked up so far: the next lookup reads the manifest again (other writers' shards)."""
+        self._locations = None
+
     def missing(self, pairs: Iterable[Pair]) -> list[Pair]:
         have = self.locations()
         return [p for p in pairs if p not in have]
@@ -378,6 +382,7 @@ class ShardWriter:
         self.shard_size = shard_size
         self.written = 0
         self.shards = 0
+        self.names: list[str] = []  # the shards written, in order
         self._ids: list[tuple[str, str, str]] = []
         self._x: list[np.ndarray] = []
         self._buffered = 0
@@ -402,7 +407,8 @@ class ShardWriter:
         rest = x[n:]
         self._x = [rest] if len(rest) else []
         self._buffered = len(rest)
-        self.cache.write_shard([i[0] for i in ids], [i[1] for i in ids], [i[2] for i in ids], x[:n])
+        info = self.cache.write_shard([i[0] for i in ids], [i[1] for i in ids], [i[2] for i in ids], x[:n])
+        self.names.append(info.name)
         self.written += n
         self.shards += 1
 

@@ -26,6 +26,7 @@ into shards (:class:`tasks.features.cache.ShardWriter`); :func:`base_weights` fi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,12 +208,16 @@ def compute_features(
     activations: Activations | None = None,
     progress: Reporter | None = None,
     start: float | None = None,
+    map_chunks: MapChunks | None = None,
 ) -> FeaturesManifest:
     """Plan, look up and compute the missing views of ``table`` into ``cache`` (the caller holds it in use),
     and the missing cut-point activations into ``activations.cache`` in the same forward pass of ``engine``
     (``loaded``: the Keras base when it is already built); this run's
     manifest (``start``: ``time.perf_counter()`` when the run began, for its seconds). Writes shards only;
-    ``progress`` receives ``Step("features", done, total, "img")`` after every batch."""
+    ``progress`` receives ``Step("features", done, total, "img")`` after every batch. With ``map_chunks``
+    (``features.runner: dask``), the missing views go out as :class:`~tasks.features.chunks.Chunk` s to
+    ``map_chunks(chunks, on_result)``, which computes them elsewhere and calls ``on_result`` as each finishes;
+    the cache is then checked to hold every pair."""
     start = time.perf_counter() if start is None else start
     spec = cache.spec
     plan = _plan(params, table)
@@ -243,17 +248,24 @@ def compute_features(
     if n_todo:
         t0 = time.perf_counter()
         cut_layer = activations.cut.layer if activations is not None else None
-        stats = _extract(
-            params,
-            inputs,
-            table,
-            todo,
-            plans,
-            _forward(params, inputs, loaded, engine, cut_layer),
-            cache,
-            progress,
-            _Wanted(missing, act_missing, activations),
-        )
+        wanted_rows = Wanted(missing, act_missing, activations)
+        if map_chunks is None:
+            stats = extract_views(
+                params,
+                inputs,
+                table,
+                todo,
+                plans,
+                _forward(params, inputs, loaded, engine, cut_layer),
+                cache,
+                progress,
+                wanted_rows,
+            )
+        else:
+            stats = _map_extract(
+                params, inputs, table, todo, plans, engine, cache, wanted_rows, map_chunks, progress
+            )
+        stats.pop("shard_names")
         warnings += stats.pop("warnings")
         compute_seconds = time.perf_counter() - t0
 
@@ -306,7 +318,7 @@ class Activations:
 
 
 @dataclass(frozen=True)
-class _Wanted:
+class Wanted:
     """Which computed rows each store lacks: a view may be missing from one store only."""
 
     features: set[Pair]
@@ -314,7 +326,7 @@ class _Wanted:
     target: Activations | None
 
 
-def _extract(
+def extract_views(
     params: Params,
     inputs: Inputs,
     table: Any,
@@ -323,7 +335,7 @@ def _extract(
     forward: Forward,
     cache: FeatureCache,
     progress: Reporter | None,
-    wanted: _Wanted,
+    wanted: Wanted,
 ) -> dict[str, Any]:
     """Stream the missing views through the base into shards; one tf.data pipeline across all views.
 
@@ -404,10 +416,63 @@ def _extract(
         (done - first_done) / steady if done > first_done and steady > 0 else None
     )
     stats["shards_written"] = writer.shards
+    stats["shard_names"] = writer.names + (act_writer.names if act_writer is not None else [])
     if act_writer is not None:
         stats["activation_shards_written"] = act_writer.shards
-    rounded = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}
+    rounded = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}  # names: lists
     return {**rounded, "warnings": warnings}
+
+
+# (chunks, on_result) -> None: computes every chunk elsewhere, calling on_result(ChunkResult) as each finishes
+MapChunks = Callable[[list[Any], Callable[[Any], None]], None]
+
+
+def _map_extract(
+    params: Params,
+    inputs: Inputs,
+    table: Any,
+    todo: list[tuple[str, list[int]]],
+    plans: dict[str, tuple[Any, int]],
+    engine: PreparedEngine,
+    cache: FeatureCache,
+    wanted: Wanted,
+    map_chunks: MapChunks,
+    progress: Reporter | None,
+) -> dict[str, Any]:
+    """The missing views as chunks through ``map_chunks``; then every wanted pair must read back from the cache."""
+    from tasks.features.chunks import plan_chunks
+
+    chunks = plan_chunks(params, inputs, table, todo, plans, wanted, engine, cache, threads=1)
+    advance = counter(progress, STAGE, sum(c.size for c in chunks), "img")
+    results: list[Any] = []
+    advance(0)
+
+    def on_result(result: Any) -> None:
+        results.append(result)
+        advance(sum(r.views for r in results))
+
+    map_chunks(chunks, on_result)
+    _check_stored(cache, wanted.features)
+    if wanted.target is not None:
+        _check_stored(wanted.target.cache, wanted.activations)
+    return {
+        "chunks": len(chunks),
+        "chunk_seconds": round(sum(r.seconds for r in results), 3),
+        "shards_written": sum(len(r.shards) for r in results),
+        "shard_names": [name for r in sorted(results, key=lambda r: r.number) for name in r.shards],
+        "warnings": sorted({w for r in results for w in r.warnings}),
+    }
+
+
+def _check_stored(cache: FeatureCache, pairs: set[Pair]) -> None:
+    """Raise when the workers left any of ``pairs`` out of ``cache`` (read again from its manifest)."""
+    cache.refresh()  # the workers committed shards this process has not seen
+    absent = cache.missing(sorted(pairs))
+    if absent:
+        raise RuntimeError(
+            f"the Dask workers did not store {len(absent)} of {len(pairs)} views in {cache.folder} "
+            f"(first: {absent[0]}); run again to compute only those"
+        )
 
 
 def _add_wanted(

@@ -20,7 +20,14 @@ from typing import Any
 from tasks.config import Params
 from tasks.features.activations import activation_key_spec, finetune_path
 from tasks.features.cache import FeatureCache
-from tasks.features.extract import STAGE, Activations, FeaturesManifest, base_weights, compute_features
+from tasks.features.extract import (
+    STAGE,
+    Activations,
+    FeaturesManifest,
+    MapChunks,
+    base_weights,
+    compute_features,
+)
 from tasks.features.read import key_spec_for, load_index
 from tasks.inputs import Inputs, resolve_inputs
 from tasks.io.atomic import atomic_write_json
@@ -37,12 +44,14 @@ def run_features(
     *,
     index: Any | None = None,
     progress: Reporter | None = None,
+    map_chunks: MapChunks | None = None,
 ) -> FeaturesManifest:
     """Compute the missing features of the current index into the cache and write this run's manifest.
 
     ``index`` replaces ``tasks.data.index_table.read_index(layout)`` (a DataFrame in the index's columns);
     ``progress`` receives ``Step("features", done, total, "img")`` after every batch (the display is the
-    caller's). Writes the features manifest, the metrics (counts) and the run record (timings, cache details).
+    caller's); ``map_chunks`` computes the missing views elsewhere (``features.runner: dask``, given by the
+    flow edge: :mod:`flows.scale`). Writes the features manifest, the metrics (counts) and the run record (timings, cache details).
     """
     start = time.perf_counter()
     inputs = resolve_inputs(params, layout)
@@ -76,6 +85,7 @@ def run_features(
             activations=activations,
             progress=progress,
             start=start,
+            map_chunks=map_chunks,
         )
     atomic_write_json(layout.features_metrics, manifest.metrics_json())
     write_run_record(layout.run_record(STAGE), manifest.to_json())
