@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -23,6 +24,7 @@ from flows.cli.common import (
     print_error,
     user_error,
 )
+from flows.cli.orchestrate import prefect_api
 
 cache_app = App(help="Inspect and prune the feature cache (one folder per cache key).", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
@@ -42,6 +44,32 @@ def features_cmd(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path("."),
+    runner: Annotated[
+        str | None,
+        typer.Option(
+            "--runner",
+            help="local (one process) or dask: chunks of features.chunk_size images as Prefect task runs on a "
+            "Dask cluster (same as --set features.runner=...).",
+            show_default="features.runner",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="--runner dask without an address: worker processes of the local Dask cluster, one TF "
+            "thread each (features.dask_workers).",
+            show_default="features.dask_workers",
+        ),
+    ] = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(
+            "--dask-address",
+            help="--runner dask: an existing scheduler, e.g. tcp://host:8786 (features.dask_address).",
+            show_default=False,
+        ),
+    ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     as_json: Annotated[
         bool, json_flag("Print the stage manifest (features/features.json) on stdout.")
@@ -57,18 +85,23 @@ def features_cmd(
     Writes the cache (cache/features/<key>/ or features.cache_dir), features/features.json,
     features/activations.json, metrics/features.json (counts) and reports/runs/features.json (timings); ends with
     one line: "features <key>: computed N, reused M (...) on <engine>; activations <cut>: computed N, reused M; wrote ...".
-    Needs `retrainflow index` first.
+    With --runner dask each chunk is an `extract-chunk` Prefect task run (retried when it fails or its worker
+    dies); the command then reports to a Prefect server the workers can reach, starting one on 127.0.0.1 when
+    none is configured or running. Needs `retrainflow index` first.
     """
-    loaded = load_or_exit(params, set_)
+    loaded = load_or_exit(params, [*(set_ or []), *_runner_overrides(runner, workers, dask_address)])
     layout = layout_for(workdir)
     from flows.console import progress_display
     from tasks.stages.run_features import run_features
 
+    dask = loaded.features.runner == "dask"
     with (
         locked(layout, "retrainflow features"),
+        prefect_api(layout, start_server=True) if dask else contextlib.nullcontext(),
         progress_display(console, enabled=False if no_progress else None) as progress,
     ):
-        manifest = run_features(loaded, layout, progress=progress)
+        map_chunks = _map_chunks_on_dask(loaded) if dask else None
+        manifest = run_features(loaded, layout, progress=progress, map_chunks=map_chunks)
     for warning in manifest.warnings:
         console.print("[yellow]warning:[/] ", end="")
         console.print(warning, markup=False, highlight=False, soft_wrap=True)
@@ -80,6 +113,18 @@ def features_cmd(
             written.insert(1, Path(manifest.cache_dir) / manifest.activations["cache_key"])
         written += [layout.activations_manifest, layout.features_metrics, layout.run_record("features")]
         typer.echo(f"{manifest.summary()}; wrote {', '.join(p.as_posix() for p in written)}")
+
+
+def _runner_overrides(runner: str | None, workers: int | None, address: str | None) -> list[str]:
+    """The ``--runner/--workers/--dask-address`` options as ``--set`` overrides (params validate them)."""
+    given = {"runner": runner, "dask_workers": workers, "dask_address": address}
+    return [f"features.{key}={value}" for key, value in given.items() if value is not None]
+
+
+def _map_chunks_on_dask(loaded: Any) -> Any:
+    from flows.scale import map_chunks_on_dask
+
+    return map_chunks_on_dask(loaded.features)
 
 
 def _current_keys(

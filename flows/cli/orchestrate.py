@@ -61,6 +61,12 @@ def prefect_api(layout: Layout, *, start_server: bool = False) -> Iterator[Prefe
         yield chosen
 
 
+def needs_server(params: Any) -> bool:
+    """Dask workers report their chunk task runs to the caller's Prefect API: it must be a server they can
+    reach, not Prefect's temporary in-process one."""
+    return params.features.runner == "dask"
+
+
 def run_summary_line(summary: dict[str, Any], layout: Layout) -> str:
     """One line for the end of ``retrainflow run``: what happened, the score, and which model file to use."""
     status = summary.get("status", "?")
@@ -100,11 +106,11 @@ def run_cmd(
     (`retrainflow dashboard`), else to a temporary local API. Ends with one line: what the run wrote and where
     to see it in the dashboard.
     """
-    load_or_exit(params, set_)  # validate before paying for a Prefect API
+    loaded = load_or_exit(params, set_)  # validate before paying for a Prefect API
     layout = layout_for(workdir)
     with (
         locked(layout, "retrainflow run"),
-        prefect_api(layout, start_server=with_server) as api,
+        prefect_api(layout, start_server=with_server or needs_server(loaded)) as api,
     ):
         from flows.flows import retrain
 
@@ -133,9 +139,10 @@ def stage_cmd(
     `make dashboard`) first so every stage shares one server instead of starting a temporary one each.
     """
     stage = _stage_name(name)
-    load_or_exit(params, set_)
+    loaded = load_or_exit(params, set_)
     layout = layout_for(workdir)
-    with locked(layout, f"retrainflow stage {stage}"), prefect_api(layout):
+    start_server = stage == "features" and needs_server(loaded)
+    with locked(layout, f"retrainflow stage {stage}"), prefect_api(layout, start_server=start_server):
         from flows.flows import STAGE_FLOWS
 
         manifest = STAGE_FLOWS[stage](

@@ -136,3 +136,45 @@ def test_a_worker_killed_mid_chunk_is_retried_and_nothing_half_written_is_read(
     assert rows.keys() == local_rows.keys()
     assert all(np.array_equal(rows[pair], local_rows[pair]) for pair in rows)
     assert (run(params, layout).computed, manifest.computed) == (0, 36)
+
+
+def _retrainflow(args: list[str], cwd: Path, env: dict[str, str]) -> Any:
+    import subprocess
+    import sys
+
+    command = [str(Path(sys.executable).with_name("retrainflow")), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["features", "--runner", "dask", "--workers", "2", "--no-progress", "--json"],
+        ["stage", "features", "--set", "features.runner=dask", "--set", "features.dask_workers=2", "--json"],
+    ],
+    ids=["features-cli", "stage-flow"],
+)
+def test_dask_runner_from_the_command_line(
+    prefect_api_url, prefect_client_env, indexed, local, tmp_path: Path, command: list[str]
+) -> None:
+    """`retrainflow features --runner dask --workers 2` and the features flow (what `dvc repro` runs) on a
+    LocalCluster: the same content as the local runner's."""
+    import json
+
+    local_manifest, _ = local
+    params, layout = workspace(indexed, tmp_path / "ws")
+    assert params.features.runner == "local"  # the command line chooses dask
+    done = _retrainflow(command, layout.root, prefect_client_env(prefect_api_url))
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = json.loads(layout.features_manifest.read_text())
+    assert written["content_hash"] == local_manifest.content_hash
+    record = json.loads(layout.run_record("features").read_text())
+    assert record["computed"] == 36 and record["extra"]["chunks"] == 3
+
+
+def test_a_bad_runner_names_the_key_and_the_value(indexed, tmp_path: Path) -> None:
+    _, layout = workspace(indexed, tmp_path / "ws")
+    done = _retrainflow(["features", "--runner", "spark", "--workers", "0"], layout.root, dict(os.environ))
+    assert done.returncode == 2
+    assert "features.runner" in done.stdout + done.stderr and "spark" in done.stdout + done.stderr
+    assert "features.dask_workers" in done.stdout + done.stderr
