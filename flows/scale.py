@@ -14,6 +14,7 @@ that must be a server they can reach, so the CLI starts one when none is configu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +39,10 @@ CHUNK_RETRIES = 2
 )
 def extract_chunk_task(chunk: Any) -> Any:
     """Compute one chunk's missing views on this Dask worker into the shared cache."""
+    from flows.cli.defaults import import_tensorflow_quietly
     from tasks.features.chunks import compute_chunk
+
+    import_tensorflow_quietly()  # once per worker process: no TF start-up lines on the console
 
     return compute_chunk(chunk)
 
@@ -49,6 +53,8 @@ def dask_task_runner(features: FeaturesConfig) -> Any:
 
     if features.dask_address:
         return DaskTaskRunner(address=features.dask_address)
+    # the LocalCluster has no dashboard (bokeh is not a dependency): hide prefect-dask's line linking to one
+    logging.getLogger("prefect.task_runner.dask").setLevel(logging.WARNING)
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={

@@ -20,6 +20,10 @@ QUIET = {
     "DVC_NO_ANALYTICS": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # else a "database is locked" telemetry traceback offline
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(EPHEMERAL_STARTUP_TIMEOUT),
+    # features.runner dask: no INFO line per scheduler/nanny event, and no warning per chunk task run that
+    # `retrainflow features` (no flow run) cannot send its logs to the API
+    "DASK_LOGGING__DISTRIBUTED": "warning",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 VERBOSE = {"TF_CPP_MIN_LOG_LEVEL": "0"}
 # commands that never load TensorFlow (the rest import it quietly up front, see import_tensorflow_quietly)
