@@ -7,7 +7,7 @@ these values live here and nowhere else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,8 +82,23 @@ def preprocessing_id(params: Params, spec: BaseSpec) -> str:
 
 
 def cache_root(params: Params, layout: Layout) -> Path:
-    """``features.cache_dir`` when set (relative paths resolve against the workspace), else the layout's."""
+    """``features.cache_dir`` when set (relative paths resolve against the workspace), else the layout's.
+
+    In a DVC experiment's copy of the repo (``dvc exp run --queue`` / ``--temp``) the workspace-relative cache is
+    the origin repo's: the copies share one cache, so a queued top-only change computes no feature.
+    """
     cfg_dir = params.features.cache_dir
-    if cfg_dir is None:
-        return layout.features_cache
-    return cfg_dir if cfg_dir.is_absolute() else layout.root / cfg_dir
+    if cfg_dir is not None and cfg_dir.is_absolute():
+        return cfg_dir
+    origin = experiment_origin(layout.root)
+    home = layout if origin is None else replace(layout, root=origin)
+    return home.features_cache if cfg_dir is None else home.root / cfg_dir
+
+
+def experiment_origin(root: Path) -> Path | None:
+    """The repo a DVC experiment copy at ``root`` was made from, or None: DVC runs queued and ``--temp``
+    experiments in ``<repo>/.dvc/tmp/exps/<temp dir>/`` (``dvc.repo.experiments.executor.local``)."""
+    for folder in Path(root).resolve().parents:
+        if (folder.name, folder.parent.name, folder.parent.parent.name) == ("exps", "tmp", ".dvc"):
+            return folder.parent.parent.parent
+    return None

@@ -75,6 +75,12 @@ class Layout:
         return self.root / "cache" / "features"
 
     @property
+    def features_cache_pointer(self) -> Path:
+        """Where the cache is, when it lives elsewhere (``features.cache_dir``, or a DVC experiment copy's origin):
+        ``features_cache`` (a DVC out) then holds only this file."""
+        return self.features_cache / "LOCATION.txt"
+
+    @property
     def features_manifest(self) -> Path:
         """What the features ARE for this index (cache key, views, content hash): changes iff the features do,
         so DVC reruns train_top only then. This run's counts go to :attr:`features_metrics`, its timings to

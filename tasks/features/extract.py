@@ -48,8 +48,9 @@ STAGE = "features"  # the stage's name: its progress task and its run record (``
 # ------------------------------------------------------------------------------------------- values
 # The manifest fields that describe the features themselves (``layout.features_manifest``, the DVC dependency of
 # train_top); this run's counts (``layout.features_metrics``, a DVC metric); and the whole manifest with timings
-# and cache details goes to ``layout.run_record("features")``.
-STABLE_FIELDS = ("cache_key", "cache_dir", "key_spec", "views", "policies", "rows", "pairs", "content_hash")
+# and cache details goes to ``layout.run_record("features")``. No path: the same features in another folder (a
+# moved cache, a DVC experiment's copy of the repo) are the same dependency.
+STABLE_FIELDS = ("cache_key", "key_spec", "views", "policies", "rows", "pairs", "content_hash")
 METRIC_FIELDS = (
     "pairs",
     "computed",

@@ -30,7 +30,7 @@ from tasks.features.extract import (
 )
 from tasks.features.read import key_spec_for, load_index
 from tasks.inputs import Inputs, resolve_inputs
-from tasks.io.atomic import atomic_write_json
+from tasks.io.atomic import atomic_write_json, atomic_write_text
 from tasks.layout import Layout
 from tasks.models.bases import CutPoint, LoadedBase, cut_point, load_base
 from tasks.models.engines import ENGINE_DIR, PreparedEngine, choose_engine, prepare_forward
@@ -86,6 +86,10 @@ def run_features(
             progress=progress,
             start=start,
             map_chunks=map_chunks,
+        )
+    if inputs.cache_root.resolve() != layout.features_cache.resolve():
+        atomic_write_text(
+            layout.features_cache_pointer, f"this workspace's feature cache: {inputs.cache_root}\n"
         )
     atomic_write_json(layout.features_metrics, manifest.metrics_json())
     write_run_record(layout.run_record(STAGE), manifest.to_json())

@@ -633,3 +633,74 @@ def test_images_added_during_a_run_are_not_committed_as_indexed(
     index = read_index(Layout(repo))
     assert len(index) == 21 and hashlib.sha256(new_image).hexdigest() in set(index["sha256"])
     assert _status(repo, env) == {}
+
+
+def _experiments(shown: list[dict]) -> dict[str, dict]:
+    """``dvc exp show --json``: experiment name -> its data (params, metrics), for the baseline's experiments."""
+    found: dict[str, dict] = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                found[rev.get("name") or rev["rev"]] = rev.get("data") or {}
+    return found
+
+
+def _wait_for_queue(repo: Path, env: dict[str, str], timeout: float = 900) -> str:
+    """Poll `dvc queue status` until nothing is queued or running; its last output."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _run([*DVC, "queue", "status"], repo, env)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        time.sleep(2)
+    raise AssertionError(f"the queue did not finish in {timeout} s:\n{status}")
+
+
+@pytest.mark.slow
+def test_queued_experiments_run_in_parallel_and_share_the_feature_cache(
+    dvc_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """`dvc exp run --queue -S top.lr=...` twice, then `dvc queue start -j 2`: DVC runs each in its own copy of
+    the repo (.dvc/tmp/exps/...), two at once; both read the origin's feature cache (0 features computed, not one
+    shard added), the workspace's registry and cache stay as they were, and `dvc exp show` lists both."""
+    repo, env = dvc_repo
+    first = _retrain(repo, env)
+    assert first["dvc_committed"]
+    _run(["git", "add", "-A"], repo, env)
+    _run([*GIT, "commit", "-qm", "run"], repo, env)
+    cache_before = _tree(repo / "cache" / "features")
+    registry_before = (repo / "models" / "registry.json").read_bytes()
+
+    for lr in ("0.02", "0.05"):
+        _run([*DVC, "exp", "run", "--queue", "-S", f"top.lr={lr}", "-n", f"lr-{lr}"], repo, env)
+    _run([*DVC, "queue", "start", "-j", "2"], repo, env)
+    status = _wait_for_queue(repo, env)
+    logs = {name: _run([*DVC, "queue", "logs", name], repo, env) for name in ("lr-0.02", "lr-0.05")}
+    assert len(re.findall(r"\bSuccess\b", status)) == 2, f"{status}\n{logs}"
+    shown = _experiments(json.loads(_run([*DVC, "exp", "show", "--json"], repo, env)))
+    assert {"lr-0.02", "lr-0.05"} <= set(shown), status
+    for name, log in logs.items():
+        assert _ran(log) == ["features", "train_top", "finetune", "evaluate"], log
+        assert ".dvc/tmp/exps/" in log  # its own copy of the repo
+        assert re.search(r"computed 0, reused \d+ \(", log), log  # the origin's cache: nothing recomputed
+        data = shown[name]
+        assert data["params"]["params.yaml"]["data"]["top"]["lr"] == float(name.removeprefix("lr-"))
+        counts = data["metrics"]["metrics/features.json"]["data"]
+        assert counts["computed"] == 0 and counts["reused"] == counts["pairs"] > 0, counts
+        assert data["metrics"]["metrics/evaluate.json"]["data"]["test_count"] > 0
+    spans = [_log_span(log) for log in logs.values()]
+    assert max(start for start, _ in spans) < min(end for _, end in spans), spans  # they ran at the same time
+    assert _tree(repo / "cache" / "features") == cache_before
+    assert (repo / "models" / "registry.json").read_bytes() == registry_before
+
+
+def _log_span(log: str) -> tuple[float, float]:
+    """Seconds of the day of a queued experiment's first and last Prefect log line (``HH:MM:SS.mmm | ...``)."""
+    stamps = [
+        int(h) * 3600 + int(m) * 60 + float(sec)
+        for h, m, sec in re.findall(r"^(\d\d):(\d\d):(\d\d\.\d+) \|", log, flags=re.MULTILINE)
+    ]
+    assert stamps, log
+    return stamps[0], stamps[-1]
