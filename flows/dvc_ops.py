@@ -29,6 +29,13 @@ class DvcError(RuntimeError):
     """A DVC command failed; the message holds the command and its output."""
 
 
+def failure_reason(err: DvcError) -> str:
+    """DVC's own last ``ERROR:`` line of a failed command (else its last line), for a one-line report."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR:")]
+    return (errors or lines or ["unknown error"])[-1]
+
+
 @dataclass(frozen=True)
 class DvcResult:
     args: tuple[str, ...]

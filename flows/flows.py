@@ -172,6 +172,22 @@ def dvc_commit_task(root: Path, targets: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _push(root: Path, summary: dict[str, Any]) -> None:
+    """``dvc push``, last: a remote that fails (gone, read-only, full) after the task's retries leaves the local
+    run whole (model, registry and ``dvc.lock`` are already written); the summary says it was not pushed and why,
+    and the next run pushes."""
+    try:
+        dvc_push_task(root)
+    except dvc_ops.DvcError as err:
+        summary["dvc_pushed"] = False
+        summary["dvc_not_pushed_because"] = dvc_ops.failure_reason(err)
+        get_run_logger().warning(
+            "not pushed to the DVC remote: %s; the next run pushes", summary["dvc_not_pushed_because"]
+        )
+    else:
+        summary["dvc_pushed"] = True
+
+
 def _flow_run_id() -> str | None:
     run_id = runtime_flow_run.get_id()
     return str(run_id) if run_id else None
@@ -360,6 +376,8 @@ def retrain(
             logger.info(reason)
             summary.update(status="skipped", reason=reason)
             artifacts.publish_summary(summary, layout)
+            if remote:  # what an earlier run could not push (dvc push sends only what the remote lacks)
+                _push(root, summary)
             # a state of its own in the dashboard (type COMPLETED): a skipped run never looks like a retrain
             return Completed(name="Skipped", message=reason, data=summary)
 
@@ -370,7 +388,7 @@ def retrain(
             summary["git_commit"],
         )
         if remote:
-            dvc_push_task(root)
+            _push(root, summary)
         summary.update(status="promoted" if summary["promote"]["promoted"] else "not promoted")
         summary["reason"] = summary["promote"]["reason"]
         artifacts.publish_summary(summary, layout)

@@ -70,8 +70,13 @@ def needs_server(params: Any) -> bool:
 def run_summary_line(summary: dict[str, Any], layout: Layout) -> str:
     """One line for the end of ``retrainflow run``: what happened, the score, and which model file to use."""
     status = summary.get("status", "?")
+    pushed = (
+        f" (not pushed to the DVC remote: {summary['dvc_not_pushed_because']}; the next run pushes)"
+        if summary.get("dvc_not_pushed_because")
+        else ""
+    )
     if status == "skipped":
-        return f"retrain skipped: {summary.get('reason')}"
+        return f"retrain skipped: {summary.get('reason')}{pushed}"
     promote = summary.get("promote") or {}
     score = promote.get("score")
     figure = f"test {promote.get('metric')} {score:.4f}; " if isinstance(score, float) else ""
@@ -79,6 +84,7 @@ def run_summary_line(summary: dict[str, Any], layout: Layout) -> str:
     line = f"retrain {status}: {figure}candidate {promote.get('candidate_id')} in {model}"
     if summary.get("dvc_not_committed_because"):
         line += f" (not committed to DVC: {summary['dvc_not_committed_because']})"
+    line += pushed
     return line
 
 

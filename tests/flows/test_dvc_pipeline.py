@@ -581,6 +581,47 @@ def test_new_images_with_a_remote_are_recorded_and_pushed_never_pulled_over(
     assert _status(repo, env) == {}
 
 
+@pytest.mark.slow
+def test_an_unreachable_remote_leaves_the_run_whole_and_the_next_run_pushes(
+    dvc_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """The DVC remote goes away before the run's `dvc push` (its folder replaced by a file: every write to it
+    fails, as a vanished mount or a read-only share does). The run still promotes, its model, registry and
+    dvc.lock are consistent locally, and it says "not pushed" with DVC's reason. With the remote back, the next
+    run (which skips: nothing changed) pushes what is missing."""
+    from tasks.models.registry import champion_model, read_registry
+
+    repo, env = dvc_repo
+    remote = repo.parent / "remote"
+    _run([*DVC, "remote", "add", "-d", "store", str(remote)], repo, env)
+    _run([*DVC, "push", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run([*GIT, "commit", "-qm", "remote"], repo, env)
+    shutil.rmtree(remote)
+    remote.write_text("not a folder: the remote is unreachable\n")
+    retrainflow = [str(Path(sys.executable).with_name("retrainflow")), "run", "--json"]
+
+    proc = subprocess.run(retrainflow, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = _summary(proc.stdout)
+    assert summary["status"] == "promoted" and summary["dvc_committed"], summary
+    assert summary["dvc_pushed"] is False and summary["dvc_not_pushed_because"], summary
+    assert "not pushed to the DVC remote" in proc.stdout + proc.stderr
+    assert _status(repo, env) == {}  # dvc.lock agrees with the workspace
+    (cand,) = read_registry(Layout(repo)).candidates
+    model = champion_model(Layout(repo), cand.id).read_bytes()
+    assert cand.promoted and hashlib.sha256(model).hexdigest() == cand.model_sha256
+
+    remote.unlink()  # the remote is back (empty: DVC creates the folder)
+    proc = subprocess.run(retrainflow, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = _summary(proc.stdout)
+    assert summary["status"] == "skipped" and summary["dvc_pushed"] is True, summary
+    candidate = (repo / "models" / "candidate" / "model.keras").read_bytes()
+    assert _md5_in_remote(remote, candidate).is_file()  # the outputs reached the remote
+    assert _status(repo, env) == {}
+
+
 def test_tree_fingerprint_sees_added_removed_and_rewritten_files(tmp_path: Path) -> None:
     from flows.dvc_ops import tree_fingerprint
 
